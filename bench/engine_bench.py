@@ -1,0 +1,202 @@
+"""`pdserve bench engine`: pdserve's engine beside transformers' `generate` on the same weights.
+
+Each side runs in its own subprocess, so peak RSS is its own and neither warms the other's
+caches. Both greedy-decode exactly `output_len` tokens for `batch` random prompts of
+`input_len` tokens, with the same torch thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EngineBenchArgs:
+    model: str
+    load_format: str = "auto"
+    hf_overrides: dict[str, Any] | None = None
+    dtype: str = "float32"
+    batches: tuple[int, ...] = (1, 8, 32)
+    input_len: int = 128
+    output_len: int = 128
+    threads: int | None = None
+    seed: int = 0
+    skip_transformers: bool = False
+
+
+@dataclass
+class BenchRow:
+    system: str
+    batch: int
+    seconds: float
+    output_tokens: int
+    tokens_per_s: float
+    peak_rss_mb: float
+
+
+def _prompts(vocab: int, batch: int, input_len: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Skip the first ids, which are special tokens in ERNIE's vocabulary.
+    return torch.randint(10, vocab, (batch, input_len), generator=g).tolist()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_pdserve(args: EngineBenchArgs, queue: mp.Queue) -> None:
+    from pdserve.engine import LLM, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides or {},
+        seed=args.seed,
+        progress=False,
+        max_num_seqs=max(args.batches),
+        max_num_batched_tokens=max(2048, args.input_len),
+        enable_prefix_caching=False,  # random prompts share nothing; keep the comparison plain
+    )
+    vocab = llm.engine.model_config.vocab_size
+    params = SamplingParams(
+        temperature=0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True
+    )
+    llm.generate(_prompts(vocab, 1, 8, args.seed), SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    for batch in args.batches:
+        prompts = _prompts(vocab, batch, args.input_len, args.seed)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        queue.put(BenchRow("pdserve", batch, seconds, n, n / seconds, _peak_rss_mb()))
+    queue.put(None)
+
+
+def _export_for_transformers(args: EngineBenchArgs) -> str:
+    """A checkpoint directory transformers can load holding exactly the weights pdserve runs."""
+    from safetensors.torch import save_file
+
+    from pdserve.engine import LLM
+
+    llm = LLM(
+        args.model,
+        dtype="float32",
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides or {},
+        seed=args.seed,
+        progress=False,
+        kv_cache_blocks=1,
+    )
+    out = tempfile.mkdtemp(prefix="pdserve-bench-")
+    config = dict(llm.engine.source.hf_config)
+    config.update(args.hf_overrides or {})
+    Path(out, "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in llm.engine.model.state_dict().items()}
+    save_file(state, str(Path(out, "model.safetensors")))
+    return out
+
+
+def _run_transformers(args: EngineBenchArgs, checkpoint: str, queue: mp.Queue) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        model.generate(torch.tensor(_prompts(vocab, 1, 8, args.seed)), max_new_tokens=4, do_sample=False)
+        for batch in args.batches:
+            ids = torch.tensor(_prompts(vocab, batch, args.input_len, args.seed))
+            start = time.perf_counter()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.output_len,
+                min_new_tokens=args.output_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            seconds = time.perf_counter() - start
+            n = (out.shape[1] - ids.shape[1]) * batch
+            queue.put(BenchRow("transformers", batch, seconds, n, n / seconds, _peak_rss_mb()))
+    queue.put(None)
+
+
+def _collect(target, args: tuple, bar: tqdm) -> list[BenchRow]:
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    rows = []
+    while True:
+        row = queue.get()
+        if row is None:
+            break
+        rows.append(row)
+        bar.update(1)
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"benchmark subprocess {target.__name__} failed (exit {proc.exitcode})")
+    return rows
+
+
+def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[str, Any]:
+    """Runs both systems, prints a table with ratios, writes JSON; returns the JSON document."""
+    sides = 1 if args.skip_transformers else 2
+    with tqdm(total=sides * len(args.batches), desc="bench engine") as bar:
+        rows = _collect(_run_pdserve, (args,), bar)
+        if not args.skip_transformers:
+            checkpoint = _export_for_transformers(args)
+            rows += _collect(_run_transformers, (args, checkpoint), bar)
+    table = []
+    for batch in args.batches:
+        ours = next(r for r in rows if r.system == "pdserve" and r.batch == batch)
+        theirs = next((r for r in rows if r.system == "transformers" and r.batch == batch), None)
+        table.append(
+            {
+                "batch": batch,
+                "pdserve_tok_s": round(ours.tokens_per_s, 2),
+                "transformers_tok_s": round(theirs.tokens_per_s, 2) if theirs else None,
+                "ratio": round(ours.tokens_per_s / theirs.tokens_per_s, 3) if theirs else None,
+                "pdserve_peak_rss_mb": round(ours.peak_rss_mb, 1),
+                "transformers_peak_rss_mb": round(theirs.peak_rss_mb, 1) if theirs else None,
+            }
+        )
+    doc = {
+        "benchmark": "engine",
+        "args": asdict(args),
+        "torch_threads": args.threads or torch.get_num_threads(),
+        "results": table,
+        "rows": [asdict(r) for r in rows],
+    }
+    print(
+        f"\nmodel={args.model} load_format={args.load_format} overrides={args.hf_overrides} "
+        f"input_len={args.input_len} output_len={args.output_len} dtype={args.dtype}"
+    )
+    print(
+        f"{'batch':>5} {'pdserve tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} {'RSS MB (pd/hf)':>16}"
+    )
+    for r in table:
+        hf = f"{r['transformers_tok_s']:.1f}" if r["transformers_tok_s"] else "-"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        rss = f"{r['pdserve_peak_rss_mb']:.0f}/{r['transformers_peak_rss_mb'] or 0:.0f}"
+        print(f"{r['batch']:>5} {r['pdserve_tok_s']:>14.1f} {hf:>19} {ratio:>6} {rss:>16}")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {output}")
+    return doc

@@ -1,0 +1,427 @@
+"""`Engine`: one model replica that takes requests and advances them one step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from pdserve.engine.block_pool import KVCacheEvent
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.loader import init_dummy_weights, load_checkpoint
+from pdserve.engine.model_runner import KVCache, ModelRunner
+from pdserve.engine.model_source import ModelSource, resolve_model
+from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
+from pdserve.engine.outputs import KVPayload, RequestDelta
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sampler import Sampler, SamplingRow
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.tokenizer import load_tokenizer, mtp_layers_in_checkpoint
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | Sequence[int] | dict[str, Any]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load and counters (read by workers and metrics)."""
+
+    num_waiting: int
+    num_running: int
+    num_prefilled: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_steps: int
+    last_step_seconds: float
+    waiting_prefill_tokens: int
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+
+class Engine:
+    """Loads a model and serves requests with continuous batching over a paged, prefix-cached KV pool.
+
+    Not thread-safe: one caller drives `add_request` / `step` / `abort`.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_cache_event: Callable[[KVCacheEvent], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_cache_event = on_cache_event
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        source = resolve_model(config.model)
+        self.source = source
+        self.model_config = self._model_config(source)
+        self.dtype = config.torch_dtype(self.model_config.torch_dtype)
+        self.model = self._build_model(source)
+        self.tokenizer = (
+            load_tokenizer(config.tokenizer or source.path)
+            if (config.tokenizer or source.has_tokenizer)
+            else None
+        )
+
+        mc = self.model_config
+        block_bytes = KVCache.bytes_per_block(
+            self.model.num_kv_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
+        )
+        num_blocks = config.kv_cache_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
+        self.kv_cache = KVCache(
+            self.model.num_kv_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size
+        )
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
+        self._requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._prefix_queried = 0
+        self._prefix_hits = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._steps = 0
+        self._last_step_seconds = 0.0
+
+    # ------------------------------------------------------------------ building
+
+    def _model_config(self, source: ModelSource) -> ModelConfig:
+        mc = ModelConfig.from_hf_dict(source.hf_config, self.config.hf_overrides)
+        if source.path is not None and source.has_weights:
+            n_mtp = mtp_layers_in_checkpoint(source.path)
+            if n_mtp != mc.num_nextn_predict_layers:
+                # The checkpoint's tensors, not a config field, decide whether an MTP head exists.
+                mc = replace(mc, num_nextn_predict_layers=n_mtp)
+        return mc
+
+    def _build_model(self, source: ModelSource) -> Ernie45ForCausalLM:
+        fmt = self.config.load_format
+        if fmt == "auto":
+            fmt = "safetensors" if source.has_weights else "dummy_required"
+        if fmt == "dummy_required":
+            raise ValueError(
+                f"model {source.name!r} has no weights (*.safetensors); pass load_format='dummy' "
+                "to run it with random weights"
+            )
+        if fmt == "safetensors" and not source.has_weights:
+            raise ValueError(f"load_format='safetensors' but {source.name!r} has no *.safetensors files")
+        # Build without allocating or initialising (the weights are overwritten right away).
+        with torch.device("meta"):
+            model = Ernie45ForCausalLM(self.model_config, self.dtype)
+        model = model.to_empty(device=self.device)
+        if fmt == "dummy":
+            init_dummy_weights(model, seed=self.config.seed, dtype=self.dtype)
+        else:
+            assert source.path is not None
+            load_checkpoint(model, source.path, dtype=self.dtype, progress=self.config.progress)
+        return model.eval()
+
+    # ------------------------------------------------------------------ requests
+
+    def tokenize(self, prompt: PromptInput) -> list[int]:
+        """Token ids of a prompt given as text, token ids or {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt_token_ids' (or 'prompt')")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"model {self.source.name!r} has no tokenizer files, so text prompts cannot be "
+                    "encoded; pass token ids instead, or tokenizer=<directory>"
+                )
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        *,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queues a request. Raises ValueError (changing nothing) when it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.n != 1:
+            raise ValueError("Engine requests take n=1; LLM.generate expands n>1 into several requests")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the context window (max_model_len) is "
+                f"{self.max_model_len}: shorten it or raise max_model_len / kv_cache_blocks"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        request = self._new_request(request_id, ids, params, prefill_only=prefill_only)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+
+    def _new_request(
+        self, request_id: str, ids: list[int], params: SamplingParams, *, prefill_only: bool = False
+    ) -> Request:
+        room = self.max_model_len - len(ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer is not None else None
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=min(params.max_tokens or room, room),
+            arrival=next(self._arrivals),
+            generator=generator,
+            detokenizer=detok,
+            prefill_only=prefill_only,
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request at once and frees its blocks; False if it is unknown or already done."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = "abort"
+        self._publish_events()
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestDelta]:
+        """Runs one forward pass over the scheduled batch; returns what each request produced."""
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sample_mask = [
+            req.num_computed_tokens + n == req.num_tokens for req, n in zip(batch.requests, batch.num_tokens)
+        ]
+        logits = self.runner.execute(batch, sample_mask)
+        rows = [
+            SamplingRow(req.params, req.generator, req.prompt_token_ids, req.output_token_ids)
+            for req, sample in zip(batch.requests, sample_mask)
+            if sample
+        ]
+        sampled = self.sampler(logits, rows) if rows else None
+
+        deltas = []
+        k = 0
+        for req, n, sample in zip(batch.requests, batch.num_tokens, sample_mask):
+            req.num_computed_tokens += n
+            self.kv.cache_computed_blocks(req)
+            if not sample:
+                continue
+            if not req.output_token_ids:
+                self._prompt_tokens += req.num_prompt_tokens
+                self._prefix_queried += req.num_prompt_tokens
+                self._prefix_hits += req.num_cached_tokens
+            assert sampled is not None
+            token = sampled.token_ids[k]
+            lp = sampled.logprobs[k]
+            k += 1
+            deltas.append(self._append_token(req, token, lp))
+        self._steps += 1
+        self._last_step_seconds = time.perf_counter() - started
+        self._publish_events()
+        return deltas
+
+    def _append_token(self, req: Request, token: int, logprobs: Any) -> RequestDelta:
+        req.append_token(token)
+        self._generation_tokens += 1
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+        text = ""
+        stopped_on = None
+        if req.detokenizer is not None:
+            step = req.detokenizer.add_tokens([token])
+            text, stopped_on = step.new_text, step.stopped_on
+        self._check_stop(req, token, stopped_on)
+        if req.finished and req.detokenizer is not None and not isinstance(req.stop_reason, str):
+            # Text held back in case it began a stop string is final now.
+            text += req.detokenizer.flush()
+        kv_ready = False
+        if req.finished:
+            self._finish(req)
+        elif req.prefill_only:
+            # Park it: blocks stay allocated until export_kv + release_exported.
+            self.scheduler.remove(req)
+            req.status = RequestStatus.PREFILLED
+            kv_ready = True
+        return RequestDelta(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            new_text=text,
+            new_logprobs=[logprobs] if logprobs is not None else None,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            kv_ready=kv_ready,
+        )
+
+    def _check_stop(self, req: Request, token: int, stopped_on: str | None) -> None:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.model_config.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif stopped_on is not None:
+                reason, stop_reason = "stop", stopped_on
+        if reason is None and (n_out >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            req.status = RequestStatus.FINISHED
+            req.finish_reason = reason
+            req.stop_reason = stop_reason
+
+    def _finish(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self.kv.free(req)
+        self._requests.pop(req.request_id, None)
+
+    def _publish_events(self) -> None:
+        events = self.kv.pool.drain_events()
+        if events and self.on_cache_event is not None:
+            self.on_cache_event(events)
+
+    # ------------------------------------------------------------------ disaggregation hooks
+
+    def export_kv(self, request_id: str) -> KVPayload:
+        """The KV blocks and state of a prefilled (prefill_only) request, as a plain payload."""
+        req = self._requests.get(request_id)
+        if req is None or req.status is not RequestStatus.PREFILLED:
+            raise KeyError(f"request {request_id!r} is not a prefilled request waiting for export")
+        n_blocks = -(-req.num_computed_tokens // self.kv.block_size)
+        return KVPayload(
+            request_id=request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            output_token_ids=list(req.output_token_ids),
+            params=req.params,
+            num_computed_tokens=req.num_computed_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            block_hashes=list(req.block_hashes[: req.num_computed_tokens // self.kv.block_size]),
+            kv=self.kv_cache.read_blocks(req.block_ids[:n_blocks]),
+            generator_state=req.generator.get_state() if req.generator is not None else None,
+            logprobs=list(req.logprobs),
+        )
+
+    def release_exported(self, request_id: str) -> None:
+        """Frees a prefilled request's blocks once its KV has been handed over (or given up on)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        self._publish_events()
+
+    def import_kv(self, payload: KVPayload) -> None:
+        """Continues decoding a request prefilled elsewhere: its KV goes into fresh blocks here.
+
+        Raises RuntimeError when the pool cannot hold it (nothing changes then).
+        """
+        if payload.request_id in self._requests:
+            raise ValueError(f"request_id {payload.request_id!r} is already in use")
+        ids = list(payload.prompt_token_ids)
+        req = self._new_request(payload.request_id, ids, payload.params)
+        for t in payload.output_token_ids:
+            req.append_token(t)
+            if req.detokenizer is not None:
+                # The prefill side streamed these tokens' text already; this only advances offsets.
+                req.detokenizer.add_tokens([t])
+        req.num_cached_tokens = payload.num_cached_tokens
+        req.scheduled_once = True
+        req.logprobs = list(payload.logprobs)
+        if payload.generator_state is not None and req.generator is not None:
+            req.generator.set_state(payload.generator_state)
+        if not self.kv.allocate(req, payload.num_computed_tokens):
+            raise RuntimeError(
+                f"no room for request {payload.request_id!r}: needs {payload.num_blocks} KV blocks, "
+                f"{self.kv.num_free_blocks} free"
+            )
+        self.kv_cache.write_blocks(req.block_ids[: payload.num_blocks], payload.kv)
+        req.num_computed_tokens = payload.num_computed_tokens
+        self.kv.cache_computed_blocks(req)
+        self._requests[req.request_id] = req
+        self.scheduler.add_running(req)
+        self._publish_events()
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> EngineStats:
+        waiting_prefill = sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting)
+        waiting_prefill += sum(
+            r.num_tokens - r.num_computed_tokens for r in self.scheduler.running if not r.output_token_ids
+        )
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_prefilled=sum(r.status is RequestStatus.PREFILLED for r in self._requests.values()),
+            kv_blocks_total=self.kv.num_blocks,
+            kv_blocks_free=self.kv.num_free_blocks,
+            kv_blocks_cached=self.kv.pool.num_cached,
+            prefix_cache_queried_tokens=self._prefix_queried,
+            prefix_cache_hit_tokens=self._prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            num_steps=self._steps,
+            last_step_seconds=self._last_step_seconds,
+            waiting_prefill_tokens=waiting_prefill,
+        )
+
+    def cached_block_hashes(self) -> list[int]:
+        """Hashes of every block in this engine's prefix cache (for rebuilding a router index)."""
+        return self.kv.pool.cached_hashes()

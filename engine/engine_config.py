@@ -1,0 +1,76 @@
+"""Engine arguments: everything `LLM(...)` and a worker pass to build an `Engine`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass
+class EngineConfig:
+    """Validated engine arguments (vLLM's names where vLLM has the same knob)."""
+
+    model: str
+    dtype: str = "auto"  # "auto": float32 on CPU, the checkpoint's dtype on GPU
+    seed: int = 0
+    load_format: str = "auto"
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # a directory; default: the model's own
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    kv_cache_blocks: int | None = None  # default: as many as kv_cache_memory_gb holds
+    kv_cache_memory_gb: float = 1.0
+    max_model_len: int | None = None  # default: the model's, capped by the KV pool
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's setting
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(
+                f"model must be a checkpoint directory or a bundled model name, got {self.model!r}"
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if not isinstance(self.hf_overrides, dict):
+            raise ValueError(
+                f"hf_overrides must be a dict of config.json keys, got {type(self.hf_overrides).__name__}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            positive(name)
+        for name in ("kv_cache_blocks", "max_model_len", "num_threads"):
+            positive(name, allow_none=True)
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(
+                f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}"
+            ) from e
+
+    def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if torch.device(self.device).type == "cpu":
+            # This CPU class has no fast bf16 matmul; fp32 is both faster and exact there.
+            return torch.float32
+        return DTYPES.get(checkpoint_dtype, torch.bfloat16)

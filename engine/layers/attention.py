@@ -1,0 +1,77 @@
+"""Attention over a paged KV cache, for a step mixing decodes and (chunked) prefills.
+
+The cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; a
+token's K/V live at flat slot `block_id * block_size + offset`. Decode rows (one new token)
+are attended together in one padded SDPA call; each prefill span gets its own call, since
+padding a long prompt against short decodes would waste far more than the extra call costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence computing several tokens this step (a prompt chunk or a recompute)."""
+
+    start: int  # first row of this span in the step's flattened tokens
+    end: int  # one past its last row
+    context_len: int  # tokens attended to, cached prefix included, after this step
+    slots: torch.Tensor | None  # [context_len] flat cache slots; None when the span is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each of them attends to."""
+
+    slot_mapping: torch.Tensor  # [T] flat slot of each new token
+    decode_rows: torch.Tensor  # [Bd] row index (into T) of each single-token sequence
+    decode_slots: torch.Tensor  # [Bd, Cmax] flat slots of each decode row's context, padded
+    decode_mask: torch.Tensor  # [Bd, 1, 1, Cmax] True where the slot is real
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Writes this step's k/v into `kv_cache`, then attends. q: [T, H, D]; k, v: [T, KVH, D]."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    k_flat.index_copy_(0, meta.slot_mapping, k)
+    v_flat.index_copy_(0, meta.slot_mapping, v)
+
+    out = torch.empty_like(q)
+    if meta.decode_rows.numel():
+        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        kd = k_flat[meta.decode_slots].transpose(1, 2)  # [Bd, KVH, Cmax, D]
+        vd = v_flat[meta.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[meta.decode_rows] = od.squeeze(2)
+    for span in meta.prefills:
+        qs = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
+        n = span.end - span.start
+        if span.slots is None:
+            ks = k[span.start : span.end].transpose(0, 1)
+            vs = v[span.start : span.end].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ks = k_flat[span.slots].transpose(0, 1)  # [KVH, C, D]
+            vs = v_flat[span.slots].transpose(0, 1)
+            # Query i sits at context position (C - n + i) and sees everything up to it.
+            rows = torch.arange(n, device=q.device)[:, None] + (span.context_len - n)
+            mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[span.start : span.end] = o.transpose(0, 1)
+    return out

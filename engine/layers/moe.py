@@ -1,0 +1,85 @@
+"""ERNIE 4.5's mixture-of-experts MLP: fp32 router with a bias-corrected top-k, plus shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.layers.mlp import GatedMLP
+
+
+class Router(nn.Module):
+    """The gate: `weight` [E, H] kept in fp32, as the hub checkpoints store it."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, dtype=torch.float32), requires_grad=False
+        )
+
+
+class MoEStatics(nn.Module):
+    """Holds `e_score_correction_bias` [1, E]: shifts which experts are chosen, not their weights."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(1, num_experts, dtype=torch.float32), requires_grad=False
+        )
+
+
+class SparseMoE(nn.Module):
+    """Routed experts (top-k of `moe_num_experts`) plus `moe_num_shared_experts` always-on experts."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.top_k = config.moe_k
+        self.norm_min = config.moe_norm_min
+        self.gate = Router(config.hidden_size, config.moe_num_experts)
+        self.moe_statics = MoEStatics(config.moe_num_experts)
+        self.experts = nn.ModuleList(
+            GatedMLP(config.hidden_size, config.moe_intermediate_size, config.use_bias, dtype)
+            for _ in range(config.moe_num_experts)
+        )
+        self.shared_experts = (
+            GatedMLP(
+                config.hidden_size,
+                config.moe_intermediate_size * config.moe_num_shared_experts,
+                config.use_bias,
+                dtype,
+            )
+            if config.moe_num_shared_experts > 0
+            else None
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights [T, k] in x's dtype, expert ids [T, k])."""
+        probs = F.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1, dtype=torch.float32)
+        # The correction bias decides *which* experts; the unbiased probabilities weigh them.
+        _, ids = torch.topk(probs + self.moe_statics.e_score_correction_bias.view(-1), self.top_k, dim=-1)
+        weights = probs.gather(-1, ids)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = torch.zeros_like(x)
+        # Group tokens by expert so each expert runs one matmul over all of its tokens.
+        flat_ids = ids.view(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
+        token_of = order // self.top_k
+        weight_of = weights.view(-1)[order]
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            y = self.experts[expert_id](x[rows]) * weight_of[start : start + count, None]
+            out.index_add_(0, rows, y)
+            start += count
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,139 @@
+"""ERNIE 4.5 text models, dense (`Ernie4_5ForCausalLM`) and MoE (`Ernie4_5_MoeForCausalLM`).
+
+Module and parameter names are the hub checkpoint's tensor names, so loading is a name-for-name
+copy. The forward pass works on a flattened batch of tokens from many sequences at once, with
+K/V in a paged cache (see `layers/attention.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.layers.attention import AttentionMetadata, paged_attention
+from pdserve.engine.layers.mlp import GatedMLP
+from pdserve.engine.layers.moe import SparseMoE
+from pdserve.engine.layers.norm import RMSNorm
+from pdserve.engine.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with interleaved RoPE."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        h, d, bias = config.hidden_size, config.head_dim, config.use_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias, dtype=dtype)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        cos, sin = cos_sin
+        q = RotaryEmbedding.rotate(q, cos, sin)
+        k = RotaryEmbedding.rotate(k, cos, sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP block; the MLP is routed experts on MoE layers."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, dtype)
+        self.mlp: nn.Module = (
+            SparseMoE(config, dtype)
+            if config.is_moe_layer(layer_idx)
+            else GatedMLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Ernie45Model(nn.Module):
+    """The `model.` prefix of the checkpoint: embeddings, decoder layers, final norm, MTP layers."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        # ERNIE's multi-token-prediction head, loaded for speculative decoding (not run by forward).
+        n_mtp = config.num_nextn_predict_layers
+        self.mtp_emb_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps) for _ in range(n_mtp))
+        self.mtp_hidden_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps) for _ in range(n_mtp))
+        self.mtp_linear_proj = nn.ModuleList(
+            nn.Linear(2 * h, h, bias=config.use_bias, dtype=dtype) for _ in range(n_mtp)
+        )
+        self.mtp_block = nn.ModuleList(
+            DecoderLayer(config, config.num_hidden_layers + i, dtype) for i in range(n_mtp)
+        )
+
+
+class Ernie45ForCausalLM(nn.Module):
+    """Dense or MoE ERNIE 4.5 language model over a paged KV cache."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Ernie45Model(config, dtype)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        )
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers that need a KV cache in the main forward pass."""
+        return self.config.num_hidden_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, H] for the step's flattened tokens."""
+        x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x = layer(x, cos_sin, kv_cache, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, V] for the given rows of hidden states."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,73 @@
+"""A request's state inside the engine, from arrival to finish."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.detokenizer import IncrementalDetokenizer
+    from pdserve.engine.sampler import TokenLogprobs
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREFILLED = "prefilled"  # prefill-only request whose KV waits to be exported
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Tokens, progress and KV blocks of one sequence.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache; the scheduler gives each
+    request `len(all_token_ids) - num_computed_tokens` more (fewer when chunking), which covers
+    prompt prefill, decode and recompute after preemption with one rule.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens capped by the context window
+    arrival: int
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    prefill_only: bool = False
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
+    scheduled_once: bool = False
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,176 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _json_dict(flag: str):
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a JSON object, e.g. '{{\"num_hidden_layers\": 2}}': {e}"
+            ) from e
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {type(value).__name__}")
+        return value
+
+    return parse
+
+
+def _int_list(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} takes comma-separated integers, e.g. 1,8,32, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} needs at least one integer")
+        return values
+
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="ernie-4.5-0.3b", help="checkpoint directory or bundled model name")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument(
+        "--hf-overrides",
+        type=_json_dict("--hf-overrides"),
+        default={},
+        help="JSON object overriding config.json keys, e.g. '{\"num_hidden_layers\": 2}'",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pdserve.engine import LLM, SamplingParams
+
+    prompts: list[Any] = list(args.prompt)
+    if args.prompt_token_ids:
+        prompts.append(args.prompt_token_ids)
+    if not prompts:
+        print("pdserve generate: give a prompt, or --prompt-token-ids 1,2,3", file=sys.stderr)
+        return 2
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.sample_seed,
+        stop=args.stop or None,
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(
+        args.model,
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides,
+        dtype=args.dtype,
+        seed=args.seed,
+        num_threads=args.threads,
+    )
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    n = 0
+    for out in outs:
+        c = out.outputs[0]
+        n += len(c.token_ids)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "prompt": out.prompt,
+                        "prompt_token_ids": out.prompt_token_ids,
+                        "text": c.text,
+                        "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            )
+        else:
+            shown = out.prompt if out.prompt is not None else out.prompt_token_ids
+            print(f"prompt: {shown!r}")
+            print(f"output: {c.text!r}" if llm.tokenizer is not None else f"output token ids: {c.token_ids}")
+            print(f"finish_reason: {c.finish_reason}")
+    print(f"{n} tokens in {seconds:.2f}s ({n / seconds:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from pdserve.bench.engine_bench import EngineBenchArgs, run_engine_bench
+
+    bench_args = EngineBenchArgs(
+        model=args.model,
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides,
+        dtype="float32" if args.dtype == "auto" else args.dtype,
+        batches=tuple(args.batch),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        threads=args.threads,
+        seed=args.seed,
+        skip_transformers=args.skip_transformers,
+    )
+    output = args.output or Path("bench-results") / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    run_engine_bench(bench_args, output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="offline generation with one engine")
+    _add_model_args(gen)
+    gen.add_argument("prompt", nargs="*", help="text prompts (need a model with tokenizer files)")
+    gen.add_argument("--prompt-token-ids", type=_int_list("--prompt-token-ids"), default=None)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    eng = bench_sub.add_parser("engine", help="engine tokens/s beside transformers' generate")
+    _add_model_args(eng)
+    eng.add_argument("--batch", type=_int_list("--batch"), default=[1, 8, 32])
+    eng.add_argument("--input-len", type=int, default=128)
+    eng.add_argument("--output-len", type=int, default=128)
+    eng.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/engine-*.json)"
+    )
+    eng.add_argument("--skip-transformers", action="store_true")
+    eng.set_defaults(func=_cmd_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input from the user: one clear line, no traceback.
+        print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
