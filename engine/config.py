@@ -70,7 +70,7 @@ def _field(d: dict[str, Any], key: str, kind: type, *, default: Any = None, posi
         raise ValueError(f"config.json: required field {key!r} is missing")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ValueError(f"config.json: {key} must be {kind.__name__}, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"config.json: {key} must be positive, got {value!r}")
