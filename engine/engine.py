@@ -16,7 +16,7 @@ from pdserve.engine.config import ModelConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.loader import init_dummy_weights, load_checkpoint
+from pdserve.engine.loader import init_dummy_weights, load_checkpoint, mtp_layers_in_checkpoint
 from pdserve.engine.model_runner import KVCache, ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_model
 from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
@@ -25,7 +25,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.tokenizer import load_tokenizer, mtp_layers_in_checkpoint
+from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
+
+_MTP_BLOCK = re.compile(r"^model\.mtp_block\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -25,8 +28,8 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
 
 
-def _files(path: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it."""
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it, for a single-file or sharded checkpoint."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -69,7 +72,7 @@ def load_checkpoint(
     """Copies every tensor of the checkpoint into `module` (same names), validating all of them."""
     start = time.perf_counter()
     expected = module.state_dict()
-    files = _files(Path(path))
+    files = checkpoint_files(Path(path))
     ignored = [
         n
         for n in files
@@ -111,6 +114,12 @@ def load_checkpoint(
             except SafetensorError as e:
                 raise CheckpointError(f"{file} is corrupt or truncated ({e}); re-download it") from e
     return LoadReport(len(expected), num_bytes, time.perf_counter() - start, ignored)
+
+
+def mtp_layers_in_checkpoint(path: Path) -> int:
+    """How many ERNIE multi-token-prediction layers (`model.mtp_block.N`) a checkpoint holds."""
+    layers = {int(m.group(1)) for name in checkpoint_files(path) if (m := _MTP_BLOCK.match(name))}
+    return max(layers) + 1 if layers else 0
 
 
 def init_dummy_weights(module: torch.nn.Module, *, seed: int, dtype: torch.dtype, std: float = 0.02) -> None:
