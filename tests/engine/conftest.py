@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(1)
+from tests.conftest import make_checkpoint
 
 TINY_COMMON = dict(
     vocab_size=96,
@@ -31,21 +30,9 @@ TINY_DENSE = dict(num_hidden_layers=2, head_dim=8)
 
 
 def save_tiny_ernie(path: Path, *, moe: bool, max_shard_size: str | None = None, seed: int = 0, **overrides):
-    """Saves a random tiny `Ernie4_5(_Moe)ForCausalLM`; returns `path`."""
-    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = {**TINY_COMMON, **(TINY_MOE if moe else TINY_DENSE), **overrides}
-    if moe:
-        model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**kwargs))
-        with torch.no_grad():  # transformers initialises the router bias to zeros: make it visible
-            for m in model.modules():
-                if hasattr(m, "e_score_correction_bias"):
-                    m.e_score_correction_bias.normal_(0, 0.1)
-    else:
-        model = Ernie4_5ForCausalLM(Ernie4_5Config(**kwargs))
-    model.save_pretrained(str(path), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    return path
+    """Saves a random tiny `Ernie4_5(_Moe)ForCausalLM` of the loader tests' shape; returns `path`."""
+    shape = {**TINY_COMMON, **(TINY_MOE if moe else TINY_DENSE), **overrides}
+    return make_checkpoint(path, moe=moe, seed=seed, max_shard_size=max_shard_size, **shape)
 
 
 @pytest.fixture(scope="session")
