@@ -10,12 +10,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from pdserve.engine.block_pool import KVCacheEvent
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.layers.linear import CpuGemm
 from pdserve.engine.loader import init_dummy_weights, load_checkpoint, mtp_layers_in_checkpoint
 from pdserve.engine.model_runner import KVCache, ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_model
@@ -71,6 +73,9 @@ class Engine:
         self.on_cache_event = on_cache_event
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        # CPU matmuls run single-threaded OpenBLAS calls split over CpuGemm's own threads.
+        threadpool_limits(1, user_api="blas")
+        self.gemm = CpuGemm(config.num_threads or torch.get_num_threads())
         self.device = torch.device(config.device)
         source = resolve_model(config.model)
         self.source = source
@@ -144,6 +149,7 @@ class Engine:
         else:
             assert source.path is not None
             load_checkpoint(model, source.path, dtype=self.dtype, progress=self.config.progress)
+        model.pack_for_cpu(self.gemm)
         return model.eval()
 
     # ------------------------------------------------------------------ requests

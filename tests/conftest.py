@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
+# One thread per pool: the machine has two cores, and results then do not depend on thread timing.
 torch.set_num_threads(1)
+threadpool_limits(1, user_api="blas")
 
 # Large enough init that logits are decisive: with transformers' default 0.02 the tiny random
 # models produce near-uniform logits and greedy decoding sits on ties.

@@ -8,11 +8,11 @@ K/V in a paged cache (see `layers/attention.py`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers.attention import AttentionMetadata, paged_attention
+from pdserve.engine.layers.linear import CpuGemm, Linear, linear, pack_input_major, pack_model_for_cpu
 from pdserve.engine.layers.mlp import GatedMLP
 from pdserve.engine.layers.moe import SparseMoE
 from pdserve.engine.layers.norm import RMSNorm
@@ -29,10 +29,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         h, d, bias = config.hidden_size, config.head_dim, config.use_bias
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias, dtype=dtype)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias, dtype=dtype)
+        self.q_proj = Linear(h, self.num_heads * d, bias=bias, dtype=dtype)
+        self.k_proj = Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
+        self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * d, h, bias=bias, dtype=dtype)
 
     def forward(
         self,
@@ -91,7 +91,7 @@ class Ernie45Model(nn.Module):
         self.mtp_emb_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps) for _ in range(n_mtp))
         self.mtp_hidden_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps) for _ in range(n_mtp))
         self.mtp_linear_proj = nn.ModuleList(
-            nn.Linear(2 * h, h, bias=config.use_bias, dtype=dtype) for _ in range(n_mtp)
+            Linear(2 * h, h, bias=config.use_bias, dtype=dtype) for _ in range(n_mtp)
         )
         self.mtp_block = nn.ModuleList(
             DecoderLayer(config, config.num_hidden_layers + i, dtype) for i in range(n_mtp)
@@ -109,10 +109,22 @@ class Ernie45ForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         )
         for p in self.parameters():
             p.requires_grad_(False)
+        # With tied embeddings the LM head is the embedding matrix; lookups want it row-major,
+        # the CPU matmul wants it input-major, so `pack_for_cpu` keeps a second copy.
+        self._tied_head_input_major: torch.Tensor | None = None
+        self._gemm: CpuGemm | None = None
+
+    def pack_for_cpu(self, gemm: CpuGemm) -> None:
+        """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded."""
+        pack_model_for_cpu(self, gemm)
+        self._gemm = gemm
+        embed = self.model.embed_tokens.weight
+        if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
+            self._tied_head_input_major = pack_input_major(embed)
 
     @property
     def num_kv_layers(self) -> int:
@@ -135,5 +147,10 @@ class Ernie45ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] for the given rows of hidden states."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            weight = self.lm_head.weight
+        elif self._tied_head_input_major is not None:
+            weight = self._tied_head_input_major
+        else:
+            weight = self.model.embed_tokens.weight
+        return linear(hidden, weight, gemm=self._gemm).float()
