@@ -110,6 +110,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
         self._requests: dict[str, Request] = {}
+        self._reservations: dict[str, Request] = {}  # block holders for KV on its way here
         self._arrivals = itertools.count()
         self._prefix_queried = 0
         self._prefix_hits = 0
@@ -226,6 +227,8 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stops a request at once and frees its blocks; False if it is unknown or already done."""
+        if self.cancel_reservation(request_id):
+            return True
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
@@ -373,10 +376,41 @@ class Engine:
         req.status = RequestStatus.FINISHED
         self._publish_events()
 
-    def import_kv(self, payload: KVPayload) -> None:
-        """Continues decoding a request prefilled elsewhere: its KV goes into fresh blocks here.
+    def reserve_kv(self, request_id: str, num_tokens: int) -> bool:
+        """Sets aside blocks for `num_tokens` tokens of KV that another engine will send.
 
-        Raises RuntimeError when the pool cannot hold it (nothing changes then).
+        The decode side of a disaggregated request reserves before the prefill side sends, so
+        no transfer ever lands in a full engine. False, changing nothing, when there is no room.
+        """
+        if request_id in self._requests or request_id in self._reservations:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if num_tokens <= 0 or num_tokens >= self.max_model_len:
+            raise ValueError(f"num_tokens must be in [1, {self.max_model_len}), got {num_tokens}")
+        holder = Request(request_id, prompt_token_ids=[], params=SamplingParams(), max_tokens=0, arrival=-1)
+        if not self.kv.allocate(holder, num_tokens):
+            return False
+        self._reservations[request_id] = holder
+        return True
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        """Returns a reservation's blocks to the pool; False if there was none."""
+        holder = self._reservations.pop(request_id, None)
+        if holder is None:
+            return False
+        self.kv.free(holder)
+        return True
+
+    @property
+    def kv_block_shape(self) -> tuple[int, ...]:
+        """Shape of one block's KV across layers, as `KVPayload.kv` holds it minus the block axis."""
+        t = self.kv_cache.tensor
+        return (t.shape[0], t.shape[1], *t.shape[3:])
+
+    def import_kv(self, payload: KVPayload) -> None:
+        """Continues decoding a request prefilled elsewhere: its KV goes into blocks here.
+
+        Uses the blocks `reserve_kv` set aside for the request when there are any; otherwise
+        allocates and raises RuntimeError when the pool cannot hold it (nothing changes then).
         """
         if payload.request_id in self._requests:
             raise ValueError(f"request_id {payload.request_id!r} is already in use")
@@ -392,11 +426,19 @@ class Engine:
         req.logprobs = list(payload.logprobs)
         if payload.generator_state is not None and req.generator is not None:
             req.generator.set_state(payload.generator_state)
-        if not self.kv.allocate(req, payload.num_computed_tokens):
+        holder = self._reservations.get(payload.request_id)
+        if holder is not None and len(holder.block_ids) >= payload.num_blocks:
+            del self._reservations[payload.request_id]
+            req.block_ids = holder.block_ids
+            if not self.kv.allocate(req, payload.num_computed_tokens):  # no-op unless it grew
+                raise RuntimeError(f"no room to extend the reservation of {payload.request_id!r}")
+        elif not self.kv.allocate(req, payload.num_computed_tokens):
             raise RuntimeError(
                 f"no room for request {payload.request_id!r}: needs {payload.num_blocks} KV blocks, "
                 f"{self.kv.num_free_blocks} free"
             )
+        else:
+            self.cancel_reservation(payload.request_id)
         self.kv_cache.write_blocks(req.block_ids[: payload.num_blocks], payload.kv)
         req.num_computed_tokens = payload.num_computed_tokens
         self.kv.cache_computed_blocks(req)

@@ -264,3 +264,30 @@ def test_prefill_export_import_equals_single_engine(moe_checkpoint, params):
     assert got == expected
     for engine in (single, prefill, decode):
         assert engine.kv.num_free_blocks == 64
+
+
+def test_reserved_blocks_are_held_used_by_import_and_returned_on_cancel(moe_checkpoint):
+    prefill = make_llm(moe_checkpoint, block_size=4, kv_cache_blocks=32).engine
+    decode = make_llm(moe_checkpoint, block_size=4, kv_cache_blocks=32).engine
+    prompt = prompts_of([10], seed=11)[0]
+    assert decode.reserve_kv("r", len(prompt))
+    assert decode.stats().kv_blocks_free == 32 - 3
+    assert not decode.reserve_kv("too-big", 30 * 4)  # refused whole: nothing taken
+    assert decode.stats().kv_blocks_free == 32 - 3
+    with pytest.raises(ValueError, match="already in use"):
+        decode.reserve_kv("r", 4)
+    prefill.add_request("r", prompt, GREEDY, prefill_only=True)
+    while not any(d.kv_ready for d in prefill.step()):
+        pass
+    payload = prefill.export_kv("r")
+    prefill.release_exported("r")
+    decode.import_kv(payload)
+    assert decode.stats().kv_blocks_free == 32 - 3  # the import used the reserved blocks
+    out = []
+    while decode.has_unfinished():
+        out += [t for d in decode.step() for t in d.new_token_ids]
+    alone = make_llm(moe_checkpoint, block_size=4).generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert payload.output_token_ids + out == alone
+    assert decode.reserve_kv("c", 8) and decode.cancel_reservation("c")
+    assert not decode.cancel_reservation("c")
+    assert decode.stats().kv_blocks_free == 32

@@ -1,0 +1,103 @@
+"""Drives one `Engine` on a thread of its own for asyncio callers (the worker actor).
+
+The engine is not thread-safe, so every touch of it (adding, aborting, exporting, importing)
+is a command run on the loop thread between two steps; tokens go back to per-request asyncio
+queues. The event loop therefore never blocks on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from pdserve.engine import Engine, RequestDelta
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Owns the engine thread: runs commands, steps while there is work, routes deltas."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[tuple[Callable[[Engine], object], asyncio.Future]] = (
+            queue.SimpleQueue()
+        )
+        self._streams: dict[str, asyncio.Queue[RequestDelta]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Runs `fn(engine)` on the engine thread and returns its result (or raises its error)."""
+        future: asyncio.Future = self._loop.create_future()
+        self._commands.put((fn, future))
+        return await future
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[RequestDelta]:
+        """A queue that receives the request's deltas; open it before the request can step."""
+        stream: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._run_commands(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception:
+                # A failing step would fail every later one the same way; stop loudly.
+                log.exception("engine step failed; the worker stops serving")
+                self._stopped.set()
+                raise
+            for delta in deltas:
+                self._loop.call_soon_threadsafe(self._deliver, delta)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, future = item
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                self._loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, future, result)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, delta: RequestDelta) -> None:
+        stream = self._streams.get(delta.request_id)
+        if stream is not None:
+            stream.put_nowait(delta)
+
+
+def _set_result(future: asyncio.Future, result: object) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,230 @@
+"""Moving a request's KV blocks from a prefill worker to a decode worker, directly.
+
+One interface, two backends. Each transfer names a *channel* (sender, receiver, generation):
+both ends build the channel's communicator lazily on first use and drop it after a failure,
+so the next attempt (under a new generation) starts from a fresh one.
+
+- `gloo`: a two-rank torch `ProcessGroupGloo` per channel, rendezvousing through a TCPStore
+  that the sending worker hosts. Not `ray.util.collective`'s GLOO backend: that one binds the
+  process's single default torch process group to the first group it joins, so a worker
+  could never talk to a second peer (see DESIGN.md, Decisions).
+- `nccl`: `ray.util.collective` NCCL groups (CuPy), one per channel, when both ends hold GPUs.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import datetime
+import threading
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("gloo", "nccl")
+
+
+class TransferError(RuntimeError):
+    """A KV transfer failed or timed out; both ends drop the channel's communicator."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach a worker's transfer side: its id and the TCPStore it hosts for rendezvous."""
+
+    worker_id: str
+    host: str
+    store_port: int
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One direction between two workers; a new `generation` after a failure means a new communicator."""
+
+    sender: Endpoint
+    receiver: Endpoint
+    generation: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"kv:{self.sender.worker_id}->{self.receiver.worker_id}#{self.generation}"
+
+
+class KVTransport(abc.ABC):
+    """Sends and receives KV tensors over per-channel communicators; one per worker."""
+
+    backend: str
+
+    def __init__(self, worker_id: str, host: str = "127.0.0.1") -> None:
+        self.worker_id = worker_id
+        self.host = host
+
+    @property
+    @abc.abstractmethod
+    def endpoint(self) -> Endpoint:
+        """What peers need to open a channel with this worker."""
+
+    @abc.abstractmethod
+    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float) -> None:
+        """Blocks until `tensor` has been handed to the receiver; raises TransferError."""
+
+    @abc.abstractmethod
+    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float) -> None:
+        """Blocks until `out` holds what the sender sent; raises TransferError."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Releases every communicator."""
+
+
+class GlooTransport(KVTransport):
+    """CPU tensors over torch's Gloo, one two-rank process group per channel (sender is rank 0)."""
+
+    backend = "gloo"
+
+    def __init__(self, worker_id: str, host: str = "127.0.0.1") -> None:
+        import torch.distributed as dist
+
+        super().__init__(worker_id, host)
+        self._dist = dist
+        # Port 0: the OS picks a free port; peers learn it from `endpoint`.
+        self._store = dist.TCPStore(
+            host, 0, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
+        )
+        self._groups: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.worker_id, self.host, self._store.port)
+
+    def _group(self, channel: Channel, rank: int, timeout_s: float):
+        with self._lock:
+            group = self._groups.get(channel.name)
+            if group is not None:
+                return group
+        dist = self._dist
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if rank == 0:
+            store = self._store
+        else:
+            store = dist.TCPStore(
+                channel.sender.host, channel.sender.store_port, None, False, timeout=timeout
+            )
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        # Bind to the address we were given, not whatever the hostname resolves to.
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+        group = dist.ProcessGroupGloo(dist.PrefixStore(channel.name, store), rank, 2, options)
+        with self._lock:
+            self._groups[channel.name] = group
+        return group
+
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float) -> None:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError("gloo transfers take contiguous CPU tensors")
+        try:
+            group = self._group(channel, rank, timeout_s)
+            work = group.send([tensor], 1, 0) if rank == 0 else group.recv([tensor], 0, 0)
+            work.wait(datetime.timedelta(seconds=timeout_s))
+        except Exception as e:
+            self._drop(channel)
+            raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {e}") from e
+
+    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float) -> None:
+        self._run(channel, 0, tensor, timeout_s)
+
+    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float) -> None:
+        self._run(channel, 1, out, timeout_s)
+
+    def _drop(self, channel: Channel) -> None:
+        with self._lock:
+            self._groups.pop(channel.name, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._groups.clear()
+
+
+class NcclTransport(KVTransport):
+    """GPU tensors over NCCL (CuPy) through `ray.util.collective`, one group per channel.
+
+    Must run inside a Ray actor that holds a GPU. NCCL calls cannot be cancelled, so a
+    timeout is enforced by waiting on a helper thread and then destroying the group.
+    """
+
+    backend = "nccl"
+
+    def __init__(self, worker_id: str, host: str = "127.0.0.1") -> None:
+        import ray.util.collective as collective
+
+        super().__init__(worker_id, host)
+        self._col = collective
+        self._groups: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.worker_id, self.host, 0)
+
+    def _ensure(self, channel: Channel, rank: int) -> None:
+        with self._lock:
+            if channel.name in self._groups:
+                return
+        self._col.init_collective_group(2, rank, backend="nccl", group_name=channel.name)
+        with self._lock:
+            self._groups.add(channel.name)
+
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float) -> None:
+        if tensor.device.type != "cuda":
+            raise ValueError("nccl transfers take CUDA tensors")
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._ensure(channel, rank)
+                if rank == 0:
+                    self._col.send(tensor, 1, channel.name)
+                else:
+                    self._col.recv(tensor, 0, channel.name)
+                torch.cuda.current_stream(tensor.device).synchronize()
+            except BaseException as e:
+                error.append(e)
+
+        thread = threading.Thread(target=work, daemon=True, name=f"nccl-{channel.name}")
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive() or error:
+            self._drop(channel)
+            why = error[0] if error else f"timed out after {timeout_s} s"
+            raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {why}")
+
+    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float) -> None:
+        self._run(channel, 0, tensor, timeout_s)
+
+    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float) -> None:
+        self._run(channel, 1, out, timeout_s)
+
+    def _drop(self, channel: Channel) -> None:
+        with self._lock:
+            if channel.name not in self._groups:
+                return
+            self._groups.discard(channel.name)
+        # The group may be half-built; there is nothing more to release then.
+        with contextlib.suppress(Exception):
+            self._col.destroy_collective_group(channel.name)
+
+    def close(self) -> None:
+        for name in list(self._groups):
+            with contextlib.suppress(Exception):
+                self._col.destroy_collective_group(name)
+        self._groups.clear()
+
+
+def make_transport(backend: str, worker_id: str, host: str = "127.0.0.1") -> KVTransport:
+    """The transport for `backend` ("gloo" or "nccl")."""
+    if backend == "gloo":
+        return GlooTransport(worker_id, host)
+    if backend == "nccl":
+        return NcclTransport(worker_id, host)
+    raise ValueError(f"kv transfer backend must be one of {BACKENDS}, got {backend!r}")

@@ -1,0 +1,79 @@
+"""Plain data that crosses the worker actor's boundary (Ray pickles these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine import RequestDelta, SamplingParams
+from pdserve.engine.sampler import TokenLogprobs
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass
+class TokenChunk:
+    """Tokens a request produced since the last chunk, as the router streams them on."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+
+    @classmethod
+    def from_delta(cls, delta: RequestDelta) -> TokenChunk:
+        return cls(
+            request_id=delta.request_id,
+            token_ids=list(delta.new_token_ids),
+            text=delta.new_text,
+            finished=delta.finished,
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+            num_prompt_tokens=delta.num_prompt_tokens,
+            num_cached_tokens=delta.num_cached_tokens,
+            logprobs=delta.new_logprobs,
+        )
+
+
+@dataclass
+class Handoff:
+    """A prefilled request's state minus its KV tensor: what the decode side needs to continue."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    num_computed_tokens: int
+    num_cached_tokens: int
+    block_hashes: list[int]
+    num_blocks: int
+    generator_state: object | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class PrefillResult:
+    """What a prefill worker returns: the first chunk, and the handoff unless it already finished."""
+
+    first: TokenChunk
+    handoff: Handoff | None
+
+
+@dataclass
+class WorkerLoad:
+    """One worker's load report (controller and router read it)."""
+
+    worker_id: str
+    role: str
+    num_waiting: int
+    num_running: int
+    num_pending_sends: int  # prefilled requests whose KV has not left yet
+    kv_blocks_total: int
+    kv_blocks_free: int
+    waiting_prefill_tokens: int
+    last_step_seconds: float
+    draining: bool

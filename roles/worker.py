@@ -1,0 +1,254 @@
+"""The `Worker` Ray actor: one engine replica in the prefill, decode or both role.
+
+- `both`: `generate` serves whole requests (the colocated baseline).
+- `prefill`: `prefill` computes a prompt's KV and first token, keeps a copy of the request's
+  blocks in an outbox, and `send_kv` ships it to the decode worker over the KV transport.
+- `decode`: `reserve` sets blocks aside before the prefill side sends; `decode` receives the
+  KV into them and streams the rest of the tokens.
+
+`set_role` switches role without reloading weights once the old role's work has drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import fields
+
+import torch
+
+from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
+from pdserve.roles.engine_loop import EngineLoop
+from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport
+from pdserve.roles.messages import ROLES, Handoff, PrefillResult, TokenChunk, WorkerLoad
+
+log = logging.getLogger(__name__)
+
+
+class RoleError(RuntimeError):
+    """A call this worker's current role does not serve (or a role switch is under way)."""
+
+
+class Worker:
+    """Hosts one engine; wrap with `ray.remote` (see `pdserve.roles.start_worker`)."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        role: str = "both",
+        kv_backend: str = "gloo",
+        host: str = "127.0.0.1",
+    ) -> None:
+        _check_role(role)
+        self.worker_id = worker_id
+        self.role = role
+        self._draining = False
+        self._engine_config = engine_config
+        self._kv_backend = kv_backend
+        self._host = host
+        self._loop: EngineLoop | None = None
+        self._transport = None
+        self._outbox: dict[str, KVPayload] = {}
+
+    async def _engine(self) -> EngineLoop:
+        # Built on first use, inside the actor's event loop that EngineLoop posts results to.
+        if self._loop is None:
+            engine = Engine(self._engine_config)
+            self._loop = EngineLoop(engine, asyncio.get_running_loop())
+            self._transport = make_transport(self._kv_backend, self.worker_id, self._host)
+        return self._loop
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def ready(self) -> Endpoint:
+        """Loads the model (if not yet) and returns this worker's KV transfer endpoint."""
+        await self._engine()
+        assert self._transport is not None
+        return self._transport.endpoint
+
+    async def load(self) -> WorkerLoad:
+        """Current load, for the controller and the router."""
+        loop = await self._engine()
+        stats = await loop.call(lambda e: e.stats())
+        return WorkerLoad(
+            worker_id=self.worker_id,
+            role=self.role,
+            num_waiting=stats.num_waiting,
+            num_running=stats.num_running,
+            num_pending_sends=len(self._outbox),
+            kv_blocks_total=stats.kv_blocks_total,
+            kv_blocks_free=stats.kv_blocks_free,
+            waiting_prefill_tokens=stats.waiting_prefill_tokens,
+            last_step_seconds=stats.last_step_seconds,
+            draining=self._draining,
+        )
+
+    async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> str:
+        """Switches role once in-flight work has drained; new work of the old role is refused meanwhile."""
+        _check_role(role)
+        if role == self.role:
+            return role
+        loop = await self._engine()
+        self._draining = True
+        try:
+            deadline = asyncio.get_running_loop().time() + drain_timeout_s
+            while self._outbox or await loop.call(lambda e: e.has_unfinished()):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RoleError(f"worker {self.worker_id} did not drain within {drain_timeout_s} s")
+                await asyncio.sleep(0.02)
+            log.info("worker %s: role %s -> %s", self.worker_id, self.role, role)
+            self.role = role
+        finally:
+            self._draining = False
+        return role
+
+    # ------------------------------------------------------------------ both
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenChunk]:
+        """Serves a whole request here (role `both`), streaming its chunks."""
+        self._admit("both")
+        loop = await self._engine()
+        stream = loop.open_stream(request_id)
+        finished = False
+        try:
+            await loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            while not finished:
+                delta = await stream.get()
+                finished = delta.finished
+                yield TokenChunk.from_delta(delta)
+        finally:
+            loop.close_stream(request_id)
+            if not finished:  # the caller went away: free the request's blocks now
+                await loop.call(lambda e: e.abort(request_id))
+
+    # ------------------------------------------------------------------ prefill
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> PrefillResult:
+        """Computes the prompt's KV and first token; the KV then waits in the outbox for `send_kv`."""
+        self._admit("prefill")
+        loop = await self._engine()
+        stream = loop.open_stream(request_id)
+        try:
+            await loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True))
+            delta = await stream.get()
+        except BaseException:
+            await loop.call(lambda e: e.abort(request_id))
+            raise
+        finally:
+            loop.close_stream(request_id)
+        first = TokenChunk.from_delta(delta)
+        if delta.finished:  # finished on its first token: nothing to hand over
+            return PrefillResult(first, None)
+
+        def export(engine: Engine) -> KVPayload:
+            try:
+                return engine.export_kv(request_id)
+            finally:
+                # The outbox holds a copy; the blocks stay in the prefix cache for reuse.
+                engine.release_exported(request_id)
+
+        payload = await loop.call(export)
+        self._outbox[request_id] = payload
+        state = {f.name: getattr(payload, f.name) for f in fields(payload) if f.name != "kv"}
+        return PrefillResult(first, Handoff(**state, num_blocks=payload.num_blocks))
+
+    async def send_kv(self, request_id: str, channel: Channel, timeout_s: float) -> int:
+        """Ships a prefilled request's KV to the decode worker; returns the bytes sent."""
+        payload = self._outbox.pop(request_id, None)
+        if payload is None:
+            raise KeyError(f"no prefilled KV for request {request_id!r} on worker {self.worker_id}")
+        assert self._transport is not None
+        kv = payload.kv.contiguous()
+        await asyncio.to_thread(self._transport.send, channel, kv, timeout_s)
+        return kv.numel() * kv.element_size()
+
+    async def drop_kv(self, request_id: str) -> bool:
+        """Forgets a prefilled request's KV that will not be sent (the request moved elsewhere)."""
+        return self._outbox.pop(request_id, None) is not None
+
+    # ------------------------------------------------------------------ decode
+
+    async def reserve(self, request_id: str, num_tokens: int) -> bool:
+        """Sets aside blocks for a request's incoming KV; False when there is no room."""
+        self._admit("decode")
+        loop = await self._engine()
+        return await loop.call(lambda e: e.reserve_kv(request_id, num_tokens))
+
+    async def decode(
+        self, request_id: str, handoff: Handoff, channel: Channel, timeout_s: float
+    ) -> AsyncIterator[TokenChunk]:
+        """Receives the request's KV from the prefill worker, then streams the tokens after the first."""
+        self._admit("decode")
+        loop = await self._engine()
+        assert self._transport is not None
+        block_shape = loop.engine.kv_block_shape
+        shape = (*block_shape[:2], handoff.num_blocks, *block_shape[2:])
+        buffer = torch.empty(shape, dtype=loop.engine.kv_cache.tensor.dtype)
+        try:
+            await asyncio.to_thread(self._transport.recv, channel, buffer, timeout_s)
+        except BaseException:
+            await loop.call(lambda e: e.cancel_reservation(request_id))
+            raise
+        state = {f.name: getattr(handoff, f.name) for f in fields(handoff) if f.name != "num_blocks"}
+        payload = KVPayload(**state, kv=buffer)
+        stream = loop.open_stream(request_id)
+        finished = False
+        try:
+            await loop.call(lambda e: e.import_kv(payload))
+            while not finished:
+                delta = await stream.get()
+                finished = delta.finished
+                yield TokenChunk.from_delta(delta)
+        finally:
+            loop.close_stream(request_id)
+            if not finished:
+                await loop.call(lambda e: e.abort(request_id))
+
+    # ------------------------------------------------------------------ any role
+
+    async def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks, its reservation or its outbox entry."""
+        dropped = self._outbox.pop(request_id, None) is not None
+        loop = await self._engine()
+        return await loop.call(lambda e: e.abort(request_id)) or dropped
+
+    def _admit(self, needed: str) -> None:
+        if self._draining:
+            raise RoleError(f"worker {self.worker_id} is switching role; send the request elsewhere")
+        allowed = {"both": ("both",), "prefill": ("prefill", "both"), "decode": ("decode", "both")}[needed]
+        if self.role not in allowed:
+            raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}")
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def start_worker(
+    worker_id: str,
+    engine_config: EngineConfig,
+    role: str = "both",
+    kv_backend: str | None = None,
+    *,
+    num_cpus: float = 1,
+    name: str | None = None,
+):
+    """Starts a `Worker` actor: one GPU when the engine runs on CUDA (and NCCL transfers), CPU otherwise."""
+    import ray
+
+    on_gpu = engine_config.device.startswith("cuda")
+    backend = kv_backend or ("nccl" if on_gpu else "gloo")
+    actor = ray.remote(Worker).options(
+        num_cpus=num_cpus,
+        num_gpus=1 if on_gpu else 0,
+        name=name,
+        max_concurrency=1000,  # an async actor: many streams at once
+    )
+    return actor.remote(worker_id, engine_config, role, backend)

@@ -1,0 +1,232 @@
+"""Worker actors with real Ray: colocated, disaggregated over Gloo, role switches, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import torch
+
+from pdserve.engine import LLM, EngineConfig, SamplingParams
+from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated
+from pdserve.roles.kv_transfer import Channel, TransferError
+from pdserve.roles.worker import RoleError, start_worker
+
+BLOCKS = 48
+_ids = itertools.count()
+
+
+def engine_config(checkpoint, **kw) -> EngineConfig:
+    kw.setdefault("kv_cache_blocks", BLOCKS)
+    return EngineConfig(
+        model=str(checkpoint), dtype="float32", block_size=4, num_threads=1, progress=False, **kw
+    )
+
+
+def prompts_of(lengths, seed=0, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+async def worker_ref(ray, checkpoint, role: str) -> WorkerRef:
+    worker_id = f"{role}-{next(_ids)}"
+    handle = start_worker(worker_id, engine_config(checkpoint), role)
+    endpoint = await handle.ready.remote()
+    return WorkerRef(worker_id, handle, endpoint)
+
+
+@pytest.fixture(scope="module")
+def workers(ray_session, moe_checkpoint):
+    """One prefill, one decode and one `both` worker shared by this module's tests."""
+
+    async def start():
+        return await asyncio.gather(
+            *(worker_ref(ray_session, moe_checkpoint, r) for r in ("prefill", "decode", "both"))
+        )
+
+    prefill, decode, both = asyncio.run(start())
+    yield {"prefill": prefill, "decode": decode, "both": both}
+    for ref in (prefill, decode, both):
+        ray_session.kill(ref.handle)
+
+
+@pytest.fixture(scope="module")
+def reference(moe_checkpoint):
+    return LLM(str(moe_checkpoint), dtype="float32", block_size=4, progress=False)
+
+
+def expected(reference, prompts, params_list):
+    outs = reference.generate(prompts, params_list)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+async def collect(stream) -> list:
+    return [chunk async for chunk in stream]
+
+
+async def colocated(ref: WorkerRef, rid: str, prompt, params):
+    chunks = []
+    async for obj in ref.handle.generate.remote(rid, prompt, params):
+        chunks.append(await obj)
+    return chunks
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def assert_released(ray, *refs: WorkerRef):
+    for ref in refs:
+        load = ray.get(ref.handle.load.remote())
+        assert load.kv_blocks_free == load.kv_blocks_total == BLOCKS, ref.worker_id
+        assert load.num_running == load.num_waiting == load.num_pending_sends == 0
+
+
+PARAMS = [
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
+]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded"])
+def test_both_role_streams_what_one_engine_produces(ray_session, workers, reference, params):
+    prompts = prompts_of([5, 17, 9], seed=1)
+    want = expected(reference, prompts, [params] * len(prompts))
+
+    async def run():
+        return await asyncio.gather(
+            *(colocated(workers["both"], f"both-{i}-{params.seed}", p, params) for i, p in enumerate(prompts))
+        )
+
+    got = asyncio.run(run())
+    assert [tokens(c) for c in got] == want
+    assert all(c[-1].finished and c[-1].finish_reason == "length" for c in got)
+    assert_released(ray_session, workers["both"])
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded"])
+def test_disaggregated_equals_one_engine_with_prefix_hits(ray_session, workers, reference, params):
+    shared = prompts_of([16], seed=3)[0]
+    prompts = [*prompts_of([7, 23], seed=4), [*shared, 5, 6, 7], [*shared, 9, 10]]
+    want = expected(reference, prompts, [params] * len(prompts))
+    channels = ChannelGenerations()
+
+    async def one(i, prompt):
+        stream = generate_disaggregated(
+            workers["prefill"], workers["decode"], f"pd-{params.seed}-{i}", prompt, params, channels
+        )
+        return await collect(stream)
+
+    async def run():
+        first = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts[:3])))
+        # The last prompt shares 16 tokens with the third: a prefix-cache hit on the prefill worker.
+        return [*first, await one(3, prompts[3])]
+
+    got = asyncio.run(run())
+    assert [tokens(c) for c in got] == want
+    assert got[3][0].num_cached_tokens >= 12
+    assert got[0][0].token_ids == want[0][:1]  # the first token comes from the prefill worker
+    assert_released(ray_session, workers["prefill"], workers["decode"])
+
+
+def test_request_finishing_on_its_first_token_never_transfers(ray_session, workers, reference):
+    params = SamplingParams(temperature=0, max_tokens=1)
+    prompt = prompts_of([6], seed=9)[0]
+
+    async def run():
+        return await collect(
+            generate_disaggregated(
+                workers["prefill"], workers["decode"], "one-token", prompt, params, ChannelGenerations()
+            )
+        )
+
+    chunks = asyncio.run(run())
+    assert tokens(chunks) == expected(reference, [prompt], [params])[0]
+    assert chunks[-1].finished
+    assert_released(ray_session, workers["prefill"], workers["decode"])
+
+
+def test_roles_refuse_work_they_do_not_serve(ray_session, workers):
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(RoleError, match="role 'prefill', not 'decode'"):
+        ray_session.get(workers["prefill"].handle.reserve.remote("x", 4))
+    with pytest.raises(RoleError, match="role 'decode', not 'prefill'"):
+        ray_session.get(workers["decode"].handle.prefill.remote("x", [3, 4], params))
+
+
+def test_no_room_on_decode_fails_before_any_work(ray_session, workers):
+    prompt = prompts_of([BLOCKS * 4 - 8], seed=2)[0]
+    decode = workers["decode"]
+    assert ray_session.get(decode.handle.reserve.remote("hog", BLOCKS * 4 - 8))
+
+    async def run():
+        stream = generate_disaggregated(
+            workers["prefill"],
+            decode,
+            "starved",
+            prompt[:40],
+            SamplingParams(max_tokens=2),
+            ChannelGenerations(),
+        )
+        return await collect(stream)
+
+    with pytest.raises(NoRoomError, match="no room"):
+        asyncio.run(run())
+    assert ray_session.get(decode.handle.abort.remote("hog"))
+    assert_released(ray_session, workers["prefill"], decode)
+
+
+def test_transfer_timeout_releases_both_sides(ray_session, workers):
+    prefill, decode = workers["prefill"], workers["decode"]
+    prompt = prompts_of([10], seed=5)[0]
+    assert ray_session.get(decode.handle.reserve.remote("lost", len(prompt)))
+    result = ray_session.get(prefill.handle.prefill.remote("lost", prompt, SamplingParams(max_tokens=4)))
+    assert result.handoff is not None and result.handoff.num_blocks == 3
+    # Nobody receives on this channel: the send must give up, not hang.
+    channel = Channel(prefill.endpoint, decode.endpoint, generation=999)
+    with pytest.raises(TransferError, match="failed"):
+        ray_session.get(prefill.handle.send_kv.remote("lost", channel, 2.0))
+    assert ray_session.get(decode.handle.abort.remote("lost"))
+    assert_released(ray_session, prefill, decode)
+
+
+def test_cancelled_stream_frees_the_request(ray_session, workers):
+    both = workers["both"]
+    prompt = prompts_of([12], seed=6)[0]
+
+    async def run():
+        stream = both.handle.generate.remote(
+            "cancel-me", prompt, SamplingParams(max_tokens=200, ignore_eos=True)
+        )
+        first = await stream.__anext__()
+        await first
+        ray_session.cancel(stream)
+        for _ in range(200):
+            load = await both.handle.load.remote()
+            if load.num_running == 0:
+                return load
+            await asyncio.sleep(0.05)
+        return load
+
+    load = asyncio.run(run())
+    assert load.num_running == 0 and load.kv_blocks_free == BLOCKS
+
+
+def test_set_role_switches_without_reloading(ray_session, moe_checkpoint, reference):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = prompts_of([8], seed=8)[0]
+
+    async def run():
+        ref = await worker_ref(ray_session, moe_checkpoint, "prefill")
+        with pytest.raises(RoleError):
+            await colocated(ref, "r0", prompt, params)
+        assert await ref.handle.set_role.remote("both") == "both"
+        out = tokens(await colocated(ref, "r1", prompt, params))
+        load = await ref.handle.load.remote()
+        ray_session.kill(ref.handle)
+        return out, load
+
+    out, load = asyncio.run(run())
+    assert out == expected(reference, [prompt], [params])[0]
+    assert load.role == "both"
