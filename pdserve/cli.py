@@ -128,6 +128,30 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
+    import torch
+
+    from pdserve.bench.kv_transfer_bench import KVTransferBenchArgs, run_kv_transfer_bench
+
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        print("error: --backend nccl needs a CUDA GPU on this machine; use --backend gloo", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or any(b < 1 for b in args.blocks):
+        print("error: --repeats and every --blocks value must be >= 1", file=sys.stderr)
+        return 2
+    bench_args = KVTransferBenchArgs(
+        model=args.model,
+        backend=args.backend,
+        blocks=tuple(args.blocks),
+        block_size=args.block_size,
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
+    output = args.output or Path("bench-results") / f"kv-transfer-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    run_kv_transfer_bench(bench_args, output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eng.add_argument("--skip-transformers", action="store_true")
     eng.set_defaults(func=_cmd_bench_engine)
+
+    kv = bench_sub.add_parser(
+        "kv-transfer", help="KV block transfer between two processes beside a local copy"
+    )
+    kv.add_argument("--model", default="ernie-4.5-0.3b", help="model whose KV block shape is used")
+    kv.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    kv.add_argument("--blocks", type=_int_list("--blocks"), default=[1, 8, 32, 128])
+    kv.add_argument("--block-size", type=int, default=16)
+    kv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    kv.add_argument("--repeats", type=int, default=10)
+    kv.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/kv-transfer-*.json)"
+    )
+    kv.set_defaults(func=_cmd_bench_kv_transfer)
     return parser
 
 

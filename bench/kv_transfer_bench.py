@@ -1,0 +1,134 @@
+"""`pdserve bench kv-transfer`: moving a request's KV blocks between two processes.
+
+Two spawned processes play the prefill (sender) and decode (receiver) workers and use the
+same `KVTransport` the workers use; beside each size, an in-process torch copy of the same
+bytes gives the machine's own ceiling, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.model_source import resolve_model
+from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport
+
+
+@dataclass
+class KVTransferBenchArgs:
+    """What to measure: the model shape sets the bytes per block."""
+
+    model: str = "ernie-4.5-0.3b"
+    backend: str = "gloo"
+    blocks: tuple[int, ...] = (1, 8, 32, 128)
+    block_size: int = 16
+    dtype: str = "bfloat16"
+    repeats: int = 10
+
+
+def block_shape(args: KVTransferBenchArgs) -> tuple[int, ...]:
+    """[L, 2, block_size, KVH, D] for one block of the model's KV."""
+    mc = ModelConfig.from_hf_dict(resolve_model(args.model).hf_config)
+    return (mc.num_hidden_layers, 2, args.block_size, mc.num_key_value_heads, mc.head_dim)
+
+
+def _tensor(args: KVTransferBenchArgs, blocks: int, device: str) -> torch.Tensor:
+    layers, two, bs, kvh, d = block_shape(args)
+    return torch.ones((layers, two, blocks, bs, kvh, d), dtype=getattr(torch, args.dtype), device=device)
+
+
+def _peer(rank: int, args: KVTransferBenchArgs, conn) -> None:
+    torch.set_num_threads(1)
+    device = "cuda" if args.backend == "nccl" else "cpu"
+    transport = make_transport(args.backend, f"bench-{rank}")
+    conn.send(transport.endpoint)
+    sender, receiver = conn.recv()
+    channel = Channel(sender, receiver)
+    times: dict[int, list[float]] = {}
+    for blocks in args.blocks:
+        t = _tensor(args, blocks, device)
+        for i in range(args.repeats + 1):
+            start = time.perf_counter()
+            if rank == 0:
+                transport.send(channel, t, 60.0)
+            else:
+                transport.recv(channel, t, 60.0)
+            if i:  # the first round builds the communicator
+                times.setdefault(blocks, []).append(time.perf_counter() - start)
+    conn.send(times)
+
+
+def _local_copy(args: KVTransferBenchArgs, blocks: int) -> list[float]:
+    src, dst = _tensor(args, blocks, "cpu"), _tensor(args, blocks, "cpu")
+    out = []
+    for i in range(args.repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if i:
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None) -> dict[str, Any]:
+    """Measures each size over the transport and as a local copy; prints a table, writes JSON."""
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = [ctx.Process(target=_peer, args=(rank, args, pipes[rank][1])) for rank in range(2)]
+    for p in procs:
+        p.start()
+    endpoints: list[Endpoint] = [pipes[r][0].recv() for r in range(2)]
+    for r in range(2):
+        pipes[r][0].send((endpoints[0], endpoints[1]))
+    with tqdm(total=len(args.blocks), desc=f"bench kv-transfer ({args.backend})") as bar:
+        local = {}
+        for blocks in args.blocks:
+            local[blocks] = _local_copy(args, blocks)
+            bar.update()
+        received = pipes[1][0].recv()
+        pipes[0][0].recv()
+    for p in procs:
+        p.join()
+    element = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    per_block = element * int(torch.tensor(block_shape(args)).prod())
+    table = []
+    for blocks in args.blocks:
+        nbytes = per_block * blocks
+        t_med = statistics.median(received[blocks])
+        c_med = statistics.median(local[blocks])
+        table.append(
+            {
+                "blocks": blocks,
+                "tokens": blocks * args.block_size,
+                "mb": round(nbytes / 1e6, 3),
+                "transfer_ms": round(t_med * 1e3, 3),
+                "transfer_gb_s": round(nbytes / t_med / 1e9, 3),
+                "local_copy_ms": round(c_med * 1e3, 3),
+                "local_copy_gb_s": round(nbytes / c_med / 1e9, 3),
+                "ratio_to_local": round(c_med / t_med, 3),
+            }
+        )
+    doc = {"benchmark": "kv-transfer", "args": asdict(args), "bytes_per_block": per_block, "results": table}
+    print(f"\nmodel={args.model} backend={args.backend} dtype={args.dtype} block_size={args.block_size}")
+    print(
+        f"{'blocks':>6} {'tokens':>7} {'MB':>8} {'xfer ms':>8} {'GB/s':>6} {'copy ms':>8} {'GB/s':>6} {'ratio':>6}"
+    )
+    for r in table:
+        print(
+            f"{r['blocks']:>6} {r['tokens']:>7} {r['mb']:>8.2f} {r['transfer_ms']:>8.2f} "
+            f"{r['transfer_gb_s']:>6.2f} {r['local_copy_ms']:>8.2f} {r['local_copy_gb_s']:>6.2f} "
+            f"{r['ratio_to_local']:>6.2f}"
+        )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {output}")
+    return doc
