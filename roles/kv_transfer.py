@@ -17,6 +17,7 @@ import abc
 import contextlib
 import datetime
 import threading
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ class Channel:
         return f"kv:{self.sender.worker_id}->{self.receiver.worker_id}#{self.generation}"
 
 
+def transfer_tag(request_id: str) -> int:
+    """The tag both ends use for a request's transfer: request ids are unique cluster-wide."""
+    return zlib.crc32(request_id.encode()) & 0x7FFFFFFF
+
+
 class KVTransport(abc.ABC):
     """Sends and receives KV tensors over per-channel communicators; one per worker."""
 
@@ -65,12 +71,16 @@ class KVTransport(abc.ABC):
         """What peers need to open a channel with this worker."""
 
     @abc.abstractmethod
-    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float) -> None:
-        """Blocks until `tensor` has been handed to the receiver; raises TransferError."""
+    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
+        """Blocks until `tensor` has been handed to the receiver; raises TransferError.
+
+        Several transfers may share a channel at once; the receiver tells them apart by `tag`
+        (see `transfer_tag`), so both ends must pass the same one.
+        """
 
     @abc.abstractmethod
-    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float) -> None:
-        """Blocks until `out` holds what the sender sent; raises TransferError."""
+    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
+        """Blocks until `out` holds what the sender sent with `tag`; raises TransferError."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -93,6 +103,7 @@ class GlooTransport(KVTransport):
         )
         self._groups: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._creating: dict[str, threading.Lock] = {}
 
     @property
     def endpoint(self) -> Endpoint:
@@ -100,9 +111,18 @@ class GlooTransport(KVTransport):
 
     def _group(self, channel: Channel, rank: int, timeout_s: float):
         with self._lock:
-            group = self._groups.get(channel.name)
-            if group is not None:
-                return group
+            creating = self._creating.setdefault(channel.name, threading.Lock())
+        # One rendezvous per channel and side, however many transfers start on it at once.
+        with creating:
+            with self._lock:
+                group = self._groups.get(channel.name)
+            if group is None:
+                group = self._create(channel, rank, timeout_s)
+                with self._lock:
+                    self._groups[channel.name] = group
+            return group
+
+    def _create(self, channel: Channel, rank: int, timeout_s: float):
         dist = self._dist
         timeout = datetime.timedelta(seconds=timeout_s)
         if rank == 0:
@@ -115,27 +135,24 @@ class GlooTransport(KVTransport):
         options._timeout = timeout
         # Bind to the address we were given, not whatever the hostname resolves to.
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
-        group = dist.ProcessGroupGloo(dist.PrefixStore(channel.name, store), rank, 2, options)
-        with self._lock:
-            self._groups[channel.name] = group
-        return group
+        return dist.ProcessGroupGloo(dist.PrefixStore(channel.name, store), rank, 2, options)
 
-    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float) -> None:
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError("gloo transfers take contiguous CPU tensors")
         try:
             group = self._group(channel, rank, timeout_s)
-            work = group.send([tensor], 1, 0) if rank == 0 else group.recv([tensor], 0, 0)
+            work = group.send([tensor], 1, tag) if rank == 0 else group.recv([tensor], 0, tag)
             work.wait(datetime.timedelta(seconds=timeout_s))
         except Exception as e:
             self._drop(channel)
             raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {e}") from e
 
-    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float) -> None:
-        self._run(channel, 0, tensor, timeout_s)
+    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
+        self._run(channel, 0, tensor, timeout_s, tag)
 
-    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float) -> None:
-        self._run(channel, 1, out, timeout_s)
+    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
+        self._run(channel, 1, out, timeout_s, tag)
 
     def _drop(self, channel: Channel) -> None:
         with self._lock:
@@ -149,8 +166,12 @@ class GlooTransport(KVTransport):
 class NcclTransport(KVTransport):
     """GPU tensors over NCCL (CuPy) through `ray.util.collective`, one group per channel.
 
-    Must run inside a Ray actor that holds a GPU. NCCL calls cannot be cancelled, so a
-    timeout is enforced by waiting on a helper thread and then destroying the group.
+    Must run inside a Ray actor that holds a GPU. NCCL point-to-point has no tags and is
+    first-in first-out per communicator, so each transfer on a channel is a header
+    (tag, numel) then the data, one at a time per side; a receiver that meets another
+    transfer's header first parks that data until its own `recv` asks for it. NCCL calls
+    cannot be cancelled, so a timeout is enforced by waiting on a helper thread and then
+    destroying the group.
     """
 
     backend = "nccl"
@@ -162,10 +183,16 @@ class NcclTransport(KVTransport):
         self._col = collective
         self._groups: set[str] = set()
         self._lock = threading.Lock()
+        self._channel_locks: dict[str, threading.Lock] = {}
+        self._parked: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(self.worker_id, self.host, 0)
+
+    def _channel_lock(self, channel: Channel) -> threading.Lock:
+        with self._lock:
+            return self._channel_locks.setdefault(channel.name, threading.Lock())
 
     def _ensure(self, channel: Channel, rank: int) -> None:
         with self._lock:
@@ -175,19 +202,41 @@ class NcclTransport(KVTransport):
         with self._lock:
             self._groups.add(channel.name)
 
-    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float) -> None:
+    def _send_locked(self, channel: Channel, tensor: torch.Tensor, tag: int) -> None:
+        header = torch.tensor([tag, tensor.numel()], dtype=torch.int64, device=tensor.device)
+        self._col.send(header, 1, channel.name)
+        self._col.send(tensor, 1, channel.name)
+
+    def _recv_locked(self, channel: Channel, out: torch.Tensor, tag: int) -> None:
+        parked = self._parked.pop((channel.name, tag), None)
+        while parked is None:
+            header = torch.empty(2, dtype=torch.int64, device=out.device)
+            self._col.recv(header, 0, channel.name)
+            got_tag, numel = (int(v) for v in header.tolist())
+            if got_tag == tag:
+                if numel != out.numel():
+                    raise ValueError(f"sender sent {numel} elements, receiver expects {out.numel()}")
+                self._col.recv(out, 0, channel.name)
+                return
+            other = torch.empty(numel, dtype=out.dtype, device=out.device)
+            self._col.recv(other, 0, channel.name)
+            self._parked[(channel.name, got_tag)] = other
+        out.view(-1).copy_(parked)
+
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
         if tensor.device.type != "cuda":
             raise ValueError("nccl transfers take CUDA tensors")
         error: list[BaseException] = []
 
         def work() -> None:
             try:
-                self._ensure(channel, rank)
-                if rank == 0:
-                    self._col.send(tensor, 1, channel.name)
-                else:
-                    self._col.recv(tensor, 0, channel.name)
-                torch.cuda.current_stream(tensor.device).synchronize()
+                with self._channel_lock(channel):
+                    self._ensure(channel, rank)
+                    if rank == 0:
+                        self._send_locked(channel, tensor, tag)
+                    else:
+                        self._recv_locked(channel, tensor, tag)
+                    torch.cuda.current_stream(tensor.device).synchronize()
             except BaseException as e:
                 error.append(e)
 
@@ -199,11 +248,11 @@ class NcclTransport(KVTransport):
             why = error[0] if error else f"timed out after {timeout_s} s"
             raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {why}")
 
-    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float) -> None:
-        self._run(channel, 0, tensor, timeout_s)
+    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
+        self._run(channel, 0, tensor, timeout_s, tag)
 
-    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float) -> None:
-        self._run(channel, 1, out, timeout_s)
+    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
+        self._run(channel, 1, out, timeout_s, tag)
 
     def _drop(self, channel: Channel) -> None:
         with self._lock:
@@ -213,6 +262,9 @@ class NcclTransport(KVTransport):
         # The group may be half-built; there is nothing more to release then.
         with contextlib.suppress(Exception):
             self._col.destroy_collective_group(channel.name)
+        with self._lock:
+            for key in [k for k in self._parked if k[0] == channel.name]:
+                del self._parked[key]
 
     def close(self) -> None:
         for name in list(self._groups):

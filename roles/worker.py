@@ -20,7 +20,7 @@ import torch
 
 from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
 from pdserve.roles.engine_loop import EngineLoop
-from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport
+from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
 from pdserve.roles.messages import ROLES, Handoff, PrefillResult, TokenChunk, WorkerLoad
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Worker:
             raise KeyError(f"no prefilled KV for request {request_id!r} on worker {self.worker_id}")
         assert self._transport is not None
         kv = payload.kv.contiguous()
-        await asyncio.to_thread(self._transport.send, channel, kv, timeout_s)
+        await asyncio.to_thread(self._transport.send, channel, kv, timeout_s, transfer_tag(request_id))
         return kv.numel() * kv.element_size()
 
     async def drop_kv(self, request_id: str) -> bool:
@@ -191,7 +191,9 @@ class Worker:
         shape = (*block_shape[:2], handoff.num_blocks, *block_shape[2:])
         buffer = torch.empty(shape, dtype=loop.engine.kv_cache.tensor.dtype)
         try:
-            await asyncio.to_thread(self._transport.recv, channel, buffer, timeout_s)
+            await asyncio.to_thread(
+                self._transport.recv, channel, buffer, timeout_s, transfer_tag(request_id)
+            )
         except BaseException:
             await loop.call(lambda e: e.cancel_reservation(request_id))
             raise
