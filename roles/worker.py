@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import fields
 
@@ -22,6 +23,7 @@ from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
 from pdserve.roles.messages import ROLES, Handoff, PrefillResult, TokenChunk, WorkerLoad
+from pdserve.roles.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Worker:
         self._loop: EngineLoop | None = None
         self._transport = None
         self._outbox: dict[str, KVPayload] = {}
+        self.metrics = WorkerMetrics(worker_id)
+        self.metrics.set_role(None, role)
 
     async def _engine(self) -> EngineLoop:
         # Built on first use, inside the actor's event loop that EngineLoop posts results to.
@@ -72,6 +76,14 @@ class Worker:
         """Current load, for the controller and the router."""
         loop = await self._engine()
         stats = await loop.call(lambda e: e.stats())
+        m, w = self.metrics, self.worker_id
+        m.requests_waiting.labels(w).set(stats.num_waiting)
+        m.requests_running.labels(w).set(stats.num_running)
+        m.pending_sends.labels(w).set(len(self._outbox))
+        m.kv_blocks_free.labels(w).set(stats.kv_blocks_free)
+        m.kv_blocks_total.labels(w).set(stats.kv_blocks_total)
+        m.prefix_hit_tokens.labels(w).set(stats.prefix_cache_hit_tokens)
+        m.prefix_queried_tokens.labels(w).set(stats.prefix_cache_queried_tokens)
         return WorkerLoad(
             worker_id=self.worker_id,
             role=self.role,
@@ -99,6 +111,7 @@ class Worker:
                     raise RoleError(f"worker {self.worker_id} did not drain within {drain_timeout_s} s")
                 await asyncio.sleep(0.02)
             log.info("worker %s: role %s -> %s", self.worker_id, self.role, role)
+            self.metrics.set_role(self.role, role)
             self.role = role
         finally:
             self._draining = False
@@ -165,8 +178,15 @@ class Worker:
             raise KeyError(f"no prefilled KV for request {request_id!r} on worker {self.worker_id}")
         assert self._transport is not None
         kv = payload.kv.contiguous()
-        await asyncio.to_thread(self._transport.send, channel, kv, timeout_s, transfer_tag(request_id))
-        return kv.numel() * kv.element_size()
+        nbytes = kv.numel() * kv.element_size()
+        start = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._transport.send, channel, kv, timeout_s, transfer_tag(request_id))
+        except BaseException:
+            self.metrics.transfer_failed("send")
+            raise
+        self.metrics.transfer("send", nbytes, time.perf_counter() - start)
+        return nbytes
 
     async def drop_kv(self, request_id: str) -> bool:
         """Forgets a prefilled request's KV that will not be sent (the request moved elsewhere)."""
@@ -190,13 +210,16 @@ class Worker:
         block_shape = loop.engine.kv_block_shape
         shape = (*block_shape[:2], handoff.num_blocks, *block_shape[2:])
         buffer = torch.empty(shape, dtype=loop.engine.kv_cache.tensor.dtype)
+        start = time.perf_counter()
         try:
             await asyncio.to_thread(
                 self._transport.recv, channel, buffer, timeout_s, transfer_tag(request_id)
             )
         except BaseException:
+            self.metrics.transfer_failed("recv")
             await loop.call(lambda e: e.cancel_reservation(request_id))
             raise
+        self.metrics.transfer("recv", buffer.numel() * buffer.element_size(), time.perf_counter() - start)
         state = {f.name: getattr(handoff, f.name) for f in fields(handoff) if f.name != "num_blocks"}
         payload = KVPayload(**state, kv=buffer)
         stream = loop.open_stream(request_id)
@@ -213,6 +236,11 @@ class Worker:
                 await loop.call(lambda e: e.abort(request_id))
 
     # ------------------------------------------------------------------ any role
+
+    async def metrics_text(self) -> str:
+        """This worker's Prometheus metrics, text exposition format (gauges refreshed now)."""
+        await self.load()
+        return self.metrics.exposition()
 
     async def abort(self, request_id: str) -> bool:
         """Stops a request and frees its blocks, its reservation or its outbox entry."""

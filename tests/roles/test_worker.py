@@ -230,3 +230,51 @@ def test_set_role_switches_without_reloading(ray_session, moe_checkpoint, refere
     out, load = asyncio.run(run())
     assert out == expected(reference, [prompt], [params])[0]
     assert load.role == "both"
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_transfers_and_failures_show_in_metrics(ray_session, workers):
+    prefill, decode = workers["prefill"], workers["decode"]
+    before_sent = metric(
+        ray_session.get(prefill.handle.metrics_text.remote()), "pdserve_kv_transfer_bytes_total"
+    )
+    before_failed = metric(
+        ray_session.get(prefill.handle.metrics_text.remote()),
+        "pdserve_kv_transfer_failures_total",
+        direction="send",
+    )
+    prompt = prompts_of([9], seed=12)[0]
+
+    async def run():
+        return await collect(
+            generate_disaggregated(
+                prefill,
+                decode,
+                "metered",
+                prompt,
+                SamplingParams(max_tokens=3, ignore_eos=True),
+                ChannelGenerations(),
+            )
+        )
+
+    asyncio.run(run())
+    sent_text = ray_session.get(prefill.handle.metrics_text.remote())
+    recv_text = ray_session.get(decode.handle.metrics_text.remote())
+    # 9 tokens in 4-token blocks: 3 blocks of [L=3, 2, 4, KVH=2, D=8] fp32.
+    moved = 3 * 3 * 2 * 4 * 2 * 8 * 4
+    assert metric(sent_text, "pdserve_kv_transfer_bytes_total", direction="send") - before_sent == moved
+    assert metric(recv_text, "pdserve_kv_transfer_bytes_total", direction="recv") >= moved
+    assert metric(recv_text, "pdserve_kv_transfer_seconds_count", direction="recv") >= 1
+    assert metric(sent_text, "pdserve_kv_transfer_failures_total", direction="send") == before_failed
+    assert metric(recv_text, "pdserve_worker_role", role="decode") == 1
+    assert metric(recv_text, "pdserve_kv_blocks_total") == BLOCKS

@@ -1,0 +1,87 @@
+"""Prometheus metrics of one worker: KV transfers, role switches, queues and cache.
+
+Each worker owns a `WorkerMetrics` (its own registry, no process-global state); the
+controller and the gateway collect the text exposition through `Worker.metrics()`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Transfers span ~1 ms (one block, same host) to seconds (long prompts, slow links).
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    """The metric families a worker updates; labelled by worker id and (for transfers) direction."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.kv_transfer_bytes = Counter(
+            "pdserve_kv_transfer_bytes", "KV bytes moved between workers", ["worker", "direction"], registry=r
+        )
+        self.kv_transfer_seconds = Histogram(
+            "pdserve_kv_transfer_seconds",
+            "Time to move one request's KV",
+            ["worker", "direction"],
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer_failures = Counter(
+            "pdserve_kv_transfer_failures",
+            "KV transfers that failed or timed out",
+            ["worker", "direction"],
+            registry=r,
+        )
+        self.role_switches = Counter(
+            "pdserve_role_switches",
+            "Role changes of this worker",
+            ["worker", "from_role", "to_role"],
+            registry=r,
+        )
+        self.role = Gauge(
+            "pdserve_worker_role", "1 for the worker's current role", ["worker", "role"], registry=r
+        )
+        self.requests_waiting = Gauge("pdserve_requests_waiting", "Requests queued", ["worker"], registry=r)
+        self.requests_running = Gauge(
+            "pdserve_requests_running", "Requests in the batch", ["worker"], registry=r
+        )
+        self.pending_sends = Gauge(
+            "pdserve_kv_pending_sends", "Prefilled requests whose KV has not left", ["worker"], registry=r
+        )
+        self.kv_blocks_free = Gauge(
+            "pdserve_kv_blocks_free", "Free KV blocks (incl. evictable)", ["worker"], registry=r
+        )
+        self.kv_blocks_total = Gauge(
+            "pdserve_kv_blocks_total", "KV blocks in the pool", ["worker"], registry=r
+        )
+        self.prefix_hit_tokens = Gauge(
+            "pdserve_prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache",
+            ["worker"],
+            registry=r,
+        )
+        self.prefix_queried_tokens = Gauge(
+            "pdserve_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            ["worker"],
+            registry=r,
+        )
+
+    def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
+        self.kv_transfer_bytes.labels(self.worker_id, direction).inc(nbytes)
+        self.kv_transfer_seconds.labels(self.worker_id, direction).observe(seconds)
+
+    def transfer_failed(self, direction: str) -> None:
+        self.kv_transfer_failures.labels(self.worker_id, direction).inc()
+
+    def set_role(self, old: str | None, new: str) -> None:
+        for role in ("prefill", "decode", "both"):
+            self.role.labels(self.worker_id, role).set(1 if role == new else 0)
+        if old is not None:
+            self.role_switches.labels(self.worker_id, old, new).inc()
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
