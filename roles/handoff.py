@@ -6,8 +6,9 @@ never through this coordinator. The router drives requests through `generate_dis
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from pdserve.engine import SamplingParams
@@ -51,23 +52,28 @@ async def generate_disaggregated(
     params: SamplingParams,
     channels: ChannelGenerations,
     transfer_timeout_s: float = 30.0,
+    after_prefill: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[TokenChunk]:
     """Streams a request prefilled on `prefill` and decoded on `decode`.
 
     Raises NoRoomError before any work when `decode` cannot reserve the blocks, and the
     transfer's error (after releasing both sides) when the KV does not arrive.
+    `after_prefill(request_id)` runs between the prefill and the transfer (an observer hook;
+    the fault tests use it to kill a worker at exactly that moment).
     """
     if not await decode.handle.reserve.remote(request_id, len(prompt_token_ids)):
         raise NoRoomError(f"decode worker {decode.worker_id} has no room for request {request_id}")
     try:
         result = await prefill.handle.prefill.remote(request_id, prompt_token_ids, params)
     except BaseException:
-        await decode.handle.abort.remote(request_id)
+        await release(decode, request_id)
         raise
     yield result.first
     if result.handoff is None:
-        await decode.handle.abort.remote(request_id)  # returns the reservation
+        await release(decode, request_id)  # returns the reservation
         return
+    if after_prefill is not None:
+        await after_prefill(request_id)
     channel = channels.channel(prefill, decode)
     sent = prefill.handle.send_kv.remote(request_id, channel, transfer_timeout_s)
     stream = decode.handle.decode.remote(request_id, result.handoff, channel, transfer_timeout_s)
@@ -77,6 +83,12 @@ async def generate_disaggregated(
         await sent
     except BaseException:
         channels.failed(channel)
-        await prefill.handle.drop_kv.remote(request_id)
-        await decode.handle.abort.remote(request_id)
+        await release(prefill, request_id)
+        await release(decode, request_id)
         raise
+
+
+async def release(worker: WorkerRef, request_id: str) -> None:
+    """Frees whatever `worker` holds for the request; a dead worker holds nothing any more."""
+    with contextlib.suppress(Exception):
+        await worker.handle.abort.remote(request_id)

@@ -74,6 +74,7 @@ class WorkerLoad:
     num_pending_sends: int  # prefilled requests whose KV has not left yet
     kv_blocks_total: int
     kv_blocks_free: int
+    block_size: int
     waiting_prefill_tokens: int
     last_step_seconds: float
     draining: bool

@@ -92,6 +92,7 @@ class Worker:
             num_pending_sends=len(self._outbox),
             kv_blocks_total=stats.kv_blocks_total,
             kv_blocks_free=stats.kv_blocks_free,
+            block_size=self._engine_config.block_size,
             waiting_prefill_tokens=stats.waiting_prefill_tokens,
             last_step_seconds=stats.last_step_seconds,
             draining=self._draining,
@@ -187,10 +188,6 @@ class Worker:
             raise
         self.metrics.transfer("send", nbytes, time.perf_counter() - start)
         return nbytes
-
-    async def drop_kv(self, request_id: str) -> bool:
-        """Forgets a prefilled request's KV that will not be sent (the request moved elsewhere)."""
-        return self._outbox.pop(request_id, None) is not None
 
     # ------------------------------------------------------------------ decode
 

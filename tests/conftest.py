@@ -104,3 +104,20 @@ def moe_checkpoint(tmp_path_factory) -> Path:
 def dense_checkpoint(tmp_path_factory) -> Path:
     """Tiny Ernie4_5ForCausalLM with a tokenizer."""
     return make_checkpoint(tmp_path_factory.mktemp("dense"), moe=False, tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray instance for the whole test session, on loopback, sized for a 2-core machine."""
+    import ray
+
+    # More logical CPUs than cores: test actors mostly wait, and each needs one CPU slot.
+    ray.init(
+        num_cpus=16,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()

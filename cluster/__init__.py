@@ -1,0 +1,1 @@
+"""The controller: starts and watches the workers, restarts dead ones, reports their load."""

@@ -1,0 +1,173 @@
+"""The `Controller` Ray actor: the worker pool, its health, and what the router asks about it.
+
+It starts the configured workers, polls each one's load every `heartbeat_interval_s` (the poll
+is the heartbeat), declares a worker dead when it errors or misses `heartbeat_timeout_s`, kills
+what is left of it and starts a replacement under a new worker id, so KV channels and prefix
+index entries of the old incarnation are never mistaken for the new one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from pdserve.engine import EngineConfig
+from pdserve.roles.kv_transfer import Endpoint
+from pdserve.roles.messages import ROLES, WorkerLoad
+from pdserve.roles.worker import start_worker
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "pdserve-controller"
+
+
+@dataclass
+class ControllerConfig:
+    """What to run: the engine every worker hosts and how many workers of each role."""
+
+    engine: EngineConfig
+    prefill: int = 1
+    decode: int = 1
+    both: int = 0
+    kv_backend: str | None = None  # None: nccl on GPUs, gloo otherwise
+    worker_num_cpus: float = 1
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0  # a step of a big batch must not look like death
+    restart_dead: bool = True
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            if getattr(self, role) < 0:
+                raise ValueError(f"{role} must be >= 0 workers, got {getattr(self, role)}")
+        if self.prefill + self.decode + self.both == 0:
+            raise ValueError("start at least one worker (--prefill, --decode or --both)")
+        if (self.prefill == 0) != (self.decode == 0):
+            raise ValueError("prefill and decode workers come together; use --both N for colocated serving")
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
+
+
+@dataclass
+class WorkerInfo:
+    """One worker as the controller sees it."""
+
+    worker_id: str
+    slot: str  # stable name of the position in the pool ("decode-0"); ids change on restart
+    role: str
+    handle: object
+    endpoint: Endpoint
+    load: WorkerLoad | None = None
+    alive: bool = True
+    restarts: int = 0
+    last_heartbeat: float = field(default_factory=time.monotonic)
+
+
+class Controller:
+    """Owns the workers; wrap with `ray.remote` (see `start_controller`)."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self._workers: dict[str, WorkerInfo] = {}  # by slot
+        self._heartbeat: asyncio.Task | None = None
+        self._started = False
+
+    async def start(self) -> list[WorkerInfo]:
+        """Starts every worker and waits until each has loaded its model."""
+        if not self._started:
+            slots = [(f"{role}-{i}", role) for role in ROLES for i in range(getattr(self.config, role))]
+            infos = await asyncio.gather(*(self._launch(slot, role, 0) for slot, role in slots))
+            self._workers = {info.slot: info for info in infos}
+            await asyncio.gather(*(self._check(w) for w in infos))  # so the first answer has loads
+            self._started = True
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        return await self.workers()
+
+    async def workers(self, role: str | None = None) -> list[WorkerInfo]:
+        """Live workers (optionally of one role) with their latest load."""
+        return [w for w in self._workers.values() if w.alive and (role is None or w.role == role)]
+
+    async def set_role(self, worker_id: str, role: str) -> str:
+        """Switches a worker's role (after it drains)."""
+        info = self._by_id(worker_id)
+        await info.handle.set_role.remote(role)
+        info.role = role
+        return role
+
+    async def report_failure(self, worker_id: str) -> None:
+        """The router saw a call to this worker fail: check it now instead of at the next beat."""
+        info = next((w for w in self._workers.values() if w.worker_id == worker_id), None)
+        if info is not None and info.alive:
+            await self._check(info)
+
+    async def shutdown(self) -> None:
+        """Stops the heartbeat and kills every worker."""
+        import ray
+
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for info in self._workers.values():
+            ray.kill(info.handle)
+            info.alive = False
+
+    # ------------------------------------------------------------------ internals
+
+    def _by_id(self, worker_id: str) -> WorkerInfo:
+        for info in self._workers.values():
+            if info.worker_id == worker_id and info.alive:
+                return info
+        raise KeyError(f"no live worker {worker_id!r}")
+
+    async def _launch(self, slot: str, role: str, restarts: int) -> WorkerInfo:
+        worker_id = slot if restarts == 0 else f"{slot}.r{restarts}"
+        handle = start_worker(
+            worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus
+        )
+        endpoint = await handle.ready.remote()
+        log.info("worker %s up as %s", worker_id, role)
+        return WorkerInfo(worker_id, slot, role, handle, endpoint, restarts=restarts)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(w) for w in list(self._workers.values()) if w.alive))
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def _check(self, info: WorkerInfo) -> None:
+        try:
+            info.load = await asyncio.wait_for(info.handle.load.remote(), self.config.heartbeat_timeout_s)
+            info.last_heartbeat = time.monotonic()
+            return
+        except asyncio.TimeoutError:
+            why = f"no heartbeat for {self.config.heartbeat_timeout_s} s"
+        except Exception as e:  # RayActorError and friends: the process is gone
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+        if not info.alive:
+            return
+        info.alive = False
+        log.warning("worker %s is dead (%s)", info.worker_id, why)
+        await self._replace(info)
+
+    async def _replace(self, dead: WorkerInfo) -> None:
+        import ray
+
+        ray.kill(dead.handle)  # a hung worker must not come back half-alive
+        if not self.config.restart_dead:
+            return
+        try:
+            fresh = await self._launch(dead.slot, dead.role, dead.restarts + 1)
+        except Exception:
+            log.exception("restarting %s failed; will retry at the next heartbeat", dead.slot)
+            self._workers[dead.slot] = replace(dead, alive=True, restarts=dead.restarts + 1)
+            return
+        self._workers[dead.slot] = fresh
+
+
+def start_controller(config: ControllerConfig, name: str = CONTROLLER_NAME, detached: bool = False):
+    """Starts the controller actor (named, so the router and `pdserve status` can find it)."""
+    import ray
+
+    options = {"name": name, "max_concurrency": 1000, "num_cpus": 0}
+    if detached:
+        options["lifetime"] = "detached"
+    return ray.remote(Controller).options(**options).remote(config)

@@ -1,0 +1,49 @@
+"""Least-load placement over the controller's live workers: the baseline `Placement`.
+
+The router's cache-aware policies build on the same interface; this one needs nothing but
+the controller, so the cluster can serve (and its fault handling can be tested) without it.
+"""
+
+from __future__ import annotations
+
+from pdserve.roles.handoff import WorkerRef
+from pdserve.roles.request_runner import Route
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker of a needed role."""
+
+
+class ControllerPlacement:
+    """Chooses the least-loaded prefill worker and the decode worker with the most free blocks."""
+
+    def __init__(self, controller) -> None:
+        self.controller = controller  # ActorHandle of a Controller
+
+    async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
+        workers = await self.controller.workers.remote()
+        prefills = _prefer_not(avoid, [w for w in workers if w.role == "prefill"])
+        decodes = _prefer_not(avoid, [w for w in workers if w.role == "decode"])
+        boths = _prefer_not(avoid, [w for w in workers if w.role == "both"])
+        if prefills and decodes:
+            p = min(prefills, key=lambda w: (w.load.waiting_prefill_tokens if w.load else 0, w.worker_id))
+            d = max(decodes, key=lambda w: (w.load.kv_blocks_free if w.load else 0, w.worker_id))
+            return Route(_ref(p), _ref(d))
+        if boths:
+            b = min(
+                boths, key=lambda w: (w.load.num_running + w.load.num_waiting if w.load else 0, w.worker_id)
+            )
+            return Route(None, _ref(b))
+        raise NoWorkerError("no live prefill+decode pair and no 'both' worker; check `pdserve status`")
+
+    async def failed(self, worker_id: str) -> None:
+        await self.controller.report_failure.remote(worker_id)
+
+
+def _prefer_not(avoid: set[str], workers: list) -> list:
+    """Workers not in `avoid`, or all of them when every one is to be avoided."""
+    return [w for w in workers if w.worker_id not in avoid] or workers
+
+
+def _ref(info) -> WorkerRef:
+    return WorkerRef(info.worker_id, info.handle, info.endpoint)

@@ -1,0 +1,167 @@
+"""Runs one request to completion across worker failures.
+
+The runner asks a `Placement` for workers, streams the request through them (disaggregated,
+or colocated on a `both` worker), and when a worker dies or a transfer fails it continues on
+other workers from the prompt plus the tokens already streamed, so the caller sees every
+token exactly once. A new attempt gets a new engine request id (`<id>~<attempt>`) because the
+failed attempt may still linger on a surviving worker until its cleanup lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from pdserve.engine import SamplingParams
+from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated
+from pdserve.roles.messages import TokenChunk
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed: no room in time, or too many failed attempts."""
+
+
+@dataclass
+class Route:
+    """Where one attempt runs: `prefill` None means colocated on `decode` (a `both` worker)."""
+
+    prefill: WorkerRef | None
+    decode: WorkerRef
+
+
+class Placement(Protocol):
+    """Chooses workers for a request (the router's policies implement this)."""
+
+    async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
+        """A route avoiding the worker ids in `avoid` where possible; raises when none is alive."""
+        ...
+
+    async def failed(self, worker_id: str) -> None:
+        """A call to this worker failed; the controller should check it now."""
+        ...
+
+
+@dataclass
+class RunnerConfig:
+    """Limits on retrying: how many continuations after failures, how long to wait for room."""
+
+    max_migrations: int = 3
+    transfer_timeout_s: float = 30.0
+    admission_timeout_s: float = 30.0  # waiting for a decode worker with free blocks
+    admission_poll_s: float = 0.05
+
+
+class RequestRunner:
+    """Streams requests through the cluster, continuing them elsewhere when workers fail."""
+
+    def __init__(self, placement: Placement, config: RunnerConfig | None = None) -> None:
+        self.placement = placement
+        self.config = config or RunnerConfig()
+        self.channels = ChannelGenerations()
+        self.after_prefill: Callable[[str], Awaitable[None]] | None = None
+
+    async def run(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenChunk]:
+        """Yields the request's chunks, each token once, whatever fails underneath."""
+        emitted: list[int] = []
+        avoid: set[str] = set()
+        cached: int | None = None
+        for attempt in range(self.config.max_migrations + 1):
+            prompt = prompt_token_ids + emitted
+            attempt_params = _remaining(params, len(emitted))
+            engine_id = request_id if attempt == 0 else f"{request_id}~{attempt}"
+            route = await self._admit(engine_id, prompt, attempt_params, avoid)
+            try:
+                async for chunk in self._attempt(route, engine_id, prompt, attempt_params):
+                    emitted += chunk.token_ids
+                    cached = chunk.num_cached_tokens if cached is None else cached
+                    yield replace(
+                        chunk,
+                        request_id=request_id,
+                        num_prompt_tokens=len(prompt_token_ids),
+                        num_cached_tokens=cached,
+                    )
+                    if chunk.finished:
+                        return
+                return
+            except NoRoomError:
+                continue  # lost a race for the reserved room: choose again
+            except Exception as e:
+                failed = await self._failed_workers(route)
+                avoid |= failed or {route.decode.worker_id}
+                log.warning(
+                    "request %s attempt %d failed after %d tokens (%s); dead workers: %s",
+                    request_id,
+                    attempt,
+                    len(emitted),
+                    str(e).splitlines()[0][:200],
+                    sorted(failed) or "none",
+                )
+        raise RequestFailed(
+            f"request {request_id} failed {self.config.max_migrations + 1} times; giving up "
+            f"after {len(emitted)} tokens (raise max_migrations to keep trying)"
+        )
+
+    def _attempt(self, route: Route, engine_id: str, prompt: list[int], params: SamplingParams):
+        if route.prefill is None:
+            return _colocated(route.decode, engine_id, prompt, params)
+        return generate_disaggregated(
+            route.prefill,
+            route.decode,
+            engine_id,
+            prompt,
+            params,
+            self.channels,
+            self.config.transfer_timeout_s,
+            self.after_prefill,
+        )
+
+    async def _admit(
+        self, engine_id: str, prompt: list[int], params: SamplingParams, avoid: set[str]
+    ) -> Route:
+        """A route whose decode side has room for the prompt; waits (bounded) while none has."""
+        deadline = asyncio.get_running_loop().time() + self.config.admission_timeout_s
+        while True:
+            route = await self.placement.choose(prompt, avoid)
+            load = await route.decode.handle.load.remote()
+            # Colocated runs allocate as they go; disaggregated ones need the prompt's blocks now.
+            if route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1:
+                return route
+            if asyncio.get_running_loop().time() > deadline:
+                raise RequestFailed(
+                    f"request {engine_id}: no decode worker had room for {len(prompt)} prompt tokens within "
+                    f"{self.config.admission_timeout_s} s; retry later or add decode workers"
+                )
+            await asyncio.sleep(self.config.admission_poll_s)
+
+    async def _failed_workers(self, route: Route) -> set[str]:
+        """Which of the route's workers no longer answer (and tells the placement about them)."""
+        dead = set()
+        for ref in (route.prefill, route.decode):
+            if ref is None:
+                continue
+            try:
+                await asyncio.wait_for(ref.handle.load.remote(), 5.0)
+            except Exception:
+                dead.add(ref.worker_id)
+                await self.placement.failed(ref.worker_id)
+        return dead
+
+
+async def _colocated(worker: WorkerRef, engine_id: str, prompt: list[int], params: SamplingParams):
+    async for ref in worker.handle.generate.remote(engine_id, prompt, params):
+        yield await ref
+
+
+def _remaining(params: SamplingParams, done: int) -> SamplingParams:
+    """The params for continuing after `done` tokens were already emitted."""
+    if done == 0:
+        return params
+    max_tokens = None if params.max_tokens is None else params.max_tokens - done
+    return replace(params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - done))
