@@ -2,7 +2,9 @@
 
 Two spawned processes play the prefill (sender) and decode (receiver) workers and use the
 same `KVTransport` the workers use; beside each size, an in-process torch copy of the same
-bytes gives the machine's own ceiling, measured in the same run.
+bytes gives the machine's own ceiling, measured in the same run. `end_to_end_ms` adds the
+gather of the request's scattered blocks out of the sender's KV pool and their scatter into
+the receiver's, as the workers' export and import do.
 """
 
 from __future__ import annotations
@@ -53,17 +55,27 @@ def _peer(rank: int, args: KVTransferBenchArgs, conn) -> None:
     conn.send(transport.endpoint)
     sender, receiver = conn.recv()
     channel = Channel(sender, receiver)
-    times: dict[int, list[float]] = {}
+    # A worker's KV pool: the request's blocks are scattered in it, as after real traffic.
+    pool = _tensor(args, 2 * max(args.blocks), device)
+    times: dict[int, dict[str, list[float]]] = {}
     for blocks in args.blocks:
+        ids = torch.randperm(pool.shape[2], generator=torch.Generator().manual_seed(rank))[:blocks].to(device)
         t = _tensor(args, blocks, device)
         for i in range(args.repeats + 1):
-            start = time.perf_counter()
+            marks = [time.perf_counter()]
             if rank == 0:
+                t = pool.index_select(2, ids)  # what the prefill worker's export does
+                marks.append(time.perf_counter())
                 transport.send(channel, t, 60.0)
             else:
                 transport.recv(channel, t, 60.0)
+                marks.append(time.perf_counter())
+                pool.index_copy_(2, ids, t)  # what the decode worker's import does
+            marks.append(time.perf_counter())
             if i:  # the first round builds the communicator
-                times.setdefault(blocks, []).append(time.perf_counter() - start)
+                phase = ("gather", "send") if rank == 0 else ("recv", "scatter")
+                for name, a, b in zip(phase, marks, marks[1:]):
+                    times.setdefault(blocks, {}).setdefault(name, []).append(b - a)
     conn.send(times)
 
 
@@ -94,7 +106,7 @@ def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None)
             local[blocks] = _local_copy(args, blocks)
             bar.update()
         received = pipes[1][0].recv()
-        pipes[0][0].recv()
+        sent = pipes[0][0].recv()
     for p in procs:
         p.join()
     element = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
@@ -102,8 +114,12 @@ def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None)
     table = []
     for blocks in args.blocks:
         nbytes = per_block * blocks
-        t_med = statistics.median(received[blocks])
+        t_med = statistics.median(received[blocks]["recv"])
         c_med = statistics.median(local[blocks])
+        # The receive waits for the send, so gather + receive + scatter spans the whole move.
+        e2e = (
+            statistics.median(sent[blocks]["gather"]) + t_med + statistics.median(received[blocks]["scatter"])
+        )
         table.append(
             {
                 "blocks": blocks,
@@ -114,6 +130,7 @@ def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None)
                 "local_copy_ms": round(c_med * 1e3, 3),
                 "local_copy_gb_s": round(nbytes / c_med / 1e9, 3),
                 "ratio_to_local": round(c_med / t_med, 3),
+                "end_to_end_ms": round(e2e * 1e3, 3),
             }
         )
     doc = {"benchmark": "kv-transfer", "args": asdict(args), "bytes_per_block": per_block, "results": table}
@@ -125,7 +142,7 @@ def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None)
         print(
             f"{r['blocks']:>6} {r['tokens']:>7} {r['mb']:>8.2f} {r['transfer_ms']:>8.2f} "
             f"{r['transfer_gb_s']:>6.2f} {r['local_copy_ms']:>8.2f} {r['local_copy_gb_s']:>6.2f} "
-            f"{r['ratio_to_local']:>6.2f}"
+            f"{r['ratio_to_local']:>6.2f} {r['end_to_end_ms']:>7.2f}"
         )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

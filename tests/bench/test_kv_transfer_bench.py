@@ -20,6 +20,7 @@ def test_bench_moves_the_bytes_and_writes_json(tmp_path, capsys):
     assert doc["bytes_per_block"] == per_block
     assert [r["blocks"] for r in doc["results"]] == [1, 3]
     assert all(r["transfer_ms"] > 0 and r["local_copy_ms"] > 0 for r in doc["results"])
+    assert all(r["end_to_end_ms"] >= r["transfer_ms"] for r in doc["results"])
     assert "ratio" in capsys.readouterr().out
 
 
