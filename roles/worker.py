@@ -20,6 +20,7 @@ from dataclasses import fields
 import torch
 
 from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
+from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
 from pdserve.roles.messages import ROLES, Handoff, PrefillResult, TokenChunk, WorkerLoad
@@ -54,12 +55,13 @@ class Worker:
         self._transport = None
         self._outbox: dict[str, KVPayload] = {}
         self.metrics = WorkerMetrics(worker_id)
+        self._cache_events = CacheEventLog(worker_id)
         self.metrics.set_role(None, role)
 
     async def _engine(self) -> EngineLoop:
         # Built on first use, inside the actor's event loop that EngineLoop posts results to.
         if self._loop is None:
-            engine = Engine(self._engine_config)
+            engine = Engine(self._engine_config, on_cache_event=self._cache_events.record)
             self._loop = EngineLoop(engine, asyncio.get_running_loop())
             self._transport = make_transport(self._kv_backend, self.worker_id, self._host)
         return self._loop
@@ -233,6 +235,17 @@ class Worker:
                 await loop.call(lambda e: e.abort(request_id))
 
     # ------------------------------------------------------------------ any role
+
+    async def cache_events(self, after: int) -> CacheEventBatch:
+        """Prefix-cache changes after sequence number `after`, or a full snapshot when those are gone."""
+        batch = self._cache_events.since(after)
+        if batch is not None:
+            return batch
+        loop = await self._engine()
+        # Read the sequence number first: changes racing the snapshot are re-sent next time.
+        seq = self._cache_events.seq
+        hashes = await loop.call(lambda e: e.cached_block_hashes())
+        return CacheEventBatch(self.worker_id, seq, snapshot=hashes)
 
     async def metrics_text(self) -> str:
         """This worker's Prometheus metrics, text exposition format (gauges refreshed now)."""

@@ -1,0 +1,1 @@
+"""The gRPC router: request placement policies, the prefix cache index, streaming results back."""
