@@ -24,5 +24,5 @@ def test_a_reader_behind_the_kept_tail_is_told_to_take_a_snapshot():
     for h in range(5):
         log.record(KVCacheEvent(stored=[h]))
     assert log.since(0) is None  # events 1..3 are gone
-    assert log.since(3).stored == [4]
+    assert log.since(3).stored == [3, 4]  # events 4 and 5 stored hashes 3 and 4
     assert log.since(9) is None  # from another incarnation
