@@ -88,6 +88,10 @@ class Controller:
         """Live workers (optionally of one role) with their latest load."""
         return [w for w in self._workers.values() if w.alive and (role is None or w.role == role)]
 
+    async def engine_config(self) -> EngineConfig:
+        """The engine every worker hosts (the router hashes prompts with its block size)."""
+        return self.config.engine
+
     async def set_role(self, worker_id: str, role: str) -> str:
         """Switches a worker's role (after it drains)."""
         info = self._by_id(worker_id)

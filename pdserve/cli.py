@@ -152,6 +152,43 @@ def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import ray
+
+    from pdserve.cluster.controller import CONTROLLER_NAME
+    from pdserve.router.server import RouterConfig, start_router
+
+    config = RouterConfig(host=args.host, port=args.port, policy=args.policy, redis_url=args.redis_url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise ValueError(
+            f"cannot join Ray at {args.address!r} ({e}); start the cluster first or fix --address"
+        ) from None
+    try:
+        controller = ray.get_actor(args.controller or CONTROLLER_NAME)
+    except ValueError:
+        raise ValueError(
+            f"no controller actor named {args.controller or CONTROLLER_NAME!r}; is the cluster up?"
+        ) from None
+
+    async def serve() -> None:
+        router = await start_router(controller, config)
+        if args.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(args.metrics_port, addr=args.host, registry=router.service.metrics.registry)
+        print(f"pdserve router listening on {config.host}:{router.port} (policy {config.policy})", flush=True)
+        await router.server.wait_for_termination()
+
+    asyncio.run(serve())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_cmd_generate)
+
+    router = sub.add_parser("router", help="run the gRPC router standalone (joins a running cluster)")
+    router.add_argument("--address", default="auto", help="Ray address of the running cluster")
+    router.add_argument("--namespace", default="pdserve", help="Ray namespace the controller lives in")
+    router.add_argument("--controller", default=None, help="controller actor name")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=50051)
+    router.add_argument(
+        "--policy", default="cache_aware", help="round_robin | least_load | power_of_two | cache_aware"
+    )
+    router.add_argument("--redis-url", default=None, help="share the prefix index through Redis")
+    router.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here")
+    router.set_defaults(func=_cmd_router)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_sub = bench.add_subparsers(dest="suite", required=True)

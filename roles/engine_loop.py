@@ -50,6 +50,12 @@ class EngineLoop:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
+    def end_stream(self, request_id: str) -> None:
+        """Ends an open stream with an "abort" delta (the request was aborted, so no more come)."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(RequestDelta(request_id, [], "", None, True, "abort", None, 0, 0))
+
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=5)

@@ -6,6 +6,7 @@ never through this coordinator. The router drives requests through `generate_dis
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,29 +67,44 @@ async def generate_disaggregated(
     try:
         result = await prefill.handle.prefill.remote(request_id, prompt_token_ids, params)
     except BaseException:
-        await release(decode, request_id)
+        await release(request_id, decode, prefill)
         raise
-    yield result.first
-    if result.handoff is None:
-        await release(decode, request_id)  # returns the reservation
+    if result.handoff is None:  # finished on its first token: return the reservation first
+        await release(request_id, decode)
+        yield result.first
         return
+    yield result.first
     if after_prefill is not None:
         await after_prefill(request_id)
     channel = channels.channel(prefill, decode)
     sent = prefill.handle.send_kv.remote(request_id, channel, transfer_timeout_s)
     stream = decode.handle.decode.remote(request_id, result.handoff, channel, transfer_timeout_s)
+    finished = False
     try:
         async for ref in stream:
-            yield await ref
+            chunk = await ref
+            finished = chunk.finished
+            yield chunk
         await sent
-    except BaseException:
+    except (Exception, asyncio.CancelledError):
         channels.failed(channel)
-        await release(prefill, request_id)
-        await release(decode, request_id)
+        await release(request_id, prefill, decode)
+        raise
+    except GeneratorExit:
+        # The consumer stopped reading; after the last chunk there is nothing left to free.
+        if not finished:
+            for worker in (prefill, decode):
+                worker.handle.abort.remote(request_id)
         raise
 
 
-async def release(worker: WorkerRef, request_id: str) -> None:
-    """Frees whatever `worker` holds for the request; a dead worker holds nothing any more."""
-    with contextlib.suppress(Exception):
-        await worker.handle.abort.remote(request_id)
+async def release(request_id: str, *workers: WorkerRef) -> None:
+    """Frees whatever the workers hold for the request; a dead worker holds nothing any more.
+
+    Every abort is submitted before the first is awaited, so a second cancellation arriving
+    while we wait (a client hanging up during cleanup) cannot keep one of them from happening.
+    """
+    refs = [w.handle.abort.remote(request_id) for w in workers]
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            await ref

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pdserve.engine import SamplingParams
-from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated
+from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated, release
 from pdserve.roles.messages import TokenChunk
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class RequestRunner:
             attempt_params = _remaining(params, len(emitted))
             engine_id = request_id if attempt == 0 else f"{request_id}~{attempt}"
             route = await self._admit(engine_id, prompt, attempt_params, avoid)
+            stream = self._attempt(route, engine_id, prompt, attempt_params)
             try:
-                async for chunk in self._attempt(route, engine_id, prompt, attempt_params):
+                async for chunk in stream:
                     emitted += chunk.token_ids
                     cached = chunk.num_cached_tokens if cached is None else cached
                     yield replace(
@@ -103,6 +104,8 @@ class RequestRunner:
                     str(e).splitlines()[0][:200],
                     sorted(failed) or "none",
                 )
+            finally:
+                await stream.aclose()  # runs the attempt's own cleanup now, not at garbage collection
         raise RequestFailed(
             f"request {request_id} failed {self.config.max_migrations + 1} times; giving up "
             f"after {len(emitted)} tokens (raise max_migrations to keep trying)"
@@ -155,8 +158,15 @@ class RequestRunner:
 
 
 async def _colocated(worker: WorkerRef, engine_id: str, prompt: list[int], params: SamplingParams):
-    async for ref in worker.handle.generate.remote(engine_id, prompt, params):
-        yield await ref
+    finished = False
+    try:
+        async for ref in worker.handle.generate.remote(engine_id, prompt, params):
+            chunk = await ref
+            finished = chunk.finished
+            yield chunk
+    finally:
+        if not finished:  # cancelled or failed: free what the worker holds
+            await release(engine_id, worker)
 
 
 def _remaining(params: SamplingParams, done: int) -> SamplingParams:

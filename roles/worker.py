@@ -256,7 +256,9 @@ class Worker:
         """Stops a request and frees its blocks, its reservation or its outbox entry."""
         dropped = self._outbox.pop(request_id, None) is not None
         loop = await self._engine()
-        return await loop.call(lambda e: e.abort(request_id)) or dropped
+        found = await loop.call(lambda e: e.abort(request_id))
+        loop.end_stream(request_id)  # a stream still open on it ends instead of waiting forever
+        return found or dropped
 
     def _admit(self, needed: str) -> None:
         if self._draining:

@@ -1,0 +1,323 @@
+"""The router's gRPC service: validates requests, places them, streams their tokens back.
+
+Status codes: INVALID_ARGUMENT names the bad field; RESOURCE_EXHAUSTED when the router's
+in-flight limit is reached or no decode worker has room in time; UNAVAILABLE when no worker of
+a needed role is alive (or every attempt failed); DEADLINE_EXCEEDED at the client's deadline.
+A cancelled client stream, or an `Abort`, releases the request on its workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve.cluster.placement import NoWorkerError
+from pdserve.engine import SamplingParams
+from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.roles.messages import TokenChunk
+from pdserve.roles.request_runner import RequestFailed, RequestRunner, RunnerConfig
+from pdserve.router.cluster_view import ClusterView
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.placement import RouterPlacement
+from pdserve.router.policies import make_policy
+from pdserve.router.prefix_index import make_prefix_index
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+_DONE = object()
+
+
+@dataclass
+class RouterConfig:
+    """How the router runs (the same names as `pdserve router` flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: str = "cache_aware"
+    redis_url: str | None = None
+    max_in_flight: int = 1024
+    view_interval_s: float = 0.1
+    runner: RunnerConfig | None = None
+
+    def __post_init__(self) -> None:
+        make_policy(self.policy)  # ValueError naming the allowed policies
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+
+
+class InvalidRequest(ValueError):
+    """A request field is wrong; the message names it."""
+
+
+def to_sampling_params(p: pdserve_pb2.SamplingParams) -> SamplingParams:
+    """The engine's params from the wire's (unset optionals keep the engine defaults)."""
+    kwargs = {}
+    for name in (
+        "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "logprobs", "skip_special_tokens",
+    ):  # fmt: skip
+        if p.HasField(name):
+            kwargs[name] = getattr(p, name)
+    try:
+        return SamplingParams(
+            min_tokens=p.min_tokens,
+            stop=list(p.stop) or None,
+            stop_token_ids=list(p.stop_token_ids) or None,
+            ignore_eos=p.ignore_eos,
+            include_stop_str_in_output=p.include_stop_str_in_output,
+            **kwargs,
+        )
+    except ValueError as e:
+        raise InvalidRequest(f"sampling: {e}") from e
+
+
+def to_chunk(chunk: TokenChunk) -> pdserve_pb2.GenerateChunk:
+    out = pdserve_pb2.GenerateChunk(
+        request_id=chunk.request_id,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        finished=chunk.finished,
+        finish_reason=chunk.finish_reason or "",
+        stop_reason="" if chunk.stop_reason is None else str(chunk.stop_reason),
+    )
+    for lp in chunk.logprobs or []:
+        out.logprobs.append(_token_logprob(lp))
+    return out
+
+
+def _token_logprob(lp) -> pdserve_pb2.TokenLogprob:
+    msg = pdserve_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank)
+    for rank, (token_id, logprob) in enumerate(lp.top, start=1):
+        msg.top.append(pdserve_pb2.TopLogprob(token_id=token_id, logprob=logprob, rank=rank))
+    return msg
+
+
+class RouterService(pdserve_pb2_grpc.RouterServicer):
+    """Generate / Abort / ClusterState over a `RequestRunner` and a `ClusterView`."""
+
+    def __init__(
+        self,
+        runner: RequestRunner,
+        view: ClusterView,
+        metrics: RouterMetrics,
+        config: RouterConfig,
+        model: str,
+        vocab_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.runner = runner
+        self.view = view
+        self.metrics = metrics
+        self.config = config
+        self.model = model
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self._in_flight: dict[str, asyncio.Task] = {}
+
+    def _validate(self, request: pdserve_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise InvalidRequest("prompt_token_ids is empty; send at least one token id")
+        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"prompt_token_ids[{bad}] = {prompt[bad]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt_token_ids has {len(prompt)} tokens; the context window is {self.max_model_len}"
+            )
+        params = to_sampling_params(request.sampling)
+        if params.n != 1:
+            raise InvalidRequest("sampling.n must be 1 per Generate call")
+        return prompt, params
+
+    async def Generate(self, request, context):
+        rid = request.request_id or uuid.uuid4().hex
+        policy = self.config.policy
+        try:
+            prompt, params = self._validate(request)
+        except InvalidRequest as e:
+            self.metrics.requests.labels(policy, "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if rid in self._in_flight:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already in flight")
+        if len(self._in_flight) >= self.config.max_in_flight:
+            self.metrics.requests.labels(policy, "overloaded").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"router has {len(self._in_flight)} requests in flight (max_in_flight); retry later",
+            )
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            chunks = self.runner.run(rid, prompt, params)
+            try:
+                async for chunk in chunks:
+                    queue.put_nowait(chunk)
+                queue.put_nowait(_DONE)
+            except asyncio.CancelledError:
+                queue.put_nowait(asyncio.CancelledError())
+                raise
+            except Exception as e:
+                queue.put_nowait(e)
+            finally:
+                await chunks.aclose()  # releases the request on its workers now, not at garbage collection
+
+        task = asyncio.get_running_loop().create_task(pump())
+        self._in_flight[rid] = task
+        self.metrics.in_flight.set(len(self._in_flight))
+        emitted, cached, outcome = 0, 0, "error"
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    outcome = "deadline"
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid} passed its deadline"
+                    )
+                if item is _DONE:
+                    outcome = "ok"
+                    return
+                if isinstance(item, asyncio.CancelledError):  # Abort RPC
+                    outcome = "aborted"
+                    yield pdserve_pb2.GenerateChunk(
+                        request_id=rid, finished=True, finish_reason="abort",
+                        usage=pdserve_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=emitted, cached_tokens=cached),
+                    )  # fmt: skip
+                    return
+                if isinstance(item, Exception):
+                    outcome = await self._fail(item, rid, context)
+                    return
+                msg = to_chunk(item)
+                emitted += len(item.token_ids)
+                cached = item.num_cached_tokens
+                if item.finished:
+                    msg.usage.CopyFrom(
+                        pdserve_pb2.Usage(
+                            prompt_tokens=len(prompt), completion_tokens=emitted, cached_tokens=cached
+                        )
+                    )
+                yield msg
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._in_flight.pop(rid, None)
+            self.metrics.in_flight.set(len(self._in_flight))
+            self.metrics.requests.labels(policy, outcome).inc()
+
+    async def _fail(self, error: Exception, rid: str, context) -> str:
+        if isinstance(error, NoWorkerError):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        if isinstance(error, RequestFailed) and "no decode worker had room" in str(error):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        log.warning("request %s failed: %s", rid, error)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rid} failed: {error}")
+        return "error"
+
+    async def Abort(self, request, context):
+        task = self._in_flight.get(request.request_id)
+        if task is None or task.done():
+            return pdserve_pb2.AbortResponse(found=False)
+        task.cancel()
+        return pdserve_pb2.AbortResponse(found=True)
+
+    async def ClusterState(self, request, context):
+        try:
+            entries = await self.view.index.num_entries()
+        except Exception:
+            entries = -1
+        self.metrics.index_blocks.set(max(entries, 0))
+        workers = [
+            pdserve_pb2.WorkerState(
+                worker_id=w.worker_id,
+                role=w.role,
+                alive=w.alive,
+                restarts=w.restarts,
+                num_waiting=w.load.num_waiting if w.load else 0,
+                num_running=w.load.num_running if w.load else 0,
+                kv_blocks_total=w.load.kv_blocks_total if w.load else 0,
+                kv_blocks_free=w.load.kv_blocks_free if w.load else 0,
+                waiting_prefill_tokens=w.load.waiting_prefill_tokens if w.load else 0,
+                last_step_seconds=w.load.last_step_seconds if w.load else 0.0,
+            )
+            for w in self.view.workers
+        ]
+        return pdserve_pb2.ClusterStateResponse(
+            model=self.model,
+            policy=self.config.policy,
+            workers=workers,
+            index_entries=entries,
+            index_backend="redis" if self.config.redis_url else "in-process",
+            index_available=self.view.index_available,
+            requests_in_flight=len(self._in_flight),
+        )
+
+
+class Router:
+    """A running router: the gRPC server, its view of the cluster and its service."""
+
+    def __init__(self, server: grpc.aio.Server, view: ClusterView, service: RouterService, port: int) -> None:
+        self.server = server
+        self.view = view
+        self.service = service
+        self.port = port
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self.server.stop(grace_s)
+        await self.view.stop()
+        await self.view.index.close()
+
+
+async def start_router(controller, config: RouterConfig) -> Router:
+    """Builds the router over a running controller and starts serving; returns once it listens."""
+    from pdserve.engine.config import ModelConfig
+    from pdserve.engine.model_source import resolve_model
+
+    engine_config = await controller.engine_config.remote()
+    source = resolve_model(engine_config.model)
+    mc = ModelConfig.from_hf_dict({**source.hf_config, **(engine_config.hf_overrides or {})})
+    max_model_len = engine_config.max_model_len or mc.max_position_embeddings
+    metrics = RouterMetrics()
+    index = make_prefix_index(source.name, config.redis_url)
+    view = ClusterView(controller, index, config.view_interval_s)
+    await view.start()
+    placement = RouterPlacement(view, make_policy(config.policy), engine_config.block_size, metrics)
+    runner = RequestRunner(placement, config.runner)
+    service = RouterService(runner, view, metrics, config, source.name, mc.vocab_size, max_model_len)
+
+    server = grpc.aio.server()
+    pdserve_pb2_grpc.add_RouterServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port} (port in use?); pick another --port")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if asyncio.iscoroutine(result):
+            await result
+    log.info("router listening on %s:%d (policy %s)", config.host, port, config.policy)
+    return Router(server, view, service, port)

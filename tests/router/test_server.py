@@ -1,0 +1,272 @@
+"""The router end to end: a real gRPC server over real Ray workers, a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.engine import LLM, EngineConfig, SamplingParams
+from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.roles.request_runner import RunnerConfig
+from pdserve.router.server import RouterConfig, start_router
+
+BLOCKS = 96
+BLOCK = 4
+
+
+class RouterThread:
+    """A router serving from its own event loop thread, as `pdserve router` would in its process."""
+
+    def __init__(self, controller, config: RouterConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.router = self.call(start_router(controller, config))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.router.port}")
+        self.stub = pdserve_pb2_grpc.RouterStub(self.channel)
+
+    def call(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.call(self.router.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def controller(ray_session, moe_checkpoint):
+    engine = EngineConfig(
+        model=str(moe_checkpoint), dtype="float32", block_size=BLOCK, num_threads=1, progress=False,
+        kv_cache_blocks=BLOCKS,
+    )  # fmt: skip
+    handle = start_controller(
+        ControllerConfig(engine, prefill=2, decode=1), name="pdserve-controller-router-test"
+    )
+    ray_session.get(handle.start.remote())
+    yield handle
+    ray_session.get(handle.shutdown.remote())
+    ray_session.kill(handle)
+
+
+@pytest.fixture(scope="module")
+def router(controller):
+    r = RouterThread(controller, RouterConfig(port=0, runner=RunnerConfig(transfer_timeout_s=5.0)))
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(moe_checkpoint):
+    return LLM(str(moe_checkpoint), dtype="float32", block_size=BLOCK, progress=False)
+
+
+def prompts_of(lengths, seed=0, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def request(prompt, rid="", **sampling):
+    sampling.setdefault("temperature", 0.0)
+    return pdserve_pb2.GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=pdserve_pb2.SamplingParams(**sampling)
+    )
+
+
+def generate(stub, prompt, timeout=60, **kw):
+    chunks = list(stub.Generate(request(prompt, **kw), timeout=timeout))
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+def wait_idle(ray, controller, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = [ray.get(w.handle.load.remote()) for w in ray.get(controller.workers.remote())]
+        if all(
+            lo.kv_blocks_free == BLOCKS and not lo.num_running and not lo.num_pending_sends for lo in loads
+        ):
+            return
+        assert time.monotonic() < deadline, loads
+        time.sleep(0.1)
+
+
+def test_tokens_and_usage_equal_one_engine(router, reference):
+    prompt = prompts_of([13], seed=40)[0]
+    got, chunks = generate(router.stub, prompt, max_tokens=9, ignore_eos=True)
+    want = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))[0]
+    assert got == want.outputs[0].token_ids
+    last = chunks[-1]
+    assert last.finished and last.finish_reason == "length"
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (13, 9)
+    assert all(not c.HasField("usage") for c in chunks[:-1])
+
+
+def test_repeated_long_prompt_reports_the_cached_tokens_the_engine_reused(ray_session, router, controller):
+    prompt = prompts_of([41], seed=41)[0]
+    _, first = generate(router.stub, prompt, max_tokens=2)
+    time.sleep(0.5)  # the index learns of the stored blocks within a view interval
+    _, second = generate(router.stub, prompt, max_tokens=2)
+    assert first[-1].usage.cached_tokens == 0
+    # 41 tokens = 10 full blocks; the engine never reuses the block holding the last prompt token.
+    assert second[-1].usage.cached_tokens == 40
+
+
+def test_shared_system_prompt_lands_on_the_worker_that_holds_it(ray_session, router, controller):
+    system = prompts_of([48], seed=42)[0]
+    generate(router.stub, [*system, 7], max_tokens=1)
+    time.sleep(0.5)
+    tails = prompts_of([5, 6, 7, 8], seed=43)
+    cached = [generate(router.stub, system + t, max_tokens=2)[1][-1].usage.cached_tokens for t in tails]
+    # Only the worker holding the system prompt can report its 48 tokens as cached.
+    assert cached == [48, 48, 48, 48]
+    wait_idle(ray_session, controller)  # incl. the reservation of the request that ended on its first token
+
+
+def test_invalid_arguments_name_the_field(router):
+    cases = [
+        (request([]), "prompt_token_ids is empty"),
+        (request([3, 100000, 4]), "prompt_token_ids[1] = 100000"),
+        (request([3, 4], temperature=-1.0), "temperature"),
+        (request([3, 4], top_p=2.0), "top_p"),
+    ]
+    for req, needle in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.stub.Generate(req, timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in err.value.details()
+
+
+def test_deadline_exceeded_and_blocks_freed(ray_session, router, controller):
+    prompt = prompts_of([10], seed=44)[0]
+    with pytest.raises(grpc.RpcError) as err:
+        list(router.stub.Generate(request(prompt, max_tokens=3000, ignore_eos=True), timeout=1.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(ray_session, controller)
+
+
+def test_abort_ends_the_stream_and_frees_blocks(ray_session, router, controller):
+    prompt = prompts_of([10], seed=45)[0]
+    stream = router.stub.Generate(
+        request(prompt, rid="to-abort", max_tokens=3000, ignore_eos=True), timeout=60
+    )
+    first = next(stream)
+    assert first.token_ids
+    assert router.stub.Abort(pdserve_pb2.AbortRequest(request_id="to-abort")).found
+    rest = list(stream)
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert not router.stub.Abort(pdserve_pb2.AbortRequest(request_id="to-abort")).found
+    wait_idle(ray_session, controller)
+
+
+def test_cancelled_client_stream_frees_blocks(ray_session, router, controller):
+    prompt = prompts_of([10], seed=46)[0]
+    stream = router.stub.Generate(request(prompt, max_tokens=3000, ignore_eos=True), timeout=60)
+    next(stream)
+    stream.cancel()
+    wait_idle(ray_session, controller)
+
+
+def test_overload_is_resource_exhausted(ray_session, controller):
+    small = RouterThread(controller, RouterConfig(port=0, max_in_flight=1))
+    try:
+        prompt = prompts_of([10], seed=47)[0]
+        busy = small.stub.Generate(request(prompt, max_tokens=3000, ignore_eos=True), timeout=60)
+        next(busy)
+        with pytest.raises(grpc.RpcError) as err:
+            list(small.stub.Generate(request(prompt, max_tokens=2), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_in_flight" in err.value.details()
+        busy.cancel()
+    finally:
+        small.stop()
+    wait_idle(ray_session, controller)
+
+
+def test_health_reflection_and_cluster_state(router):
+    health = health_pb2_grpc.HealthStub(router.channel)
+    for service in ("", "pdserve.v1.Router"):
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+    state = router.stub.ClusterState(pdserve_pb2.ClusterStateRequest())
+    assert sorted(w.role for w in state.workers) == ["decode", "prefill", "prefill"]
+    assert state.policy == "cache_aware" and state.index_backend == "in-process" and state.index_available
+    assert state.index_entries > 0  # earlier tests cached prompts
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(router.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "pdserve.v1.Router" in {s.name for s in reply.list_services_response.service}
+
+
+@pytest.fixture
+def own_redis():
+    port = free_port()
+
+    def start():
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.1).close()
+                return proc
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    procs = [start()]
+    yield port, procs, start
+    for p in procs:
+        p.kill()
+
+
+def test_redis_index_survives_redis_going_away_and_coming_back(ray_session, controller, own_redis):
+    port, procs, start = own_redis
+    r = RouterThread(controller, RouterConfig(port=0, redis_url=f"redis://127.0.0.1:{port}/0"))
+    try:
+        prompt = prompts_of([33], seed=48)[0]
+        generate(r.stub, prompt, max_tokens=2)
+        time.sleep(0.5)
+        state = r.stub.ClusterState(pdserve_pb2.ClusterStateRequest())
+        assert state.index_backend == "redis" and state.index_available and state.index_entries > 0
+        assert generate(r.stub, prompt, max_tokens=2)[1][-1].usage.cached_tokens == 32
+
+        procs[0].kill()
+        procs[0].wait()
+        # Still serving, by load only.
+        got, chunks = generate(r.stub, prompts_of([9], seed=49)[0], max_tokens=3)
+        assert len(got) == 3 and chunks[-1].finished
+        time.sleep(0.5)
+        assert not r.stub.ClusterState(pdserve_pb2.ClusterStateRequest()).index_available
+
+        procs.append(start())  # same port, empty
+        deadline = time.monotonic() + 10
+        while True:
+            state = r.stub.ClusterState(pdserve_pb2.ClusterStateRequest())
+            if state.index_available and state.index_entries > 0:
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+        # Rebuilt from the workers' snapshots: the old prompt is found again.
+        assert generate(r.stub, prompt, max_tokens=2)[1][-1].usage.cached_tokens == 32
+    finally:
+        r.stop()
