@@ -55,7 +55,9 @@ async def make_index(request: pytest.FixtureRequest) -> AsyncIterator[MakeIndex]
     """Makes indexes of one backend, each under a fresh model name; deletes their keys afterwards."""
     made: list[PrefixIndex] = []
     if request.param == "redis" and not await _redis_reachable(REDIS_URL):
-        pytest.skip(f"no Redis at {REDIS_URL} (set PDSERVE_TEST_REDIS_URL)")
+        pytest.fail(
+            f'no Redis at {REDIS_URL}: start one (redis-server --daemonize yes --port 6379 --save "") or set PDSERVE_TEST_REDIS_URL'
+        )
 
     def make() -> PrefixIndex:
         model = f"test-{uuid.uuid4().hex}"

@@ -18,6 +18,7 @@ from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.roles.request_runner import RunnerConfig
 from pdserve.router.server import RouterConfig, start_router
+from tests.roles.test_worker import metric
 
 BLOCKS = 96
 BLOCK = 4
@@ -270,3 +271,56 @@ def test_redis_index_survives_redis_going_away_and_coming_back(ray_session, cont
         assert generate(r.stub, prompt, max_tokens=2)[1][-1].usage.cached_tokens == 32
     finally:
         r.stop()
+
+
+def test_no_live_worker_is_unavailable(ray_session, moe_checkpoint):
+    @ray_session.remote(num_cpus=0)
+    class EmptyController:
+        """Isolates the router from workers: a controller whose pool is empty."""
+
+        def __init__(self, engine):
+            self.engine = engine
+
+        async def workers(self, role=None):
+            return []
+
+        async def engine_config(self):
+            return self.engine
+
+        async def report_failure(self, worker_id):
+            return None
+
+    engine = EngineConfig(model=str(moe_checkpoint), dtype="float32", block_size=BLOCK, progress=False)
+    empty = EmptyController.remote(engine)
+    r = RouterThread(empty, RouterConfig(port=0))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(r.stub.Generate(request([3, 4, 5], max_tokens=2), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no live prefill+decode pair" in err.value.details()
+    finally:
+        r.stop()
+        ray_session.kill(empty)
+
+
+def test_a_burst_spreads_over_equally_loaded_prefill_workers(ray_session, router, controller):
+    # All four arrive within one load report; without counting what it just placed, the router
+    # would send every one of them to the same (tie-winning) worker.
+    prefills = ray_session.get(controller.workers.remote("prefill"))
+
+    def queried():
+        return {
+            w.worker_id: metric(
+                ray_session.get(w.handle.metrics_text.remote()), "pdserve_prefix_cache_queried_tokens"
+            )
+            for w in prefills
+        }
+
+    before = queried()
+    streams = [
+        router.stub.Generate(request(p, max_tokens=1), timeout=60) for p in prompts_of([30] * 4, seed=50)
+    ]
+    for s in streams:
+        list(s)
+    after = queried()
+    assert sorted(after[w] - before[w] for w in after) == [60, 60]
