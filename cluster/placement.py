@@ -39,6 +39,9 @@ class ControllerPlacement:
     async def failed(self, worker_id: str) -> None:
         await self.controller.report_failure.remote(worker_id)
 
+    def settled(self, route: Route) -> None:
+        """Nothing to do: this placement keeps no count of its own."""
+
 
 def _prefer_not(avoid: set[str], workers: list) -> list:
     """Workers not in `avoid`, or all of them when every one is to be avoided."""

@@ -32,6 +32,7 @@ class Route:
 
     prefill: WorkerRef | None
     decode: WorkerRef
+    charges: object = None  # what the placement counted against the workers, handed back in `settled`
 
 
 class Placement(Protocol):
@@ -43,6 +44,10 @@ class Placement(Protocol):
 
     async def failed(self, worker_id: str) -> None:
         """A call to this worker failed; the controller should check it now."""
+        ...
+
+    def settled(self, route: Route) -> None:
+        """The route's prefill is over (first token out, or the attempt ended): stop counting it."""
         ...
 
 
@@ -80,6 +85,7 @@ class RequestRunner:
             stream = self._attempt(route, engine_id, prompt, attempt_params)
             try:
                 async for chunk in stream:
+                    self.placement.settled(route)
                     emitted += chunk.token_ids
                     cached = chunk.num_cached_tokens if cached is None else cached
                     yield replace(
@@ -105,6 +111,7 @@ class RequestRunner:
                     sorted(failed) or "none",
                 )
             finally:
+                self.placement.settled(route)
                 await stream.aclose()  # runs the attempt's own cleanup now, not at garbage collection
         raise RequestFailed(
             f"request {request_id} failed {self.config.max_migrations + 1} times; giving up "

@@ -10,7 +10,7 @@ more than recomputing.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from pdserve.cluster.placement import NoWorkerError
 from pdserve.engine.block_hash import hash_blocks
@@ -22,12 +22,23 @@ from pdserve.router.policies import Candidate, PrefillPolicy, choose_decode
 from pdserve.router.prefix_index import IndexUnavailable
 
 
+@dataclass
+class Charge:
+    """Work counted against one worker for one route, on top of a given load report."""
+
+    worker_id: str
+    report: float  # the worker's `last_heartbeat` when the charge was made
+    prefill_tokens: int = 0
+    blocks: int = 0
+
+
 class PlacedSinceReport:
     """Work this router sent to each worker that the worker's latest load report cannot show yet.
 
     Loads reach the router once per controller heartbeat; without this, every request of a
-    burst sees the same numbers and lands on the same worker. Counts reset when a worker's
-    report is newer than the one they were added on top of.
+    burst sees the same numbers and lands on the same worker. A charge lasts until its route's
+    prefill is over (`settle`) or until a newer report arrives, which shows whatever is still
+    queued by itself.
     """
 
     def __init__(self) -> None:
@@ -35,12 +46,15 @@ class PlacedSinceReport:
         self._prefill_tokens: dict[str, int] = {}
         self._blocks: dict[str, int] = {}
 
-    def adjusted(self, worker):
-        """The worker's load with what was placed on it since its report."""
+    def _sync(self, worker) -> None:
         if self._report.get(worker.worker_id) != worker.last_heartbeat:
             self._report[worker.worker_id] = worker.last_heartbeat
             self._prefill_tokens.pop(worker.worker_id, None)
             self._blocks.pop(worker.worker_id, None)
+
+    def adjusted(self, worker):
+        """The worker's load with what was placed on it since its report."""
+        self._sync(worker)
         load = worker.load
         return replace(
             load,
@@ -49,10 +63,20 @@ class PlacedSinceReport:
             kv_blocks_free=max(0, load.kv_blocks_free - self._blocks.get(worker.worker_id, 0)),
         )
 
-    def add(self, worker_id: str, prefill_tokens: int = 0, blocks: int = 0) -> None:
-        """Counts work just placed on a worker."""
-        self._prefill_tokens[worker_id] = self._prefill_tokens.get(worker_id, 0) + prefill_tokens
-        self._blocks[worker_id] = self._blocks.get(worker_id, 0) + blocks
+    def charge(self, worker, prefill_tokens: int = 0, blocks: int = 0) -> Charge:
+        """Counts work just placed on a worker (seen through `adjusted` first)."""
+        wid = worker.worker_id
+        self._prefill_tokens[wid] = self._prefill_tokens.get(wid, 0) + prefill_tokens
+        self._blocks[wid] = self._blocks.get(wid, 0) + blocks
+        return Charge(wid, worker.last_heartbeat, prefill_tokens, blocks)
+
+    def settle(self, charge: Charge) -> None:
+        """Takes a charge back, unless a newer report already replaced it."""
+        if self._report.get(charge.worker_id) != charge.report:
+            return
+        wid = charge.worker_id
+        self._prefill_tokens[wid] = max(0, self._prefill_tokens.get(wid, 0) - charge.prefill_tokens)
+        self._blocks[wid] = max(0, self._blocks.get(wid, 0) - charge.blocks)
 
 
 class RouterPlacement:
@@ -90,11 +114,14 @@ class RouterPlacement:
                 decode_candidates, key=lambda c: c.load.kv_blocks_free
             )
             hit_tokens = min(cached.get(chosen.worker_id, 0) * self.block_size, len(prompt_token_ids))
-            self.placed.add(chosen.worker_id, prefill_tokens=len(prompt_token_ids) - hit_tokens)
-            self.placed.add(decode.worker_id, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size))
+            prefill_w, decode_w = _info(prefills, chosen.worker_id), _info(decodes, decode.worker_id)
+            charges = [
+                self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - hit_tokens),
+                self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size)),
+            ]
             self.metrics.decision_seconds.observe(time.perf_counter() - start)
             self.metrics.index_hit_tokens.inc(hit_tokens)
-            return Route(_ref(prefills, chosen.worker_id), _ref(decodes, decode.worker_id))
+            return Route(_ref(prefill_w), _ref(decode_w), charges)
         if boths:
             cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in boths])
             chosen = self.policy.choose(
@@ -106,13 +133,20 @@ class RouterPlacement:
                 len(prompt_token_ids),
             )
             hit_tokens = min(cached.get(chosen.worker_id, 0) * self.block_size, len(prompt_token_ids))
-            self.placed.add(chosen.worker_id, prefill_tokens=len(prompt_token_ids) - hit_tokens)
+            both_w = _info(boths, chosen.worker_id)
+            charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
             self.metrics.decision_seconds.observe(time.perf_counter() - start)
-            return Route(None, _ref(boths, chosen.worker_id))
+            self.metrics.index_hit_tokens.inc(hit_tokens)
+            return Route(None, _ref(both_w), charges)
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
 
     async def failed(self, worker_id: str) -> None:
         await self.view.controller.report_failure.remote(worker_id)
+
+    def settled(self, route: Route) -> None:
+        for charge in route.charges or ():
+            self.placed.settle(charge)
+        route.charges = None  # settle once, however many chunks follow
 
     async def _cached_blocks(self, prompt: list[int], worker_ids: list[str]) -> dict[str, int]:
         if not self.view.index_available or len(prompt) < self.block_size:
@@ -127,6 +161,9 @@ def _prefer_not(avoid: set[str], workers: list) -> list:
     return [w for w in workers if w.worker_id not in avoid] or workers
 
 
-def _ref(workers: list, worker_id: str) -> WorkerRef:
-    w = next(w for w in workers if w.worker_id == worker_id)
+def _info(workers: list, worker_id: str):
+    return next(w for w in workers if w.worker_id == worker_id)
+
+
+def _ref(w) -> WorkerRef:
     return WorkerRef(w.worker_id, w.handle, w.endpoint)

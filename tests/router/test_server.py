@@ -324,3 +324,31 @@ def test_a_burst_spreads_over_equally_loaded_prefill_workers(ray_session, router
         list(s)
     after = queried()
     assert sorted(after[w] - before[w] for w in after) == [60, 60]
+
+
+def test_multi_turn_conversation_lands_where_its_earlier_turns_live(router):
+    turn1 = prompts_of([37], seed=51)[0]
+    answer, _ = generate(router.stub, turn1, max_tokens=6, ignore_eos=True)
+    time.sleep(0.5)
+    turn2 = [*turn1, *answer, *prompts_of([5], seed=52)[0]]
+    _, chunks2 = generate(router.stub, turn2, max_tokens=2)
+    # Turn 1's prompt blocks are cached on the prefill worker that served it (9 full blocks).
+    assert chunks2[-1].usage.cached_tokens >= 36
+
+
+def test_two_routers_share_one_redis_index(ray_session, controller, own_redis):
+    port, _, _ = own_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    a = RouterThread(controller, RouterConfig(port=0, redis_url=url))
+    b = RouterThread(controller, RouterConfig(port=0, redis_url=url))
+    try:
+        prompt = prompts_of([45], seed=53)[0]
+        generate(a.stub, prompt, max_tokens=2)
+        time.sleep(0.5)
+        sa = a.stub.ClusterState(pdserve_pb2.ClusterStateRequest())
+        sb = b.stub.ClusterState(pdserve_pb2.ClusterStateRequest())
+        assert sa.index_entries == sb.index_entries > 0  # one index, seen by both
+        assert generate(b.stub, prompt, max_tokens=2)[1][-1].usage.cached_tokens == 44
+    finally:
+        a.stop()
+        b.stop()
