@@ -1,0 +1,48 @@
+"""The gateway's only way into the cluster: the router's gRPC service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+
+# gRPC status -> (HTTP status, OpenAI error type)
+HTTP_OF_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+class RouterClient:
+    """A channel to one router (several gateways may share it; each keeps its own channel)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pdserve_pb2_grpc.RouterStub(self._channel)
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: pdserve_pb2.SamplingParams,
+        timeout_s: float | None,
+    ) -> AsyncIterator[pdserve_pb2.GenerateChunk]:
+        """The request's chunk stream; cancelling the iteration cancels the call (and the request)."""
+        request = pdserve_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling
+        )
+        return self._stub.Generate(request, timeout=timeout_s)
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self._stub.Abort(pdserve_pb2.AbortRequest(request_id=request_id))).found
+
+    async def cluster_state(self) -> pdserve_pb2.ClusterStateResponse:
+        return await self._stub.ClusterState(pdserve_pb2.ClusterStateRequest(), timeout=5)
+
+    async def close(self) -> None:
+        await self._channel.close()
