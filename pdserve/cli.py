@@ -152,6 +152,34 @@ def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_router(args: argparse.Namespace) -> int:
+    from pdserve.bench.router_bench import RouterBenchArgs, run_router_bench
+
+    for flag in ("workers", "index_blocks", "prompt_tokens", "concurrency"):
+        value = getattr(args, flag)
+        if value < 1:
+            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.prompt_tokens < 16:
+        print("error: --prompt-tokens must be >= 16 (one KV block) to reach the index", file=sys.stderr)
+        return 2
+    if not args.duration > 0:
+        print(f"error: --duration must be > 0 seconds, got {args.duration}", file=sys.stderr)
+        return 2
+    bench_args = RouterBenchArgs(
+        workers=args.workers,
+        index_blocks=args.index_blocks,
+        prompt_tokens=args.prompt_tokens,
+        redis_url=args.redis_url or None,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        skip_cluster=args.skip_cluster,
+    )
+    output = args.output or Path("bench-results") / f"router-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    run_router_bench(bench_args, output)
+    return 0
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -246,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="JSON path (default bench-results/kv-transfer-*.json)"
     )
     kv.set_defaults(func=_cmd_bench_kv_transfer)
+
+    rb = bench_sub.add_parser(
+        "router", help="router decision time, requests/s through one router, prefix hit rate per policy"
+    )
+    rb.add_argument("--workers", type=int, default=64, help="synthetic prefill workers for the decision time")
+    rb.add_argument("--index-blocks", type=int, default=100_000, help="(worker, block) entries in the index")
+    rb.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length for the decision time")
+    rb.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the Redis index row ('' skips it)"
+    )
+    rb.add_argument("--concurrency", type=int, default=8, help="concurrent gRPC clients for requests/s")
+    rb.add_argument("--duration", type=float, default=10.0, help="seconds per requests/s row")
+    rb.add_argument("--skip-cluster", action="store_true", help="skip requests/s (no Ray cluster)")
+    rb.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/router-*.json)"
+    )
+    rb.set_defaults(func=_cmd_bench_router)
     return parser
 
 

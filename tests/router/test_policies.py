@@ -1,14 +1,12 @@
-"""Placement policies on constructed candidates, and a shared-prefix workload simulation."""
+"""Placement policies on constructed candidates, and on the benchmark's shared-prefix simulation."""
 
 from __future__ import annotations
 
-import asyncio
-import random
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import Counter
 
 import pytest
 
+from pdserve.bench.router_bench import simulate_shared_prefix
 from pdserve.roles.messages import WorkerLoad
 from pdserve.router.policies import (
     DEFAULT_POLICY,
@@ -19,7 +17,6 @@ from pdserve.router.policies import (
     choose_decode,
     make_policy,
 )
-from pdserve.router.prefix_index import InProcessPrefixIndex
 
 BS = 16
 
@@ -166,127 +163,11 @@ def test_choose_decode_weighs_headroom_then_running_load() -> None:
 
 
 # ---------------------------------------------------------------------------- simulation
-
-
-class LRUCache:
-    """A worker's prefix cache: whole blocks, least recently used evicted first (as the engine's pool)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.blocks: OrderedDict[int, None] = OrderedDict()
-
-    def prefix(self, hashes: list[int]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self.blocks:
-                break
-            n += 1
-        return n
-
-    def insert(self, hashes: list[int]) -> tuple[list[int], list[int]]:
-        """Caches a prompt's blocks; returns (stored, removed) as the worker's events would."""
-        stored, removed = [], []
-        for h in hashes:
-            if h in self.blocks:
-                self.blocks.move_to_end(h)
-            else:
-                self.blocks[h] = None
-                stored.append(h)
-        while len(self.blocks) > self.capacity:
-            h, _ = self.blocks.popitem(last=False)
-            removed.append(h)
-        # A block stored and evicted within one insert was never visible: report neither.
-        gone, new = set(removed), set(stored)
-        return [h for h in stored if h not in gone], [h for h in removed if h not in new]
-
-
-@dataclass
-class SimWorker:
-    worker_id: str
-    cache: LRUCache
-    queue: list[int] = field(default_factory=list)  # remaining prefill tokens per request, FIFO
-
-    def load(self) -> WorkerLoad:
-        return cand(
-            self.worker_id,
-            queued=sum(self.queue),
-            running=min(1, len(self.queue)),
-            waiting=max(0, len(self.queue) - 1),
-        ).load
-
-    def drain(self, tokens: int) -> None:
-        while tokens > 0 and self.queue:
-            step = min(tokens, self.queue[0])
-            self.queue[0] -= step
-            tokens -= step
-            if self.queue[0] == 0:
-                self.queue.pop(0)
-
-
-@dataclass
-class SimResult:
-    hit_rate: float
-    max_queue: int
-
-
-def _workload(seed: int) -> list[list[int]]:
-    """Block-hash lists of 288 prompts: 4 system prompts (48 blocks, skewed popularity) x 48
-    sessions of 6 turns, each turn appending 12 blocks of its own; 16 sessions interleave."""
-    rng = random.Random(seed)
-    ids = iter(range(1, 10**9))
-    systems = [[next(ids) for _ in range(48)] for _ in range(4)]
-    pending = [(rng.choices(range(4), weights=[4, 3, 2, 1])[0], 6) for _ in range(48)]
-    active: list[list] = []
-    prompts = []
-    while pending or active:
-        while pending and len(active) < 16:
-            system, turns = pending.pop()
-            active.append([list(systems[system]), turns])
-        session = rng.choice(active)
-        session[0] = session[0] + [next(ids) for _ in range(12)]
-        session[1] -= 1
-        prompts.append(session[0])
-        if session[1] == 0:
-            active.remove(session)
-    return prompts
-
-
-async def _simulate(policy: str, prompts: list[list[int]]) -> SimResult:
-    """Routes the prompts one per tick over 8 workers (384-block caches, 64 prefill tokens/tick).
-
-    `oracle` reads the workers' caches directly and takes the longest prefix (ties: least
-    loaded), ignoring load; the other policies see only the index fed by the caches' events.
-    """
-    workers = [SimWorker(f"w{i}", LRUCache(384)) for i in range(8)]
-    by_id = {w.worker_id: w for w in workers}
-    index = InProcessPrefixIndex("sim")
-    chooser = None if policy == "oracle" else make_policy(policy, seed=0)
-    hit = total = max_queue = 0
-    for hashes in prompts:
-        tokens = len(hashes) * BS
-        if chooser is None:
-            chosen = by_id[max(workers, key=lambda w: (w.cache.prefix(hashes), -sum(w.queue))).worker_id]
-        else:
-            cached = await index.longest_prefix(hashes, list(by_id))
-            cs = [Candidate(w.worker_id, w.load(), cached[w.worker_id]) for w in workers]
-            chosen = by_id[chooser.choose(cs, tokens).worker_id]
-        hit_tokens = chosen.cache.prefix(hashes) * BS
-        hit += hit_tokens
-        total += tokens
-        chosen.queue.append(tokens - hit_tokens)
-        stored, removed = chosen.cache.insert(hashes)
-        await index.apply(chosen.worker_id, stored, removed)
-        for w in workers:
-            w.drain(64)
-        max_queue = max(max_queue, *(sum(w.queue) for w in workers))
-    return SimResult(hit / total, max_queue)
+# The shared-prefix simulation lives in the router benchmark (part 3), which reports the same numbers.
 
 
 def test_cache_aware_hit_rate_on_a_shared_prefix_workload() -> None:
-    prompts = _workload(seed=0)
-    got = {
-        p: asyncio.run(_simulate(p, prompts)) for p in ("oracle", "cache_aware", "round_robin", "least_load")
-    }
+    got = simulate_shared_prefix(["oracle", "cache_aware", "round_robin", "least_load"], seed=0)
     rates = {p: round(r.hit_rate, 3) for p, r in got.items()}
     assert got["cache_aware"].hit_rate >= 0.9 * got["oracle"].hit_rate, rates
     assert got["cache_aware"].hit_rate >= got["round_robin"].hit_rate + 0.15, rates
