@@ -84,6 +84,7 @@ def create_app(config: GatewayConfig, router: RouterClient | None = None, tokeni
         if not clients:
             clients.append(RouterClient(config.router_address))
         return clients[0]
+
     tok = tokenizer or load_tokenizer(config.tokenizer_path)
     metrics = GatewayMetrics()
     app.state.metrics = metrics
