@@ -56,6 +56,8 @@ class PlacedSinceReport:
         """The worker's load with what was placed on it since its report."""
         self._sync(worker)
         load = worker.load
+        if not self._prefill_tokens.get(worker.worker_id) and not self._blocks.get(worker.worker_id):
+            return load  # the common case: nothing placed since the report, no copy needed
         return replace(
             load,
             waiting_prefill_tokens=load.waiting_prefill_tokens
