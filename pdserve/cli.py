@@ -217,6 +217,54 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pdserve.cluster.launcher import LaunchError, UpConfig, up
+    from pdserve.engine import EngineConfig
+
+    engine = EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides,
+        dtype=args.dtype,
+        seed=args.seed,
+        num_threads=args.threads or 1,
+        kv_cache_blocks=args.kv_cache_blocks,
+        progress=False,
+    )
+    config = UpConfig(
+        engine, prefill=args.prefill, decode=args.decode, both=args.both, host=args.host, port=args.port,
+        router_port=args.router_port, policy=args.policy, redis_url=args.redis_url, address=args.address,
+        api_key=args.api_key, state_dir=args.state_dir,
+    )  # fmt: skip
+    try:
+        return up(config)
+    except LaunchError as e:
+        print(f"pdserve up: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from pdserve.cluster.launcher import LaunchError, down
+
+    try:
+        down(args.state_dir)
+    except LaunchError as e:
+        print(f"pdserve down: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pdserve.cluster.launcher import LaunchError, status
+
+    try:
+        print(status(args.state_dir))
+    except LaunchError as e:
+        print(f"pdserve status: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +282,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_cmd_generate)
+
+    default_state = Path.home() / ".pdserve"
+    up_p = sub.add_parser("up", help="start the cluster: Ray, controller, workers, router, gateway")
+    _add_model_args(up_p)
+    up_p.set_defaults(model="demo")
+    up_p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up_p.add_argument("--decode", type=int, default=1, help="decode workers")
+    up_p.add_argument("--both", type=int, default=0, help="colocated (prefill+decode) workers")
+    up_p.add_argument("--host", default="127.0.0.1")
+    up_p.add_argument("--port", type=int, default=8000, help="HTTP gateway port")
+    up_p.add_argument("--router-port", type=int, default=50051)
+    up_p.add_argument(
+        "--policy", default="cache_aware", help="round_robin | least_load | power_of_two | cache_aware"
+    )
+    up_p.add_argument("--redis-url", default=None, help="share the prefix index through Redis")
+    up_p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    up_p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    up_p.add_argument("--kv-cache-blocks", type=int, default=None, help="KV blocks per worker")
+    up_p.add_argument(
+        "--state-dir", type=Path, default=default_state, help="where up records what it started"
+    )
+    up_p.set_defaults(func=_cmd_up)
+    down_p = sub.add_parser("down", help="stop what `pdserve up` started")
+    down_p.add_argument("--state-dir", type=Path, default=default_state)
+    down_p.set_defaults(func=_cmd_down)
+    status_p = sub.add_parser("status", help="workers, roles, load and KV use of the running cluster")
+    status_p.add_argument("--state-dir", type=Path, default=default_state)
+    status_p.set_defaults(func=_cmd_status)
 
     router = sub.add_parser("router", help="run the gRPC router standalone (joins a running cluster)")
     router.add_argument("--address", default="auto", help="Ray address of the running cluster")

@@ -1,0 +1,254 @@
+"""`pdserve up / down / status`: the whole cluster on one command.
+
+`up` starts a local Ray instance on loopback (or joins one with `--address`), the controller
+and its workers as Ray actors, and the router and the gateway in its own event loop; it serves
+in the foreground, like `vllm serve`, until Ctrl-C or `pdserve down` (SIGTERM to the pid in the
+state file), and then stops everything it started. `status` asks the router named in the state
+file. Every start-up error (port in use, bad model, unreachable Ray or Redis) is one line and a
+non-zero exit, with whatever was started torn down again.
+
+(`ray start` was the first idea, so the cluster could outlive the command: in Ray 2.60 it
+binds the node to the machine's external address whatever `--node-ip-address` says, and we
+run Ray on loopback only.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
+from pdserve.engine import EngineConfig
+
+NAMESPACE = "pdserve"
+
+
+class LaunchError(RuntimeError):
+    """`pdserve up` cannot start the cluster; the message says why and what to change."""
+
+
+@dataclass
+class UpConfig:
+    """Everything `pdserve up` takes."""
+
+    engine: EngineConfig
+    prefill: int = 1
+    decode: int = 1
+    both: int = 0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    router_port: int = 50051
+    policy: str = "cache_aware"
+    redis_url: str | None = None
+    address: str | None = None  # join this Ray cluster instead of starting one
+    api_key: str | None = None
+    state_dir: Path = field(default_factory=lambda: Path.home() / ".pdserve")
+
+
+@dataclass
+class ClusterState:
+    """The running `pdserve up` (its state file), so `down` and `status` find it."""
+
+    pid: int
+    gateway_url: str
+    router_address: str
+    model: str
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _state_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "cluster.json"
+
+
+def read_state(state_dir: Path) -> ClusterState:
+    path = _state_file(state_dir)
+    if not path.is_file():
+        raise LaunchError(f"no running cluster recorded in {path}; start one with `pdserve up`")
+    return ClusterState(**json.loads(path.read_text()))
+
+
+def up(config: UpConfig, echo=print) -> int:
+    """Starts the cluster and serves until SIGINT/SIGTERM; returns the exit code."""
+    import ray
+
+    from pdserve.engine.config import ModelConfig
+    from pdserve.engine.model_source import resolve_model
+
+    for port, flag in ((config.port, "--port"), (config.router_port, "--router-port")):
+        if not _port_free(config.host, port):
+            raise LaunchError(f"port {port} on {config.host} is in use; pick another with {flag}")
+    source = resolve_model(config.engine.model)  # ValueError names a bad model right away
+    if not source.has_tokenizer:
+        raise LaunchError(f"model {source.name!r} has no tokenizer files; the HTTP gateway needs one")
+    mc = ModelConfig.from_hf_dict({**source.hf_config, **(config.engine.hf_overrides or {})})
+    if config.redis_url:
+        _check_redis(config.redis_url)
+    try:
+        if config.address:
+            ray.init(address=config.address, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(
+                _node_ip_address=config.host,
+                include_dashboard=False,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+            )
+    except Exception as e:
+        raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
+    try:
+        return asyncio.run(_serve(config, source, mc, echo))
+    finally:
+        _state_file(config.state_dir).unlink(missing_ok=True)
+        ray.shutdown()
+
+
+async def _serve(config: UpConfig, source, mc, echo) -> int:
+    import signal
+
+    import uvicorn
+
+    from pdserve.gateway.app import GatewayConfig, create_app
+    from pdserve.router.server import RouterConfig, start_router
+
+    controller = start_controller(
+        ControllerConfig(config.engine, prefill=config.prefill, decode=config.decode, both=config.both),
+        name=CONTROLLER_NAME,
+    )
+    echo(
+        f"loading {source.name} on {config.prefill} prefill + {config.decode} decode + {config.both} both workers"
+    )
+    router = server = serving = None
+    try:
+        await _with_progress(controller.start.remote(), "workers loading weights")
+        router = await start_router(controller, RouterConfig(host=config.host, port=config.router_port,
+                                                             policy=config.policy, redis_url=config.redis_url))  # fmt: skip
+        gateway = GatewayConfig(
+            router_address=f"{config.host}:{router.port}", model_name=source.name,
+            tokenizer_path=str(source.path), max_model_len=config.engine.max_model_len or mc.max_position_embeddings,
+            api_key=config.api_key,
+        )  # fmt: skip
+        server = uvicorn.Server(uvicorn.Config(create_app(gateway), host=config.host, port=config.port,
+                                               log_level="warning"))  # fmt: skip
+        server.install_signal_handlers = lambda: None  # ours below stop everything, not just uvicorn
+        serving = asyncio.get_running_loop().create_task(server.serve())
+        while not server.started:
+            if serving.done():
+                raise LaunchError(f"the gateway could not listen on {config.host}:{config.port}")
+            await asyncio.sleep(0.05)
+        state = ClusterState(os.getpid(), f"http://{config.host}:{config.port}", f"{config.host}:{router.port}",
+                             source.name)  # fmt: skip
+        path = _state_file(config.state_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(state), indent=2))
+        auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+        echo(f"pdserve is up: {state.gateway_url} (model {state.model}, router {state.router_address})")
+        echo(f"try:  curl {state.gateway_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+             """-d '{"messages": [{"role": "user", "content": "Write a function that adds two numbers."}]}'""")  # fmt: skip
+        echo("stop: Ctrl-C here, or `pdserve down`")
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        echo("stopping")
+        return 0
+    finally:
+        if server is not None:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(serving, 10)  # lets uvicorn finish its lifespan cleanly
+        if router is not None:
+            await router.stop()
+        with contextlib.suppress(Exception):
+            await controller.shutdown.remote()
+
+
+async def _with_progress(ref, what: str) -> None:
+    from tqdm import tqdm
+
+    with tqdm(desc=what, bar_format="{desc}: {elapsed}") as bar:
+        task = asyncio.ensure_future(ref)
+        while not task.done():
+            await asyncio.sleep(0.5)
+            bar.update()
+        task.result()
+
+
+def down(state_dir: Path, timeout_s: float = 60.0, echo=print) -> None:
+    """Stops the `pdserve up` recorded in the state file and waits until it has exited."""
+    import signal
+
+    state = read_state(state_dir)
+    try:
+        os.kill(state.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        _state_file(state_dir).unlink(missing_ok=True)
+        echo(f"pdserve (pid {state.pid}) was not running; cleared its state file")
+        return
+    deadline = time.monotonic() + timeout_s
+    while _alive(state.pid):
+        if time.monotonic() > deadline:
+            raise LaunchError(f"pdserve (pid {state.pid}) did not stop within {timeout_s} s")
+        time.sleep(0.2)
+    echo("pdserve stopped")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # An exited process whose parent has not reaped it yet still answers kill(0): a zombie is gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as e:
+        raise LaunchError(f"Redis at {url} is unreachable ({e}); start it or drop --redis-url") from e
+
+
+def status(state_dir: Path) -> str:
+    """A table of the workers and the router, from the router's ClusterState."""
+    import grpc
+
+    from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+
+    state = read_state(state_dir)
+    with grpc.insecure_channel(state.router_address) as channel:
+        try:
+            cs = pdserve_pb2_grpc.RouterStub(channel).ClusterState(
+                pdserve_pb2.ClusterStateRequest(), timeout=5
+            )
+        except grpc.RpcError as e:
+            raise LaunchError(f"router at {state.router_address} does not answer ({e.code().name})") from e
+    lines = [
+        f"model {cs.model}   gateway {state.gateway_url}   router {state.router_address} (policy {cs.policy})",
+        f"prefix index: {cs.index_backend}, {cs.index_entries} entries, "
+        f"{'available' if cs.index_available else 'UNAVAILABLE'}; {cs.requests_in_flight} requests in flight",
+        f"{'worker':<16} {'role':<8} {'alive':<5} {'running':>7} {'waiting':>7} {'KV used':>12} {'restarts':>8}",
+    ]
+    for w in cs.workers:
+        used = f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
+        lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
+                     f"{w.num_waiting:>7} {used:>12} {w.restarts:>8}")  # fmt: skip
+    return "\n".join(lines)

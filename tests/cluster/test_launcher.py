@@ -1,0 +1,79 @@
+"""`pdserve up / status / down` as a user runs them: separate processes, a real HTTP request."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.router.test_server import free_port
+
+PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*PDSERVE, *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
+    port, router_port = free_port(), free_port()
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this block: the process writes to it)
+    up = subprocess.Popen(
+        [*PDSERVE, "up", "--model", str(moe_checkpoint), "--port", str(port), "--router-port", str(router_port),
+         "--state-dir", str(state), "--kv-cache-blocks", "64"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (state / "cluster.json").is_file():
+            assert up.poll() is None, Path(tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "pdserve up did not come up"
+            time.sleep(0.5)
+        printed = Path(tmp_path / "up.log").read_text()
+        assert f"pdserve is up: http://127.0.0.1:{port}" in printed and "curl http://" in printed
+
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "def f", "max_tokens": 4}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+        status = run("status", "--state-dir", str(state))
+        assert status.returncode == 0, status.stderr
+        assert (
+            "prefill-0" in status.stdout
+            and "decode-0" in status.stdout
+            and "policy cache_aware" in status.stdout
+        )
+
+        busy = run(
+            "up", "--model", str(moe_checkpoint), "--port", str(port), "--state-dir", str(tmp_path / "other")
+        )
+        assert busy.returncode == 1 and f"port {port}" in busy.stderr and "in use" in busy.stderr
+
+        down = run("down", "--state-dir", str(state))
+        assert down.returncode == 0 and "stopped" in down.stdout
+        assert up.wait(30) == 0
+        assert not (state / "cluster.json").exists()
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            raise AssertionError("the gateway still answers after pdserve down")
+        except httpx.TransportError:
+            pass
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+
+
+def test_clear_errors_and_nothing_left_running(tmp_path):
+    bad = run("up", "--model", str(tmp_path / "nope"), "--state-dir", str(tmp_path))
+    assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "cluster.json").exists()
+    assert run("status", "--state-dir", str(tmp_path)).returncode == 1
+    assert "pdserve up" in run("down", "--state-dir", str(tmp_path)).stderr
