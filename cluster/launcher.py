@@ -141,7 +141,7 @@ async def _serve(config: UpConfig, source, mc, echo) -> int:
             tokenizer_path=str(source.path), max_model_len=config.engine.max_model_len or mc.max_position_embeddings,
             api_key=config.api_key,
         )  # fmt: skip
-        server = uvicorn.Server(uvicorn.Config(create_app(gateway), host=config.host, port=config.port,
+        server = uvicorn.Server(uvicorn.Config(create_app(gateway, registries=(router.service.metrics.registry,)), host=config.host, port=config.port,
                                                log_level="warning"))  # fmt: skip
         server.install_signal_handlers = lambda: None  # ours below stop everything, not just uvicorn
         serving = asyncio.get_running_loop().create_task(server.serve())

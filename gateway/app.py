@@ -72,8 +72,17 @@ class GatewayMetrics:
         self.first_token = Histogram("pdserve_gateway_ttft_seconds", "Time to the first token", registry=r)
 
 
-def create_app(config: GatewayConfig, router: RouterClient | None = None, tokenizer=None) -> FastAPI:
-    """The gateway app; `router`/`tokenizer` are built from `config` when not given."""
+def create_app(
+    config: GatewayConfig,
+    router: RouterClient | None = None,
+    tokenizer=None,
+    registries: tuple[CollectorRegistry, ...] = (),
+) -> FastAPI:
+    """The gateway app; `router`/`tokenizer` are built from `config` when not given.
+
+    `registries`: more Prometheus registries to serve on /metrics (the router's, when it runs
+    in the same process under `pdserve up`).
+    """
     from pdserve.engine.tokenizer import load_tokenizer
 
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
@@ -133,9 +142,8 @@ def create_app(config: GatewayConfig, router: RouterClient | None = None, tokeni
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(
-            generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4"
-        )
+        text = "".join(generate_latest(r).decode() for r in (metrics.registry, *registries))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

@@ -42,6 +42,11 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
             f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "def f", "max_tokens": 4}, timeout=60
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'pdserve_router_requests_total{outcome="ok",policy="cache_aware"} 1.0' in metrics or (
+            'pdserve_router_requests_total{policy="cache_aware",outcome="ok"} 1.0' in metrics
+        )
+        assert "pdserve_gateway_requests_total" in metrics
 
         status = run("status", "--state-dir", str(state))
         assert status.returncode == 0, status.stderr
