@@ -70,7 +70,9 @@ def test_bundled_names_and_hub_ids(name, key):
 @pytest.mark.parametrize("key", sorted(BUNDLED_MODELS))
 def test_every_bundled_model_resolves_and_parses(key):
     mc = ModelConfig.from_hf_dict(resolve_model(key).hf_config)
-    assert mc.vocab_size == 103424 and mc.architecture in ("Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM")
+    assert mc.architecture in ("Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM")
+    if key.startswith("ernie-4.5-"):  # the published family shares ERNIE 4.5's tokenizer
+        assert mc.vocab_size == 103424
 
 
 def test_a_local_directory_wins_over_a_bundled_name(tiny_dense_checkpoint, tmp_path, monkeypatch):
