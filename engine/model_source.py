@@ -28,6 +28,8 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     "ernie-4.5-300b-a47b": BundledModel(
         "model_configs/ernie-4.5-300b-a47b.json", "baidu/ERNIE-4.5-300B-A47B-PT"
     ),
+    "demo": BundledModel("demo_models/demo"),
+    "demo-draft": BundledModel("demo_models/demo-draft"),
 }
 
 
