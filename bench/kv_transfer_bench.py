@@ -92,23 +92,25 @@ def _local_copy(args: KVTransferBenchArgs, blocks: int) -> list[float]:
 
 def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None) -> dict[str, Any]:
     """Measures each size over the transport and as a local copy; prints a table, writes JSON."""
-    ctx = mp.get_context("spawn")
-    pipes = [ctx.Pipe() for _ in range(2)]
-    procs = [ctx.Process(target=_peer, args=(rank, args, pipes[rank][1])) for rank in range(2)]
-    for p in procs:
-        p.start()
-    endpoints: list[Endpoint] = [pipes[r][0].recv() for r in range(2)]
-    for r in range(2):
-        pipes[r][0].send((endpoints[0], endpoints[1]))
-    with tqdm(total=len(args.blocks), desc=f"bench kv-transfer ({args.backend})") as bar:
+    with tqdm(total=2 * len(args.blocks), desc=f"bench kv-transfer ({args.backend})") as bar:
+        # The local copies first, alone: measured while the peers run, they share the cores with them.
         local = {}
         for blocks in args.blocks:
             local[blocks] = _local_copy(args, blocks)
             bar.update()
+        ctx = mp.get_context("spawn")
+        pipes = [ctx.Pipe() for _ in range(2)]
+        procs = [ctx.Process(target=_peer, args=(rank, args, pipes[rank][1])) for rank in range(2)]
+        for p in procs:
+            p.start()
+        endpoints: list[Endpoint] = [pipes[r][0].recv() for r in range(2)]
+        for r in range(2):
+            pipes[r][0].send((endpoints[0], endpoints[1]))
         received = pipes[1][0].recv()
         sent = pipes[0][0].recv()
-    for p in procs:
-        p.join()
+        bar.update(len(args.blocks))
+        for p in procs:
+            p.join()
     element = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     per_block = element * int(torch.tensor(block_shape(args)).prod())
     table = []
