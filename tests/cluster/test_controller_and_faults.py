@@ -11,19 +11,14 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from pdserve.cluster.controller import ControllerConfig, start_controller
 from pdserve.cluster.placement import ControllerPlacement
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.roles.request_runner import RequestFailed, RequestRunner, RunnerConfig
+from tests.prompts import prompts_of
 
 BLOCKS = 96
-
-
-def prompts_of(lengths, seed=0, vocab=320):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pdserve.engine import LLM, Engine, EngineConfig, KVCacheEvent, SamplingParams
 from tests.engine.reference import assert_same_greedy, hf_model
+from tests.prompts import prompts_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, min_tokens=20)
-
-
-def prompts_of(lengths, seed=0, vocab=320):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def make_llm(checkpoint, **kw):

@@ -6,12 +6,12 @@ import asyncio
 import itertools
 
 import pytest
-import torch
 
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated
 from pdserve.roles.kv_transfer import Channel, TransferError
 from pdserve.roles.worker import RoleError, start_worker
+from tests.prompts import prompts_of
 
 BLOCKS = 48
 _ids = itertools.count()
@@ -22,11 +22,6 @@ def engine_config(checkpoint, **kw) -> EngineConfig:
     return EngineConfig(
         model=str(checkpoint), dtype="float32", block_size=4, num_threads=1, progress=False, **kw
     )
-
-
-def prompts_of(lengths, seed=0, vocab=320):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 async def worker_ref(ray, checkpoint, role: str) -> WorkerRef:

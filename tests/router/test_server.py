@@ -10,7 +10,6 @@ import time
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cluster.controller import ControllerConfig, start_controller
@@ -18,6 +17,7 @@ from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.roles.request_runner import RunnerConfig
 from pdserve.router.server import RouterConfig, start_router
+from tests.prompts import prompts_of
 from tests.roles.test_worker import metric
 
 BLOCKS = 96
@@ -76,11 +76,6 @@ def router(controller):
 @pytest.fixture(scope="module")
 def reference(moe_checkpoint):
     return LLM(str(moe_checkpoint), dtype="float32", block_size=BLOCK, progress=False)
-
-
-def prompts_of(lengths, seed=0, vocab=320):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def request(prompt, rid="", **sampling):
