@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from pdserve.engine import EngineConfig
+from pdserve.roles.handoff import WorkerRef
 from pdserve.roles.kv_transfer import Endpoint
 from pdserve.roles.messages import ROLES, WorkerLoad
 from pdserve.roles.worker import start_worker
@@ -62,6 +63,10 @@ class WorkerInfo:
     alive: bool = True
     restarts: int = 0
     last_heartbeat: float = field(default_factory=time.monotonic)
+
+    def ref(self) -> WorkerRef:
+        """What the request path needs to call this worker and open KV channels to it."""
+        return WorkerRef(self.worker_id, self.handle, self.endpoint)
 
 
 class Controller:

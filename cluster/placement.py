@@ -6,7 +6,6 @@ the controller, so the cluster can serve (and its fault handling can be tested) 
 
 from __future__ import annotations
 
-from pdserve.roles.handoff import WorkerRef
 from pdserve.roles.request_runner import Route
 
 
@@ -22,18 +21,18 @@ class ControllerPlacement:
 
     async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
         workers = await self.controller.workers.remote()
-        prefills = _prefer_not(avoid, [w for w in workers if w.role == "prefill"])
-        decodes = _prefer_not(avoid, [w for w in workers if w.role == "decode"])
-        boths = _prefer_not(avoid, [w for w in workers if w.role == "both"])
+        prefills = prefer_not(avoid, [w for w in workers if w.role == "prefill"])
+        decodes = prefer_not(avoid, [w for w in workers if w.role == "decode"])
+        boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         if prefills and decodes:
             p = min(prefills, key=lambda w: (w.load.waiting_prefill_tokens if w.load else 0, w.worker_id))
             d = max(decodes, key=lambda w: (w.load.kv_blocks_free if w.load else 0, w.worker_id))
-            return Route(_ref(p), _ref(d))
+            return Route(p.ref(), d.ref())
         if boths:
             b = min(
                 boths, key=lambda w: (w.load.num_running + w.load.num_waiting if w.load else 0, w.worker_id)
             )
-            return Route(None, _ref(b))
+            return Route(None, b.ref())
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker; check `pdserve status`")
 
     async def failed(self, worker_id: str) -> None:
@@ -43,10 +42,6 @@ class ControllerPlacement:
         """Nothing to do: this placement keeps no count of its own."""
 
 
-def _prefer_not(avoid: set[str], workers: list) -> list:
+def prefer_not(avoid: set[str], workers: list) -> list:
     """Workers not in `avoid`, or all of them when every one is to be avoided."""
     return [w for w in workers if w.worker_id not in avoid] or workers
-
-
-def _ref(info) -> WorkerRef:
-    return WorkerRef(info.worker_id, info.handle, info.endpoint)

@@ -54,6 +54,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
+def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings `_add_model_args` parsed, as `EngineConfig` / `LLM` keyword arguments."""
+    return {
+        "model": args.model,
+        "load_format": args.load_format,
+        "hf_overrides": args.hf_overrides,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "num_threads": args.threads,
+    }
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pdserve.engine import LLM, SamplingParams
 
@@ -72,14 +84,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop or None,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(
-        args.model,
-        load_format=args.load_format,
-        hf_overrides=args.hf_overrides,
-        dtype=args.dtype,
-        seed=args.seed,
-        num_threads=args.threads,
-    )
+    llm = LLM(**_engine_args(args))
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
@@ -221,13 +226,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from pdserve.cluster.launcher import LaunchError, UpConfig, up
     from pdserve.engine import EngineConfig
 
+    # One torch thread per worker unless asked: several workers share the machine's cores.
     engine = EngineConfig(
-        model=args.model,
-        load_format=args.load_format,
-        hf_overrides=args.hf_overrides,
-        dtype=args.dtype,
-        seed=args.seed,
-        num_threads=args.threads or 1,
+        **{**_engine_args(args), "num_threads": args.threads or 1},
         kv_cache_blocks=args.kv_cache_blocks,
         progress=False,
     )

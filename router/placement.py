@@ -12,9 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from pdserve.cluster.placement import NoWorkerError
+from pdserve.cluster.placement import NoWorkerError, prefer_not
 from pdserve.engine.block_hash import hash_blocks
-from pdserve.roles.handoff import WorkerRef
 from pdserve.roles.request_runner import Route
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.metrics import RouterMetrics
@@ -96,9 +95,9 @@ class RouterPlacement:
     async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
         start = time.perf_counter()
         workers = [w for w in self.view.workers if w.alive and not (w.load and w.load.draining)]
-        prefills = _prefer_not(avoid, [w for w in workers if w.role == "prefill"])
-        decodes = _prefer_not(avoid, [w for w in workers if w.role == "decode"])
-        boths = _prefer_not(avoid, [w for w in workers if w.role == "both"])
+        prefills = prefer_not(avoid, [w for w in workers if w.role == "prefill"])
+        decodes = prefer_not(avoid, [w for w in workers if w.role == "decode"])
+        boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
             cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in prefills])
@@ -123,7 +122,7 @@ class RouterPlacement:
             ]
             self.metrics.decision_seconds.observe(time.perf_counter() - start)
             self.metrics.index_hit_tokens.inc(hit_tokens)
-            return Route(_ref(prefill_w), _ref(decode_w), charges)
+            return Route(prefill_w.ref(), decode_w.ref(), charges)
         if boths:
             cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in boths])
             chosen = self.policy.choose(
@@ -139,7 +138,7 @@ class RouterPlacement:
             charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
             self.metrics.decision_seconds.observe(time.perf_counter() - start)
             self.metrics.index_hit_tokens.inc(hit_tokens)
-            return Route(None, _ref(both_w), charges)
+            return Route(None, both_w.ref(), charges)
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
 
     async def failed(self, worker_id: str) -> None:
@@ -159,13 +158,5 @@ class RouterPlacement:
             return {}  # the view notices and logs it on its next round
 
 
-def _prefer_not(avoid: set[str], workers: list) -> list:
-    return [w for w in workers if w.worker_id not in avoid] or workers
-
-
 def _info(workers: list, worker_id: str):
     return next(w for w in workers if w.worker_id == worker_id)
-
-
-def _ref(w) -> WorkerRef:
-    return WorkerRef(w.worker_id, w.handle, w.endpoint)
