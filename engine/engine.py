@@ -27,6 +27,11 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.spec_decode import Proposer, SpeculativeConfig
+from pdserve.engine.spec_decode.draft_model import DraftModelProposer
+from pdserve.engine.spec_decode.mtp import MTPProposer
+from pdserve.engine.spec_decode.ngram import NgramProposer
+from pdserve.engine.spec_decode.verifier import VerifyGroup, verify
 from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,10 +57,25 @@ class EngineStats:
     num_steps: int
     last_step_seconds: float
     waiting_prefill_tokens: int
+    # Speculative decoding: guesses made and accepted, tokens emitted by verification steps, and
+    # how many (request, step) verifications there were.
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0
+    spec_verifications: int = 0
 
     @property
     def kv_blocks_used(self) -> int:
         return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens emitted per verification (accepted guesses + 1); 1.0 means guessing never paid."""
+        return self.spec_emitted_tokens / self.spec_verifications if self.spec_verifications else 0.0
 
 
 class Engine:
@@ -89,12 +109,21 @@ class Engine:
         )
 
         mc = self.model_config
+        self.spec: SpeculativeConfig | None = config.speculative_config  # type: ignore[assignment]
+        if self.spec is not None and self.spec.method == "mtp" and not self.model.has_mtp:
+            raise ValueError(
+                f"speculative_config.method 'mtp' needs the checkpoint's MTP layer (model.mtp_* tensors), "
+                f"and {source.name!r} has none; use method 'draft' or 'ngram'"
+            )
+        # With MTP, its layer's KV is one more layer of the pool, moved and cached with the rest.
+        mtp_layer = self.model.num_kv_layers if self.spec is not None and self.spec.method == "mtp" else None
+        num_kv_layers = self.model.num_kv_layers + (mtp_layer is not None)
         block_bytes = KVCache.bytes_per_block(
-            self.model.num_kv_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
+            num_kv_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
         )
         num_blocks = config.kv_cache_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
         self.kv_cache = KVCache(
-            self.model.num_kv_layers,
+            num_kv_layers,
             num_blocks,
             config.block_size,
             mc.num_key_value_heads,
@@ -107,8 +136,9 @@ class Engine:
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer)
         self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
+        self.proposer: Proposer | None = self._build_proposer(mtp_layer)
         self._requests: dict[str, Request] = {}
         self._reservations: dict[str, Request] = {}  # block holders for KV on its way here
         self._arrivals = itertools.count()
@@ -118,6 +148,10 @@ class Engine:
         self._generation_tokens = 0
         self._steps = 0
         self._last_step_seconds = 0.0
+        self._spec_proposed = 0
+        self._spec_accepted = 0
+        self._spec_emitted = 0
+        self._spec_verifications = 0
 
     # ------------------------------------------------------------------ building
 
@@ -152,6 +186,42 @@ class Engine:
             load_checkpoint(model, source.path, dtype=self.dtype, progress=self.config.progress)
         model.pack_for_cpu(self.gemm)
         return model.eval()
+
+    def _build_proposer(self, mtp_layer: int | None) -> Proposer | None:
+        spec = self.spec
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        if spec.method == "mtp":
+            assert mtp_layer is not None
+            return MTPProposer(self, mtp_layer)
+        assert spec.model is not None
+        draft = Engine(
+            replace(
+                self.config,
+                model=spec.model,
+                load_format="auto",
+                hf_overrides={},
+                tokenizer=None,
+                speculative_config=None,
+                # One draft block per target block always suffices: the draft's sequences are the
+                # target's plus at most k guesses (a request without room just is not guessed for).
+                kv_cache_blocks=self.kv.num_blocks + self.config.max_num_seqs,
+                max_model_len=None,
+            )
+        )
+        draft_vocab, vocab = draft.model_config.vocab_size, self.model_config.vocab_size
+        same_tokens = draft_vocab == vocab
+        if same_tokens and draft.tokenizer is not None and self.tokenizer is not None:
+            same_tokens = draft.tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        if not same_tokens:
+            raise ValueError(
+                f"speculative_config.model {spec.model!r} does not share the target's tokenizer "
+                f"(vocab_size {draft_vocab} vs {vocab}, or different token strings); a draft model "
+                "must use the same vocabulary"
+            )
+        return DraftModelProposer(draft)
 
     # ------------------------------------------------------------------ requests
 
@@ -234,6 +304,8 @@ class Engine:
             return False
         self.scheduler.remove(req)
         self.kv.free(req)
+        if self.proposer is not None:
+            self.proposer.forget(request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = "abort"
         self._publish_events()
@@ -247,68 +319,153 @@ class Engine:
     def step(self) -> list[RequestDelta]:
         """Runs one forward pass over the scheduled batch; returns what each request produced."""
         started = time.perf_counter()
+        self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        sample_mask = [
-            req.num_computed_tokens + n == req.num_tokens for req, n in zip(batch.requests, batch.num_tokens)
+        num_logits = [
+            1 + len(req.spec_token_ids) if req.num_computed_tokens + n == req.num_scheduled_tokens else 0
+            for req, n in zip(batch.requests, batch.num_tokens)
         ]
-        logits = self.runner.execute(batch, sample_mask)
-        rows = [
-            SamplingRow(req.params, req.generator, req.prompt_token_ids, req.output_token_ids)
-            for req, sample in zip(batch.requests, sample_mask)
-            if sample
-        ]
-        sampled = self.sampler(logits, rows) if rows else None
+        out = self.runner.execute(batch, num_logits)
+        emitted = self._sample(batch.requests, num_logits, out.logits)
 
         deltas = []
-        k = 0
-        for req, n, sample in zip(batch.requests, batch.num_tokens, sample_mask):
-            req.num_computed_tokens += n
-            self.kv.cache_computed_blocks(req)
-            if not sample:
+        row = 0
+        for req, n, m in zip(batch.requests, batch.num_tokens, num_logits):
+            if m == 0:
+                req.num_computed_tokens += n
+                self.kv.cache_computed_blocks(req)
                 continue
+            tokens, logprobs = emitted[req.request_id]
+            guesses = len(req.spec_token_ids)
+            req.spec_token_ids = []
+            # KV is valid through the last accepted guess; later slots are rolled back.
+            req.num_computed_tokens += n - guesses + len(tokens) - 1
+            if self.runner.mtp_layer is not None:
+                req.mtp_hidden = out.hidden[row + len(tokens) - 1].clone()
+            row += m
             if not req.output_token_ids:
                 self._prompt_tokens += req.num_prompt_tokens
                 self._prefix_queried += req.num_prompt_tokens
                 self._prefix_hits += req.num_cached_tokens
-            assert sampled is not None
-            token = sampled.token_ids[k]
-            lp = sampled.logprobs[k]
-            k += 1
-            deltas.append(self._append_token(req, token, lp))
+            if guesses:
+                self._spec_accepted += len(tokens) - 1
+                self._spec_emitted += len(tokens)
+                self._spec_verifications += 1
+            deltas.append(self._append_tokens(req, tokens, logprobs))
         self._steps += 1
         self._last_step_seconds = time.perf_counter() - started
         self._publish_events()
         return deltas
 
-    def _append_token(self, req: Request, token: int, logprobs: Any) -> RequestDelta:
-        req.append_token(token)
-        self._generation_tokens += 1
-        if logprobs is not None:
-            req.logprobs.append(logprobs)
+    def _propose(self) -> None:
+        """Lets the proposer guess for the requests that are decoding, unless the batch is too big."""
+        if self.proposer is None:
+            return
+        limit = self.spec.disable_by_batch_size if self.spec is not None else None
+        if limit is not None and self.scheduler.num_running > limit:
+            return
+        assert self.spec is not None
+        requests: list[Request] = []
+        ks: list[int] = []
+        for req in self.scheduler.running:
+            if req.prefill_only or not req.output_token_ids or req.num_computed_tokens != req.num_tokens - 1:
+                continue
+            # Never guess past max_tokens or the context window: those tokens could not be emitted.
+            k = min(
+                self.spec.num_speculative_tokens,
+                req.max_tokens - len(req.output_token_ids) - 1,
+                self.max_model_len - req.num_tokens,
+            )
+            if k > 0:
+                requests.append(req)
+                ks.append(k)
+        if requests:
+            self.proposer.propose(requests, ks)
+            self._spec_proposed += sum(len(r.spec_token_ids) for r in requests)
+
+    def _sample(
+        self, requests: list[Request], num_logits: list[int], logits: torch.Tensor
+    ) -> dict[str, tuple[list[int], list[Any]]]:
+        """The tokens (and logprobs) each sampling request emits, by request id.
+
+        `logits` holds `num_logits[i]` rows for request i: one to sample from, or k + 1 to verify
+        its k guesses with.
+        """
+        sampling = [(req, m) for req, m in zip(requests, num_logits) if m]
+        if not sampling:
+            return {}
+        if all(m == 1 for _, m in sampling):
+            rows = [
+                SamplingRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
+                for r, _ in sampling
+            ]
+            sampled = self.sampler(logits, rows)
+            return {
+                req.request_id: ([token], [lp])
+                for (req, _), token, lp in zip(sampling, sampled.token_ids, sampled.logprobs)
+            }
+        groups = [
+            VerifyGroup(
+                [
+                    SamplingRow(
+                        req.params,
+                        req.generator,
+                        req.prompt_token_ids,
+                        req.output_token_ids + req.spec_token_ids[:j],
+                    )
+                    for j in range(m)
+                ],
+                list(req.spec_token_ids),
+            )
+            for req, m in sampling
+        ]
+        verified = verify(self.sampler, logits, groups)
+        return {req.request_id: (v.token_ids, v.logprobs) for (req, _), v in zip(sampling, verified)}
+
+    def _append_tokens(self, req: Request, tokens: list[int], logprobs: list[Any]) -> RequestDelta:
+        """Emits tokens in order until one ends the request; builds the step's delta for it."""
         text = ""
-        stopped_on = None
-        if req.detokenizer is not None:
-            step = req.detokenizer.add_tokens([token])
-            text, stopped_on = step.new_text, step.stopped_on
-        self._check_stop(req, token, stopped_on)
+        emitted: list[int] = []
+        emitted_lps: list[Any] = []
+        for token, lp in zip(tokens, logprobs):
+            req.append_token(token)
+            self._generation_tokens += 1
+            emitted.append(token)
+            if lp is not None:
+                req.logprobs.append(lp)
+                emitted_lps.append(lp)
+            stopped_on = None
+            if req.detokenizer is not None:
+                step = req.detokenizer.add_tokens([token])
+                text += step.new_text
+                stopped_on = step.stopped_on
+            self._check_stop(req, token, stopped_on)
+            if req.finished:
+                break
         if req.finished and req.detokenizer is not None and not isinstance(req.stop_reason, str):
             # Text held back in case it began a stop string is final now.
             text += req.detokenizer.flush()
+        # The accepted guesses are tokens now, so their full blocks can enter the prefix cache.
+        req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+        self.kv.cache_computed_blocks(req)
         kv_ready = False
         if req.finished:
             self._finish(req)
-        elif req.prefill_only:
-            # Park it: blocks stay allocated until export_kv + release_exported.
-            self.scheduler.remove(req)
-            req.status = RequestStatus.PREFILLED
-            kv_ready = True
+        else:
+            # Blocks set aside for rejected guesses go back to the pool.
+            self.kv.trim(req, req.num_tokens)
+            if req.prefill_only:
+                # Park it: blocks stay allocated until export_kv + release_exported.
+                self.scheduler.remove(req)
+                req.status = RequestStatus.PREFILLED
+                kv_ready = True
         return RequestDelta(
             request_id=req.request_id,
-            new_token_ids=[token],
+            new_token_ids=emitted,
             new_text=text,
-            new_logprobs=[logprobs] if logprobs is not None else None,
+            new_logprobs=emitted_lps or None,
             finished=req.finished,
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason,
@@ -340,6 +497,8 @@ class Engine:
         self.scheduler.remove(req)
         self.kv.free(req)
         self._requests.pop(req.request_id, None)
+        if self.proposer is not None:
+            self.proposer.forget(req.request_id)
 
     def _publish_events(self) -> None:
         events = self.kv.pool.drain_events()
@@ -365,6 +524,7 @@ class Engine:
             kv=self.kv_cache.read_blocks(req.block_ids[:n_blocks]),
             generator_state=req.generator.get_state() if req.generator is not None else None,
             logprobs=list(req.logprobs),
+            mtp_hidden=req.mtp_hidden,
         )
 
     def release_exported(self, request_id: str) -> None:
@@ -426,6 +586,8 @@ class Engine:
         req.logprobs = list(payload.logprobs)
         if payload.generator_state is not None and req.generator is not None:
             req.generator.set_state(payload.generator_state)
+        if payload.mtp_hidden is not None:
+            req.mtp_hidden = payload.mtp_hidden.to(self.device, self.dtype)
         holder = self._reservations.get(payload.request_id)
         if holder is not None and len(holder.block_ids) >= payload.num_blocks:
             del self._reservations[payload.request_id]
@@ -468,6 +630,10 @@ class Engine:
             num_steps=self._steps,
             last_step_seconds=self._last_step_seconds,
             waiting_prefill_tokens=waiting_prefill,
+            spec_proposed_tokens=self._spec_proposed,
+            spec_accepted_tokens=self._spec_accepted,
+            spec_emitted_tokens=self._spec_emitted,
+            spec_verifications=self._spec_verifications,
         )
 
     def cached_block_hashes(self) -> list[int]:

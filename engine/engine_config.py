@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from pdserve.engine.spec_decode.config import SpeculativeConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
@@ -31,6 +33,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's setting
     device: str = "cpu"
     progress: bool = True
+    # {"method": "draft" | "mtp" | "ngram", "num_speculative_tokens": k, ...}; see SpeculativeConfig.
+    speculative_config: dict[str, Any] | SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -60,6 +64,8 @@ class EngineConfig:
             positive(name, allow_none=True)
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         try:
             torch.device(self.device)
         except RuntimeError as e:

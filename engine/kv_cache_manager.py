@@ -81,6 +81,16 @@ class KVCacheManager:
             self.pool.cache(request.block_ids[i], request.block_hashes[i])
         request.num_cached_blocks = full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Returns the blocks past the first `num_tokens` tokens (set aside for rejected guesses).
+
+        Those blocks were never full of computed tokens, so none of them is in the prefix cache.
+        """
+        keep = -(-num_tokens // self.block_size)
+        if len(request.block_ids) > keep:
+            self.pool.free(list(reversed(request.block_ids[keep:])))
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Releases the request's blocks; the tail is evicted before the shared head."""
         self.pool.free(list(reversed(request.block_ids)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pdserve.engine.layers.attention import AttentionMetadata, PrefillSpan
@@ -44,92 +46,156 @@ class KVCache:
         self.tensor[:, :, block_ids] = data.to(self.tensor.dtype)
 
 
-class ModelRunner:
-    """Runs one forward pass for a `ScheduledBatch` over the shared KV cache."""
+# Sequences computing at most this many tokens in a step share one padded attention call
+# (decodes, and speculative verification's k + 1); longer spans get a call each.
+MAX_BATCHED_QUERY = 17
 
-    def __init__(self, model: Ernie45ForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
+
+@dataclass
+class ModelOutput:
+    """What one forward pass hands to sampling: logits and pre-norm hidden states of the same rows."""
+
+    logits: torch.Tensor  # [R, V] fp32
+    hidden: torch.Tensor  # [R, H]
+
+
+@dataclass
+class ModelInputs:
+    """A scheduled batch as tensors: flattened tokens, their positions and attention metadata."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor  # [R] rows of T whose logits the step needs, in batch order
+    next_ids: torch.Tensor  # [T] the token after each row's (0 where none is known yet), for MTP
+
+
+class ModelRunner:
+    """Runs one forward pass for a `ScheduledBatch` over the shared KV cache.
+
+    With `mtp_layer` set (the KV layer index of the MTP head), every pass also runs the MTP
+    layer over the step's rows, so its KV cache keeps up with the main model's: row t's
+    entry needs token t+1, known for every row but the sequence's last, whose entry the MTP
+    proposer writes once the next token is sampled.
+    """
+
+    def __init__(
+        self,
+        model: Ernie45ForCausalLM,
+        kv_cache: KVCache,
+        device: torch.device,
+        mtp_layer: int | None = None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
+        self.mtp_layer = mtp_layer
         self._layers = [kv_cache.layer(i) for i in range(model.num_kv_layers)]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, sample_mask: list[bool]) -> torch.Tensor:
-        """Logits [S, V] (fp32) for the requests with `sample_mask` set, in batch order."""
-        input_ids, positions, meta, logit_rows = self._prepare(batch, sample_mask)
-        hidden = self.model(input_ids, positions, self._layers, meta)
-        return self.model.compute_logits(hidden[logit_rows])
+    def execute(self, batch: ScheduledBatch, num_logits: list[int], run_mtp: bool = True) -> ModelOutput:
+        """Logits and hidden states of the last `num_logits[i]` tokens of each request, in batch order."""
+        inputs = self.prepare(batch, num_logits)
+        hidden = self.model(inputs.input_ids, inputs.positions, self._layers, inputs.meta)
+        if self.mtp_layer is not None and run_mtp:
+            self.model.mtp_forward(
+                hidden,
+                inputs.next_ids,
+                inputs.positions,
+                self.kv_cache.layer(self.mtp_layer),
+                inputs.meta,
+            )
+        rows = hidden[inputs.logit_rows]
+        return ModelOutput(self.model.compute_logits(rows), rows)
 
-    def _prepare(
-        self, batch: ScheduledBatch, sample_mask: list[bool]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(self, batch: ScheduledBatch, num_logits: list[int]) -> ModelInputs:
         bs = self.block_size
         ids: list[int] = []
+        nexts: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
-        decode_rows: list[int] = []
-        decode_ctx: list[int] = []
-        decode_tables: list[list[int]] = []
+        short_rows: list[list[int]] = []
+        short_ctx: list[int] = []
+        short_tables: list[list[int]] = []
         prefills: list[PrefillSpan] = []
-        for req, n in zip(batch.requests, batch.num_tokens):
+        for req, n, m in zip(batch.requests, batch.num_tokens, num_logits):
             start = req.num_computed_tokens
             row = len(ids)
-            ids.extend(req.all_token_ids[start : start + n])
+            ids.extend(req.token_ids_in(start, start + n))
+            following = req.token_ids_in(start + 1, start + n + 1)
+            nexts.extend(following + [0] * (n - len(following)))
             pos.extend(range(start, start + n))
             table = req.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             ctx = start + n
-            if n == 1:
-                decode_rows.append(row)
-                decode_ctx.append(ctx)
-                decode_tables.append(table[: -(-ctx // bs)])
+            if n <= MAX_BATCHED_QUERY:
+                short_rows.append(list(range(row, row + n)))
+                short_ctx.append(ctx)
+                short_tables.append(table[: -(-ctx // bs)])
             else:
                 span_slots = None
                 if start > 0:
                     span_slots = self._slots(table, ctx)
                 prefills.append(PrefillSpan(row, row + n, ctx, span_slots))
-        for mask, req_end in zip(sample_mask, _cumsum(batch.num_tokens)):
-            if mask:
-                logit_rows.append(req_end - 1)
+            logit_rows.extend(range(row + n - m, row + n))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=self.device),
+            decode_rows=torch.empty(0, 0, dtype=torch.long, device=self.device),
             decode_slots=torch.empty(0, dtype=torch.long),
             decode_mask=torch.empty(0, dtype=torch.bool),
             prefills=prefills,
         )
-        if decode_rows:
-            meta.decode_slots, meta.decode_mask = self._decode_gather(decode_tables, decode_ctx)
-        return (
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(pos, dtype=torch.long, device=self.device),
-            meta,
-            torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+        if short_rows:
+            self._short_group(meta, short_rows, short_tables, short_ctx)
+        return ModelInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(pos, dtype=torch.long, device=self.device),
+            meta=meta,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+            next_ids=torch.tensor(nexts, dtype=torch.long, device=self.device),
         )
+
+    def single_token_meta(self, tables: list[list[int]], positions: list[int]) -> AttentionMetadata:
+        """Attention metadata for one new token per sequence, sequence i's at `positions[i]`."""
+        bs = self.block_size
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            decode_rows=torch.empty(0, 0, dtype=torch.long, device=self.device),
+            decode_slots=torch.empty(0, dtype=torch.long),
+            decode_mask=torch.empty(0, dtype=torch.bool),
+        )
+        ctx = [p + 1 for p in positions]
+        self._short_group(
+            meta, [[i] for i in range(len(tables))], [t[: -(-c // bs)] for t, c in zip(tables, ctx)], ctx
+        )
+        return meta
 
     def _slots(self, table: list[int], ctx: int) -> torch.Tensor:
         blocks = torch.tensor(table[: -(-ctx // self.block_size)], dtype=torch.long, device=self.device)
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets).flatten()[:ctx]
 
-    def _decode_gather(self, tables: list[list[int]], ctx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded context slots [B, Cmax] and mask [B, 1, 1, Cmax] for the decode rows."""
+    def _short_group(
+        self, meta: AttentionMetadata, rows: list[list[int]], tables: list[list[int]], ctx: list[int]
+    ) -> None:
+        """Fills the padded batched-attention fields for the sequences computing few tokens."""
         bs = self.block_size
+        q = max(len(r) for r in rows)
+        padded_rows = torch.tensor([r + [r[-1]] * (q - len(r)) for r in rows], dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows])
         max_blocks = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         offsets = torch.arange(bs)
-        slots = (padded[:, :, None] * bs + offsets).view(len(tables), -1)
         cmax = max(ctx)
-        slots = slots[:, :cmax]
-        mask = torch.arange(cmax)[None, :] < torch.tensor(ctx)[:, None]
-        return slots.to(self.device), mask[:, None, None, :].to(self.device)
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
+        slots = (padded[:, :, None] * bs + offsets).view(len(tables), -1)[:, :cmax]
+        # Query j of a sequence with n new tokens and context c sits at position c - n + j.
+        query_pos = torch.tensor(ctx)[:, None] - lengths[:, None] + torch.arange(q)[None, :]
+        mask = torch.arange(cmax)[None, None, :] <= query_pos[:, :, None]  # [B, Q, Cmax]
+        meta.decode_rows = padded_rows.to(self.device)
+        meta.decode_slots = slots.to(self.device)
+        meta.decode_mask = mask[:, None].to(self.device)
+        if q > 1 and bool((lengths < q).any()):
+            meta.decode_valid = (torch.arange(q)[None, :] < lengths[:, None]).to(self.device)

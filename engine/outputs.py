@@ -74,6 +74,9 @@ class KVPayload:
     kv: torch.Tensor
     generator_state: torch.Tensor | None = None  # so seeded sampling continues exactly
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # MTP speculation: the pre-norm hidden state [H] at the last computed position, which the
+    # decode side's MTP layer chains its first guess from (the MTP KV travels in `kv`).
+    mtp_hidden: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:

@@ -51,6 +51,11 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Speculative decoding: this step's guessed tokens (verified, then cleared, by the step), and
+    # for MTP the pre-norm hidden state at position num_computed_tokens - 1, which the MTP layer
+    # combines with the last token to guess the next one.
+    spec_token_ids: list[int] = field(default_factory=list)
+    mtp_hidden: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -59,6 +64,18 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the step would compute for this request: the known ones plus this step's guesses."""
+        return self.num_tokens + len(self.spec_token_ids)
+
+    def token_ids_in(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end) of the known tokens followed by the guessed ones."""
+        known = self.all_token_ids[start:end]
+        if end <= self.num_tokens:
+            return known
+        return known + self.spec_token_ids[max(0, start - self.num_tokens) : end - self.num_tokens]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -249,7 +249,8 @@ class Sampler:
         # One default generator per device, created on first use there.
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _default_generator(self, device: torch.device) -> torch.Generator:
+    def default_generator(self, device: torch.device) -> torch.Generator:
+        """The generator for rows without a per-request seed."""
         generator = self._generators.get(device)
         if generator is None:
             generator = torch.Generator(device=device)
@@ -275,9 +276,9 @@ class Sampler:
             index = _rows_tensor(unseeded_rows, device)
             probs = _RowSubset(processed, unseeded_rows).data.softmax(dim=-1, dtype=torch.float32)
             u = torch.rand(
-                probs.shape, dtype=torch.float32, device=device, generator=self._default_generator(device)
+                probs.shape, dtype=torch.float32, device=device, generator=self.default_generator(device)
             )
-            tokens.index_copy_(0, index, _race(probs, u))
+            tokens.index_copy_(0, index, race(probs, u))
         if seeded_rows:
             index = _rows_tensor(seeded_rows, device)
             probs = _RowSubset(processed, seeded_rows).data.softmax(dim=-1, dtype=torch.float32)
@@ -288,13 +289,13 @@ class Sampler:
                 # Drawn on the generator's own device so a CPU generator also serves GPU logits;
                 # always float32, so a request's stream does not depend on the logits' dtype.
                 u[j] = torch.rand(vocab, dtype=torch.float32, device=generator.device, generator=generator)
-            tokens.index_copy_(0, index, _race(probs, u))
+            tokens.index_copy_(0, index, race(probs, u))
 
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids=token_ids, logprobs=_gather_logprobs(logits, rows, tokens))
+        return SamplerOutput(token_ids=token_ids, logprobs=gather_logprobs(logits, rows, tokens))
 
 
-def _race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Exponential race: with q = -log(u) ~ Exp(1), argmax(p / q) picks token i with probability p_i.
 
     Consumes `u` [n, V] ~ U[0, 1). Uniform draws plus a log are ~4x cheaper on CPU than
@@ -304,7 +305,7 @@ def _race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (probs / u.log_().neg_()).argmax(dim=-1)
 
 
-def _gather_logprobs(
+def gather_logprobs(
     logits: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor
 ) -> list[TokenLogprobs | None]:
     """Logprobs of the sampled tokens (and top alternatives) under the raw logits."""

@@ -1,11 +1,11 @@
 """Continuous batching: which requests compute how many tokens this step.
 
-One rule covers prompt prefill, chunked prefill, decode and recompute: a request is owed
-`num_tokens - num_computed_tokens` tokens. Running requests are served first (in arrival
-order), then waiting ones (first come, first served) while the step's token budget, the
-sequence limit and the KV pool allow. When a running request cannot get a block, the most
-recently arrived running request is preempted: its blocks are freed and it recomputes later
-(cheaply, since its full blocks usually stay in the prefix cache).
+One rule covers prompt prefill, chunked prefill, decode, speculative verification and
+recompute: a request is owed `num_tokens + len(spec_token_ids) - num_computed_tokens` tokens.
+Running requests are served first (in arrival order), then waiting ones (first come, first
+served) while the step's token budget, the sequence limit and the KV pool allow. When a running
+request cannot get a block, the most recently arrived running request is preempted: its blocks
+are freed and it recomputes later (cheaply, since its full blocks usually stay in the prefix cache).
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
+            # Guesses that do not fit in the budget are dropped, never half-verified.
+            del req.spec_token_ids[max(0, req.num_computed_tokens + n - req.num_tokens) :]
             while not self.kv.allocate(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -111,6 +113,8 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.mtp_hidden = None
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1

@@ -53,6 +53,7 @@ class Handoff:
     num_blocks: int
     generator_state: object | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    mtp_hidden: object | None = None  # torch.Tensor [H] when the engines speculate with MTP
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Attention over a paged KV cache, for a step mixing decodes and (chunked) prefills.
 
 The cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; a
-token's K/V live at flat slot `block_id * block_size + offset`. Decode rows (one new token)
-are attended together in one padded SDPA call; each prefill span gets its own call, since
-padding a long prompt against short decodes would waste far more than the extra call costs.
+token's K/V live at flat slot `block_id * block_size + offset`. Sequences computing a few
+tokens (a decode's one, or a speculative verification's k + 1) are attended together in one
+padded SDPA call; each longer prefill span gets its own call, since padding a long prompt
+against short decodes would waste far more than the extra call costs.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ class AttentionMetadata:
     """Where this step's tokens go in the cache and what each of them attends to."""
 
     slot_mapping: torch.Tensor  # [T] flat slot of each new token
-    decode_rows: torch.Tensor  # [Bd] row index (into T) of each single-token sequence
-    decode_slots: torch.Tensor  # [Bd, Cmax] flat slots of each decode row's context, padded
-    decode_mask: torch.Tensor  # [Bd, 1, 1, Cmax] True where the slot is real
+    # The short sequences, batched: sequence b's j-th new token is row decode_rows[b, j] of T.
+    decode_rows: torch.Tensor  # [Bd, Q] row indices; a sequence with fewer than Q repeats its last
+    decode_slots: torch.Tensor  # [Bd, Cmax] flat slots of each sequence's context, padded
+    decode_mask: torch.Tensor  # [Bd, 1, Q, Cmax] True where query j may see slot c
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # [Bd, Q] True where decode_rows is a real row, not padding; None when every row is real.
+    decode_valid: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -52,13 +56,16 @@ def paged_attention(
 
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
-        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        qd = q[meta.decode_rows].transpose(1, 2)  # [Bd, H, Q, D]
         kd = k_flat[meta.decode_slots].transpose(1, 2)  # [Bd, KVH, Cmax, D]
         vd = v_flat[meta.decode_slots].transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[meta.decode_rows] = od.squeeze(2)
+        ).transpose(1, 2)  # [Bd, Q, H, D]
+        if meta.decode_valid is None:
+            out[meta.decode_rows.flatten()] = od.flatten(0, 1)
+        else:
+            out[meta.decode_rows[meta.decode_valid]] = od[meta.decode_valid]
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
         n = span.end - span.start

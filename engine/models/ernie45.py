@@ -138,19 +138,42 @@ class Ernie45ForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Final-norm hidden states [T, H] for the step's flattened tokens."""
+        """Hidden states [T, H] before the final norm (what MTP reads) for the step's flattened tokens."""
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, cos_sin, kv_cache, meta)
-        return self.model.norm(x)
+        return x
+
+    def mtp_forward(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The MTP layer's pre-norm output [T, H]; its logits (`compute_logits`) guess token t+2.
+
+        Row i combines the pre-norm hidden state at position t = positions[i] with the embedding
+        of token t+1, as ERNIE trains it; the layer attends over its own KV cache, by position.
+        Feeding an output row back in as `hidden` guesses one more token further on.
+        """
+        m = self.model
+        emb = m.embed_tokens(next_ids)
+        x = m.mtp_linear_proj[0](torch.cat([m.mtp_emb_norm[0](emb), m.mtp_hidden_norm[0](hidden)], dim=-1))
+        return m.mtp_block[0](x, self.rotary.cos_sin(positions), kv_cache, meta)
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.config.num_nextn_predict_layers > 0
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, V] for the given rows of hidden states."""
+        """fp32 logits [N, V] for the given rows of pre-norm hidden states."""
         if self.lm_head is not None:
             weight = self.lm_head.weight
         elif self._tied_head_input_major is not None:
             weight = self._tied_head_input_major
         else:
             weight = self.model.embed_tokens.weight
-        return linear(hidden, weight, gemm=self._gemm).float()
+        return linear(self.model.norm(hidden), weight, gemm=self._gemm).float()

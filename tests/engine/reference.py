@@ -40,8 +40,8 @@ def engine_logits(engine: Engine, ids: list[int], chunks: list[int]) -> torch.Te
         for n in chunks:
             assert engine.kv.allocate(req, req.num_computed_tokens + n)
             batch = ScheduledBatch([req], [n])
-            input_ids, positions, meta, _ = engine.runner._prepare(batch, [True])
-            hidden = engine.model(input_ids, positions, engine.runner._layers, meta)
+            inputs = engine.runner.prepare(batch, [n])
+            hidden = engine.model(inputs.input_ids, inputs.positions, engine.runner._layers, inputs.meta)
             out.append(engine.model.compute_logits(hidden))
             req.num_computed_tokens += n
     finally:
