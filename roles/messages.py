@@ -79,3 +79,5 @@ class WorkerLoad:
     waiting_prefill_tokens: int
     last_step_seconds: float
     draining: bool
+    spec_acceptance_rate: float = 0.0  # speculative decoding, since start (0 when it is off)
+    spec_mean_accepted_length: float = 0.0

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker: KV transfers, role switches, queues and cache.
+"""Prometheus metrics of one worker: KV transfers, role switches, queues, cache and speculation.
 
 Each worker owns a `WorkerMetrics` (its own registry, no process-global state); the
 controller and the gateway collect the text exposition through `Worker.metrics()`.
@@ -7,6 +7,8 @@ controller and the gateway collect the text exposition through `Worker.metrics()
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdserve.engine import EngineStats
 
 # Transfers span ~1 ms (one block, same host) to seconds (long prompts, slow links).
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -69,6 +71,55 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
+
+        self.spec_proposed = Counter(
+            "pdserve_spec_decode_proposed_tokens", "Tokens guessed by the proposer", ["worker"], registry=r
+        )
+        self.spec_accepted = Counter(
+            "pdserve_spec_decode_accepted_tokens",
+            "Guessed tokens the target model accepted",
+            ["worker"],
+            registry=r,
+        )
+        self.spec_emitted = Counter(
+            "pdserve_spec_decode_emitted_tokens",
+            "Tokens emitted by verification steps (accepted guesses + one per step)",
+            ["worker"],
+            registry=r,
+        )
+        self.spec_acceptance_rate = Gauge(
+            "pdserve_spec_decode_acceptance_rate",
+            "Accepted / proposed tokens, since start",
+            ["worker"],
+            registry=r,
+        )
+        self.spec_mean_accepted_length = Gauge(
+            "pdserve_spec_decode_mean_accepted_length",
+            "Tokens emitted per verification step, since start (1.0: guessing never paid)",
+            ["worker"],
+            registry=r,
+        )
+        self._spec_seen = (0, 0, 0)
+
+    def engine_stats(self, stats: EngineStats, pending_sends: int) -> None:
+        """Refreshes the queue, cache and speculation families from an engine snapshot."""
+        w = self.worker_id
+        self.requests_waiting.labels(w).set(stats.num_waiting)
+        self.requests_running.labels(w).set(stats.num_running)
+        self.pending_sends.labels(w).set(pending_sends)
+        self.kv_blocks_free.labels(w).set(stats.kv_blocks_free)
+        self.kv_blocks_total.labels(w).set(stats.kv_blocks_total)
+        self.prefix_hit_tokens.labels(w).set(stats.prefix_cache_hit_tokens)
+        self.prefix_queried_tokens.labels(w).set(stats.prefix_cache_queried_tokens)
+        # The engine counts since start; the counters advance by what is new since the last look.
+        now = (stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_emitted_tokens)
+        for counter, new, old in zip(
+            (self.spec_proposed, self.spec_accepted, self.spec_emitted), now, self._spec_seen
+        ):
+            counter.labels(w).inc(max(0, new - old))
+        self._spec_seen = now
+        self.spec_acceptance_rate.labels(w).set(stats.spec_acceptance_rate)
+        self.spec_mean_accepted_length.labels(w).set(stats.spec_mean_accepted_length)
 
     def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
         self.kv_transfer_bytes.labels(self.worker_id, direction).inc(nbytes)

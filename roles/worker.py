@@ -78,14 +78,7 @@ class Worker:
         """Current load, for the controller and the router."""
         loop = await self._engine()
         stats = await loop.call(lambda e: e.stats())
-        m, w = self.metrics, self.worker_id
-        m.requests_waiting.labels(w).set(stats.num_waiting)
-        m.requests_running.labels(w).set(stats.num_running)
-        m.pending_sends.labels(w).set(len(self._outbox))
-        m.kv_blocks_free.labels(w).set(stats.kv_blocks_free)
-        m.kv_blocks_total.labels(w).set(stats.kv_blocks_total)
-        m.prefix_hit_tokens.labels(w).set(stats.prefix_cache_hit_tokens)
-        m.prefix_queried_tokens.labels(w).set(stats.prefix_cache_queried_tokens)
+        self.metrics.engine_stats(stats, len(self._outbox))
         return WorkerLoad(
             worker_id=self.worker_id,
             role=self.role,
@@ -98,6 +91,8 @@ class Worker:
             waiting_prefill_tokens=stats.waiting_prefill_tokens,
             last_step_seconds=stats.last_step_seconds,
             draining=self._draining,
+            spec_acceptance_rate=stats.spec_acceptance_rate,
+            spec_mean_accepted_length=stats.spec_mean_accepted_length,
         )
 
     async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> str:
