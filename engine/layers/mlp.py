@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.layers.linear import Linear
+from pdserve.engine.layers.linear import CpuGemm, FusedInputMajor, Linear
 
 
 class GatedMLP(nn.Module):
@@ -17,6 +17,16 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
+        self._gate_up: FusedInputMajor | None = None
+
+    def fuse_for_cpu(self, gemm: CpuGemm) -> None:
+        """Computes gate and up with one GEMM; call after `pack_for_cpu`."""
+        if FusedInputMajor.applies([self.gate_proj, self.up_proj]):
+            self._gate_up = FusedInputMajor([self.gate_proj, self.up_proj], gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            gate, up = self._gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

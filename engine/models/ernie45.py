@@ -12,7 +12,14 @@ from torch import nn
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers.attention import AttentionMetadata, paged_attention
-from pdserve.engine.layers.linear import CpuGemm, Linear, linear, pack_input_major, pack_model_for_cpu
+from pdserve.engine.layers.linear import (
+    CpuGemm,
+    FusedInputMajor,
+    Linear,
+    linear,
+    pack_input_major,
+    pack_model_for_cpu,
+)
 from pdserve.engine.layers.mlp import GatedMLP
 from pdserve.engine.layers.moe import SparseMoE
 from pdserve.engine.layers.norm import RMSNorm
@@ -33,6 +40,12 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * d, h, bias=bias, dtype=dtype)
+        self._qkv: FusedInputMajor | None = None
+
+    def fuse_for_cpu(self, gemm: CpuGemm) -> None:
+        """Computes q, k and v with one GEMM; call after `pack_for_cpu`."""
+        if FusedInputMajor.applies([self.q_proj, self.k_proj, self.v_proj]):
+            self._qkv = FusedInputMajor([self.q_proj, self.k_proj, self.v_proj], gemm)
 
     def forward(
         self,
@@ -42,9 +55,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self._qkv is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            q, k, v = self._qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         cos, sin = cos_sin
         q = RotaryEmbedding.rotate(q, cos, sin)
         k = RotaryEmbedding.rotate(k, cos, sin)
@@ -121,6 +138,9 @@ class Ernie45ForCausalLM(nn.Module):
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
         """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded."""
         pack_model_for_cpu(self, gemm)
+        for module in self.modules():
+            if isinstance(module, (Attention, GatedMLP)):
+                module.fuse_for_cpu(gemm)
         self._gemm = gemm
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
