@@ -319,7 +319,7 @@ class Engine:
     def step(self) -> list[RequestDelta]:
         """Runs one forward pass over the scheduled batch; returns what each request produced."""
         started = time.perf_counter()
-        self._propose()
+        speculating = self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -327,7 +327,10 @@ class Engine:
             1 + len(req.spec_token_ids) if req.num_computed_tokens + n == req.num_scheduled_tokens else 0
             for req, n in zip(batch.requests, batch.num_tokens)
         ]
-        out = self.runner.execute(batch, num_logits)
+        # The MTP layer's cache is fed while prompts are computed (a decode worker inherits it)
+        # and while speculating; large batches that do not speculate skip its cost.
+        run_mtp = speculating or any(not r.output_token_ids for r in batch.requests)
+        out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
         emitted = self._sample(batch.requests, num_logits, out.logits)
 
         deltas = []
@@ -359,13 +362,16 @@ class Engine:
         self._publish_events()
         return deltas
 
-    def _propose(self) -> None:
-        """Lets the proposer guess for the requests that are decoding, unless the batch is too big."""
+    def _propose(self) -> bool:
+        """Lets the proposer guess for the requests that are decoding, unless the batch is too big.
+
+        Returns whether speculation is on this step.
+        """
         if self.proposer is None:
-            return
+            return False
         limit = self.spec.disable_by_batch_size if self.spec is not None else None
         if limit is not None and self.scheduler.num_running > limit:
-            return
+            return False
         assert self.spec is not None
         requests: list[Request] = []
         ks: list[int] = []
@@ -384,6 +390,7 @@ class Engine:
         if requests:
             self.proposer.propose(requests, ks)
             self._spec_proposed += sum(len(r.spec_token_ids) for r in requests)
+        return True
 
     def _sample(
         self, requests: list[Request], num_logits: list[int], logits: torch.Tensor
