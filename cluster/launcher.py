@@ -20,10 +20,12 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
+from pdserve.config import ClusterConfig
 from pdserve.engine import EngineConfig
 
 NAMESPACE = "pdserve"
@@ -49,6 +51,31 @@ class UpConfig:
     address: str | None = None  # join this Ray cluster instead of starting one
     api_key: str | None = None
     state_dir: Path = field(default_factory=lambda: Path.home() / ".pdserve")
+    # Engine argument of decode and both workers only: prefill workers never speculate.
+    speculative_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, c: ClusterConfig) -> UpConfig:
+        """The launch settings of a loaded `pdserve.config.ClusterConfig`."""
+        engine = EngineConfig(
+            model=c.model, load_format=c.load_format, hf_overrides=dict(c.hf_overrides), dtype=c.dtype,
+            seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
+            num_threads=c.threads or 1,  # several workers share the machine's cores
+        )  # fmt: skip
+        return cls(
+            engine, prefill=c.prefill, decode=c.decode, both=c.both, host=c.host, port=c.port,
+            router_port=c.router_port, policy=c.policy, redis_url=c.redis_url, address=c.address,
+            api_key=c.api_key, state_dir=c.state_dir, speculative_config=c.speculative_config,
+        )  # fmt: skip
+
+    def controller_config(self) -> ControllerConfig:
+        """The controller's settings; ValueError (nothing started yet) when they cannot work."""
+        decode_engine = None
+        if self.speculative_config is not None:  # EngineConfig checks it here, before Ray starts
+            decode_engine = replace(self.engine, speculative_config=self.speculative_config)
+        return ControllerConfig(
+            self.engine, prefill=self.prefill, decode=self.decode, both=self.both, decode_engine=decode_engine
+        )
 
 
 @dataclass
@@ -88,6 +115,7 @@ def up(config: UpConfig, echo=print) -> int:
     from pdserve.engine.config import ModelConfig
     from pdserve.engine.model_source import resolve_model
 
+    controller_config = config.controller_config()  # worker counts, speculative_config
     for port, flag in ((config.port, "--port"), (config.router_port, "--router-port")):
         if not _port_free(config.host, port):
             raise LaunchError(f"port {port} on {config.host} is in use; pick another with {flag}")
@@ -110,13 +138,13 @@ def up(config: UpConfig, echo=print) -> int:
     except Exception as e:
         raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
     try:
-        return asyncio.run(_serve(config, source, mc, echo))
+        return asyncio.run(_serve(config, controller_config, source, mc, echo))
     finally:
         _state_file(config.state_dir).unlink(missing_ok=True)
         ray.shutdown()
 
 
-async def _serve(config: UpConfig, source, mc, echo) -> int:
+async def _serve(config: UpConfig, controller_config: ControllerConfig, source, mc, echo) -> int:
     import signal
 
     import uvicorn
@@ -124,10 +152,7 @@ async def _serve(config: UpConfig, source, mc, echo) -> int:
     from pdserve.gateway.app import GatewayConfig, create_app
     from pdserve.router.server import RouterConfig, start_router
 
-    controller = start_controller(
-        ControllerConfig(config.engine, prefill=config.prefill, decode=config.decode, both=config.both),
-        name=CONTROLLER_NAME,
-    )
+    controller = start_controller(controller_config, name=CONTROLLER_NAME)
     echo(
         f"loading {source.name} on {config.prefill} prefill + {config.decode} decode + {config.both} both workers"
     )

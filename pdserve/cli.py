@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pdserve.config import add_flags, flags_given, load_config
 
 
 def _json_dict(flag: str):
@@ -223,22 +226,13 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from pdserve.cluster.launcher import LaunchError, UpConfig, up
-    from pdserve.engine import EngineConfig
+    # Checked before the launcher (and torch, Ray) is imported: a bad setting starts nothing.
+    settings = load_config(flags_given(args), os.environ, args.config)
 
-    # One torch thread per worker unless asked: several workers share the machine's cores.
-    engine = EngineConfig(
-        **{**_engine_args(args), "num_threads": args.threads or 1},
-        kv_cache_blocks=args.kv_cache_blocks,
-        progress=False,
-    )
-    config = UpConfig(
-        engine, prefill=args.prefill, decode=args.decode, both=args.both, host=args.host, port=args.port,
-        router_port=args.router_port, policy=args.policy, redis_url=args.redis_url, address=args.address,
-        api_key=args.api_key, state_dir=args.state_dir,
-    )  # fmt: skip
+    from pdserve.cluster.launcher import LaunchError, UpConfig, up
+
     try:
-        return up(config)
+        return up(UpConfig.from_config(settings))
     except LaunchError as e:
         print(f"pdserve up: error: {e}", file=sys.stderr)
         return 1
@@ -284,26 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_cmd_generate)
 
-    default_state = Path.home() / ".pdserve"
-    up_p = sub.add_parser("up", help="start the cluster: Ray, controller, workers, router, gateway")
-    _add_model_args(up_p)
-    up_p.set_defaults(model="demo")
-    up_p.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    up_p.add_argument("--decode", type=int, default=1, help="decode workers")
-    up_p.add_argument("--both", type=int, default=0, help="colocated (prefill+decode) workers")
-    up_p.add_argument("--host", default="127.0.0.1")
-    up_p.add_argument("--port", type=int, default=8000, help="HTTP gateway port")
-    up_p.add_argument("--router-port", type=int, default=50051)
-    up_p.add_argument(
-        "--policy", default="cache_aware", help="round_robin | least_load | power_of_two | cache_aware"
+    # Where `up` records what it started; PDSERVE_STATE_DIR so down/status find an `up` that used it.
+    default_state = Path(os.environ.get("PDSERVE_STATE_DIR") or Path.home() / ".pdserve")
+    up_p = sub.add_parser(
+        "up",
+        help="start the cluster: Ray, controller, workers, router, gateway",
+        description="Settings come from flags, else PDSERVE_* environment variables, else the --config "
+        "YAML file, else the defaults; the names are the same in all three.",
+        allow_abbrev=False,  # exact names only, as in the environment and the file
     )
-    up_p.add_argument("--redis-url", default=None, help="share the prefix index through Redis")
-    up_p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    up_p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    up_p.add_argument("--kv-cache-blocks", type=int, default=None, help="KV blocks per worker")
-    up_p.add_argument(
-        "--state-dir", type=Path, default=default_state, help="where up records what it started"
-    )
+    add_flags(up_p)
     up_p.set_defaults(func=_cmd_up)
     down_p = sub.add_parser("down", help="stop what `pdserve up` started")
     down_p.add_argument("--state-dir", type=Path, default=default_state)

@@ -22,11 +22,15 @@ def run(*args, **kw):
 def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
     port, router_port = free_port(), free_port()
     state = tmp_path / "state"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Settings from all three sources (pdserve.config): the file's port is used, and the
+    # environment's policy beats the file's.
+    config = tmp_path / "good.yaml"
+    config.write_text(f"port: {port}\nkv_cache_blocks: 64\npolicy: round_robin\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_ROUTER_PORT": str(router_port),
+           "PDSERVE_POLICY": "cache_aware"}  # fmt: skip
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this block: the process writes to it)
     up = subprocess.Popen(
-        [*PDSERVE, "up", "--model", str(moe_checkpoint), "--port", str(port), "--router-port", str(router_port),
-         "--state-dir", str(state), "--kv-cache-blocks", "64"],
+        [*PDSERVE, "up", "--config", str(config), "--model", str(moe_checkpoint), "--state-dir", str(state)],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     try:
@@ -37,6 +41,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
             time.sleep(0.5)
         printed = Path(tmp_path / "up.log").read_text()
         assert f"pdserve is up: http://127.0.0.1:{port}" in printed and "curl http://" in printed
+        assert f"router 127.0.0.1:{router_port})" in printed
 
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "def f", "max_tokens": 4}, timeout=60

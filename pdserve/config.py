@@ -1,0 +1,262 @@
+"""`pdserve.config`: the one configuration schema of `pdserve up`.
+
+Every setting has one snake_case name, used as is in the YAML file (`--config FILE` or
+`PDSERVE_CONFIG`), upper-cased behind `PDSERVE_` in the environment (`PDSERVE_REDIS_URL`) and
+dashed behind `--` as a flag (`--redis-url`); the flags are generated from `ClusterConfig`, so
+the three cannot drift apart. Flags win over the environment, which wins over the file, which
+wins over the defaults. Environment variables and flags are text: an empty value leaves an
+optional setting unset, and dict-valued settings take a JSON object (a mapping in YAML).
+Unknown keys, unknown `PDSERVE_*` variables and bad values are refused with the key's name and
+where it came from. This module imports neither torch nor Ray, so a bad configuration is
+refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+ENV_PREFIX = "PDSERVE_"
+CONFIG_ENV = "PDSERVE_CONFIG"  # the YAML file's path, when no --config is given
+# Variables the test suite reads (PDSERVE_TEST_REDIS_URL); a test run must be able to start
+# `pdserve up` with them set.
+RESERVED_ENV_PREFIX = "PDSERVE_TEST_"
+# Kept in step with pdserve.router.policies.POLICIES by a test (importing it here would pull
+# torch into every CLI start).
+Policy = Literal["round_robin", "least_load", "power_of_two", "cache_aware"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and its source."""
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads YAML `port: true` as 1; a boolean is never a count or a port.
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "booleans are not integers")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+
+
+class ClusterConfig(BaseModel):
+    """Everything `pdserve up` takes; field descriptions are the flags' help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("demo", min_length=1, description="checkpoint directory or bundled model name")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field("auto", description="how weights load")
+    hf_overrides: dict[str, Any] = Field(
+        default_factory=dict, description='config.json keys to override, e.g. {"num_hidden_layers": 2}'
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weight dtype")
+    seed: Int = Field(0, description="engine seed")
+    threads: Int | None = Field(None, ge=1, description="torch threads per worker, 1 when unset")
+    prefill: Int = Field(1, ge=0, description="prefill workers")
+    decode: Int = Field(1, ge=0, description="decode workers")
+    both: Int = Field(0, ge=0, description="colocated (prefill+decode) workers")
+    host: str = Field("127.0.0.1", min_length=1, description="address every service binds")
+    port: Int = Field(8000, ge=1, le=65535, description="HTTP gateway port")
+    router_port: Int = Field(50051, ge=1, le=65535, description="gRPC router port")
+    policy: Policy = Field("cache_aware", description="prefill placement policy")
+    redis_url: str | None = Field(None, description="share the prefix index through this Redis")
+    address: str | None = Field(None, description="join this Ray cluster instead of starting one")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY'")
+    kv_cache_blocks: Int | None = Field(None, ge=1, description="KV blocks per worker")
+    state_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".pdserve", description="where up records what it started"
+    )
+    speculative_config: dict[str, Any] | None = Field(
+        None,
+        description="speculative decoding on decode and both workers, passed to the engine as is, "
+        'e.g. {"method": "ngram", "num_speculative_tokens": 4}',
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        # A quoted "~/x" in YAML or a variable reaches us unexpanded by any shell.
+        return value.expanduser()
+
+
+FIELDS = ClusterConfig.model_fields
+
+
+def env_name(name: str) -> str:
+    """`redis_url` -> `PDSERVE_REDIS_URL`."""
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    """`redis_url` -> `--redis-url`."""
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(name: str) -> tuple[Any, bool]:
+    """The field's type without `| None`, and whether None is allowed."""
+    ann = FIELDS[name].annotation
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(ann))
+    return ann, False
+
+
+def _is_dict(name: str) -> bool:
+    base, _ = _base_type(name)
+    return typing.get_origin(base) is dict or base is dict
+
+
+def _expected(name: str) -> str:
+    """What a field accepts, in words, for error messages."""
+    base, optional = _base_type(name)
+    while typing.get_origin(base) is Annotated:
+        base = typing.get_args(base)[0]
+    if typing.get_origin(base) is Literal:
+        what = "one of " + ", ".join(repr(v) for v in typing.get_args(base))
+    elif base is int:
+        lo = next((m.ge for m in FIELDS[name].metadata if isinstance(m, annotated_types.Ge)), None)
+        hi = next((m.le for m in FIELDS[name].metadata if isinstance(m, annotated_types.Le)), None)
+        what = "an integer" + (f" in {lo}..{hi}" if hi is not None else f" >= {lo}" if lo is not None else "")
+    elif _is_dict(name):
+        what = "a JSON object (a mapping in YAML)"
+    else:
+        non_empty = any(isinstance(m, annotated_types.MinLen) for m in FIELDS[name].metadata)
+        what = "a non-empty string" if non_empty else "a string"
+    return "must be " + what + (" or unset" if optional else "")
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _from_text(name: str, text: Any, where: str) -> Any:
+    """An environment variable's or flag's text as the field's input (JSON for dicts)."""
+    if not isinstance(text, str):
+        return text  # already a value (load_config called from Python)
+    if text == "" and _base_type(name)[1]:
+        return None
+    if _is_dict(name):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: must be a JSON object, got {text!r} ({e})") from None
+    return text
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    where = f"config file {path}"
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]  # one line, as every error here
+        raise ConfigError(f"{where}: not valid YAML{at} ({problem})") from None
+    if data is None:
+        return {}  # an empty file sets nothing
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings, got {type(data).__name__}")
+    for key in data:
+        if key not in FIELDS:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), list(FIELDS))}")
+    return data
+
+
+def load_config(
+    flags: Mapping[str, Any], env: Mapping[str, str], config_file: Path | str | None = None
+) -> ClusterConfig:
+    """Merges defaults < YAML file < `PDSERVE_*` environment < flags into a `ClusterConfig`.
+
+    `flags` holds only the flags the user gave (name -> text or value); `config_file` falls
+    back to `PDSERVE_CONFIG`. Raises `ConfigError` naming every bad key and where it came from.
+    """
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    path = config_file or env.get(CONFIG_ENV) or None
+    if path is not None:
+        for key, value in _read_file(Path(path)).items():
+            values[key], where[key] = value, f"config file {path}: {key}"
+    known_env = {env_name(n): n for n in FIELDS}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or var.startswith(RESERVED_ENV_PREFIX):
+            continue
+        if var not in known_env:
+            raise ConfigError(f"{var}: unknown setting{_suggest(var, list(known_env))}")
+        name = known_env[var]
+        values[name], where[name] = _from_text(name, text, var), var
+    for name, text in flags.items():
+        if name not in FIELDS:
+            raise ConfigError(f"{flag_name(name)}: unknown flag{_suggest(name, list(FIELDS))}")
+        values[name], where[name] = _from_text(name, text, flag_name(name)), flag_name(name)
+    try:
+        return ClusterConfig(**values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name, inner = str(err["loc"][0]), err["loc"][1:]
+            if err["type"] == "value_error":  # our own validators say what they want
+                problems.append(f"{where[name]}: {err['ctx']['error']}")
+            elif inner:  # inside a dict setting, e.g. a non-string key
+                problems.append(f"{where[name]}: key {'.'.join(map(str, inner))}: {err['msg']}")
+            else:
+                problems.append(f"{where[name]}: {_expected(name)}, got {err['input']!r}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def _shown(default: Any) -> str:
+    """A default as a user would type it."""
+    if default is None:
+        return "unset"
+    return json.dumps(default) if isinstance(default, dict) else str(default)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per `ClusterConfig` field, plus `--config FILE`.
+
+    Flags take text and default to absent (`argparse.SUPPRESS`), so `flags_given` sees only
+    what the user typed and `load_config` validates flags exactly as it validates the
+    environment.
+    """
+    parser.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help=f"YAML file of settings (env {CONFIG_ENV})"
+    )
+    for name, field in FIELDS.items():
+        base, _ = _base_type(name)
+        choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
+        default = field.get_default(call_default_factory=True)
+        parser.add_argument(
+            flag_name(name),
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar="{" + ",".join(choices) + "}" if choices else ("JSON" if _is_dict(name) else None),
+            help=f"{field.description} (default {_shown(default)}; env {env_name(name)})",
+        )
+
+
+def flags_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The schema flags present in parsed `args` (those `add_flags` added and the user gave)."""
+    return {name: value for name, value in vars(args).items() if name in FIELDS}

@@ -1,0 +1,229 @@
+"""`pdserve.config`: one schema for the YAML file, `PDSERVE_*` variables and `pdserve up` flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pdserve.cli import build_parser, main
+from pdserve.config import FIELDS, ClusterConfig, ConfigError, env_name, flag_name, load_config
+
+# One valid, non-default value per setting: a new setting must add one here, and so is checked
+# in all three sources.
+SAMPLES: dict[str, Any] = {
+    "model": "/models/ernie",
+    "load_format": "dummy",
+    "hf_overrides": {"num_hidden_layers": 2},
+    "dtype": "bfloat16",
+    "seed": 7,
+    "threads": 2,
+    "prefill": 3,
+    "decode": 2,
+    "both": 1,
+    "host": "0.0.0.0",
+    "port": 9000,
+    "router_port": 9001,
+    "policy": "round_robin",
+    "redis_url": "redis://10.0.0.5:6379/0",
+    "address": "10.0.0.1:6379",
+    "api_key": "sk-test",
+    "kv_cache_blocks": 64,
+    "state_dir": Path("/var/run/pdserve"),
+    "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
+}
+
+
+def text(value: Any) -> str:
+    """A value as typed in an environment variable or on the command line."""
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def write_yaml(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def flags_of(argv: list[str]) -> dict[str, Any]:
+    """The schema flags `pdserve up ARGV` passes to `load_config`, through the real parser."""
+    args = build_parser().parse_args(["up", *argv])
+    return {k: v for k, v in vars(args).items() if k in FIELDS}
+
+
+def test_every_setting_has_the_same_name_in_file_env_and_flags(tmp_path):
+    assert set(SAMPLES) == set(FIELDS)
+    lines = [f"{k}: {json.dumps(text(v) if isinstance(v, Path) else v)}" for k, v in SAMPLES.items()]
+    from_file = load_config({}, {}, write_yaml(tmp_path / "all.yaml", "\n".join(lines)))
+    from_env = load_config({}, {env_name(k): text(v) for k, v in SAMPLES.items()})
+    from_flags = load_config(flags_of([a for k, v in SAMPLES.items() for a in (flag_name(k), text(v))]), {})
+    expected = ClusterConfig(**SAMPLES)
+    assert from_file == from_env == from_flags == expected
+    assert expected != ClusterConfig()  # every sample differs from the default
+
+
+def test_flags_win_over_env_over_file_over_defaults(tmp_path):
+    file = write_yaml(tmp_path / "c.yaml", "port: 8101\nrouter_port: 8201\npolicy: least_load\n")
+    env = {"PDSERVE_PORT": "8102", "PDSERVE_ROUTER_PORT": "8202"}
+    c = load_config(flags_of(["--port", "8103"]), env, file)
+    assert (c.port, c.router_port, c.policy, c.prefill) == (8103, 8202, "least_load", 1)
+    assert load_config({}, env, file).port == 8102
+    assert load_config({}, {}, file).port == 8101
+    assert load_config({}, {}).port == 8000
+    # PDSERVE_CONFIG names the file when --config does not.
+    assert load_config({}, {"PDSERVE_CONFIG": str(file)}).port == 8101
+
+
+def test_empty_env_or_flag_value_unsets_an_optional_setting(tmp_path):
+    file = write_yaml(tmp_path / "c.yaml", "redis_url: redis://127.0.0.1:6379\nthreads: 4\n")
+    c = load_config(flags_of(["--threads", ""]), {"PDSERVE_REDIS_URL": ""}, file)
+    assert c.redis_url is None and c.threads is None
+    assert load_config({}, {"PDSERVE_STATE_DIR": "~/pd"}).state_dir == Path.home() / "pd"
+
+
+def test_dict_settings_from_yaml_mapping_env_json_and_flag_json(tmp_path):
+    file = write_yaml(tmp_path / "c.yaml", "hf_overrides:\n  num_hidden_layers: 2\n  rope_theta: 10000.0\n")
+    assert load_config({}, {}, file).hf_overrides == {"num_hidden_layers": 2, "rope_theta": 10000.0}
+    spec = {"method": "draft", "model": "demo-draft", "num_speculative_tokens": 3}
+    c = load_config({}, {"PDSERVE_SPECULATIVE_CONFIG": json.dumps(spec)})
+    assert c.speculative_config == spec and c.hf_overrides == {}
+    c = load_config(flags_of(["--speculative-config", json.dumps(spec), "--hf-overrides", "{}"]), {}, file)
+    assert c.speculative_config == spec and c.hf_overrides == {}
+
+
+@pytest.mark.parametrize(
+    "flags, env, yaml_body, message",
+    [
+        ({}, {}, "redis_ur: redis://x\n", "config file {file}: unknown key 'redis_ur' (did you mean 'redis_url'?)"),
+        ({}, {"PDSERVE_REDIS_UR": "redis://x"}, None, "PDSERVE_REDIS_UR: unknown setting (did you mean 'PDSERVE_REDIS_URL'?)"),
+        ({"prefil": "2"}, {}, None, "--prefil: unknown flag (did you mean 'prefill'?)"),
+        ({}, {"PDSERVE_PORT": "abc"}, None, "PDSERVE_PORT: must be an integer in 1..65535, got 'abc'"),
+        ({}, {}, "port: 0\n", "config file {file}: port: must be an integer in 1..65535, got 0"),
+        ({}, {}, "prefill: true\n", "config file {file}: prefill: must be an integer >= 0, got True"),
+        ({"policy": "fastest"}, {}, None, "--policy: must be one of 'round_robin', 'least_load', 'power_of_two', 'cache_aware', got 'fastest'"),
+        ({"kv_cache_blocks": "0"}, {}, None, "--kv-cache-blocks: must be an integer >= 1 or unset, got '0'"),
+        ({}, {"PDSERVE_REDIS_URL": "localhost:6379"}, None, "PDSERVE_REDIS_URL: must be a redis://, rediss:// or unix:// URL"),
+        ({}, {"PDSERVE_HF_OVERRIDES": "{num_hidden_layers: 2}"}, None, "PDSERVE_HF_OVERRIDES: must be a JSON object"),
+        ({"speculative_config": "[4]"}, {}, None, "--speculative-config: must be a JSON object (a mapping in YAML) or unset, got [4]"),
+        ({}, {}, "hf_overrides: [1, 2]\n", "config file {file}: hf_overrides: must be a JSON object"),
+        ({}, {}, "model: 3\n", "config file {file}: model: must be a non-empty string, got 3"),
+        ({}, {}, "- port\n", "config file {file}: must be a mapping of settings, got list"),
+        ({}, {}, "port: [\n", "config file {file}: not valid YAML at line 2"),
+    ],
+)  # fmt: skip
+def test_unknown_keys_and_bad_values_are_refused_by_name_and_source(tmp_path, flags, env, yaml_body, message):
+    file = write_yaml(tmp_path / "deploy.yaml", yaml_body) if yaml_body is not None else None
+    with pytest.raises(ConfigError) as e:
+        load_config(flags, env, file)
+    assert message.format(file=file) in str(e.value)
+
+
+def test_every_bad_key_is_named_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config({"port": "x"}, {"PDSERVE_DECODE": "-1"})
+    assert "--port:" in str(e.value) and "PDSERVE_DECODE:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_config_file_and_test_variables(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope.yaml: no such file"):
+        load_config({}, {}, tmp_path / "nope.yaml")
+    # The test suite's own variables (PDSERVE_TEST_*) are not settings and do not stop `up`.
+    assert (
+        load_config({}, {"PDSERVE_TEST_REDIS_URL": "redis://127.0.0.1:6379", "HOME": "/x"}).redis_url is None
+    )
+
+
+def test_flags_are_exact_names(capsys):
+    # No argparse abbreviations: --redis-ur is refused, as PDSERVE_REDIS_UR and redis_ur are.
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["up", "--redis-ur", "redis://x"])
+    assert e.value.code == 2 and "--redis-ur" in capsys.readouterr().err
+
+
+def test_policy_names_match_the_router():
+    from typing import get_args
+
+    from pdserve.router.policies import POLICIES
+
+    assert set(get_args(FIELDS["policy"].annotation)) == set(POLICIES)
+
+
+def test_bad_env_in_up_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PDSERVE_PORT", "abc")
+    assert main(["up", "--state-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "pdserve up: error: PDSERVE_PORT: must be an integer in 1..65535, got 'abc'"
+
+
+def test_up_with_a_bad_config_file_starts_nothing(tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", f"model: demo\nstate_dir: {tmp_path}\nredis_ur: redis://x\n")
+    # -X importtime lists every module imported: Ray is not even imported, so nothing was started.
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pdserve.cli", "up", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    printed = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and printed == [
+        f"pdserve up: error: config file {bad}: unknown key 'redis_ur' (did you mean 'redis_url'?)"
+    ]
+    assert "pdserve.config" in imported and "ray" not in imported and "torch" not in imported
+    assert not (tmp_path / "cluster.json").exists()
+
+
+def test_launch_settings_come_from_the_config():
+    from pdserve.cluster.launcher import UpConfig
+
+    up = UpConfig.from_config(ClusterConfig(**{**SAMPLES, "speculative_config": None}))
+    assert (up.port, up.router_port, up.policy, up.redis_url, up.api_key) == (9000, 9001, "round_robin",
+                                                                               SAMPLES["redis_url"], "sk-test")  # fmt: skip
+    assert (up.engine.model, up.engine.num_threads, up.engine.kv_cache_blocks) == ("/models/ernie", 2, 64)
+    assert up.engine.hf_overrides == {"num_hidden_layers": 2} and up.engine.progress is False
+    assert UpConfig.from_config(ClusterConfig()).engine.num_threads == 1  # workers share the cores
+    cc = up.controller_config()
+    assert (cc.prefill, cc.decode, cc.both, cc.decode_engine) == (3, 2, 1, None)
+
+    spec = SAMPLES["speculative_config"]
+    cc = UpConfig.from_config(ClusterConfig(model="demo", speculative_config=spec)).controller_config()
+    assert cc.decode_engine is not None and cc.decode_engine.speculative_config is not None
+    assert cc.engine.speculative_config is None  # prefill workers never speculate
+    bad = UpConfig.from_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
+    with pytest.raises(ValueError, match="speculative_config"):  # refused before anything starts
+        bad.controller_config()
+
+
+def test_only_decode_and_both_workers_get_the_decode_engine(monkeypatch):
+    import asyncio
+    from dataclasses import replace
+
+    from pdserve.cluster import controller as controller_mod
+    from pdserve.engine import EngineConfig
+
+    started: dict[str, EngineConfig] = {}
+
+    async def ready() -> None:
+        return None
+
+    def fake_start_worker(worker_id, engine, role, kv_backend, num_cpus):
+        started[role] = engine
+        return SimpleNamespace(ready=SimpleNamespace(remote=ready))  # like a Ray actor handle
+
+    monkeypatch.setattr(controller_mod, "start_worker", fake_start_worker)
+    engine = EngineConfig(model="demo")
+    decode_engine = replace(engine, seed=1)  # stands in for one with speculative_config
+    ctl = controller_mod.Controller(
+        controller_mod.ControllerConfig(engine, prefill=1, decode=1, both=1, decode_engine=decode_engine)
+    )
+    for role in ("prefill", "decode", "both"):
+        asyncio.run(ctl._launch(f"{role}-0", role, 0))
+    assert started == {"prefill": engine, "decode": decode_engine, "both": decode_engine}
