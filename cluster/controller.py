@@ -37,8 +37,6 @@ class ControllerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0  # a step of a big batch must not look like death
     restart_dead: bool = True
-    # The engine of decode and both workers when it differs from `engine` (speculative decoding).
-    decode_engine: EngineConfig | None = None
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -132,11 +130,8 @@ class Controller:
 
     async def _launch(self, slot: str, role: str, restarts: int) -> WorkerInfo:
         worker_id = slot if restarts == 0 else f"{slot}.r{restarts}"
-        engine = self.config.engine
-        if role != "prefill" and self.config.decode_engine is not None:
-            engine = self.config.decode_engine
         handle = start_worker(
-            worker_id, engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus
+            worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus
         )
         endpoint = await handle.ready.remote()
         log.info("worker %s up as %s", worker_id, role)

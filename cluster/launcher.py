@@ -20,9 +20,8 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
 from pdserve.config import ClusterConfig
@@ -51,31 +50,28 @@ class UpConfig:
     address: str | None = None  # join this Ray cluster instead of starting one
     api_key: str | None = None
     state_dir: Path = field(default_factory=lambda: Path.home() / ".pdserve")
-    # Engine argument of decode and both workers only: prefill workers never speculate.
-    speculative_config: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, c: ClusterConfig) -> UpConfig:
         """The launch settings of a loaded `pdserve.config.ClusterConfig`."""
+        # Every worker gets the same engine, speculation included: roles switch at run time without
+        # reloading, and with MTP the layer's KV travels in the handoff, so both sides must have it
+        # (a prefill worker feeds it while computing prompts; only decoding guesses).
         engine = EngineConfig(
             model=c.model, load_format=c.load_format, hf_overrides=dict(c.hf_overrides), dtype=c.dtype,
             seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
             num_threads=c.threads or 1,  # several workers share the machine's cores
+            speculative_config=c.speculative_config,
         )  # fmt: skip
         return cls(
             engine, prefill=c.prefill, decode=c.decode, both=c.both, host=c.host, port=c.port,
             router_port=c.router_port, policy=c.policy, redis_url=c.redis_url, address=c.address,
-            api_key=c.api_key, state_dir=c.state_dir, speculative_config=c.speculative_config,
+            api_key=c.api_key, state_dir=c.state_dir,
         )  # fmt: skip
 
     def controller_config(self) -> ControllerConfig:
         """The controller's settings; ValueError (nothing started yet) when they cannot work."""
-        decode_engine = None
-        if self.speculative_config is not None:  # EngineConfig checks it here, before Ray starts
-            decode_engine = replace(self.engine, speculative_config=self.speculative_config)
-        return ControllerConfig(
-            self.engine, prefill=self.prefill, decode=self.decode, both=self.both, decode_engine=decode_engine
-        )
+        return ControllerConfig(self.engine, prefill=self.prefill, decode=self.decode, both=self.both)
 
 
 @dataclass

@@ -80,8 +80,8 @@ class ClusterConfig(BaseModel):
     )
     speculative_config: dict[str, Any] | None = Field(
         None,
-        description="speculative decoding on decode and both workers, passed to the engine as is, "
-        'e.g. {"method": "ngram", "num_speculative_tokens": 4}',
+        description="speculative decoding, passed to every worker's engine (requests are guessed for "
+        'where they decode), e.g. {"method": "ngram", "num_speculative_tokens": 4}',
     )
 
     @field_validator("redis_url")

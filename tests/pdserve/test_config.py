@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -191,39 +190,11 @@ def test_launch_settings_come_from_the_config():
     assert up.engine.hf_overrides == {"num_hidden_layers": 2} and up.engine.progress is False
     assert UpConfig.from_config(ClusterConfig()).engine.num_threads == 1  # workers share the cores
     cc = up.controller_config()
-    assert (cc.prefill, cc.decode, cc.both, cc.decode_engine) == (3, 2, 1, None)
+    assert (cc.prefill, cc.decode, cc.both) == (3, 2, 1)
 
     spec = SAMPLES["speculative_config"]
     cc = UpConfig.from_config(ClusterConfig(model="demo", speculative_config=spec)).controller_config()
-    assert cc.decode_engine is not None and cc.decode_engine.speculative_config is not None
-    assert cc.engine.speculative_config is None  # prefill workers never speculate
-    bad = UpConfig.from_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
+    # One engine for every role: roles switch without reloading, and MTP's KV moves in handoffs.
+    assert cc.engine.speculative_config is not None and cc.engine.speculative_config.method == "ngram"
     with pytest.raises(ValueError, match="speculative_config"):  # refused before anything starts
-        bad.controller_config()
-
-
-def test_only_decode_and_both_workers_get_the_decode_engine(monkeypatch):
-    import asyncio
-    from dataclasses import replace
-
-    from pdserve.cluster import controller as controller_mod
-    from pdserve.engine import EngineConfig
-
-    started: dict[str, EngineConfig] = {}
-
-    async def ready() -> None:
-        return None
-
-    def fake_start_worker(worker_id, engine, role, kv_backend, num_cpus):
-        started[role] = engine
-        return SimpleNamespace(ready=SimpleNamespace(remote=ready))  # like a Ray actor handle
-
-    monkeypatch.setattr(controller_mod, "start_worker", fake_start_worker)
-    engine = EngineConfig(model="demo")
-    decode_engine = replace(engine, seed=1)  # stands in for one with speculative_config
-    ctl = controller_mod.Controller(
-        controller_mod.ControllerConfig(engine, prefill=1, decode=1, both=1, decode_engine=decode_engine)
-    )
-    for role in ("prefill", "decode", "both"):
-        asyncio.run(ctl._launch(f"{role}-0", role, 0))
-    assert started == {"prefill": engine, "decode": decode_engine, "both": decode_engine}
+        UpConfig.from_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
