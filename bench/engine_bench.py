@@ -1,8 +1,12 @@
-"""`pdserve bench engine`: pdserve's engine beside transformers' `generate` on the same weights.
+"""`pdserve bench engine`: pdserve's engine beside transformers' `generate` on the same weights,
+or, with speculative configs, pdserve with each kind of speculation beside pdserve without.
 
 Each side runs in its own subprocess, so peak RSS is its own and neither warms the other's
-caches. Both greedy-decode exactly `output_len` tokens for `batch` random prompts of
-`input_len` tokens, with the same torch thread count.
+caches. All greedy-decode exactly `output_len` tokens for `batch` prompts of `input_len`
+tokens, with the same torch thread count. Prompts are random token ids (`workload="random"`),
+or, for `workload="code"`, the openings of Python files from this interpreter's standard
+library: real text, which is what speculation's acceptance depends on (the bundled demo
+model was trained on that library, so it is in-distribution code completion).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class EngineBenchArgs:
     threads: int | None = None
     seed: int = 0
     skip_transformers: bool = False
+    # Each config runs beside the same workload without speculation (transformers is skipped).
+    speculative_configs: tuple[dict[str, Any], ...] = ()
+    workload: str = "random"  # "random" token ids, or "code" (needs the model's tokenizer)
 
 
 @dataclass
@@ -42,6 +49,8 @@ class BenchRow:
     output_tokens: int
     tokens_per_s: float
     peak_rss_mb: float
+    acceptance_rate: float | None = None  # speculative runs only
+    mean_accepted_length: float | None = None
 
 
 def _prompts(vocab: int, batch: int, input_len: int, seed: int) -> list[list[int]]:
@@ -50,11 +59,36 @@ def _prompts(vocab: int, batch: int, input_len: int, seed: int) -> list[list[int
     return torch.randint(10, vocab, (batch, input_len), generator=g).tolist()
 
 
+def _code_prompts(tokenizer, batch: int, input_len: int, seed: int) -> list[list[int]]:
+    """The first `input_len` tokens of `batch` standard-library files long enough to have them."""
+    import random
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    random.Random(seed).shuffle(files)
+    prompts = []
+    for path in files:
+        ids = tokenizer.encode(path.read_text(errors="replace"), add_special_tokens=False)
+        if len(ids) >= input_len:
+            prompts.append(list(ids[:input_len]))
+        if len(prompts) == batch:
+            return prompts
+    raise RuntimeError(f"not enough standard-library files with {input_len} tokens for batch {batch}")
+
+
+def _workload(args: EngineBenchArgs, llm, batch: int, input_len: int) -> list[list[int]]:
+    if args.workload == "code":
+        if llm.tokenizer is None:
+            raise ValueError("--workload code needs a model with a tokenizer")
+        return _code_prompts(llm.tokenizer, batch, input_len, args.seed)
+    return _prompts(llm.engine.model_config.vocab_size, batch, input_len, args.seed)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_pdserve(args: EngineBenchArgs, queue: mp.Queue) -> None:
+def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, queue: mp.Queue) -> None:
     from pdserve.engine import LLM, SamplingParams
 
     if args.threads:
@@ -68,20 +102,32 @@ def _run_pdserve(args: EngineBenchArgs, queue: mp.Queue) -> None:
         progress=False,
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=max(2048, args.input_len),
-        enable_prefix_caching=False,  # random prompts share nothing; keep the comparison plain
+        # Each batch is measured once: a prefix hit on the warm-up would flatter the next batch.
+        enable_prefix_caching=False,
+        speculative_config=spec,
     )
-    vocab = llm.engine.model_config.vocab_size
+    system = "pdserve" if spec is None else f"pdserve+{spec['method']}"
     params = SamplingParams(
         temperature=0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True
     )
-    llm.generate(_prompts(vocab, 1, 8, args.seed), SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
     for batch in args.batches:
-        prompts = _prompts(vocab, batch, args.input_len, args.seed)
+        prompts = _workload(args, llm, batch, args.input_len)
+        before = llm.engine.stats()
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
+        after = llm.engine.stats()
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        queue.put(BenchRow("pdserve", batch, seconds, n, n / seconds, _peak_rss_mb()))
+        row = BenchRow(system, batch, seconds, n, n / seconds, _peak_rss_mb())
+        if spec is not None:
+            proposed = after.spec_proposed_tokens - before.spec_proposed_tokens
+            accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+            steps = after.spec_verifications - before.spec_verifications
+            emitted = after.spec_emitted_tokens - before.spec_emitted_tokens
+            row.acceptance_rate = accepted / proposed if proposed else 0.0
+            row.mean_accepted_length = emitted / steps if steps else 0.0
+        queue.put(row)
     queue.put(None)
 
 
@@ -159,9 +205,11 @@ def _collect(target, args: tuple, bar: tqdm) -> list[BenchRow]:
 
 def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[str, Any]:
     """Runs both systems, prints a table with ratios, writes JSON; returns the JSON document."""
+    if args.speculative_configs:
+        return _run_speculative_bench(args, output)
     sides = 1 if args.skip_transformers else 2
     with tqdm(total=sides * len(args.batches), desc="bench engine") as bar:
-        rows = _collect(_run_pdserve, (args,), bar)
+        rows = _collect(_run_pdserve, (args, None), bar)
         if not args.skip_transformers:
             checkpoint = _export_for_transformers(args)
             rows += _collect(_run_transformers, (args, checkpoint), bar)
@@ -198,8 +246,57 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
         rss = f"{r['pdserve_peak_rss_mb']:.0f}/{r['transformers_peak_rss_mb'] or 0:.0f}"
         print(f"{r['batch']:>5} {r['pdserve_tok_s']:>14.1f} {hf:>19} {ratio:>6} {rss:>16}")
+    _write(doc, output)
+    return doc
+
+
+def _write(doc: dict[str, Any], output: Path | None) -> None:
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(doc, indent=2))
         print(f"wrote {output}")
+
+
+def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[str, Any]:
+    """pdserve without speculation, then with each config, on the same prompts; ratios per batch."""
+    configs: list[dict[str, Any] | None] = [None, *args.speculative_configs]
+    with tqdm(total=len(configs) * len(args.batches), desc="bench engine (speculative)") as bar:
+        rows = [row for spec in configs for row in _collect(_run_pdserve, (args, spec), bar)]
+    table = []
+    for batch in args.batches:
+        plain = next(r for r in rows if r.system == "pdserve" and r.batch == batch)
+        for r in rows:
+            if r.batch != batch or r.system == "pdserve":
+                continue
+            table.append(
+                {
+                    "batch": batch,
+                    "system": r.system,
+                    "tok_s": round(r.tokens_per_s, 2),
+                    "plain_tok_s": round(plain.tokens_per_s, 2),
+                    "speedup": round(r.tokens_per_s / plain.tokens_per_s, 3),
+                    "acceptance_rate": round(r.acceptance_rate or 0.0, 3),
+                    "mean_accepted_length": round(r.mean_accepted_length or 0.0, 3),
+                }
+            )
+    doc = {
+        "benchmark": "engine-speculative",
+        "args": asdict(args),
+        "torch_threads": args.threads or torch.get_num_threads(),
+        "results": table,
+        "rows": [asdict(r) for r in rows],
+    }
+    print(
+        f"\nmodel={args.model} workload={args.workload} input_len={args.input_len} "
+        f"output_len={args.output_len} dtype={args.dtype}"
+    )
+    print(
+        f"{'batch':>5} {'system':>16} {'tok/s':>8} {'plain tok/s':>12} {'speedup':>8} {'accept':>7} {'mean len':>9}"
+    )
+    for r in table:
+        print(
+            f"{r['batch']:>5} {r['system']:>16} {r['tok_s']:>8.1f} {r['plain_tok_s']:>12.1f} "
+            f"{r['speedup']:>8.2f} {r['acceptance_rate']:>7.2f} {r['mean_accepted_length']:>9.2f}"
+        )
+    _write(doc, output)
     return doc

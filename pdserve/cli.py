@@ -130,6 +130,8 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         skip_transformers=args.skip_transformers,
+        speculative_configs=tuple(args.speculative_config),
+        workload=args.workload,
     )
     output = args.output or Path("bench-results") / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
     run_engine_bench(bench_args, output)
@@ -320,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="JSON path (default bench-results/engine-*.json)"
     )
     eng.add_argument("--skip-transformers", action="store_true")
+    eng.add_argument(
+        "--speculative-config",
+        type=_json_dict("--speculative-config"),
+        action="append",
+        default=[],
+        help="JSON object, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'; repeat to "
+        "compare several; each runs beside the same workload without speculation",
+    )
+    eng.add_argument(
+        "--workload",
+        choices=["random", "code"],
+        default="random",
+        help="prompts: random token ids, or openings of Python stdlib files (needs a tokenizer)",
+    )
     eng.set_defaults(func=_cmd_bench_engine)
 
     kv = bench_sub.add_parser(
