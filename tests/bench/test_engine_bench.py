@@ -1,0 +1,32 @@
+"""`pdserve bench engine` with speculative configs: a real (tiny) run and its JSON."""
+
+from __future__ import annotations
+
+import json
+
+from pdserve.bench.engine_bench import EngineBenchArgs, run_engine_bench
+
+
+def test_speculative_bench_runs_each_config_beside_plain_decoding(tmp_path):
+    out = tmp_path / "engine.json"
+    args = EngineBenchArgs(
+        model="demo",
+        batches=(1, 2),
+        input_len=16,
+        output_len=8,
+        threads=1,
+        workload="code",
+        speculative_configs=({"method": "ngram", "num_speculative_tokens": 3},),
+    )
+    run_engine_bench(args, out)
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "engine-speculative"
+    assert [(r["batch"], r["system"]) for r in doc["results"]] == [(1, "pdserve+ngram"), (2, "pdserve+ngram")]
+    rows = {(r["system"], r["batch"]): r for r in doc["rows"]}
+    assert set(rows) == {(s, b) for s in ("pdserve", "pdserve+ngram") for b in (1, 2)}
+    for (system, batch), r in rows.items():
+        assert r["output_tokens"] == 8 * batch  # min_tokens = max_tokens: every run emits the same count
+        assert (r["acceptance_rate"] is None) == (system == "pdserve")
+    for r in doc["results"]:
+        assert r["speedup"] > 0 and 0.0 <= r["acceptance_rate"] <= 1.0
+        assert r["mean_accepted_length"] == 0.0 or r["mean_accepted_length"] >= 1.0
