@@ -140,9 +140,17 @@ def up(config: UpConfig, echo=print) -> int:
         ray.shutdown()
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (a worker's ValueError inside the controller's)."""
+    while isinstance(getattr(error, "cause", None), BaseException):
+        error = error.cause  # type: ignore[attr-defined]
+    return error
+
+
 async def _serve(config: UpConfig, controller_config: ControllerConfig, source, mc, echo) -> int:
     import signal
 
+    import ray
     import uvicorn
 
     from pdserve.gateway.app import GatewayConfig, create_app
@@ -154,7 +162,11 @@ async def _serve(config: UpConfig, controller_config: ControllerConfig, source, 
     )
     router = server = serving = None
     try:
-        await _with_progress(controller.start.remote(), "workers loading weights")
+        try:
+            await _with_progress(controller.start.remote(), "workers loading weights")
+        except ray.exceptions.RayTaskError as e:
+            cause = _root_cause(e)
+            raise LaunchError(f"the workers could not start: {type(cause).__name__}: {cause}") from e
         router = await start_router(controller, RouterConfig(host=config.host, port=config.router_port,
                                                              policy=config.policy, redis_url=config.redis_url))  # fmt: skip
         gateway = GatewayConfig(

@@ -87,3 +87,21 @@ def test_clear_errors_and_nothing_left_running(tmp_path):
     assert not (tmp_path / "cluster.json").exists()
     assert run("status", "--state-dir", str(tmp_path)).returncode == 1
     assert "pdserve up" in run("down", "--state-dir", str(tmp_path)).stderr
+
+
+def test_a_worker_that_cannot_load_is_one_line_and_leaves_nothing(tmp_path):
+    # MTP speculation on a model without an MTP layer passes the config check but fails in the
+    # workers, after Ray has started: still one line, and everything is torn down.
+    bad = run(
+        "up", "--model", "demo-draft", "--port", str(free_port()), "--router-port", str(free_port()),
+        "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}', "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert bad.returncode == 1
+    errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "pdserve up: error: the workers could not start: ValueError: speculative_config.method 'mtp' needs "
+        "the checkpoint's MTP layer (model.mtp_* tensors), and 'demo-draft' has none; use method 'draft' "
+        "or 'ngram'"
+    ]
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "cluster.json").exists()
