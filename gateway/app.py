@@ -42,6 +42,7 @@ class GatewayConfig:
     max_tokens_limit: int = 32768
     default_max_tokens: int = 256
     request_timeout_s: float = 600.0
+    metrics_timeout_s: float = 3.0  # the router asks every worker (2 s each, in parallel) for /metrics
 
 
 class APIError(Exception):
@@ -143,6 +144,15 @@ def create_app(
     @app.get("/metrics")
     async def prometheus():
         text = "".join(generate_latest(r).decode() for r in (metrics.registry, *registries))
+        try:
+            workers = await router_client().worker_metrics(config.metrics_timeout_s)
+            text += workers.text
+            if workers.unreachable:
+                text += f"# pdserve: no metrics from workers {', '.join(workers.unreachable)}\n"
+        except grpc.RpcError as e:
+            # The gateway's own metrics matter most when the router is down: serve them regardless.
+            router = f"router at {config.router_address}: {e.code().name}"
+            text += f"# pdserve: worker metrics unavailable, {router}\n"
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

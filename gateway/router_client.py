@@ -44,5 +44,9 @@ class RouterClient:
     async def cluster_state(self) -> pdserve_pb2.ClusterStateResponse:
         return await self._stub.ClusterState(pdserve_pb2.ClusterStateRequest(), timeout=5)
 
+    async def worker_metrics(self, timeout_s: float) -> pdserve_pb2.MetricsResponse:
+        """The workers' Prometheus text, merged by the router."""
+        return await self._stub.Metrics(pdserve_pb2.MetricsRequest(), timeout=timeout_s)
+
     async def close(self) -> None:
         await self._channel.close()

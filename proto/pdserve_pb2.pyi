@@ -163,3 +163,15 @@ class ClusterStateResponse(_message.Message):
     index_available: bool
     requests_in_flight: int
     def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., index_entries: _Optional[int] = ..., index_backend: _Optional[str] = ..., index_available: _Optional[bool] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
+
+class MetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MetricsResponse(_message.Message):
+    __slots__ = ("text", "unreachable")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, text: _Optional[str] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class RouterStub:
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.ClusterStateRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.ClusterStateResponse.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/pdserve.v1.Router/Metrics',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -72,6 +77,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ClusterState,
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.ClusterStateRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.ClusterStateResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Router:
             '/pdserve.v1.Router/ClusterState',
             pdserve_dot_proto_dot_pdserve__pb2.ClusterStateRequest.SerializeToString,
             pdserve_dot_proto_dot_pdserve__pb2.ClusterStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/Metrics',
+            pdserve_dot_proto_dot_pdserve__pb2.MetricsRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 # Placement should take well under a millisecond; the tail shows index (Redis) round trips.
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -29,3 +31,31 @@ class RouterMetrics:
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+class _Families:
+    """A collector that serves metric families read from other processes' expositions."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """Several text expositions as one, each family's samples together under one HELP/TYPE.
+
+    Concatenating the workers' texts would repeat every family's HELP/TYPE lines, which
+    Prometheus rejects; their samples differ by the `worker` label, so they merge cleanly.
+    """
+    families: dict[str, Metric] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name in families:
+                families[family.name].samples.extend(family.samples)
+            else:
+                families[family.name] = family
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry).decode()

@@ -25,7 +25,7 @@ from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.roles.messages import TokenChunk
 from pdserve.roles.request_runner import RequestFailed, RequestRunner, RunnerConfig
 from pdserve.router.cluster_view import ClusterView
-from pdserve.router.metrics import RouterMetrics
+from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.placement import RouterPlacement
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import make_prefix_index
@@ -46,6 +46,7 @@ class RouterConfig:
     redis_url: str | None = None
     max_in_flight: int = 1024
     view_interval_s: float = 0.1
+    metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
     runner: RunnerConfig | None = None
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if not self.metrics_timeout_s > 0:
+            raise ValueError(f"metrics_timeout_s must be > 0, got {self.metrics_timeout_s}")
 
 
 class InvalidRequest(ValueError):
@@ -104,7 +107,7 @@ def _token_logprob(lp) -> pdserve_pb2.TokenLogprob:
 
 
 class RouterService(pdserve_pb2_grpc.RouterServicer):
-    """Generate / Abort / ClusterState over a `RequestRunner` and a `ClusterView`."""
+    """Generate / Abort / ClusterState / Metrics over a `RequestRunner` and a `ClusterView`."""
 
     def __init__(
         self,
@@ -272,6 +275,24 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             index_available=self.view.index_available,
             requests_in_flight=len(self._in_flight),
         )
+
+    async def Metrics(self, request, context):
+        """Every live worker's Prometheus metrics (its `metrics_text`), merged into one exposition."""
+        live = [w for w in self.view.workers if w.alive]
+        texts = await asyncio.gather(
+            *(asyncio.wait_for(w.handle.metrics_text.remote(), self.config.metrics_timeout_s) for w in live),
+            return_exceptions=True,
+        )
+        answered = [t for t in texts if isinstance(t, str)]
+        unreachable = [w.worker_id for w, t in zip(live, texts) if not isinstance(t, str)]
+        if unreachable:
+            log.warning("metrics: no answer from workers %s", unreachable)
+        try:
+            text = merge_expositions(answered)
+        except ValueError as e:  # a worker's text that does not parse: serve the others' as they are
+            log.warning("metrics: cannot merge the workers' expositions (%s); concatenating them", e)
+            text = "".join(answered)
+        return pdserve_pb2.MetricsResponse(text=text, unreachable=unreachable)
 
 
 class Router:

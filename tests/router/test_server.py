@@ -212,6 +212,17 @@ def test_health_reflection_and_cluster_state(router):
     assert "pdserve.v1.Router" in {s.name for s in reply.list_services_response.service}
 
 
+def test_metrics_merge_every_live_workers_exposition(ray_session, router, controller):
+    reply = router.stub.Metrics(pdserve_pb2.MetricsRequest(), timeout=10)
+    assert list(reply.unreachable) == []
+    workers = [w.worker_id for w in ray_session.get(controller.workers.remote())]
+    assert len(workers) == 3
+    for worker in workers:
+        assert f'pdserve_kv_blocks_total{{worker="{worker}"}} {float(BLOCKS)}' in reply.text
+    # One family, three workers' samples: not three HELP/TYPE headers (Prometheus rejects repeats).
+    assert reply.text.count("# TYPE pdserve_kv_blocks_total gauge") == 1
+
+
 @pytest.fixture
 def own_redis():
     port = free_port()
