@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The router's wire types (int32 / int64 / float): a value they cannot hold is the client's
+# mistake, refused here with a 400, not a failure to build the gRPC message.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
@@ -19,20 +27,20 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int = Field(default=0, ge=0)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int32 | None = None
+    min_p: Float | None = None
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=INT64_MAX)
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    repetition_penalty: Float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -41,20 +49,29 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[TokenId] = Field(min_length=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts reach the model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -62,7 +79,7 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions, with ERNIE's `enable_thinking` switch."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None

@@ -3,73 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
-from pdserve.engine import LLM, EngineConfig, SamplingParams
-from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine import SamplingParams
 from pdserve.gateway.app import GatewayConfig, create_app
-from pdserve.router.server import RouterConfig
-from tests.router.test_server import RouterThread, free_port
-
-BLOCKS = 128
-# ERNIE 4.5's turn layout (begin-of-sentence, "User: "/"Assistant: ", thinking switch), small.
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n"
-    "{% elif m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: {{ m.content }}{{ eos_token }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: "
-    "{% if enable_thinking is defined and enable_thinking %}<think>\n{% endif %}{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def stack(ray_session, moe_checkpoint):
-    engine = EngineConfig(
-        model=str(moe_checkpoint),
-        dtype="float32",
-        block_size=4,
-        num_threads=1,
-        progress=False,
-        kv_cache_blocks=BLOCKS,
-    )
-    controller = start_controller(
-        ControllerConfig(engine, prefill=1, decode=1), name="pdserve-controller-gw-test"
-    )
-    ray_session.get(controller.start.remote())
-    router = RouterThread(controller, RouterConfig(port=0))
-    tok = load_tokenizer(moe_checkpoint)
-    tok.chat_template = TEMPLATE
-    config = GatewayConfig(
-        router_address=f"127.0.0.1:{router.router.port}", model_name="tiny", tokenizer_path=str(moe_checkpoint),
-        max_model_len=256, max_body_bytes=20_000, api_key=None,
-    )  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config, tokenizer=tok), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "controller": controller, "tok": tok, "ray": ray_session}
-    server.should_exit = True
-    thread.join(5)
-    router.stop()
-    ray_session.get(controller.shutdown.remote())
-    ray_session.kill(controller)
-
-
-@pytest.fixture(scope="module")
-def reference(moe_checkpoint):
-    return LLM(str(moe_checkpoint), dtype="float32", block_size=4, progress=False)
 
 
 def post(stack, path, body, **kw):
-    return httpx.post(stack["url"] + path, json=body, timeout=60, **kw)
+    return httpx.post(stack.url + path, json=body, timeout=60, **kw)
 
 
 def sse_events(response) -> list:
@@ -79,17 +24,6 @@ def sse_events(response) -> list:
             data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-def wait_idle(stack, timeout_s=15):
-    ray, controller = stack["ray"], stack["controller"]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        loads = [ray.get(w.handle.load.remote()) for w in ray.get(controller.workers.remote())]
-        if all(lo.kv_blocks_free == BLOCKS and not lo.num_running for lo in loads):
-            return
-        assert time.monotonic() < deadline, loads
-        time.sleep(0.1)
 
 
 def test_completion_text_equals_one_engine(stack, reference):
@@ -111,7 +45,7 @@ def test_completion_text_equals_one_engine(stack, reference):
 def test_streamed_completion_matches_the_whole_one_and_ends_with_done(stack):
     body = {"prompt": "import os", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     whole = post(stack, "/v1/completions", body).json()["choices"][0]["text"]
-    with httpx.stream("POST", stack["url"] + "/v1/completions", timeout=60,
+    with httpx.stream("POST", stack.url + "/v1/completions", timeout=60,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:  # fmt: skip
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
@@ -160,6 +94,11 @@ def test_n_choices_and_seeds(stack):
         ({"prompt": "x", "max_tokens": 1000}, 400, "context window", "max_tokens"),
         ({"prompt": "x", "n": 99}, 400, "n:", "n"),
         ({"prompt": ""}, 400, "prompt", "prompt"),
+        # Past the router's int32/int64 wire types (found by tests/gateway/test_schemathesis.py).
+        ({"prompt": "x", "min_tokens": 2**31}, 400, "min_tokens", "min_tokens"),
+        ({"prompt": "x", "seed": 2**63}, 400, "seed", "seed"),
+        ({"prompt": [5, 2**31]}, 400, "prompt", None),
+        ({"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids", None),
     ],
 )
 def test_errors_in_openai_shape(stack, body, status, needle, param):
@@ -172,27 +111,78 @@ def test_errors_in_openai_shape(stack, body, status, needle, param):
     assert r.headers["x-request-id"]
 
 
+def test_chat_content_parts_keep_only_text(stack):
+    parts = [{"type": "text", "text": "add "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "two numbers"}]  # fmt: skip
+    with_parts = post(stack, "/v1/chat/completions",
+                      {"messages": [{"role": "user", "content": parts}], "max_tokens": 2})  # fmt: skip
+    plain = post(stack, "/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "add two numbers"}], "max_tokens": 2})  # fmt: skip
+    assert with_parts.status_code == plain.status_code == 200, with_parts.text
+    assert with_parts.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+    # A text part whose text is not a string is the client's mistake (it was a 500).
+    bad = post(stack, "/v1/chat/completions",
+               {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("messages.0.content")
+
+
 def test_body_limit_models_health_metrics(stack):
     r = post(stack, "/v1/completions", {"prompt": "x" * 30_000})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-    models = httpx.get(stack["url"] + "/v1/models").json()
+    models = httpx.get(stack.url + "/v1/models").json()
     assert models["data"][0]["id"] == "tiny"
-    assert httpx.get(stack["url"] + "/health").json()["status"] == "ok"
-    text = httpx.get(stack["url"] + "/metrics").text
+    assert httpx.get(stack.url + "/health").json()["status"] == "ok"
+    text = httpx.get(stack.url + "/metrics").text
     assert "pdserve_gateway_requests_total" in text and 'endpoint="completions"' in text
 
 
-def test_client_disconnect_mid_stream_frees_blocks(stack):
-    with httpx.stream("POST", stack["url"] + "/v1/completions", timeout=60,
-                      json={"prompt": "def f():", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
+def _cancelled(stack) -> float:
+    labels = {"policy": "cache_aware", "outcome": "cancelled"}
+    return stack.router_metrics.get_sample_value("pdserve_router_requests_total", labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "def f():"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "def f():"}]}),
+    ],
+    ids=["completions", "chat"],
+)
+def test_client_disconnect_mid_stream_frees_blocks(stack, path, body):
+    before = _cancelled(stack)
+    with httpx.stream("POST", stack.url + path, timeout=60,
+                      json={**body, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
         for line in r.iter_lines():
-            if line.startswith("data: "):
-                break  # hang up after the first event
-    wait_idle(stack)
+            if not line.startswith("data: "):
+                continue
+            choice = json.loads(line[len("data: ") :])["choices"][0]
+            if choice.get("text") or choice.get("delta", {}).get("content"):
+                break  # hang up once tokens flow (chat's first event, the role, comes before any)
+    stack.wait_idle()
+    # The router saw the call cancelled: the request was cut off, it did not just run to its end.
+    deadline = time.monotonic() + 10
+    while _cancelled(stack) != before + 1:
+        assert time.monotonic() < deadline, (before, _cancelled(stack))
+        time.sleep(0.05)
+
+
+def test_metrics_include_every_workers_metrics(stack):
+    assert post(stack, "/v1/completions", {"prompt": "def f", "max_tokens": 2}).status_code == 200
+    text = httpx.get(stack.url + "/metrics").text
+    assert "pdserve_gateway_requests_total" in text
+    workers = stack.worker_ids()
+    assert len(workers) == 2
+    for worker in workers:
+        assert f'pdserve_kv_blocks_total{{worker="{worker}"}} {float(stack.blocks)}' in text
+    # One exposition: each family once, its workers' samples under it (Prometheus rejects repeats).
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)) and text.count("# TYPE pdserve_kv_blocks_total gauge") == 1
+    assert "no metrics from workers" not in text
 
 
 def test_api_key_is_enforced(stack, moe_checkpoint):
-    tok = stack["tok"]
+    tok = stack.tok
     config = GatewayConfig(router_address="127.0.0.1:1", model_name="tiny", tokenizer_path=str(moe_checkpoint),
                            max_model_len=256, api_key="sekret")  # fmt: skip
     from fastapi.testclient import TestClient
@@ -201,3 +191,15 @@ def test_api_key_is_enforced(stack, moe_checkpoint):
         r = client.post("/v1/completions", json={"prompt": "x"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+
+
+def test_metrics_without_a_router_still_serve_the_gateways_own(stack, moe_checkpoint):
+    config = GatewayConfig(router_address="127.0.0.1:1", model_name="tiny", tokenizer_path=str(moe_checkpoint),
+                           max_model_len=256, metrics_timeout_s=2.0)  # fmt: skip
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(config, tokenizer=stack.tok)) as client:
+        r = client.get("/metrics")
+    assert r.status_code == 200
+    assert "pdserve_gateway_ttft_seconds" in r.text and "pdserve_kv_blocks_total" not in r.text
+    assert "# pdserve: worker metrics unavailable, router at 127.0.0.1:1" in r.text

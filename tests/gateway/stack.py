@@ -1,0 +1,106 @@
+"""A real serving stack for tests: Ray workers, the gRPC router and the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.engine import EngineConfig
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.gateway.app import GatewayConfig, create_app
+from pdserve.router.server import RouterConfig
+from tests.router.test_server import RouterThread, free_port
+
+# ERNIE 4.5's turn layout (begin-of-sentence, "User: "/"Assistant: ", thinking switch), small.
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: {{ m.content }}{{ eos_token }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: "
+    "{% if enable_thinking is defined and enable_thinking %}<think>\n{% endif %}{% endif %}"
+)
+BLOCK_SIZE = 4
+
+
+@dataclass
+class GatewayStack:
+    """A running stack: where the gateway listens and handles to look behind it."""
+
+    url: str
+    controller: Any  # the Controller actor
+    tok: Any  # the gateway's tokenizer (with TEMPLATE as its chat template)
+    ray: Any  # the ray module, initialised
+    blocks: int  # KV blocks per worker
+    router_metrics: CollectorRegistry  # the router's own registry (not on this gateway's /metrics)
+
+    def worker_ids(self) -> list[str]:
+        return [w.worker_id for w in self.ray.get(self.controller.workers.remote())]
+
+    def wait_idle(self, timeout_s: float = 15.0) -> None:
+        """Waits until no worker runs a request and every KV block is free again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.ray.get(self.controller.workers.remote())
+            loads = [self.ray.get(w.handle.load.remote()) for w in workers]
+            if all(lo.kv_blocks_free == self.blocks and not lo.num_running for lo in loads):
+                return
+            assert time.monotonic() < deadline, loads
+            time.sleep(0.1)
+
+
+@contextmanager
+def gateway_stack(
+    ray, checkpoint: Path, *, name: str, blocks: int = 128, prefill: int = 1, decode: int = 1,
+    both: int = 0, **gateway: Any,
+) -> Iterator[GatewayStack]:  # fmt: skip
+    """Starts workers on `checkpoint`, a router and a gateway (model id "tiny"); stops them after.
+
+    `gateway`: `GatewayConfig` fields to change (max_model_len defaults to 256).
+    """
+    engine = EngineConfig(
+        model=str(checkpoint), dtype="float32", block_size=BLOCK_SIZE, num_threads=1, progress=False,
+        kv_cache_blocks=blocks,
+    )  # fmt: skip
+    controller = start_controller(
+        ControllerConfig(engine, prefill=prefill, decode=decode, both=both), name=name
+    )
+    router = server = thread = None
+    try:
+        ray.get(controller.start.remote())
+        router = RouterThread(controller, RouterConfig(port=0))
+        tok = load_tokenizer(checkpoint)
+        tok.chat_template = TEMPLATE
+        config = GatewayConfig(
+            **{"router_address": f"127.0.0.1:{router.router.port}", "model_name": "tiny",
+               "tokenizer_path": str(checkpoint), "max_model_len": 256, **gateway}
+        )  # fmt: skip
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config, tokenizer=tok), host="127.0.0.1", port=port, log_level="warning"
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            assert thread.is_alive(), "the gateway did not start"
+            time.sleep(0.05)
+        yield GatewayStack(
+            f"http://127.0.0.1:{port}", controller, tok, ray, blocks, router.router.service.metrics.registry
+        )
+    finally:
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(5)
+        if router is not None:
+            router.stop()
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
