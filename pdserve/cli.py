@@ -190,6 +190,33 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from pdserve.bench.serve_bench import ServeBenchArgs, run_serve_bench
+
+    bench_args = ServeBenchArgs(
+        url=args.url.rstrip("/"),
+        concurrency=tuple(args.concurrency),
+        workload=args.workload,
+        num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        api_key=args.api_key,
+        seed=args.seed,
+        prefix_words=args.prefix_words,
+        compare_layouts=args.compare_layouts,
+        model=args.model,
+        overhead_probes=args.overhead_probes,
+    )
+    output = args.output or Path("bench-results") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    try:
+        run_serve_bench(bench_args, output)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"pdserve bench serve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -368,6 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="JSON path (default bench-results/router-*.json)"
     )
     rb.set_defaults(func=_cmd_bench_router)
+
+    sb = bench_sub.add_parser(
+        "serve", help="TTFT/TPOT/ITL/latency, throughput and goodput over the OpenAI HTTP API"
+    )
+    sb.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the gateway (ignored with --compare-layouts)"
+    )
+    sb.add_argument("--concurrency", type=_int_list("--concurrency"), default=[1, 4, 16])
+    sb.add_argument("--workload", choices=["chat", "shared-prefix"], default="chat")
+    sb.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
+    sb.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (EOS ignored)")
+    sb.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT at most this")
+    sb.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT at most this")
+    sb.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    sb.add_argument("--seed", type=int, default=0, help="prompt set seed")
+    sb.add_argument("--prefix-words", type=int, default=300, help="shared-prefix: system prompt words")
+    sb.add_argument(
+        "--compare-layouts",
+        action="store_true",
+        help="start `pdserve up` with 1 prefill + 1 decode, then 2 both workers; run the workload on each",
+    )
+    sb.add_argument(
+        "--model", default=None, help="the served model: started by --compare-layouts; enables the overhead"
+    )
+    sb.add_argument(
+        "--overhead-probes",
+        type=int,
+        default=8,
+        help="one-token requests timed for the overhead (with --model)",
+    )
+    sb.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON path, PNG beside it (default bench-results/serve-*.json)",
+    )
+    sb.set_defaults(func=_cmd_bench_serve)
     return parser
 
 

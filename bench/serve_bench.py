@@ -1,0 +1,649 @@
+"""`pdserve bench serve`: load on the OpenAI HTTP API, measured as a client sees it.
+
+Streaming chat completions (SSE) at each concurrency level: `concurrency` clients keep one
+request each in flight (a closed loop) until `num_prompts` are done. Per level: time to the
+first token (TTFT), time per output token after it (TPOT), the gaps between streamed chunks
+(ITL), end-to-end latency, request and output-token throughput, and goodput (requests/s that
+met every stated SLO). Prints a table, writes JSON and a PNG of the latencies.
+
+Workloads (seeded, so runs are reproducible): `chat`, short varied coding questions; and
+`shared-prefix`, the same questions behind one long common system prompt, which the prefix
+cache (and the router's cache-aware placement) should turn into shorter prefills.
+
+Requests are greedy and ignore EOS, so every request produces `max_tokens` tokens and runs
+compare like for like. Each level asks its own questions (the same across layouts): a prompt
+the prefix cache holds from an earlier level would flatter the later one. One unmeasured
+request first pays first-call costs and, in shared-prefix, puts the system prompt in the cache.
+
+`--compare-layouts` starts the two layouts itself, one after the other (`pdserve up` with 1
+prefill + 1 decode worker, then with 2 colocated `both` workers), runs the same workload on
+each and prints them side by side. With `--model` (which `--compare-layouts` needs), it also
+measures the gateway + router overhead: TTFT over HTTP for one-token requests minus the TTFT
+of the engine alone (`pdserve.engine.LLM` in this process) on the same prompt tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+WORKLOADS = ("chat", "shared-prefix")
+# `pdserve up` flags of the two layouts --compare-layouts runs.
+LAYOUTS: dict[str, list[str]] = {
+    "1P+1D": ["--prefill", "1", "--decode", "1", "--both", "0"],
+    "2 both": ["--prefill", "0", "--decode", "0", "--both", "2"],
+}
+METRICS = ("ttft", "tpot", "itl", "e2e")
+
+
+@dataclass
+class ServeBenchArgs:
+    """What to run (the `pdserve bench serve` flags)."""
+
+    url: str = "http://127.0.0.1:8000"
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    workload: str = "chat"
+    num_prompts: int = 64
+    max_tokens: int = 64
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    api_key: str | None = None
+    seed: int = 0
+    prefix_words: int = 300  # shared-prefix: words in the common system prompt
+    compare_layouts: bool = False
+    model: str | None = None  # the served model: for --compare-layouts and the engine-only TTFT
+    overhead_probes: int = 8  # one-token requests timed for the overhead (0: skip)
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        self.concurrency = tuple(self.concurrency)
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency levels must be >= 1, got {list(self.concurrency)}")
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
+        for name in ("num_prompts", "max_tokens", "prefix_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.overhead_probes < 0:
+            raise ValueError(f"overhead-probes must be >= 0, got {self.overhead_probes}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0 ms, got {value}")
+        if self.compare_layouts and not self.model:
+            raise ValueError("--compare-layouts starts its own clusters: name their --model (e.g. demo)")
+
+
+# ---------------------------------------------------------------------------- workloads
+
+_TASKS = (
+    "Write a Python function that {}.",
+    "How would you {} in Python? Show the code.",
+    "Write a small class that can {}, with a docstring.",
+    "Explain, with an example, how to {} using the standard library.",
+    "Write a unit test for a function that should {}.",
+    "What is the shortest readable way to {}?",
+)
+_SUBJECTS = (
+    "reverse the words of a sentence", "parse a CSV file into dictionaries", "merge two sorted lists",
+    "count the lines of every file in a directory", "retry a call with exponential backoff",
+    "read a JSON config file with defaults", "find duplicate files by their hash",
+    "format a number of bytes for humans", "flatten a nested list", "group log lines by hour",
+    "download a page and extract its title", "validate an email address", "compute a moving average",
+    "walk a directory tree and skip hidden folders", "turn a dict into query-string parameters",
+    "split a list into chunks of {n} items", "find the {n} most common words in a text",
+    "time a function over {n} runs", "generate a random password of {n} characters",
+    "pad every line of a file to {n} columns",
+)  # fmt: skip
+_PREVIOUS = (
+    ("Can you help me with some Python?", "Of course. What are you working on?"),
+    ("I am cleaning up an old script.", "Good idea. Which part first?"),
+    ("I only have the standard library.", "That is enough for most tasks."),
+)
+# The shared-prefix system prompt is drawn from these, so it reads like instructions.
+_GUIDE = (
+    "always prefer clear names and short functions; document every public function with a docstring "
+    "that says what it returns and which errors it raises; keep modules small and imports sorted; "
+    "use type hints for arguments and results; avoid global state and hidden side effects; write tests "
+    "for edge cases such as empty input, missing files and unicode text; handle errors where you can "
+    "act on them and let the rest propagate; log with context rather than print; keep lines under one "
+    "hundred characters; prefer the standard library over new dependencies"
+)
+
+
+def _question(rng: random.Random) -> str:
+    subject = rng.choice(_SUBJECTS).format(n=rng.randint(2, 99))
+    return rng.choice(_TASKS).format(subject)
+
+
+def system_prompt(words: int, seed: int) -> str:
+    """The shared-prefix workload's common system prompt: `words` words, fixed by `seed`."""
+    rng = random.Random(f"system-{seed}")
+    pool = _GUIDE.split()
+    text = " ".join(rng.choice(pool) for _ in range(words))
+    return "You are a careful Python reviewer. Follow this style guide: " + text
+
+
+# Question batches that are not concurrency levels (those are 0, 1, ...).
+WARMUP_BATCH = -1
+PROBE_BATCH = -2
+
+
+def make_prompts(
+    workload: str, n: int, seed: int, prefix_words: int = 300, batch: int = 0
+) -> list[list[dict[str, str]]]:
+    """`n` chat conversations (OpenAI `messages`) of `workload`; the same for the same arguments.
+
+    `batch` picks the questions: each concurrency level asks its own (a prompt the prefix cache
+    kept from an earlier level would flatter the later one), the same for every layout. The
+    shared-prefix system prompt depends on `seed` alone, so every batch shares it.
+    """
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+    rng = random.Random(f"{workload}-{seed}-{batch}")
+    prompts = []
+    for _ in range(n):
+        messages: list[dict[str, str]] = []
+        if workload == "shared-prefix":
+            messages.append({"role": "system", "content": system_prompt(prefix_words, seed)})
+        if rng.random() < 0.3:  # some conversations carry an earlier exchange
+            user, assistant = rng.choice(_PREVIOUS)
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": _question(rng)})
+        prompts.append(messages)
+    return prompts
+
+
+# ---------------------------------------------------------------------------- one request
+
+
+@dataclass
+class RequestResult:
+    """One streamed request as the client saw it (seconds from sending it)."""
+
+    ok: bool
+    e2e_s: float
+    ttft_s: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
+    itl_s: list[float] = field(default_factory=list)  # gaps between the chunks after the first
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if not self.ok or self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+async def send_chat(
+    client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int, headers: dict[str, str]
+) -> RequestResult:
+    """One streamed chat completion; failures are results, not exceptions."""
+    import httpx
+
+    body = {
+        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    start = time.perf_counter()
+    last: float | None = None
+    result = RequestResult(ok=False, e2e_s=0.0)
+    chunks = 0
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                result.error = f"HTTP {r.status_code}: {text[:200]}"
+                return result
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    result.error = str(event["error"].get("message", event["error"]))
+                    return result
+                if usage := event.get("usage"):
+                    result.output_tokens = usage["completion_tokens"]
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                choice = event["choices"][0] if event.get("choices") else {}
+                delta = choice.get("delta") or {}
+                # A last token with no text of its own (a special token) still ends the wait for one.
+                ended_silent = last is None and choice.get("finish_reason")
+                if delta.get("content") or delta.get("reasoning_content") or ended_silent:
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                    chunks += 1
+        result.ok = result.ttft_s is not None
+        if not result.ok:
+            result.error = "the stream carried no tokens"
+        result.output_tokens = result.output_tokens or chunks
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    finally:
+        result.e2e_s = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------------- one level
+
+
+def distribution(values_s: list[float]) -> dict[str, float] | None:
+    """mean / p50 / p90 / p99 in milliseconds (linear interpolation between ranks), None if empty."""
+    if not values_s:
+        return None
+    s = sorted(values_s)
+
+    def pick(q: float) -> float:
+        pos = q * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    return {
+        "mean": round(sum(s) / len(s) * 1e3, 3),
+        **{f"p{int(q * 100)}": round(pick(q) * 1e3, 3) for q in (0.5, 0.9, 0.99)},
+    }
+
+
+def summarize(
+    results: list[RequestResult], duration_s: float, concurrency: int, args: ServeBenchArgs
+) -> dict[str, Any]:
+    """One concurrency level's row."""
+    ok = [r for r in results if r.ok]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            key = (r.error or "unknown")[:120]
+            errors[key] = errors.get(key, 0) + 1
+    tokens = sum(r.output_tokens for r in ok)
+    row: dict[str, Any] = {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": errors,
+        "duration_s": round(duration_s, 3),
+        "output_tokens": tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "request_throughput": round(len(ok) / duration_s, 3),
+        "output_throughput": round(tokens / duration_s, 2),
+        "ttft_ms": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "tpot_ms": distribution([t for r in ok if (t := r.tpot_s) is not None]),
+        "itl_ms": distribution([g for r in ok for g in r.itl_s]),
+        "e2e_ms": distribution([r.e2e_s for r in ok]),
+        "goodput": None,
+        "slo_met": None,
+    }
+    if args.slo_ttft_ms is not None or args.slo_tpot_ms is not None:
+
+        def meets(r: RequestResult) -> bool:
+            ttft_ok = args.slo_ttft_ms is None or (r.ttft_s or 0) * 1e3 <= args.slo_ttft_ms
+            # A one-token answer has no TPOT: nothing to miss.
+            tpot_ok = args.slo_tpot_ms is None or r.tpot_s is None or r.tpot_s * 1e3 <= args.slo_tpot_ms
+            return ttft_ok and tpot_ok
+
+        met = sum(meets(r) for r in ok)
+        row["slo_met"] = met
+        row["goodput"] = round(met / duration_s, 3)
+    return row
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def _served_model(client, url: str, headers: dict[str, str]) -> str:
+    import httpx
+
+    try:
+        r = await client.get(url + "/v1/models", headers=headers)
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"no gateway answers at {url} ({e}); start one with `pdserve up`") from e
+    if r.status_code != 200:
+        raise ConnectionError(f"{url}/v1/models answered HTTP {r.status_code}: {r.text[:200]}")
+    models = r.json().get("data") or []
+    if not models:
+        raise ConnectionError(f"{url}/v1/models lists no model")
+    return models[0]["id"]
+
+
+def warmup_prompt(args: ServeBenchArgs) -> list[dict[str, str]]:
+    """Sent before measuring, never measured (nor sent again)."""
+    return make_prompts(args.workload, 1, args.seed, args.prefix_words, WARMUP_BATCH)[0]
+
+
+async def _run_level(
+    client, url: str, model: str, concurrency: int, prompts: list[list[dict[str, str]]], args: ServeBenchArgs,
+    label: str,
+) -> dict[str, Any]:  # fmt: skip
+    """`concurrency` requests in flight until every prompt is done; the level's row."""
+    headers = _headers(args.api_key)
+    gate = asyncio.Semaphore(concurrency)
+    with tqdm(total=len(prompts), desc=f"bench serve: {label} concurrency {concurrency}", leave=False) as bar:
+
+        async def one(messages: list[dict[str, str]]) -> RequestResult:
+            async with gate:
+                result = await send_chat(client, url, model, messages, args.max_tokens, headers)
+            bar.update()
+            return result
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        duration = time.perf_counter() - start
+    return summarize(list(results), duration, concurrency, args)
+
+
+async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, list[dict[str, Any]]]:
+    """Every concurrency level against the gateway at `url`; returns the served model and the rows."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
+        model = await _served_model(client, url, _headers(args.api_key))
+        # First-call costs (channels, KV transfer groups) and, for shared-prefix, the system
+        # prompt into the cache, so that every level starts alike.
+        first = await send_chat(
+            client, url, model, warmup_prompt(args), min(args.max_tokens, 4), _headers(args.api_key)
+        )
+        if not first.ok:
+            raise RuntimeError(f"the warm-up request to {url} failed: {first.error}")
+        rows = []
+        for i, concurrency in enumerate(args.concurrency):
+            prompts = make_prompts(args.workload, args.num_prompts, args.seed, args.prefix_words, batch=i)
+            rows.append(await _run_level(client, url, model, concurrency, prompts, args, label))
+    return model, rows
+
+
+# ---------------------------------------------------------------------------- overhead
+
+
+def probe_prompts(args: ServeBenchArgs) -> list[list[dict[str, str]]]:
+    """The overhead probes: prompts of the workload that the measured levels never send."""
+    return make_prompts(args.workload, args.overhead_probes, args.seed, args.prefix_words, PROBE_BATCH)
+
+
+def engine_ttft(model: str, probes: list[list[dict[str, str]]], warmup: list[dict[str, str]]) -> list[float]:
+    """Seconds to the first token of the engine alone, per probe (one at a time, one thread as
+    `pdserve up` gives each worker), on the token ids the gateway's chat template makes.
+
+    `warmup` is run first, unmeasured, as the HTTP side runs it before its levels: the engine's
+    first-call costs, and the same prefix cache contents (shared-prefix: the system prompt).
+    """
+    from pdserve.engine import LLM, SamplingParams
+
+    llm = LLM(model=model, num_threads=1, progress=False)
+    tok = llm.tokenizer
+    if tok is None:
+        raise ValueError(f"model {model!r} has no tokenizer; the overhead needs the chat template")
+
+    def ids(messages: list[dict[str, str]]) -> list[int]:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    one = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([ids(warmup)], one)
+    times = []
+    for prompt in tqdm([ids(p) for p in probes], desc="bench serve: engine-only TTFT", leave=False):
+        start = time.perf_counter()
+        llm.generate([prompt], one)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def http_ttft(url: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]]) -> list[float]:
+    """Seconds to the first streamed token over HTTP for one-token requests, one at a time."""
+    import httpx
+
+    headers = _headers(args.api_key)
+    async with httpx.AsyncClient(timeout=args.request_timeout_s) as client:
+        model = await _served_model(client, url, headers)
+        times = []
+        for messages in probes:
+            r = await send_chat(client, url, model, messages, 1, headers)
+            if not r.ok or r.ttft_s is None:
+                raise RuntimeError(f"an overhead probe failed: {r.error}")
+            times.append(r.ttft_s)
+    return times
+
+
+def overhead(http_s: list[float], engine_s: list[float]) -> dict[str, Any]:
+    """Per-probe HTTP TTFT minus engine TTFT (same prompt), and both sides' distributions."""
+    return {
+        "probes": len(http_s),
+        "http_ttft_ms": distribution(http_s),
+        "engine_ttft_ms": distribution(engine_s),
+        "overhead_ms": distribution([h - e for h, e in zip(http_s, engine_s)]),
+    }
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(
+    layout: str, model: str, workdir: Path, api_key: str | None, timeout_s: float = 600
+) -> Iterator[str]:
+    """`pdserve up` with `layout`'s workers in a subprocess; yields its URL, stops it after."""
+    port, router_port = _free_port(), _free_port()
+    state = workdir / layout.replace(" ", "-").replace("+", "")
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", model, *LAYOUTS[layout], "--port", str(port),
+           "--router-port", str(router_port), "--state-dir", str(state)]  # fmt: skip
+    if api_key:
+        cmd += ["--api-key", api_key]
+    log_path = state.with_suffix(".log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            with tqdm(
+                desc=f"bench serve: starting {layout}", bar_format="{desc}: {elapsed}", leave=False
+            ) as bar:
+                while not (state / "cluster.json").is_file():
+                    if proc.poll() is not None:
+                        raise RuntimeError(
+                            f"`{' '.join(cmd)}` exited ({proc.returncode}):\n{log_path.read_text()[-2000:]}"
+                        )
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"`{' '.join(cmd)}` was not up after {timeout_s:.0f} s; see {log_path}"
+                        )
+                    time.sleep(0.5)
+                    bar.update()
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # what `pdserve down` sends: it stops Ray and the workers
+                try:
+                    proc.wait(90)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _fmt(d: dict[str, float] | None, key: str) -> str:
+    return "-" if d is None else f"{d[key]:.1f}"
+
+
+def _cached_share(level: dict[str, Any]) -> str:
+    return (
+        f"{100 * level['cached_prompt_tokens'] / level['prompt_tokens']:.0f}%"
+        if level["prompt_tokens"]
+        else "-"
+    )
+
+
+def _print_run(run: dict[str, Any], args: ServeBenchArgs) -> None:
+    print(
+        f"\n{run['layout']} ({run['url']}, model {run['model']}): {args.workload}, {args.num_prompts} prompts "
+        f"per level, max_tokens {args.max_tokens}; latencies in ms, p50 / p90 / p99"
+    )
+    header = ["conc", "ok", "fail", "req/s", "tok/s", "goodput", "cached", "TTFT", "TPOT", "ITL", "E2E"]
+    widths = [4, 4, 4, 7, 8, 7, 6, 22, 20, 20, 24]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
+    for r in run["levels"]:
+        cells = [
+            r["concurrency"], r["completed"], r["failed"], f"{r['request_throughput']:.2f}",
+            f"{r['output_throughput']:.1f}", "-" if r["goodput"] is None else f"{r['goodput']:.2f}",
+            _cached_share(r),
+            *(" / ".join(_fmt(r[f"{m}_ms"], q) for q in ("p50", "p90", "p99")) for m in METRICS),
+        ]  # fmt: skip
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+        for error, count in r["errors"].items():
+            print(f"      {count} x {error}")
+    if run.get("overhead"):
+        o = run["overhead"]
+        print(
+            f"gateway+router overhead, {o['probes']} one-token probes: HTTP TTFT p50 "
+            f"{_fmt(o['http_ttft_ms'], 'p50')} - engine TTFT p50 {_fmt(o['engine_ttft_ms'], 'p50')}; "
+            f"per probe p50 {_fmt(o['overhead_ms'], 'p50')}, p90 {_fmt(o['overhead_ms'], 'p90')}"
+        )
+
+
+def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
+    names = [r["layout"] for r in runs]
+    print(f"\nside by side: {' vs '.join(names)} (latencies in ms)")
+    print(f"{'conc':>4} {'':<16}" + "".join(f"{n:>14}" for n in names))
+
+    def number(key: str, q: str | None = None):
+        def cell(level: dict[str, Any]) -> str:
+            value = level[key][q] if q and level[key] is not None else level[key]
+            return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.2f}"
+
+        return cell
+
+    rows = [
+        ("failed", number("failed")), ("req/s", number("request_throughput")),
+        ("out tok/s", number("output_throughput")), ("goodput req/s", number("goodput")),
+        ("cached prompt", _cached_share), ("TTFT p50", number("ttft_ms", "p50")),
+        ("TTFT p99", number("ttft_ms", "p99")), ("TPOT p50", number("tpot_ms", "p50")),
+        ("TPOT p99", number("tpot_ms", "p99")), ("ITL p50", number("itl_ms", "p50")),
+        ("ITL p99", number("itl_ms", "p99")), ("E2E p50", number("e2e_ms", "p50")),
+        ("E2E p99", number("e2e_ms", "p99")),
+    ]  # fmt: skip
+    for i, level in enumerate(runs[0]["levels"]):
+        for label, cell in rows:
+            print(
+                f"{level['concurrency']:>4} {label:<16}"
+                + "".join(f"{cell(r['levels'][i]):>14}" for r in runs)
+            )
+    if all(r.get("overhead") for r in runs):
+        print("one-token probes, one at a time (p50):")
+        for label, key in (("HTTP TTFT", "http_ttft_ms"), ("engine TTFT", "engine_ttft_ms"),
+                           ("overhead", "overhead_ms")):  # fmt: skip
+            print(f"{'':>4} {label:<16}" + "".join(f"{_fmt(r['overhead'][key], 'p50'):>14}" for r in runs))
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path | None:
+    """Latency percentiles vs concurrency, one line per run; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display on a server
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'pdserve[test]')", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    titles = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",
+              "e2e": "end-to-end latency"}  # fmt: skip
+    for ax, metric in zip(axes.flat, METRICS):
+        for k, run in enumerate(doc["runs"]):
+            levels = [lv for lv in run["levels"] if lv[f"{metric}_ms"] is not None]
+            xs = [lv["concurrency"] for lv in levels]
+            for q, style in (("p50", "-"), ("p99", "--")):
+                ax.plot(xs, [lv[f"{metric}_ms"][q] for lv in levels], style, marker="o", color=f"C{k}",
+                        label=f"{run['layout']} {q}")  # fmt: skip
+        ax.set_title(titles[metric])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("ms")
+        ax.set_xscale("log", base=2)
+        levels = sorted({lv["concurrency"] for run in doc["runs"] for lv in run["levels"]})
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    a = doc["args"]
+    fig.suptitle(
+        f"pdserve bench serve: {a['workload']}, {a['num_prompts']} prompts/level, max_tokens {a['max_tokens']}"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- the bench
+
+
+def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[str, Any]:
+    """Runs the levels (against `args.url`, or each layout with --compare-layouts); prints, writes JSON + PNG."""
+    probes = probe_prompts(args) if args.model and args.overhead_probes else []
+    # Before any cluster starts: the engine alone, without workers competing for the cores.
+    engine_s = engine_ttft(args.model, probes, warmup_prompt(args)) if probes else []
+    runs = []
+    if args.compare_layouts:
+        assert args.model is not None
+        with tempfile.TemporaryDirectory(prefix="pdserve-bench-serve-") as tmp:
+            for layout in LAYOUTS:
+                with launched(layout, args.model, Path(tmp), args.api_key) as url:
+                    runs.append(_run(url, layout, args, probes, engine_s))
+    else:
+        runs.append(_run(args.url, "url", args, probes, engine_s))
+    recorded = {**asdict(args), "api_key": "<set>" if args.api_key else None}  # results get shared; keys not
+    doc = {"benchmark": "serve", "args": recorded, "model": runs[0]["model"], "runs": runs}
+    for run in runs:
+        _print_run(run, args)
+    if len(runs) > 1:
+        _print_side_by_side(runs)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {output}")
+        png = plot(doc, output.with_suffix(".png"))
+        if png is not None:
+            print(f"wrote {png}")
+    return doc
+
+
+def _run(
+    url: str, layout: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]], engine_s: list[float]
+) -> dict[str, Any]:
+    model, levels = asyncio.run(_run_levels(url, args, layout))
+    run: dict[str, Any] = {"layout": layout, "url": url, "model": model, "levels": levels, "overhead": None}
+    if probes:
+        run["overhead"] = overhead(asyncio.run(http_ttft(url, args, probes)), engine_s)
+    return run

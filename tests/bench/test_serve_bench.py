@@ -1,0 +1,92 @@
+"""`pdserve bench serve` for real against a small stack (Ray workers, router, gateway); no timing asserts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench.serve_bench import ServeBenchArgs, distribution, make_prompts, system_prompt
+from pdserve.cli import main
+from tests.gateway.stack import BLOCK_SIZE, gateway_stack
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def stack(ray_session, moe_checkpoint):
+    # The tiny test tokenizer spends about a token per character: room for a shared system prompt.
+    with gateway_stack(
+        ray_session, moe_checkpoint, name="pdserve-controller-bench-serve", blocks=512, max_model_len=1024
+    ) as s:
+        yield s
+
+
+@pytest.mark.parametrize(
+    ("workload", "slo", "all_meet"),
+    [
+        ("chat", ["--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9"], True),  # no request can miss these
+        ("shared-prefix", ["--slo-tpot-ms", "1e-6"], False),  # nor meet this one
+    ],
+)
+def test_bench_serve_writes_sane_json_and_a_plot(stack, tmp_path, capsys, workload, slo, all_meet):
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--url", stack.url, "--concurrency", "1,2", "--workload", workload,
+            "--num-prompts", "6", "--max-tokens", "8", "--prefix-words", "40", "--output", str(out), *slo]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "serve" and doc["model"] == "tiny"
+    assert doc["args"]["workload"] == workload and doc["args"]["num_prompts"] == 6
+    [run] = doc["runs"]
+    assert run["url"] == stack.url and run["overhead"] is None  # no --model: no engine-only side
+    assert [level["concurrency"] for level in run["levels"]] == [1, 2]
+    for level in run["levels"]:
+        assert level["requests"] == level["completed"] == 6 and level["failed"] == 0 and level["errors"] == {}
+        assert level["output_tokens"] == 6 * 8  # EOS ignored: every request makes max_tokens
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            d = level[metric]
+            assert 0 < d["p50"] <= d["p90"] <= d["p99"], (metric, d)
+        for q in ("p50", "p90", "p99"):  # per request TTFT <= E2E, so every percentile too
+            assert level["ttft_ms"][q] <= level["e2e_ms"][q]
+        assert level["request_throughput"] == pytest.approx(6 / level["duration_s"], rel=0.01)
+        assert level["output_throughput"] == pytest.approx(48 / level["duration_s"], rel=0.01)
+        assert level["slo_met"] == (6 if all_meet else 0)
+        assert level["goodput"] == (level["request_throughput"] if all_meet else 0)
+        assert 0 <= level["cached_prompt_tokens"] < level["prompt_tokens"]
+        if workload == "shared-prefix":
+            # Every request found the system prompt the warm-up left in the cache (whole blocks of it).
+            system = len(stack.tok(system_prompt(40, 0), add_special_tokens=False)["input_ids"])
+            assert level["cached_prompt_tokens"] >= 6 * (system - 2 * BLOCK_SIZE)
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    printed = capsys.readouterr().out
+    assert "TTFT" in printed and f"wrote {out}" in printed
+
+
+def test_prompt_sets_are_seeded_and_shared_prefix_shares_its_system_prompt():
+    assert make_prompts("chat", 20, seed=3) == make_prompts("chat", 20, seed=3)
+    assert make_prompts("chat", 20, seed=3) != make_prompts("chat", 20, seed=4)
+    assert make_prompts("chat", 20, seed=3, batch=0) != make_prompts("chat", 20, seed=3, batch=1)
+    assert len({json.dumps(p) for p in make_prompts("chat", 20, seed=3)}) > 10  # varied
+    for batch in (0, 1, -1):  # every level, and the warm-up, behind the same system prompt
+        shared = make_prompts("shared-prefix", 10, seed=3, prefix_words=50, batch=batch)
+        assert all(p[0] == {"role": "system", "content": system_prompt(50, 3)} for p in shared)
+        assert len({json.dumps(p[1:]) for p in shared}) > 5
+    assert len(system_prompt(50, 3).split()) > 50 and system_prompt(50, 3) != system_prompt(50, 4)
+
+
+def test_distribution_percentiles_in_ms():
+    d = distribution([0.004, 0.001, 0.003, 0.002])
+    assert d == {"mean": 2.5, "p50": 2.5, "p90": 3.7, "p99": 3.97}
+    assert distribution([]) is None
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(ValueError, match="concurrency"):
+        ServeBenchArgs(concurrency=(0,))
+    assert main(["bench", "serve", "--compare-layouts"]) == 2
+    assert "--model" in capsys.readouterr().err
+    argv = ["bench", "serve", "--url", "http://127.0.0.1:1", "--output", str(tmp_path / "x.json")]
+    assert main(argv) == 1
+    assert "no gateway answers at http://127.0.0.1:1" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
