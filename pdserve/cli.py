@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_json_dict("--speculative-config"),
         action="append",
         default=[],
-        help="JSON object, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'; repeat to "
+        help='JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'; repeat to '
         "compare several; each runs beside the same workload without speculation",
     )
     eng.add_argument(
