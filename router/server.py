@@ -263,6 +263,8 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                 kv_blocks_free=w.load.kv_blocks_free if w.load else 0,
                 waiting_prefill_tokens=w.load.waiting_prefill_tokens if w.load else 0,
                 last_step_seconds=w.load.last_step_seconds if w.load else 0.0,
+                spec_acceptance_rate=w.load.spec_acceptance_rate if w.load else 0.0,
+                spec_mean_accepted_length=w.load.spec_mean_accepted_length if w.load else 0.0,
             )
             for w in self.view.workers
         ]

@@ -25,7 +25,10 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
     # Settings from all three sources (pdserve.config): the file's port is used, and the
     # environment's policy beats the file's.
     config = tmp_path / "good.yaml"
-    config.write_text(f"port: {port}\nkv_cache_blocks: 64\npolicy: round_robin\n")
+    config.write_text(
+        f"port: {port}\nkv_cache_blocks: 64\npolicy: round_robin\n"
+        "speculative_config: {method: ngram, num_speculative_tokens: 3}\n"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_ROUTER_PORT": str(router_port),
            "PDSERVE_POLICY": "cache_aware"}  # fmt: skip
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this block: the process writes to it)
@@ -43,8 +46,10 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
         assert f"pdserve is up: http://127.0.0.1:{port}" in printed and "curl http://" in printed
         assert f"router 127.0.0.1:{router_port})" in printed
 
+        # A prompt that repeats itself, so n-gram lookup has something to guess from.
+        prompt = "def f(a, b):\n    return a + b\n\n\ndef f(a, b):"
         r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "def f", "max_tokens": 4}, timeout=60
+            f"http://127.0.0.1:{port}/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=60
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -52,6 +57,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
             'pdserve_router_requests_total{policy="cache_aware",outcome="ok"} 1.0' in metrics
         )
         assert "pdserve_gateway_requests_total" in metrics
+        assert 'pdserve_spec_decode_proposed_tokens_total{worker="decode-0"}' in metrics
 
         status = run("status", "--state-dir", str(state))
         assert status.returncode == 0, status.stderr
@@ -60,6 +66,20 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
             and "decode-0" in status.stdout
             and "policy cache_aware" in status.stdout
         )
+        header = next(ln for ln in status.stdout.splitlines() if ln.startswith("worker"))
+        assert header.split()[-3:] == ["spec", "accept", "tok/verify"]
+        # A longer answer gives the decode worker guesses to verify (a random model soon repeats
+        # itself); status then shows its tokens per verification, once the router's view refreshes.
+        long = {"prompt": prompt, "max_tokens": 32, "ignore_eos": True, "temperature": 0}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=long, timeout=60).status_code == 200
+        deadline = time.monotonic() + 20
+        while True:
+            rows = run("status", "--state-dir", str(state)).stdout.splitlines()
+            per_verify = next(ln for ln in rows if ln.startswith("decode-0")).split()[-1]
+            if per_verify != "-" or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert float(per_verify) >= 1.0
 
         busy = run(
             "up", "--model", str(moe_checkpoint), "--port", str(port), "--state-dir", str(tmp_path / "other")
