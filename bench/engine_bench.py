@@ -39,6 +39,7 @@ class EngineBenchArgs:
     # Each config runs beside the same workload without speculation (transformers is skipped).
     speculative_configs: tuple[dict[str, Any], ...] = ()
     workload: str = "random"  # "random" token ids, or "code" (needs the model's tokenizer)
+    repeats: int = 3  # speculative mode: rounds per batch size, each with new prompts
 
 
 @dataclass
@@ -88,12 +89,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, queue: mp.Queue) -> None:
-    from pdserve.engine import LLM, SamplingParams
+def _llm(args: EngineBenchArgs, spec: dict[str, Any] | None):
+    from pdserve.engine import LLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    llm = LLM(
+    return LLM(
         args.model,
         dtype=args.dtype,
         load_format=args.load_format,
@@ -106,28 +105,77 @@ def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, queue: mp.Q
         enable_prefix_caching=False,
         speculative_config=spec,
     )
-    system = "pdserve" if spec is None else f"pdserve+{spec['method']}"
-    params = SamplingParams(
+
+
+def _greedy(args: EngineBenchArgs):
+    from pdserve.engine import SamplingParams
+
+    return SamplingParams(
         temperature=0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True
     )
+
+
+def _run_pdserve(args: EngineBenchArgs, queue: mp.Queue) -> None:
+    from pdserve.engine import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = _llm(args, None)
+    params = _greedy(args)
     llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
     for batch in args.batches:
         prompts = _workload(args, llm, batch, args.input_len)
-        before = llm.engine.stats()
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
-        after = llm.engine.stats()
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        row = BenchRow(system, batch, seconds, n, n / seconds, _peak_rss_mb())
-        if spec is not None:
-            proposed = after.spec_proposed_tokens - before.spec_proposed_tokens
-            accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
-            steps = after.spec_verifications - before.spec_verifications
-            emitted = after.spec_emitted_tokens - before.spec_emitted_tokens
-            row.acceptance_rate = accepted / proposed if proposed else 0.0
-            row.mean_accepted_length = emitted / steps if steps else 0.0
-        queue.put(row)
+        queue.put(BenchRow("pdserve", batch, seconds, n, n / seconds, _peak_rss_mb()))
+    queue.put(None)
+
+
+def _run_speculative(args: EngineBenchArgs, queue: mp.Queue) -> None:
+    """Plain decoding and every speculative config in one process, taking turns.
+
+    Runs of a few hundred milliseconds on a shared machine drift by tens of percent from one
+    minute to the next; interleaving the systems round by round (each round with new prompts)
+    gives all of them the same drift, so their ratios hold where their absolute speeds do not.
+    """
+    from pdserve.engine import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs: list[dict[str, Any] | None] = [None, *args.speculative_configs]
+    llms = [_llm(args, spec) for spec in configs]
+    names = [
+        "pdserve",
+        *(f"pdserve+{spec['method']}-k{spec['num_speculative_tokens']}" for spec in args.speculative_configs),
+    ]
+    params = _greedy(args)
+    for llm in llms:
+        llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    for batch in args.batches:
+        rounds = _workload(args, llms[0], batch * args.repeats, args.input_len)
+        seconds = [0.0] * len(llms)
+        tokens = [0] * len(llms)
+        before = [llm.engine.stats() for llm in llms]
+        for r in range(args.repeats):
+            prompts = rounds[r * batch : (r + 1) * batch]
+            for i, llm in enumerate(llms):
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                seconds[i] += time.perf_counter() - start
+                tokens[i] += sum(len(o.outputs[0].token_ids) for o in outs)
+        for i, (name, llm) in enumerate(zip(names, llms)):
+            row = BenchRow(name, batch, seconds[i], tokens[i], tokens[i] / seconds[i], _peak_rss_mb())
+            if configs[i] is not None:
+                after = llm.engine.stats()
+                proposed = after.spec_proposed_tokens - before[i].spec_proposed_tokens
+                accepted = after.spec_accepted_tokens - before[i].spec_accepted_tokens
+                steps = after.spec_verifications - before[i].spec_verifications
+                emitted = after.spec_emitted_tokens - before[i].spec_emitted_tokens
+                row.acceptance_rate = accepted / proposed if proposed else 0.0
+                row.mean_accepted_length = emitted / steps if steps else 0.0
+            queue.put(row)
     queue.put(None)
 
 
@@ -209,7 +257,7 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
         return _run_speculative_bench(args, output)
     sides = 1 if args.skip_transformers else 2
     with tqdm(total=sides * len(args.batches), desc="bench engine") as bar:
-        rows = _collect(_run_pdserve, (args, None), bar)
+        rows = _collect(_run_pdserve, (args,), bar)
         if not args.skip_transformers:
             checkpoint = _export_for_transformers(args)
             rows += _collect(_run_transformers, (args, checkpoint), bar)
@@ -259,9 +307,9 @@ def _write(doc: dict[str, Any], output: Path | None) -> None:
 
 def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[str, Any]:
     """pdserve without speculation, then with each config, on the same prompts; ratios per batch."""
-    configs: list[dict[str, Any] | None] = [None, *args.speculative_configs]
-    with tqdm(total=len(configs) * len(args.batches), desc="bench engine (speculative)") as bar:
-        rows = [row for spec in configs for row in _collect(_run_pdserve, (args, spec), bar)]
+    total = (1 + len(args.speculative_configs)) * len(args.batches)
+    with tqdm(total=total, desc="bench engine (speculative)") as bar:
+        rows = _collect(_run_speculative, (args,), bar)
     table = []
     for batch in args.batches:
         plain = next(r for r in rows if r.system == "pdserve" and r.batch == batch)
@@ -295,7 +343,7 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
     )
     for r in table:
         print(
-            f"{r['batch']:>5} {r['system']:>16} {r['tok_s']:>8.1f} {r['plain_tok_s']:>12.1f} "
+            f"{r['batch']:>5} {r['system']:>22} {r['tok_s']:>8.1f} {r['plain_tok_s']:>12.1f} "
             f"{r['speedup']:>8.2f} {r['acceptance_rate']:>7.2f} {r['mean_accepted_length']:>9.2f}"
         )
     _write(doc, output)

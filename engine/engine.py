@@ -37,6 +37,8 @@ from pdserve.engine.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 PromptInput = str | Sequence[int] | dict[str, Any]
+# Positions an MTP catch-up pass may cover (it runs as one short attention span).
+MAX_PENDING_MTP_ROWS = 16
 
 
 @dataclass
@@ -319,7 +321,7 @@ class Engine:
     def step(self) -> list[RequestDelta]:
         """Runs one forward pass over the scheduled batch; returns what each request produced."""
         started = time.perf_counter()
-        speculating = self._propose()
+        self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -327,9 +329,9 @@ class Engine:
             1 + len(req.spec_token_ids) if req.num_computed_tokens + n == req.num_scheduled_tokens else 0
             for req, n in zip(batch.requests, batch.num_tokens)
         ]
-        # The MTP layer's cache is fed while prompts are computed (a decode worker inherits it)
-        # and while speculating; large batches that do not speculate skip its cost.
-        run_mtp = speculating or any(not r.output_token_ids for r in batch.requests)
+        # The MTP layer's cache is fed in the pass while prompts are computed (a decode worker
+        # inherits it); decoded positions are fed by the MTP proposer's first pass instead.
+        run_mtp = any(not r.output_token_ids for r in batch.requests)
         out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
         emitted = self._sample(batch.requests, num_logits, out.logits)
 
@@ -346,7 +348,7 @@ class Engine:
             # KV is valid through the last accepted guess; later slots are rolled back.
             req.num_computed_tokens += n - guesses + len(tokens) - 1
             if self.runner.mtp_layer is not None:
-                req.mtp_hidden = out.hidden[row + len(tokens) - 1].clone()
+                self._keep_mtp_hidden(req, out.hidden[row : row + len(tokens)], fed=run_mtp)
             row += m
             if not req.output_token_ids:
                 self._prompt_tokens += req.num_prompt_tokens
@@ -362,16 +364,27 @@ class Engine:
         self._publish_events()
         return deltas
 
-    def _propose(self) -> bool:
-        """Lets the proposer guess for the requests that are decoding, unless the batch is too big.
+    def _keep_mtp_hidden(self, req: Request, rows: torch.Tensor, fed: bool) -> None:
+        """Keeps the pre-norm hidden states of the positions whose MTP cache entry is not written.
 
-        Returns whether speculation is on this step.
+        `rows` are this step's accepted positions, ending at num_computed_tokens - 1. The last one
+        always waits for its next token (just sampled); with `fed`, the pass wrote the others.
         """
+        if fed:
+            req.mtp_hidden = rows[-1:].clone()
+            return
+        pending = rows if req.mtp_hidden is None else torch.cat([req.mtp_hidden, rows])
+        # Bounded: while speculation is off (large batches) nothing consumes them, and positions
+        # dropped here only leave the MTP layer a shorter context (worse guesses, same output).
+        req.mtp_hidden = pending[-MAX_PENDING_MTP_ROWS:].clone()
+
+    def _propose(self) -> None:
+        """Lets the proposer guess for the requests that are decoding, unless the batch is too big."""
         if self.proposer is None:
-            return False
+            return
         limit = self.spec.disable_by_batch_size if self.spec is not None else None
         if limit is not None and self.scheduler.num_running > limit:
-            return False
+            return
         assert self.spec is not None
         requests: list[Request] = []
         ks: list[int] = []
@@ -390,7 +403,6 @@ class Engine:
         if requests:
             self.proposer.propose(requests, ks)
             self._spec_proposed += sum(len(r.spec_token_ids) for r in requests)
-        return True
 
     def _sample(
         self, requests: list[Request], num_logits: list[int], logits: torch.Tensor
@@ -594,7 +606,9 @@ class Engine:
         if payload.generator_state is not None and req.generator is not None:
             req.generator.set_state(payload.generator_state)
         if payload.mtp_hidden is not None:
-            req.mtp_hidden = payload.mtp_hidden.to(self.device, self.dtype)
+            req.mtp_hidden = payload.mtp_hidden.to(self.device, self.dtype).reshape(
+                -1, self.model_config.hidden_size
+            )
         holder = self._reservations.get(payload.request_id)
         if holder is not None and len(holder.block_ids) >= payload.num_blocks:
             del self._reservations[payload.request_id]

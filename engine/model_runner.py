@@ -157,20 +157,26 @@ class ModelRunner:
             next_ids=torch.tensor(nexts, dtype=torch.long, device=self.device),
         )
 
-    def single_token_meta(self, tables: list[list[int]], positions: list[int]) -> AttentionMetadata:
-        """Attention metadata for one new token per sequence, sequence i's at `positions[i]`."""
+    def spans_meta(self, tables: list[list[int]], starts: list[int], counts: list[int]) -> AttentionMetadata:
+        """Attention metadata for `counts[i]` new tokens of sequence i from position `starts[i]`.
+
+        Each span attends to its own cache up to itself; spans must be short (the batched path).
+        """
         bs = self.block_size
-        slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
+        slots: list[int] = []
+        rows: list[list[int]] = []
+        for table, start, n in zip(tables, starts, counts):
+            assert n <= MAX_BATCHED_QUERY
+            rows.append(list(range(len(slots), len(slots) + n)))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             decode_rows=torch.empty(0, 0, dtype=torch.long, device=self.device),
             decode_slots=torch.empty(0, dtype=torch.long),
             decode_mask=torch.empty(0, dtype=torch.bool),
         )
-        ctx = [p + 1 for p in positions]
-        self._short_group(
-            meta, [[i] for i in range(len(tables))], [t[: -(-c // bs)] for t, c in zip(tables, ctx)], ctx
-        )
+        ctx = [start + n for start, n in zip(starts, counts)]
+        self._short_group(meta, rows, [t[: -(-c // bs)] for t, c in zip(tables, ctx)], ctx)
         return meta
 
     def _slots(self, table: list[int], ctx: int) -> torch.Tensor:

@@ -74,8 +74,8 @@ class KVPayload:
     kv: torch.Tensor
     generator_state: torch.Tensor | None = None  # so seeded sampling continues exactly
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    # MTP speculation: the pre-norm hidden state [H] at the last computed position, which the
-    # decode side's MTP layer chains its first guess from (the MTP KV travels in `kv`).
+    # MTP speculation: pre-norm hidden states [n, H] of the last n computed positions, whose MTP
+    # cache entries the decode side writes before its first guess (the rest travel in `kv`).
     mtp_hidden: torch.Tensor | None = None
 
     @property

@@ -52,8 +52,8 @@ class Request:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # Speculative decoding: this step's guessed tokens (verified, then cleared, by the step), and
-    # for MTP the pre-norm hidden state at position num_computed_tokens - 1, which the MTP layer
-    # combines with the last token to guess the next one.
+    # for MTP the pre-norm hidden states [n, H] of positions num_computed_tokens - n .. - 1, whose
+    # MTP cache entries are still to be written (the last one's next token is the newest token).
     spec_token_ids: list[int] = field(default_factory=list)
     mtp_hidden: torch.Tensor | None = None
 

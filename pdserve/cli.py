@@ -28,6 +28,19 @@ def _json_dict(flag: str):
     return parse
 
 
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
 def _int_list(flag: str):
     def parse(text: str) -> list[int]:
         try:
@@ -132,6 +145,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         skip_transformers=args.skip_transformers,
         speculative_configs=tuple(args.speculative_config),
         workload=args.workload,
+        repeats=args.repeats,
     )
     output = args.output or Path("bench-results") / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
     run_engine_bench(bench_args, output)
@@ -362,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["random", "code"],
         default="random",
         help="prompts: random token ids, or openings of Python stdlib files (needs a tokenizer)",
+    )
+    eng.add_argument(
+        "--repeats",
+        type=_positive_int("--repeats"),
+        default=3,
+        help="with --speculative-config: rounds per batch size (new prompts each), systems taking turns",
     )
     eng.set_defaults(func=_cmd_bench_engine)
 

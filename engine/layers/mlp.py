@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +21,34 @@ class GatedMLP(nn.Module):
         self._gate_up: FusedInputMajor | None = None
 
     def fuse_for_cpu(self, gemm: CpuGemm) -> None:
-        """Computes gate and up with one GEMM; call after `pack_for_cpu`."""
-        if FusedInputMajor.applies([self.gate_proj, self.up_proj]):
+        """Computes gate and up with one GEMM, the whole MLP in numpy; call after `pack_for_cpu`."""
+        layers = [self.gate_proj, self.up_proj, self.down_proj]
+        if FusedInputMajor.applies(layers) and self.down_proj.bias is None:
             self._gate_up = FusedInputMajor([self.gate_proj, self.up_proj], gemm)
+            self._down_in_out = self.down_proj.weight.t().numpy()  # a view: packing made it [in, out]
+
+    @property
+    def numpy_ready(self) -> bool:
+        """True once `forward_numpy` can run (fp32 weights packed for the CPU)."""
+        return self._gate_up is not None
+
+    def forward_numpy(self, a: np.ndarray) -> np.ndarray:
+        """The MLP on rows `a` [M, H] (fp32, contiguous), in numpy.
+
+        On the CPU a decode step's MLPs are a few microseconds of arithmetic each, and torch's
+        per-op dispatch costs as much again; a mixture-of-experts layer runs one MLP per chosen
+        expert, so the difference grows with the number of tokens in the step.
+        """
+        assert self._gate_up is not None
+        gate_up = self._gate_up.matmul(a)
+        size = gate_up.shape[1] // 2
+        gate, up = gate_up[:, :size], gate_up[:, size:]
+        with np.errstate(over="ignore"):  # exp(-gate) -> inf for very negative gate: silu -> 0
+            hidden = gate / (1.0 + np.exp(-gate)) * up
+        return self._gate_up.gemm.matmul(hidden, self._down_in_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-            gate, up = self._gate_up(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).numpy())
+            return torch.from_numpy(self.forward_numpy(rows)).view(*x.shape[:-1], -1)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +66,27 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and all(e.numpy_ready for e in self.experts):
+            out = torch.from_numpy(self._routed_numpy(x, weights, ids))
+        else:
+            out = self._routed(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _routed_numpy(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+        """The routed experts' weighted sum, in numpy (see `GatedMLP.forward_numpy` for why)."""
+        xs = np.ascontiguousarray(x.numpy())
+        ids_np, weights_np = ids.numpy(), weights.numpy()
+        out = np.zeros_like(xs)
+        for expert_id in np.unique(ids_np):
+            tokens, slots = np.nonzero(ids_np == expert_id)
+            y = self.experts[expert_id].forward_numpy(xs[tokens])
+            y *= weights_np[tokens, slots, None]
+            out[tokens] += y  # a token picks an expert at most once: no repeated rows here
+        return out
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         # Group tokens by expert so each expert runs one matmul over all of its tokens.
         flat_ids = ids.view(-1)
@@ -80,6 +102,4 @@ class SparseMoE(nn.Module):
             y = self.experts[expert_id](x[rows]) * weight_of[start : start + count, None]
             out.index_add_(0, rows, y)
             start += count
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
         return out

@@ -16,16 +16,18 @@ def test_speculative_bench_runs_each_config_beside_plain_decoding(tmp_path):
         output_len=8,
         threads=1,
         workload="code",
+        repeats=2,
         speculative_configs=({"method": "ngram", "num_speculative_tokens": 3},),
     )
     run_engine_bench(args, out)
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "engine-speculative"
-    assert [(r["batch"], r["system"]) for r in doc["results"]] == [(1, "pdserve+ngram"), (2, "pdserve+ngram")]
+    spec = "pdserve+ngram-k3"
+    assert [(r["batch"], r["system"]) for r in doc["results"]] == [(1, spec), (2, spec)]
     rows = {(r["system"], r["batch"]): r for r in doc["rows"]}
-    assert set(rows) == {(s, b) for s in ("pdserve", "pdserve+ngram") for b in (1, 2)}
+    assert set(rows) == {(s, b) for s in ("pdserve", spec) for b in (1, 2)}
     for (system, batch), r in rows.items():
-        assert r["output_tokens"] == 8 * batch  # min_tokens = max_tokens: every run emits the same count
+        assert r["output_tokens"] == 8 * batch * 2  # min_tokens = max_tokens; two rounds
         assert (r["acceptance_rate"] is None) == (system == "pdserve")
     for r in doc["results"]:
         assert r["speedup"] > 0 and 0.0 <= r["acceptance_rate"] <= 1.0
