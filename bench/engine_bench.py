@@ -133,6 +133,16 @@ def _run_pdserve(args: EngineBenchArgs, queue: mp.Queue) -> None:
     queue.put(None)
 
 
+def spec_name(spec: dict[str, Any]) -> str:
+    """A short label that tells configs apart, e.g. `ngram-k4-min3` or `draft-k3-demo-draft`."""
+    short = {"prompt_lookup_min": "min", "prompt_lookup_max": "max", "disable_by_batch_size": "upto"}
+    parts = [spec["method"], f"k{spec['num_speculative_tokens']}"]
+    parts += [f"{short[key]}{spec[key]}" for key in short if key in spec]
+    if "model" in spec:
+        parts.append(Path(str(spec["model"])).name)
+    return "-".join(parts)
+
+
 def _run_speculative(args: EngineBenchArgs, queue: mp.Queue) -> None:
     """Plain decoding and every speculative config in one process, taking turns.
 
@@ -339,11 +349,11 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
         f"output_len={args.output_len} dtype={args.dtype}"
     )
     print(
-        f"{'batch':>5} {'system':>16} {'tok/s':>8} {'plain tok/s':>12} {'speedup':>8} {'accept':>7} {'mean len':>9}"
+        f"{'batch':>5} {'system':>28} {'tok/s':>8} {'plain tok/s':>12} {'speedup':>8} {'accept':>7} {'mean len':>9}"
     )
     for r in table:
         print(
-            f"{r['batch']:>5} {r['system']:>22} {r['tok_s']:>8.1f} {r['plain_tok_s']:>12.1f} "
+            f"{r['batch']:>5} {r['system']:>28} {r['tok_s']:>8.1f} {r['plain_tok_s']:>12.1f} "
             f"{r['speedup']:>8.2f} {r['acceptance_rate']:>7.2f} {r['mean_accepted_length']:>9.2f}"
         )
     _write(doc, output)
