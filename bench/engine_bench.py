@@ -156,10 +156,7 @@ def _run_speculative(args: EngineBenchArgs, queue: mp.Queue) -> None:
         torch.set_num_threads(args.threads)
     configs: list[dict[str, Any] | None] = [None, *args.speculative_configs]
     llms = [_llm(args, spec) for spec in configs]
-    names = [
-        "pdserve",
-        *(f"pdserve+{spec['method']}-k{spec['num_speculative_tokens']}" for spec in args.speculative_configs),
-    ]
+    names = ["pdserve", *(f"pdserve+{spec_name(spec)}" for spec in args.speculative_configs)]
     params = _greedy(args)
     for llm in llms:
         llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up

@@ -321,7 +321,9 @@ class Engine:
     def step(self) -> list[RequestDelta]:
         """Runs one forward pass over the scheduled batch; returns what each request produced."""
         started = time.perf_counter()
-        self._propose()
+        speculating = self._speculation_on()
+        if speculating:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -329,9 +331,10 @@ class Engine:
             1 + len(req.spec_token_ids) if req.num_computed_tokens + n == req.num_scheduled_tokens else 0
             for req, n in zip(batch.requests, batch.num_tokens)
         ]
-        # The MTP layer's cache is fed in the pass while prompts are computed (a decode worker
-        # inherits it); decoded positions are fed by the MTP proposer's first pass instead.
-        run_mtp = any(not r.output_token_ids for r in batch.requests)
+        # The MTP layer's cache is fed in the pass that computes prompts (a decode worker inherits
+        # it); decoded positions are fed by the MTP proposer's first pass instead. A batch too big
+        # to speculate skips it, except for prompts prefilled for another worker.
+        run_mtp = any(not r.output_token_ids and (speculating or r.prefill_only) for r in batch.requests)
         out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
         emitted = self._sample(batch.requests, num_logits, out.logits)
 
@@ -348,7 +351,9 @@ class Engine:
             # KV is valid through the last accepted guess; later slots are rolled back.
             req.num_computed_tokens += n - guesses + len(tokens) - 1
             if self.runner.mtp_layer is not None:
-                self._keep_mtp_hidden(req, out.hidden[row : row + len(tokens)], fed=run_mtp)
+                self._keep_mtp_hidden(
+                    req, out.hidden[row : row + len(tokens)], fed=run_mtp or not speculating
+                )
             row += m
             if not req.output_token_ids:
                 self._prompt_tokens += req.num_prompt_tokens
@@ -368,24 +373,28 @@ class Engine:
         """Keeps the pre-norm hidden states of the positions whose MTP cache entry is not written.
 
         `rows` are this step's accepted positions, ending at num_computed_tokens - 1. The last one
-        always waits for its next token (just sampled); with `fed`, the pass wrote the others.
+        always waits for its next token (just sampled); with `fed`, the others need nothing more
+        (the pass wrote them, or speculation is off and they are given up: a shorter context for
+        the MTP layer later means worse guesses, never different output).
         """
         if fed:
             req.mtp_hidden = rows[-1:].clone()
             return
         pending = rows if req.mtp_hidden is None else torch.cat([req.mtp_hidden, rows])
-        # Bounded: while speculation is off (large batches) nothing consumes them, and positions
-        # dropped here only leave the MTP layer a shorter context (worse guesses, same output).
+        # Bounded: a request not guessed for (near max_tokens, no room for guesses) keeps adding
+        # rows; positions dropped here only leave the MTP layer a shorter context.
         req.mtp_hidden = pending[-MAX_PENDING_MTP_ROWS:].clone()
 
+    def _speculation_on(self) -> bool:
+        """Whether this step guesses: a proposer exists and the batch is not too big for it."""
+        if self.proposer is None or self.spec is None:
+            return False
+        limit = self.spec.disable_by_batch_size
+        return limit is None or self.scheduler.num_running <= limit
+
     def _propose(self) -> None:
-        """Lets the proposer guess for the requests that are decoding, unless the batch is too big."""
-        if self.proposer is None:
-            return
-        limit = self.spec.disable_by_batch_size if self.spec is not None else None
-        if limit is not None and self.scheduler.num_running > limit:
-            return
-        assert self.spec is not None
+        """Lets the proposer guess for the requests that are decoding."""
+        assert self.proposer is not None and self.spec is not None
         requests: list[Request] = []
         ks: list[int] = []
         for req in self.scheduler.running:
