@@ -52,6 +52,11 @@ class BenchRow:
     peak_rss_mb: float
     acceptance_rate: float | None = None  # speculative runs only
     mean_accepted_length: float | None = None
+    # Raw speculation counts behind the two rates, for pooling rounds.
+    proposed: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    verifications: int = 0
 
 
 def _prompts(vocab: int, batch: int, input_len: int, seed: int) -> list[list[int]]:
@@ -143,47 +148,64 @@ def spec_name(spec: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def _run_speculative(args: EngineBenchArgs, queue: mp.Queue) -> None:
-    """Plain decoding and every speculative config in one process, taking turns.
-
-    Runs of a few hundred milliseconds on a shared machine drift by tens of percent from one
-    minute to the next; interleaving the systems round by round (each round with new prompts)
-    gives all of them the same drift, so their ratios hold where their absolute speeds do not.
-    """
+def _run_speculative(
+    args: EngineBenchArgs, spec: dict[str, Any] | None, round_: int, queue: mp.Queue
+) -> None:
+    """One system (plain decoding when `spec` is None), one round: every batch size once."""
     from pdserve.engine import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs: list[dict[str, Any] | None] = [None, *args.speculative_configs]
-    llms = [_llm(args, spec) for spec in configs]
-    names = ["pdserve", *(f"pdserve+{spec_name(spec)}" for spec in args.speculative_configs)]
+    llm = _llm(args, spec)
+    name = "pdserve" if spec is None else f"pdserve+{spec_name(spec)}"
     params = _greedy(args)
-    for llm in llms:
-        llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
     for batch in args.batches:
-        rounds = _workload(args, llms[0], batch * args.repeats, args.input_len)
-        seconds = [0.0] * len(llms)
-        tokens = [0] * len(llms)
-        before = [llm.engine.stats() for llm in llms]
-        for r in range(args.repeats):
-            prompts = rounds[r * batch : (r + 1) * batch]
-            for i, llm in enumerate(llms):
-                start = time.perf_counter()
-                outs = llm.generate(prompts, params)
-                seconds[i] += time.perf_counter() - start
-                tokens[i] += sum(len(o.outputs[0].token_ids) for o in outs)
-        for i, (name, llm) in enumerate(zip(names, llms)):
-            row = BenchRow(name, batch, seconds[i], tokens[i], tokens[i] / seconds[i], _peak_rss_mb())
-            if configs[i] is not None:
-                after = llm.engine.stats()
-                proposed = after.spec_proposed_tokens - before[i].spec_proposed_tokens
-                accepted = after.spec_accepted_tokens - before[i].spec_accepted_tokens
-                steps = after.spec_verifications - before[i].spec_verifications
-                emitted = after.spec_emitted_tokens - before[i].spec_emitted_tokens
-                row.acceptance_rate = accepted / proposed if proposed else 0.0
-                row.mean_accepted_length = emitted / steps if steps else 0.0
-            queue.put(row)
+        # Each round has its own prompts, the same for every system.
+        prompts = _workload(args, llm, batch * (round_ + 1), args.input_len)[batch * round_ :]
+        before = llm.engine.stats()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        row = BenchRow(name, batch, seconds, n, n / seconds, _peak_rss_mb())
+        if spec is not None:
+            after = llm.engine.stats()
+            row.proposed = after.spec_proposed_tokens - before.spec_proposed_tokens
+            row.accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+            row.emitted = after.spec_emitted_tokens - before.spec_emitted_tokens
+            row.verifications = after.spec_verifications - before.spec_verifications
+            _set_rates(row)
+        queue.put(row)
     queue.put(None)
+
+
+def _set_rates(row: BenchRow) -> None:
+    row.acceptance_rate = row.accepted / row.proposed if row.proposed else 0.0
+    row.mean_accepted_length = row.emitted / row.verifications if row.verifications else 0.0
+
+
+def _merge_rounds(rows: list[BenchRow]) -> list[BenchRow]:
+    """One row per (system, batch): time and tokens summed over rounds, speculation rates pooled."""
+    merged: dict[tuple[str, int], BenchRow] = {}
+    for r in rows:
+        m = merged.get((r.system, r.batch))
+        if m is None:
+            merged[(r.system, r.batch)] = m = BenchRow(r.system, r.batch, 0.0, 0, 0.0, 0.0)
+            if r.acceptance_rate is not None:
+                m.acceptance_rate = m.mean_accepted_length = 0.0
+        m.seconds += r.seconds
+        m.output_tokens += r.output_tokens
+        m.peak_rss_mb = max(m.peak_rss_mb, r.peak_rss_mb)
+        m.proposed += r.proposed
+        m.accepted += r.accepted
+        m.emitted += r.emitted
+        m.verifications += r.verifications
+    for m in merged.values():
+        m.tokens_per_s = m.output_tokens / m.seconds
+        if m.acceptance_rate is not None:
+            _set_rates(m)
+    return list(merged.values())
 
 
 def _export_for_transformers(args: EngineBenchArgs) -> str:
@@ -314,9 +336,18 @@ def _write(doc: dict[str, Any], output: Path | None) -> None:
 
 def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[str, Any]:
     """pdserve without speculation, then with each config, on the same prompts; ratios per batch."""
-    total = (1 + len(args.speculative_configs)) * len(args.batches)
-    with tqdm(total=total, desc="bench engine (speculative)") as bar:
-        rows = _collect(_run_speculative, (args,), bar)
+    # Every system in a fresh process per round, the systems taking turns: on a shared machine,
+    # speed drifts by tens of percent from minute to minute and differs from process to process
+    # (the same model loaded twice in one process ran 15% apart), so each ratio pools rounds.
+    configs: list[dict[str, Any] | None] = [None, *args.speculative_configs]
+    rounds: list[BenchRow] = []
+    with tqdm(
+        total=args.repeats * len(configs) * len(args.batches), desc="bench engine (speculative)"
+    ) as bar:
+        for round_ in range(args.repeats):
+            for spec in configs:
+                rounds += _collect(_run_speculative, (args, spec, round_), bar)
+    rows = _merge_rounds(rounds)
     table = []
     for batch in args.batches:
         plain = next(r for r in rows if r.system == "pdserve" and r.batch == batch)

@@ -27,7 +27,7 @@ def test_speculative_bench_runs_each_config_beside_plain_decoding(tmp_path):
     rows = {(r["system"], r["batch"]): r for r in doc["rows"]}
     assert set(rows) == {(s, b) for s in ("pdserve", spec) for b in (1, 2)}
     for (system, batch), r in rows.items():
-        assert r["output_tokens"] == 8 * batch * 2  # min_tokens = max_tokens; two rounds
+        assert r["output_tokens"] == 8 * batch * 2  # min_tokens = max_tokens; two rounds pooled
         assert (r["acceptance_rate"] is None) == (system == "pdserve")
     for r in doc["results"]:
         assert r["speedup"] > 0 and 0.0 <= r["acceptance_rate"] <= 1.0
