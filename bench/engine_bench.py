@@ -345,7 +345,8 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
         total=args.repeats * len(configs) * len(args.batches), desc="bench engine (speculative)"
     ) as bar:
         for round_ in range(args.repeats):
-            for spec in configs:
+            # Alternate the order too, so no system always runs first (or last) in a round.
+            for spec in configs if round_ % 2 == 0 else configs[::-1]:
                 rounds += _collect(_run_speculative, (args, spec, round_), bar)
     rows = _merge_rounds(rounds)
     table = []
