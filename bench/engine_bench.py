@@ -74,7 +74,9 @@ def _code_prompts(tokenizer, batch: int, input_len: int, seed: int) -> list[list
     random.Random(seed).shuffle(files)
     prompts = []
     for path in files:
-        ids = tokenizer.encode(path.read_text(errors="replace"), add_special_tokens=False)
+        # The opening is all that is used; a whole file can exceed the model's context.
+        text = path.read_text(errors="replace")[: 16 * input_len]
+        ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) >= input_len:
             prompts.append(list(ids[:input_len]))
         if len(prompts) == batch:
