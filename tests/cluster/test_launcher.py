@@ -27,7 +27,8 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
     config = tmp_path / "good.yaml"
     config.write_text(
         f"port: {port}\nkv_cache_blocks: 64\npolicy: round_robin\n"
-        "speculative_config: {method: ngram, num_speculative_tokens: 3}\n"
+        # A one-token minimum match: the random model's output soon repeats a token, never maybe a pair.
+        "speculative_config: {method: ngram, num_speculative_tokens: 3, prompt_lookup_min: 1}\n"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_ROUTER_PORT": str(router_port),
            "PDSERVE_POLICY": "cache_aware"}  # fmt: skip

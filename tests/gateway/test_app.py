@@ -150,21 +150,27 @@ def _cancelled(stack) -> float:
     ids=["completions", "chat"],
 )
 def test_client_disconnect_mid_stream_frees_blocks(stack, path, body):
-    before = _cancelled(stack)
-    with httpx.stream("POST", stack.url + path, timeout=60,
-                      json={**body, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            choice = json.loads(line[len("data: ") :])["choices"][0]
-            if choice.get("text") or choice.get("delta", {}).get("content"):
-                break  # hang up once tokens flow (chat's first event, the role, comes before any)
-    stack.wait_idle()
-    # The router saw the call cancelled: the request was cut off, it did not just run to its end.
-    deadline = time.monotonic() + 10
-    while _cancelled(stack) != before + 1:
-        assert time.monotonic() < deadline, (before, _cancelled(stack))
-        time.sleep(0.05)
+    # The tiny model can write all 200 tokens before a hang-up reaches the router on a loaded
+    # machine (then there is nothing left to cancel), so a few attempts are allowed; one of them
+    # must show the router cancelling the call and every attempt must leave the workers idle.
+    for _attempt in range(5):
+        before = _cancelled(stack)
+        with httpx.stream("POST", stack.url + path, timeout=60,
+                          json={**body, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                choice = json.loads(line[len("data: ") :])["choices"][0]
+                if choice.get("text") or choice.get("delta", {}).get("content"):
+                    break  # hang up once tokens flow (chat's first event, the role, comes before any)
+        stack.wait_idle()
+        # The router saw the call cancelled: the request was cut off, it did not just run to its end.
+        deadline = time.monotonic() + 5
+        while _cancelled(stack) != before + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _cancelled(stack) == before + 1:
+            return
+    raise AssertionError("no attempt was cancelled: every request ran to its end despite the hang-up")
 
 
 def test_metrics_include_every_workers_metrics(stack):
