@@ -21,19 +21,20 @@ class RotaryEmbedding(nn.Module):
         # materialised empty, which would wipe a buffer.
         self.inv_freq = inv_freq
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape [T, 1, head_dim], each frequency repeated for its pair."""
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """e^(i * position * frequency) as complex64, [T, 1, head_dim / 2]: one factor per pair."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq
-        cos = freqs.cos().repeat_interleave(2, dim=-1)[:, None, :]
-        sin = freqs.sin().repeat_interleave(2, dim=-1)[:, None, :]
-        return cos, sin
+        return torch.polar(torch.ones_like(freqs), freqs)[:, None, :]
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; returns x rotated, in x's dtype."""
-        xf = x.float()
-        pairs = xf.unflatten(-1, (-1, 2))
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return (xf * cos + rotated * sin).to(x.dtype)
+    def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; returns x rotated, in x's dtype.
+
+        An adjacent pair (x[2i], x[2i+1]) read as the complex number x[2i] + i x[2i+1] and
+        multiplied by e^(i theta) is exactly the pair rotation transformers applies with cos and
+        sin, in three ops instead of nine (per-op dispatch dominates a decode step on the CPU).
+        """
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

@@ -50,7 +50,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotation: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -62,9 +62,8 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        cos, sin = cos_sin
-        q = RotaryEmbedding.rotate(q, cos, sin)
-        k = RotaryEmbedding.rotate(k, cos, sin)
+        q = RotaryEmbedding.rotate(q, rotation)
+        k = RotaryEmbedding.rotate(k, rotation)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -86,11 +85,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotation: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rotation, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,9 +159,9 @@ class Ernie45ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, H] before the final norm (what MTP reads) for the step's flattened tokens."""
         x = self.model.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions)
+        rotation = self.rotary.rotation(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
+            x = layer(x, rotation, kv_cache, meta)
         return x
 
     def mtp_forward(
@@ -182,7 +181,7 @@ class Ernie45ForCausalLM(nn.Module):
         m = self.model
         emb = m.embed_tokens(next_ids)
         x = m.mtp_linear_proj[0](torch.cat([m.mtp_emb_norm[0](emb), m.mtp_hidden_norm[0](hidden)], dim=-1))
-        return m.mtp_block[0](x, self.rotary.cos_sin(positions), kv_cache, meta)
+        return m.mtp_block[0](x, self.rotary.rotation(positions), kv_cache, meta)
 
     @property
     def has_mtp(self) -> bool:
