@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pdserve.cluster.placement import NoWorkerError, prefer_not
 from pdserve.engine.block_hash import hash_blocks
@@ -19,6 +20,9 @@ from pdserve.router.cluster_view import ClusterView
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Candidate, PrefillPolicy, choose_decode
 from pdserve.router.prefix_index import IndexUnavailable
+
+if TYPE_CHECKING:
+    from pdserve.cluster.controller import WorkerInfo
 
 
 @dataclass
@@ -100,44 +104,23 @@ class RouterPlacement:
         boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
-            cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in prefills])
-            chosen = self.policy.choose(
-                [
-                    Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0))
-                    for w in prefills
-                    if w.load
-                ],
-                len(prompt_token_ids),
-            )
+            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids)
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes if w.load]
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
                 decode_candidates, key=lambda c: c.load.kv_blocks_free
             )
-            hit_tokens = min(cached.get(chosen.worker_id, 0) * self.block_size, len(prompt_token_ids))
-            prefill_w, decode_w = _info(prefills, chosen.worker_id), _info(decodes, decode.worker_id)
+            decode_w = _info(decodes, decode.worker_id)
             charges = [
                 self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - hit_tokens),
                 self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size)),
             ]
-            self.metrics.decision_seconds.observe(time.perf_counter() - start)
-            self.metrics.index_hit_tokens.inc(hit_tokens)
+            self._observe(start, hit_tokens)
             return Route(prefill_w.ref(), decode_w.ref(), charges)
         if boths:
-            cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in boths])
-            chosen = self.policy.choose(
-                [
-                    Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0))
-                    for w in boths
-                    if w.load
-                ],
-                len(prompt_token_ids),
-            )
-            hit_tokens = min(cached.get(chosen.worker_id, 0) * self.block_size, len(prompt_token_ids))
-            both_w = _info(boths, chosen.worker_id)
+            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids)
             charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
-            self.metrics.decision_seconds.observe(time.perf_counter() - start)
-            self.metrics.index_hit_tokens.inc(hit_tokens)
+            self._observe(start, hit_tokens)
             return Route(None, both_w.ref(), charges)
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
 
@@ -148,6 +131,24 @@ class RouterPlacement:
         for charge in route.charges or ():
             self.placed.settle(charge)
         route.charges = None  # settle once, however many chunks follow
+
+    async def _choose_cached(self, workers: list[WorkerInfo], prompt: list[int]) -> tuple[WorkerInfo, int]:
+        """The policy's pick among workers that compute prompts, and its cached prompt tokens."""
+        cached = await self._cached_blocks(prompt, [w.worker_id for w in workers])
+        chosen = self.policy.choose(
+            [
+                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0))
+                for w in workers
+                if w.load
+            ],
+            len(prompt),
+        )
+        hit_tokens = min(cached.get(chosen.worker_id, 0) * self.block_size, len(prompt))
+        return _info(workers, chosen.worker_id), hit_tokens
+
+    def _observe(self, start: float, hit_tokens: int) -> None:
+        self.metrics.decision_seconds.observe(time.perf_counter() - start)
+        self.metrics.index_hit_tokens.inc(hit_tokens)
 
     async def _cached_blocks(self, prompt: list[int], worker_ids: list[str]) -> dict[str, int]:
         if not self.view.index_available or len(prompt) < self.block_size:
