@@ -122,24 +122,6 @@ def _greedy(args: EngineBenchArgs):
     )
 
 
-def _run_pdserve(args: EngineBenchArgs, queue: mp.Queue) -> None:
-    from pdserve.engine import SamplingParams
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    llm = _llm(args, None)
-    params = _greedy(args)
-    llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
-    for batch in args.batches:
-        prompts = _workload(args, llm, batch, args.input_len)
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        seconds = time.perf_counter() - start
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        queue.put(BenchRow("pdserve", batch, seconds, n, n / seconds, _peak_rss_mb()))
-    queue.put(None)
-
-
 def spec_name(spec: dict[str, Any]) -> str:
     """A short label that tells configs apart, e.g. `ngram-k4-min3` or `draft-k3-demo-draft`."""
     short = {"prompt_lookup_min": "min", "prompt_lookup_max": "max", "disable_by_batch_size": "upto"}
@@ -150,10 +132,8 @@ def spec_name(spec: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def _run_speculative(
-    args: EngineBenchArgs, spec: dict[str, Any] | None, round_: int, queue: mp.Queue
-) -> None:
-    """One system (plain decoding when `spec` is None), one round: every batch size once."""
+def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, round_: int, queue: mp.Queue) -> None:
+    """pdserve (speculating with `spec` unless None), one round: every batch size once."""
     from pdserve.engine import SamplingParams
 
     if args.threads:
@@ -288,7 +268,7 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
         return _run_speculative_bench(args, output)
     sides = 1 if args.skip_transformers else 2
     with tqdm(total=sides * len(args.batches), desc="bench engine") as bar:
-        rows = _collect(_run_pdserve, (args,), bar)
+        rows = _collect(_run_pdserve, (args, None, 0), bar)
         if not args.skip_transformers:
             checkpoint = _export_for_transformers(args)
             rows += _collect(_run_transformers, (args, checkpoint), bar)
@@ -306,13 +286,7 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
                 "transformers_peak_rss_mb": round(theirs.peak_rss_mb, 1) if theirs else None,
             }
         )
-    doc = {
-        "benchmark": "engine",
-        "args": asdict(args),
-        "torch_threads": args.threads or torch.get_num_threads(),
-        "results": table,
-        "rows": [asdict(r) for r in rows],
-    }
+    doc = _document("engine", args, table, rows)
     print(
         f"\nmodel={args.model} load_format={args.load_format} overrides={args.hf_overrides} "
         f"input_len={args.input_len} output_len={args.output_len} dtype={args.dtype}"
@@ -327,6 +301,17 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
         print(f"{r['batch']:>5} {r['pdserve_tok_s']:>14.1f} {hf:>19} {ratio:>6} {rss:>16}")
     _write(doc, output)
     return doc
+
+
+def _document(kind: str, args: EngineBenchArgs, table: list[dict], rows: list[BenchRow]) -> dict[str, Any]:
+    """The JSON a run writes: its arguments, the summary table and every measured row."""
+    return {
+        "benchmark": kind,
+        "args": asdict(args),
+        "torch_threads": args.threads or torch.get_num_threads(),
+        "results": table,
+        "rows": [asdict(r) for r in rows],
+    }
 
 
 def _write(doc: dict[str, Any], output: Path | None) -> None:
@@ -349,7 +334,7 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
         for round_ in range(args.repeats):
             # Alternate the order too, so no system always runs first (or last) in a round.
             for spec in configs if round_ % 2 == 0 else configs[::-1]:
-                rounds += _collect(_run_speculative, (args, spec, round_), bar)
+                rounds += _collect(_run_pdserve, (args, spec, round_), bar)
     rows = _merge_rounds(rounds)
     table = []
     for batch in args.batches:
@@ -368,13 +353,7 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
                     "mean_accepted_length": round(r.mean_accepted_length or 0.0, 3),
                 }
             )
-    doc = {
-        "benchmark": "engine-speculative",
-        "args": asdict(args),
-        "torch_threads": args.threads or torch.get_num_threads(),
-        "results": table,
-        "rows": [asdict(r) for r in rows],
-    }
+    doc = _document("engine-speculative", args, table, rows)
     print(
         f"\nmodel={args.model} workload={args.workload} input_len={args.input_len} "
         f"output_len={args.output_len} dtype={args.dtype}"

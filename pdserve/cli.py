@@ -129,6 +129,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_output(args: argparse.Namespace, suite: str) -> Path:
+    """--output, or bench-results/<suite>-<timestamp>.json."""
+    return args.output or Path("bench-results") / f"{suite}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
 def _cmd_bench_engine(args: argparse.Namespace) -> int:
     from pdserve.bench.engine_bench import EngineBenchArgs, run_engine_bench
 
@@ -147,7 +152,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         workload=args.workload,
         repeats=args.repeats,
     )
-    output = args.output or Path("bench-results") / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output = _bench_output(args, "engine")
     run_engine_bench(bench_args, output)
     return 0
 
@@ -171,7 +176,7 @@ def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         repeats=args.repeats,
     )
-    output = args.output or Path("bench-results") / f"kv-transfer-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output = _bench_output(args, "kv-transfer")
     run_kv_transfer_bench(bench_args, output)
     return 0
 
@@ -199,7 +204,7 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
         duration=args.duration,
         skip_cluster=args.skip_cluster,
     )
-    output = args.output or Path("bench-results") / f"router-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output = _bench_output(args, "router")
     run_router_bench(bench_args, output)
     return 0
 
@@ -222,7 +227,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         model=args.model,
         overhead_probes=args.overhead_probes,
     )
-    output = args.output or Path("bench-results") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output = _bench_output(args, "serve")
     try:
         run_serve_bench(bench_args, output)
     except (ConnectionError, RuntimeError) as e:
