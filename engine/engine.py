@@ -301,13 +301,10 @@ class Engine:
         """Stops a request at once and frees its blocks; False if it is unknown or already done."""
         if self.cancel_reservation(request_id):
             return True
-        req = self._requests.pop(request_id, None)
+        req = self._requests.get(request_id)
         if req is None:
             return False
-        self.scheduler.remove(req)
-        self.kv.free(req)
-        if self.proposer is not None:
-            self.proposer.forget(request_id)
+        self._finish(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = "abort"
         self._publish_events()
@@ -522,6 +519,7 @@ class Engine:
             req.stop_reason = stop_reason
 
     def _finish(self, req: Request) -> None:
+        """Takes a request out of the engine: queues, blocks, proposer state."""
         self.scheduler.remove(req)
         self.kv.free(req)
         self._requests.pop(req.request_id, None)
