@@ -2,8 +2,8 @@
 
 The draft runs in its own `Engine` (weights, paged KV pool with prefix caching, runner), driven
 here step by step rather than through its scheduler. Each request has a shadow sequence in that
-engine: before guessing, the shadow is synced with the target's tokens (its KV stays valid up to
-the first token that differs, so rejected guesses roll back by a counter), then one pass catches
+engine: before guessing, the shadow takes the target's new tokens (its KV stays valid through
+the guesses the target accepted, so rejected ones roll back by a counter), then one pass catches
 the draft's cache up (the whole prompt the first time, on a decode worker after a KV import
 too) and yields the first guess, and k - 1 single-token passes yield the rest.
 """
@@ -39,9 +39,14 @@ class DraftModelProposer:
         if shadow is None:
             shadow = Request(req.request_id, list(req.prompt_token_ids), SamplingParams(), 0, arrival=-1)
             self._shadows[req.request_id] = shadow
-        valid = min(shadow.num_computed_tokens, _common_prefix(shadow.all_token_ids, req.all_token_ids))
-        shadow.all_token_ids = list(req.all_token_ids)
-        shadow.num_computed_tokens = min(valid, len(shadow.all_token_ids) - 1)
+        # The shadow's tokens are the target's as of the last sync; its KV also holds the guesses
+        # fed since, valid as far as the target accepted them.
+        synced = shadow.num_tokens
+        accepted = _common_prefix(shadow.spec_token_ids, req.all_token_ids[synced:])
+        shadow.spec_token_ids = []
+        shadow.all_token_ids.extend(req.all_token_ids[synced:])
+        valid = min(shadow.num_computed_tokens, synced + accepted)
+        shadow.num_computed_tokens = min(valid, shadow.num_tokens - 1)
         if not shadow.block_ids:
             cached = kv.find_cached_prefix(shadow)
             shadow.num_computed_tokens = len(cached) * kv.block_size
@@ -64,8 +69,8 @@ class DraftModelProposer:
             if shadow is not None:
                 shadows.append(shadow)
                 wanted.append(k)
-        guesses: dict[str, list[int]] = {s.request_id: [] for s in shadows}
-        # Pass 1 catches each shadow up to its last token; later passes feed one guess each.
+        # Pass 1 catches each shadow up to its last token; later passes feed one guess each (the
+        # runner reads a shadow's guesses from its spec_token_ids, after its real tokens).
         batch = ScheduledBatch(shadows, [s.num_tokens - s.num_computed_tokens for s in shadows])
         step = 0
         while batch.requests:
@@ -77,16 +82,16 @@ class DraftModelProposer:
                 if step == 0:
                     # Only real tokens so far: their full blocks may enter the draft's prefix cache.
                     self.draft.kv.cache_computed_blocks(shadow)
-                shadow.all_token_ids.append(token)
-                guesses[shadow.request_id].append(token)
-                if len(guesses[shadow.request_id]) < k:
+                shadow.spec_token_ids.append(token)
+                if len(shadow.spec_token_ids) < k:
                     next_batch.requests.append(shadow)
                     next_batch.num_tokens.append(1)
-            wanted = [k for s, k in zip(batch.requests, wanted) if len(guesses[s.request_id]) < k]
+            wanted = [k for s, k in zip(batch.requests, wanted) if len(s.spec_token_ids) < k]
             batch = next_batch
             step += 1
         for req in requests:
-            req.spec_token_ids = guesses.get(req.request_id, [])
+            shadow = self._shadows.get(req.request_id)
+            req.spec_token_ids = list(shadow.spec_token_ids) if shadow in shadows else []
 
     def forget(self, request_id: str) -> None:
         """Frees a finished request's shadow blocks."""
