@@ -140,13 +140,7 @@ class ModelRunner:
                     span_slots = self._slots(table, ctx)
                 prefills.append(PrefillSpan(row, row + n, ctx, span_slots))
             logit_rows.extend(range(row + n - m, row + n))
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            decode_rows=torch.empty(0, 0, dtype=torch.long, device=self.device),
-            decode_slots=torch.empty(0, dtype=torch.long),
-            decode_mask=torch.empty(0, dtype=torch.bool),
-            prefills=prefills,
-        )
+        meta = self._meta(slots, prefills)
         if short_rows:
             self._short_group(meta, short_rows, short_tables, short_ctx)
         return ModelInputs(
@@ -169,15 +163,20 @@ class ModelRunner:
             assert n <= MAX_BATCHED_QUERY
             rows.append(list(range(len(slots), len(slots) + n)))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-        meta = AttentionMetadata(
+        meta = self._meta(slots, [])
+        ctx = [start + n for start, n in zip(starts, counts)]
+        self._short_group(meta, rows, [t[: -(-c // bs)] for t, c in zip(tables, ctx)], ctx)
+        return meta
+
+    def _meta(self, slots: list[int], prefills: list[PrefillSpan]) -> AttentionMetadata:
+        """Metadata with the new tokens' slots and long spans; `_short_group` fills the rest."""
+        return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             decode_rows=torch.empty(0, 0, dtype=torch.long, device=self.device),
             decode_slots=torch.empty(0, dtype=torch.long),
             decode_mask=torch.empty(0, dtype=torch.bool),
+            prefills=prefills,
         )
-        ctx = [start + n for start, n in zip(starts, counts)]
-        self._short_group(meta, rows, [t[: -(-c // bs)] for t, c in zip(tables, ctx)], ctx)
-        return meta
 
     def _slots(self, table: list[int], ctx: int) -> torch.Tensor:
         blocks = torch.tensor(table[: -(-ctx // self.block_size)], dtype=torch.long, device=self.device)
