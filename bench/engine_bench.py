@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import tempfile
 import time
@@ -251,7 +252,15 @@ def _collect(target, args: tuple, bar: tqdm) -> list[BenchRow]:
     proc.start()
     rows = []
     while True:
-        row = queue.get()
+        try:
+            row = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if proc.is_alive():
+                continue
+            # It died without its end marker (an exception, or killed): waiting longer would hang.
+            raise RuntimeError(
+                f"benchmark subprocess {target.__name__} died (exit {proc.exitcode}); its error is above"
+            ) from None
         if row is None:
             break
         rows.append(row)

@@ -17,7 +17,7 @@ from pdserve.engine.config import ModelConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.layers.linear import CpuGemm
+from pdserve.engine.layers.linear import CpuGemm, default_cpu_gemm_backend
 from pdserve.engine.loader import init_dummy_weights, load_checkpoint, mtp_layers_in_checkpoint
 from pdserve.engine.model_runner import KVCache, ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_model
@@ -95,9 +95,10 @@ class Engine:
         self.on_cache_event = on_cache_event
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        # CPU matmuls run single-threaded OpenBLAS calls split over CpuGemm's own threads.
+        backend = default_cpu_gemm_backend() if config.cpu_gemm == "auto" else config.cpu_gemm
+        # OpenBLAS matmuls are single-threaded calls split over CpuGemm's own threads.
         threadpool_limits(1, user_api="blas")
-        self.gemm = CpuGemm(config.num_threads or torch.get_num_threads())
+        self.gemm = CpuGemm(config.num_threads or torch.get_num_threads(), backend)
         self.device = torch.device(config.device)
         source = resolve_model(config.model)
         self.source = source

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pdserve.engine.layers.linear import CPU_GEMM_BACKENDS
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +33,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's, capped by the KV pool
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's setting
     device: str = "cpu"
+    # Which BLAS runs fp32 CPU matmuls: "torch" (MKL), "openblas", or "auto" (OpenBLAS on AMD
+    # CPUs, where MKL's small GEMMs are slow; MKL elsewhere). See layers/linear.py.
+    cpu_gemm: str = "auto"
     progress: bool = True
     # {"method": "draft" | "mtp" | "ngram", "num_speculative_tokens": k, ...}; see SpeculativeConfig.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
@@ -62,6 +66,8 @@ class EngineConfig:
             positive(name)
         for name in ("kv_cache_blocks", "max_model_len", "num_threads"):
             positive(name, allow_none=True)
+        if self.cpu_gemm not in ("auto", *CPU_GEMM_BACKENDS):
+            raise ValueError(f"cpu_gemm must be 'auto' or one of {CPU_GEMM_BACKENDS}, got {self.cpu_gemm!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.speculative_config is not None:

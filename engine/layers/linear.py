@@ -1,16 +1,23 @@
-"""Linear layers whose CPU matmuls go through OpenBLAS on input-major weights.
+"""Linear layers whose CPU matmuls run on input-major weights through the faster BLAS.
 
-The torch 2.13 CPU wheel multiplies with MKL, which on the AMD EPYC machines pdserve is
-developed on runs small-M GEMMs (decode batches) 2-5x slower than OpenBLAS (numpy's BLAS)
-multiplying by the same weight stored input-major, [in, out] contiguous. Measured for
-[32, 1024] x [1024, 103424] (ERNIE 4.5's LM head at batch 32): MKL 166 ms, OpenBLAS 89 ms.
+Which BLAS is faster depends on the CPU, by a wide margin both ways:
+- On AMD EPYC the torch 2.13 CPU wheel's MKL runs small-M GEMMs (decode batches) 2-5x slower
+  than OpenBLAS (numpy's BLAS) multiplying by the same weight stored input-major, [in, out]
+  contiguous. Measured for [32, 1024] x [1024, 103424] (ERNIE 4.5's LM head at batch 32):
+  MKL 166 ms, OpenBLAS 89 ms.
+- On Intel Xeon (Sapphire Rapids class) MKL is the faster one, 1.2-4x for the same shapes
+  ([8, 1024] x [1024, 6144]: MKL 0.9 ms, OpenBLAS 2.0 ms), and a whole decode step of the
+  0.3B shape took 22 ms with MKL against 33 ms with OpenBLAS.
+`CpuGemm`'s backend is therefore "torch" (MKL, torch's own threads) or "openblas";
+`default_cpu_gemm_backend` picks OpenBLAS on AMD CPUs only.
 
-So on the CPU a weight is stored transposed once after loading (`pack_for_cpu`); the `weight`
-parameter stays a [out, in] view of that storage, so checkpoint names, shapes and
-`state_dict` values do not change. Everything else (GPU, bf16) uses `F.linear`.
+On the CPU a weight is stored transposed once after loading (`pack_for_cpu`), which both
+backends multiply fastest; the `weight` parameter stays a [out, in] view of that storage, so
+checkpoint names, shapes and `state_dict` values do not change. Everything else (GPU, bf16)
+uses `F.linear`.
 
-OpenBLAS runs single-threaded and `CpuGemm` splits the output columns over its own threads:
-OpenBLAS's own worker threads spin after each call and starve torch's threads (a 40 us
+The OpenBLAS backend runs single-threaded calls and splits the output columns over its own
+threads: OpenBLAS's worker threads spin after each call and starve torch's threads (a 40 us
 KV gather took 1.8 ms right after a multi-threaded OpenBLAS GEMM), while Python threads
 blocked on a future do not spin.
 """
@@ -18,6 +25,7 @@ blocked on a future do not spin.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,19 +36,41 @@ from torch import nn
 _MIN_SPLIT_WORK = 1 << 20
 
 
-class CpuGemm:
-    """`x @ w` for fp32 CPU tensors with input-major `w`, split by columns over `num_threads`.
+CPU_GEMM_BACKENDS = ("torch", "openblas")
 
-    Needs OpenBLAS limited to one thread (`threadpoolctl.threadpool_limits(1, "blas")`),
-    which the engine sets when it builds one of these.
+
+def default_cpu_gemm_backend(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU GEMM backend for this machine: "openblas" on AMD CPUs (MKL is slow there), else "torch"."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "torch"
+    return "openblas" if "AuthenticAMD" in text else "torch"
+
+
+class CpuGemm:
+    """`x @ w` for fp32 CPU tensors with input-major `w`, through `backend` (see the module doc).
+
+    The "openblas" backend splits the columns over `num_threads` threads of its own and needs
+    OpenBLAS limited to one thread (`threadpoolctl.threadpool_limits(1, "blas")`), which the
+    engine sets when it builds one of these. "torch" runs on torch's intra-op threads.
     """
 
-    def __init__(self, num_threads: int) -> None:
+    def __init__(self, num_threads: int, backend: str = "torch") -> None:
+        if backend not in CPU_GEMM_BACKENDS:
+            raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_BACKENDS} or 'auto', got {backend!r}")
+        self.backend = backend
         self.num_threads = max(1, num_threads)
-        self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="pdserve-gemm")
+        self._pool = (
+            ThreadPoolExecutor(self.num_threads, thread_name_prefix="pdserve-gemm")
+            if backend == "openblas"
+            else None
+        )
 
     def __call__(self, rows: torch.Tensor, weight_in_out: torch.Tensor) -> torch.Tensor:
         """rows [M, K] contiguous, weight_in_out [K, N] contiguous → [M, N]."""
+        if self._pool is None:
+            return torch.matmul(rows, weight_in_out)
         out = torch.empty(rows.shape[0], weight_in_out.shape[1], dtype=rows.dtype)
         self.matmul(rows.detach().numpy(), weight_in_out.detach().numpy(), out.numpy())
         return out
@@ -50,6 +80,9 @@ class CpuGemm:
         (m, _), (k, n) = a.shape, b.shape
         if c is None:
             c = np.empty((m, n), dtype=a.dtype)
+        if self._pool is None:
+            torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(c))
+            return c
         parts = self.num_threads if k * n >= _MIN_SPLIT_WORK and n >= 64 * self.num_threads else 1
         if parts == 1:
             _small_m_matmul(a, b, c)
@@ -66,7 +99,8 @@ class CpuGemm:
 
     def close(self) -> None:
         """Stops the worker threads."""
-        self._pool.shutdown(wait=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def _small_m_matmul(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:

@@ -10,9 +10,10 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm; the `weight` name matches the hub's checkpoints."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        # In the model's dtype, as transformers loads it: `weight * h.to(dtype)` then stays in it.
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

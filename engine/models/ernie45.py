@@ -79,8 +79,8 @@ class DecoderLayer(nn.Module):
             if config.is_moe_layer(layer_idx)
             else GatedMLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype)
         )
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(
         self,
@@ -101,11 +101,11 @@ class Ernie45Model(nn.Module):
         h = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, h, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.norm = RMSNorm(h, config.rms_norm_eps, dtype)
         # ERNIE's multi-token-prediction head, loaded for speculative decoding (not run by forward).
         n_mtp = config.num_nextn_predict_layers
-        self.mtp_emb_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps) for _ in range(n_mtp))
-        self.mtp_hidden_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps) for _ in range(n_mtp))
+        self.mtp_emb_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps, dtype) for _ in range(n_mtp))
+        self.mtp_hidden_norm = nn.ModuleList(RMSNorm(h, config.rms_norm_eps, dtype) for _ in range(n_mtp))
         self.mtp_linear_proj = nn.ModuleList(
             Linear(2 * h, h, bias=config.use_bias, dtype=dtype) for _ in range(n_mtp)
         )

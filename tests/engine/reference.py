@@ -14,10 +14,10 @@ from pdserve.engine.scheduler import ScheduledBatch
 NEAR_TIE = 1e-4
 
 
-def hf_model(path: Path):
+def hf_model(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 
 @torch.inference_mode()

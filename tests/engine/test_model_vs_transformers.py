@@ -39,8 +39,11 @@ def checkpoint(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp(request.param), **SHAPES[request.param])
 
 
-def test_logits_match_transformers_on_every_attention_path(checkpoint):
-    llm = LLM(str(checkpoint), dtype="float32", block_size=4, kv_cache_blocks=64, progress=False)
+@pytest.mark.parametrize("cpu_gemm", ["torch", "openblas"])
+def test_logits_match_transformers_on_every_attention_path(checkpoint, cpu_gemm):
+    llm = LLM(
+        str(checkpoint), dtype="float32", block_size=4, kv_cache_blocks=64, cpu_gemm=cpu_gemm, progress=False
+    )
     ids = torch.randint(3, 320, (37,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = hf_logits(hf_model(checkpoint), ids)
     # one prompt chunk, a chunk on cached context, then single-token decodes
@@ -63,3 +66,20 @@ def test_greedy_matches_transformers_generate(checkpoint):
             )[0, len(prompt) :].tolist()
         assert len(out.outputs[0].token_ids) == 24
         assert_same_greedy(model, prompt, ref, out.outputs[0].token_ids)
+
+
+def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(checkpoint):
+    # bf16 keeps ~3 significant digits, so there is no fixed tolerance to hold both
+    # implementations to; the reference is transformers' own bf16 error against fp32.
+    ids = torch.randint(3, 320, (37,), generator=torch.Generator().manual_seed(4)).tolist()
+    exact = hf_logits(hf_model(checkpoint), ids)
+    theirs = (hf_logits(hf_model(checkpoint, torch.bfloat16), ids) - exact).abs()
+    llm = LLM(str(checkpoint), dtype="bfloat16", block_size=4, kv_cache_blocks=64, progress=False)
+    assert llm.engine.model.model.norm.weight.dtype == torch.bfloat16
+    ours = (engine_logits(llm.engine, ids, [13, 10] + [1] * 14) - exact).abs()
+    print(
+        f"bf16 error vs fp32: ours max {ours.max():.3e} mean {ours.mean():.3e}, "
+        f"transformers max {theirs.max():.3e} mean {theirs.mean():.3e}"
+    )
+    assert ours.mean() <= 2 * theirs.mean() and ours.max() <= 2 * theirs.max()
+    assert llm.engine.kv.num_free_blocks == 64

@@ -1,17 +1,27 @@
-"""The CPU GEMM path: same values as F.linear, any batch size, state_dict untouched by packing."""
+"""The CPU GEMM path: same values as F.linear on either backend, any batch size, state_dict
+untouched by packing; the backend choice by CPU vendor."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.layers.linear import CpuGemm, Linear, is_input_major, linear, pack_input_major
+from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.layers.linear import (
+    CpuGemm,
+    Linear,
+    default_cpu_gemm_backend,
+    is_input_major,
+    linear,
+    pack_input_major,
+)
 
 
-@pytest.fixture(scope="module")
-def gemm():
-    g = CpuGemm(2)
+@pytest.fixture(scope="module", params=["torch", "openblas"])
+def gemm(request):
+    g = CpuGemm(2, request.param)
     yield g
     g.close()
 
@@ -30,7 +40,7 @@ def test_split_gemm_matches_f_linear(gemm, rows, in_features, out_features):
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
-def test_split_gemm_is_deterministic_and_close_to_unsplit(gemm):
+def test_gemm_is_deterministic_and_close_to_single_threaded(gemm):
     # OpenBLAS's edge kernels may round a column chunk's border differently, so the split
     # product is close to the unsplit one, not bit-equal; run to run it must be bit-equal.
     g = torch.Generator().manual_seed(0)
@@ -38,7 +48,33 @@ def test_split_gemm_is_deterministic_and_close_to_unsplit(gemm):
     x = torch.randn(16, 512, generator=g)
     first = linear(x, w, gemm=gemm)
     assert all(torch.equal(first, linear(x, w, gemm=gemm)) for _ in range(5))
-    torch.testing.assert_close(first, linear(x, w, gemm=CpuGemm(1)), rtol=1e-5, atol=1e-4)
+    single = CpuGemm(1, gemm.backend)
+    torch.testing.assert_close(first, linear(x, w, gemm=single), rtol=1e-5, atol=1e-4)
+
+
+def test_numpy_matmul_writes_into_the_given_array(gemm):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 64, generator=g).numpy(), torch.randn(64, 300, generator=g).numpy()
+    c = np.full((5, 300), np.nan, dtype=np.float32)
+    assert gemm.matmul(a, b, c) is c
+    np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("vendor", "backend"), [("AuthenticAMD", "openblas"), ("GenuineIntel", "torch"), (None, "torch")]
+)
+def test_default_backend_follows_the_cpu_vendor(tmp_path, vendor, backend):
+    cpuinfo = tmp_path / "cpuinfo"
+    if vendor is not None:  # None: no /proc/cpuinfo (not Linux)
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2\n")
+    assert default_cpu_gemm_backend(cpuinfo) == backend
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="cpu_gemm must be 'auto' or one of"):
+        EngineConfig(model="demo", cpu_gemm="mkl")
+    with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+        CpuGemm(1, "blis")
 
 
 def test_packing_keeps_names_shapes_and_values(gemm):
