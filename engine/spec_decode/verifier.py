@@ -22,7 +22,9 @@ from pdserve.engine.sampler import (
     SamplingRow,
     TokenLogprobs,
     apply_sampling_transforms,
+    argmax_rows,
     gather_logprobs,
+    needs_raw_logits,
     race,
 )
 
@@ -51,11 +53,17 @@ class Verified:
         return len(self.token_ids) - 1
 
 
-def verify(sampler: Sampler, logits: torch.Tensor, groups: Sequence[VerifyGroup]) -> list[Verified]:
-    """Verifies each group's guesses; `logits` [sum of len(rows), V] hold the groups' rows in order."""
+def verify(
+    sampler: Sampler, logits: torch.Tensor, groups: Sequence[VerifyGroup], *, scratch: bool = False
+) -> list[Verified]:
+    """Verifies each group's guesses; `logits` [sum of len(rows), V] hold the groups' rows in order.
+
+    `scratch`: as for `Sampler.__call__`, the transforms may overwrite `logits`.
+    """
     rows = [r for g in groups for r in g.rows]
-    processed = apply_sampling_transforms(logits, rows, sampler.eos_token_ids)
-    greedy = processed.argmax(dim=-1).tolist()
+    in_place = scratch and not needs_raw_logits(rows)
+    processed = apply_sampling_transforms(logits, rows, sampler.eos_token_ids, in_place=in_place)
+    greedy = argmax_rows(processed).tolist()
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     probs = {}
     if random_rows:

@@ -299,3 +299,39 @@ def test_logprobs_come_from_raw_logits_with_rank_and_top() -> None:
 def test_rejects_mismatched_batch() -> None:
     with pytest.raises(ValueError, match="logits"):
         apply_sampling_transforms(torch.zeros(2, 5), [row()])
+
+
+@pytest.mark.parametrize("with_logprobs", [False, True])
+def test_scratch_logits_sample_the_same_tokens(with_logprobs: bool) -> None:
+    """With `scratch=True` the transforms may reuse the logits' memory; the tokens must not change,
+    and logits are kept intact while some row still needs them for logprobs."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(7))
+    logits[2, 9] = logits[2, 11] = logits[2].max() + 1  # a tie: the first maximum wins
+
+    def rows(seed: int) -> list[SamplingRow]:
+        out = [
+            row(temperature=0.0),
+            row(output=[3, 4, 4], temperature=0.7, top_k=5, repetition_penalty=1.3, generator=seeded(seed)),
+            row(temperature=0.0, min_tokens=3, output=[1]),
+            row(temperature=1.2, top_p=0.6, min_p=0.1, generator=seeded(seed + 1)),
+            row(
+                temperature=0.9,
+                frequency_penalty=0.5,
+                presence_penalty=0.2,
+                output=[5, 5],
+                generator=seeded(2),
+            ),
+            row(temperature=0.0, ignore_eos=True),
+        ]
+        if with_logprobs:
+            out[3] = row(temperature=1.2, top_p=0.6, logprobs=3, generator=seeded(seed + 1))
+        return out
+
+    for seed in range(20):
+        expected = Sampler([EOS], seed=seed)(logits, rows(seed))
+        scratch = logits.clone()
+        got = Sampler([EOS], seed=seed)(scratch, rows(seed), scratch=True)
+        assert got.token_ids == expected.token_ids
+        assert got.logprobs == expected.logprobs
+        assert torch.equal(scratch, logits) == with_logprobs
+    assert expected.token_ids[2] == 9
