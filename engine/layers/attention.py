@@ -57,8 +57,8 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
         qd = q[meta.decode_rows].transpose(1, 2)  # [Bd, H, Q, D]
-        kd = k_flat[meta.decode_slots].transpose(1, 2)  # [Bd, KVH, Cmax, D]
-        vd = v_flat[meta.decode_slots].transpose(1, 2)
+        kd = _gather(k_flat, meta.decode_slots).transpose(1, 2)  # [Bd, KVH, Cmax, D]
+        vd = _gather(v_flat, meta.decode_slots).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         ).transpose(1, 2)  # [Bd, Q, H, D]
@@ -74,11 +74,20 @@ def paged_attention(
             vs = v[span.start : span.end].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ks = k_flat[span.slots].transpose(0, 1)  # [KVH, C, D]
-            vs = v_flat[span.slots].transpose(0, 1)
+            ks = _gather(k_flat, span.slots).transpose(0, 1)  # [KVH, C, D]
+            vs = _gather(v_flat, span.slots).transpose(0, 1)
             # Query i sits at context position (C - n + i) and sees everything up to it.
             rows = torch.arange(n, device=q.device)[:, None] + (span.context_len - n)
             mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[span.start : span.end] = o.transpose(0, 1)
     return out
+
+
+def _gather(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """flat[slots] for slot ids of any shape: K or V of those slots, [*slots.shape, KVH, D].
+
+    `index_select` on the flattened ids, not advanced indexing: on the CPU it is 3x faster for
+    a batch-32 decode's gather (0.46 against 1.3 ms for [32, 256] slots).
+    """
+    return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
