@@ -134,11 +134,14 @@ class ModelRunner:
                 short_rows.append(list(range(row, row + n)))
                 short_ctx.append(ctx)
                 short_tables.append(table[: -(-ctx // bs)])
+            elif start > 0:
+                prefills.append(PrefillSpan(row, row + n, ctx, self._slots(table, ctx)))
+            elif prefills and _extends(prefills[-1], row, n):
+                # A whole prompt as long as the whole prompts just before it: one attention call.
+                last = prefills[-1]
+                prefills[-1] = PrefillSpan(last.start, row + n, n, None, last.num_seqs + 1)
             else:
-                span_slots = None
-                if start > 0:
-                    span_slots = self._slots(table, ctx)
-                prefills.append(PrefillSpan(row, row + n, ctx, span_slots))
+                prefills.append(PrefillSpan(row, row + n, ctx, None))
             logit_rows.extend(range(row + n - m, row + n))
         meta = self._meta(slots, prefills)
         if short_rows:
@@ -204,3 +207,8 @@ class ModelRunner:
         meta.decode_mask = mask[:, None].to(self.device)
         if q > 1 and bool((lengths < q).any()):
             meta.decode_valid = (torch.arange(q)[None, :] < lengths[:, None]).to(self.device)
+
+
+def _extends(span: PrefillSpan, row: int, n: int) -> bool:
+    """True when a whole prompt of `n` tokens at `row` can join `span` (whole prompts of n, ending at row)."""
+    return span.slots is None and span.end == row and span.context_len == n

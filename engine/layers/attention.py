@@ -23,6 +23,9 @@ class PrefillSpan:
     end: int  # one past its last row
     context_len: int  # tokens attended to, cached prefix included, after this step
     slots: torch.Tensor | None  # [context_len] flat cache slots; None when the span is the whole context
+    # Whole prompts of equal length side by side (slots None) share one call: the rows hold
+    # `num_seqs` sequences of (end - start) / num_seqs tokens each.
+    num_seqs: int = 1
 
 
 @dataclass
@@ -67,20 +70,23 @@ def paged_attention(
         else:
             out[meta.decode_rows[meta.decode_valid]] = od[meta.decode_valid]
     for span in meta.prefills:
-        qs = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
-        n = span.end - span.start
+        rows = slice(span.start, span.end)
         if span.slots is None:
-            ks = k[span.start : span.end].transpose(0, 1)
-            vs = v[span.start : span.end].transpose(0, 1)
+            # Whole prompts: [num_seqs, heads, length, D], one causal call for all of them.
+            qs, ks, vs = (x[rows].unflatten(0, (span.num_seqs, -1)).transpose(1, 2) for x in (q, k, v))
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            ks = _gather(k_flat, span.slots).transpose(0, 1)  # [KVH, C, D]
-            vs = _gather(v_flat, span.slots).transpose(0, 1)
-            # Query i sits at context position (C - n + i) and sees everything up to it.
-            rows = torch.arange(n, device=q.device)[:, None] + (span.context_len - n)
-            mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[span.start : span.end] = o.transpose(0, 1)
+            out[rows] = o.transpose(1, 2).flatten(0, 1)
+            continue
+        n = span.end - span.start
+        ks = _gather(k_flat, span.slots).transpose(0, 1)  # [KVH, C, D]
+        vs = _gather(v_flat, span.slots).transpose(0, 1)
+        # Query i sits at context position (C - n + i) and sees everything up to it.
+        query_pos = torch.arange(n, device=q.device)[:, None] + (span.context_len - n)
+        mask = torch.arange(span.context_len, device=q.device)[None, :] <= query_pos
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        out[rows] = o.transpose(0, 1)
     return out
 
 

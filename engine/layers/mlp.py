@@ -40,12 +40,12 @@ class GatedMLP(nn.Module):
         expert, so the difference grows with the number of tokens in the step.
         """
         assert self._gate_up is not None
-        gate_up = self._gate_up.matmul(a)
-        size = gate_up.shape[1] // 2
-        gate, up = gate_up[:, :size], gate_up[:, size:]
-        with np.errstate(over="ignore"):  # exp(-gate) -> inf for very negative gate: silu -> 0
-            hidden = gate / (1.0 + np.exp(-gate)) * up
-        return self._gate_up.gemm.matmul(hidden, self._down_in_out)
+        gate_up = torch.from_numpy(self._gate_up.matmul(a))
+        gate, up = gate_up.chunk(2, dim=-1)
+        # torch's SiLU: vectorised and threaded, where numpy's exp is neither (a 2048-token
+        # prefill spent a fifth of its time here).
+        hidden = F.silu(gate).mul_(up)
+        return self._gate_up.gemm.matmul(hidden.numpy(), self._down_in_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and x.device.type == "cpu" and x.dtype == torch.float32:

@@ -50,6 +50,28 @@ def test_batch_invariance_alone_vs_busy_batch_with_chunking(moe_checkpoint, ref_
     assert_all_blocks_free(busy_llm)
 
 
+def test_equal_length_prompts_prefilled_together_match_each_alone(moe_checkpoint, llm, ref_model):
+    # Whole prompts of one length, side by side in a step, share one attention call; a prompt
+    # of another length between them starts a new group.
+    prompts = prompts_of([20, 20, 20, 33, 20, 20], seed=8)  # longer than MAX_BATCHED_QUERY
+    alone = [tokens(llm.generate([p], GREEDY))[0] for p in prompts]
+    fresh = make_llm(moe_checkpoint, block_size=4)  # no prefix hits: every prompt is whole
+    spans = []
+    prepare = fresh.engine.runner.prepare
+
+    def recording_prepare(batch, num_logits):
+        inputs = prepare(batch, num_logits)
+        spans.append([(s.num_seqs, s.end - s.start) for s in inputs.meta.prefills])
+        return inputs
+
+    fresh.engine.runner.prepare = recording_prepare
+    together = tokens(fresh.generate(prompts, GREEDY))
+    assert spans[0] == [(3, 60), (1, 33), (2, 40)]
+    for p, a, t in zip(prompts, alone, together):
+        assert_same_greedy(ref_model, p, a, t)
+    assert_all_blocks_free(fresh)
+
+
 def test_prefix_cache_hit_reported_and_outputs_equal_without_cache(moe_checkpoint, ref_model):
     shared = prompts_of([40], seed=3)[0]
     tails = prompts_of([5, 7], seed=4)
