@@ -202,6 +202,45 @@ class FusedInputMajor:
         return out.view(*x.shape[:-1], -1).split(self.sizes, dim=-1)
 
 
+class FusedRowMajor:
+    """Several `Linear`s reading the same input as one [sum(out), in] weight: one `F.linear`.
+
+    The counterpart of `FusedInputMajor` wherever weights are not packed for the CPU's fp32
+    path (bf16 on the CPU, any dtype on a GPU): one matmul call instead of two or three, each
+    layer's `weight` a view of its rows (names and values unchanged).
+    """
+
+    def __init__(self, layers: list[Linear]) -> None:
+        self.sizes = [layer.out_features for layer in layers]
+        self.weight = torch.cat([layer.weight.detach() for layer in layers])
+        self.bias = None
+        if layers[0].bias is not None:
+            self.bias = torch.cat([layer.bias.detach() for layer in layers])
+        start = 0
+        for layer, size in zip(layers, self.sizes):
+            layer.weight.data = self.weight[start : start + size]
+            if self.bias is not None:
+                layer.bias.data = self.bias[start : start + size]
+            start += size
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def fuse_linears(layers: list[Linear], gemm: CpuGemm) -> FusedInputMajor | FusedRowMajor | None:
+    """The layers as one matmul: input-major through `gemm` when packed for the CPU, else row-major.
+
+    None when they cannot share one (some with a bias and some without).
+    """
+    if len({layer.bias is None for layer in layers}) != 1:
+        return None
+    if FusedInputMajor.applies(layers):
+        return FusedInputMajor(layers, gemm)
+    if all(layer.gemm is None for layer in layers):
+        return FusedRowMajor(layers)
+    return None
+
+
 def pack_model_for_cpu(model: nn.Module, gemm: CpuGemm) -> None:
     """Packs every `Linear` in `model` (a no-op off the CPU or outside fp32)."""
     for module in model.modules():

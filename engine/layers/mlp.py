@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.layers.linear import CpuGemm, FusedInputMajor, Linear
+from pdserve.engine.layers.linear import CpuGemm, FusedInputMajor, FusedRowMajor, Linear, fuse_linears
 
 
 class GatedMLP(nn.Module):
@@ -18,19 +18,21 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
-        self._gate_up: FusedInputMajor | None = None
+        self._gate_up: FusedInputMajor | FusedRowMajor | None = None
+        self._down_in_out: np.ndarray | None = None
 
-    def fuse_for_cpu(self, gemm: CpuGemm) -> None:
-        """Computes gate and up with one GEMM, the whole MLP in numpy; call after `pack_for_cpu`."""
-        layers = [self.gate_proj, self.up_proj, self.down_proj]
-        if FusedInputMajor.applies(layers) and self.down_proj.bias is None:
-            self._gate_up = FusedInputMajor([self.gate_proj, self.up_proj], gemm)
-            self._down_in_out = self.down_proj.weight.t().numpy()  # a view: packing made it [in, out]
+    def fuse(self, gemm: CpuGemm) -> None:
+        """Computes gate and up with one matmul, and the whole MLP in numpy once packed for the
+        CPU's fp32 path; call after `pack_for_cpu`."""
+        self._gate_up = fuse_linears([self.gate_proj, self.up_proj], gemm)
+        down = self.down_proj
+        if isinstance(self._gate_up, FusedInputMajor) and down.gemm is not None and down.bias is None:
+            self._down_in_out = down.weight.t().numpy()  # a view: packing made it [in, out]
 
     @property
     def numpy_ready(self) -> bool:
         """True once `forward_numpy` can run (fp32 weights packed for the CPU)."""
-        return self._gate_up is not None
+        return self._down_in_out is not None
 
     def forward_numpy(self, a: np.ndarray) -> np.ndarray:
         """The MLP on rows `a` [M, H] (fp32, contiguous), in numpy.
@@ -39,7 +41,7 @@ class GatedMLP(nn.Module):
         per-op dispatch costs as much again; a mixture-of-experts layer runs one MLP per chosen
         expert, so the difference grows with the number of tokens in the step.
         """
-        assert self._gate_up is not None
+        assert isinstance(self._gate_up, FusedInputMajor) and self._down_in_out is not None
         gate_up = torch.from_numpy(self._gate_up.matmul(a))
         gate, up = gate_up.chunk(2, dim=-1)
         # torch's SiLU: vectorised and threaded, where numpy's exp is neither (a 2048-token
@@ -48,7 +50,11 @@ class GatedMLP(nn.Module):
         return self._gate_up.gemm.matmul(hidden.numpy(), self._down_in_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_up is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        if self.numpy_ready:
             rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).numpy())
             return torch.from_numpy(self.forward_numpy(rows)).view(*x.shape[:-1], -1)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

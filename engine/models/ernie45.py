@@ -15,7 +15,9 @@ from pdserve.engine.layers.attention import AttentionMetadata, paged_attention
 from pdserve.engine.layers.linear import (
     CpuGemm,
     FusedInputMajor,
+    FusedRowMajor,
     Linear,
+    fuse_linears,
     linear,
     pack_input_major,
     pack_model_for_cpu,
@@ -40,12 +42,11 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * d, h, bias=bias, dtype=dtype)
-        self._qkv: FusedInputMajor | None = None
+        self._qkv: FusedInputMajor | FusedRowMajor | None = None
 
-    def fuse_for_cpu(self, gemm: CpuGemm) -> None:
-        """Computes q, k and v with one GEMM; call after `pack_for_cpu`."""
-        if FusedInputMajor.applies([self.q_proj, self.k_proj, self.v_proj]):
-            self._qkv = FusedInputMajor([self.q_proj, self.k_proj, self.v_proj], gemm)
+    def fuse(self, gemm: CpuGemm) -> None:
+        """Computes q, k and v with one matmul; call after `pack_for_cpu`."""
+        self._qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], gemm)
 
     def forward(
         self,
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        if self._qkv is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        if self._qkv is not None:
             q, k, v = self._qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -139,7 +140,7 @@ class Ernie45ForCausalLM(nn.Module):
         pack_model_for_cpu(self, gemm)
         for module in self.modules():
             if isinstance(module, (Attention, GatedMLP)):
-                module.fuse_for_cpu(gemm)
+                module.fuse(gemm)
         self._gemm = gemm
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:

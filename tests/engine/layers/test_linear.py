@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.layers.linear import (
     CpuGemm,
+    FusedInputMajor,
+    FusedRowMajor,
     Linear,
     default_cpu_gemm_backend,
+    fuse_linears,
     is_input_major,
     linear,
     pack_input_major,
@@ -96,3 +99,31 @@ def test_non_fp32_stays_on_f_linear(gemm):
     assert layer.gemm is None and layer.weight.is_contiguous()
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_row_major_fusion_keeps_values_and_matches_separate_layers(gemm, bias):
+    # bf16 is not packed for the CPU's fp32 path, so q/k/v fuse row-major into one F.linear.
+    torch.manual_seed(0)
+    layers = [Linear(16, n, bias=bias, dtype=torch.bfloat16) for n in (8, 4, 4)]
+    for layer in layers:
+        layer.pack_for_cpu(gemm)
+    before = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    expected = [layer(x) for layer in layers]
+    fused = fuse_linears(layers, gemm)
+    assert isinstance(fused, FusedRowMajor)
+    for layer, state in zip(layers, before):
+        assert all(torch.equal(layer.state_dict()[k], v) for k, v in state.items())
+        assert layer.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    for got, want in zip(fused(x), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_fusion_picks_the_packed_path_and_refuses_mixed_bias(gemm):
+    packed = [Linear(16, 8), Linear(16, 8)]
+    for layer in packed:
+        layer.pack_for_cpu(gemm)
+    assert isinstance(fuse_linears(packed, gemm), FusedInputMajor)
+    mixed = [Linear(16, 8, bias=True), Linear(16, 8, bias=False)]
+    assert fuse_linears(mixed, gemm) is None
