@@ -388,7 +388,12 @@ class Engine:
         if self.proposer is None or self.spec is None:
             return False
         limit = self.spec.disable_by_batch_size
-        return limit is None or self.scheduler.num_running <= limit
+        if limit is None:
+            return True
+        # The batch this step may grow to: waiting requests join it (up to max_num_seqs), so a
+        # burst of prompts bigger than the limit does not feed the MTP layer for nothing.
+        sched = self.scheduler
+        return min(sched.num_running + sched.num_waiting, sched.max_num_seqs) <= limit
 
     def _propose(self) -> None:
         """Lets the proposer guess for the requests that are decoding."""

@@ -143,6 +143,20 @@ def test_speculation_turns_off_for_large_batches(base):
     assert llm.engine.stats().spec_proposed_tokens > 0
 
 
+def test_a_burst_bigger_than_the_limit_skips_the_mtp_layer_from_its_first_step(base):
+    # Four prompts arriving at once exceed the limit before any of them runs: feeding the MTP
+    # layer during their prefill would be work for guesses that never come.
+    llm = make_llm({**METHODS["mtp"], "disable_by_batch_size": 2})
+    model = llm.engine.model
+    calls = []
+    mtp_forward = model.mtp_forward
+    model.mtp_forward = lambda *a, **kw: calls.append(1) or mtp_forward(*a, **kw)
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == token_ids(base.generate(PROMPTS, GREEDY))
+    assert not calls and llm.engine.stats().spec_proposed_tokens == 0
+    llm.generate(PROMPTS[:1], GREEDY)
+    assert calls and llm.engine.stats().spec_proposed_tokens > 0
+
+
 def test_mtp_guesses_survive_a_kv_handoff_between_engines(base):
     """Prefill on one engine, decode with MTP on another: the MTP layer's cache moves with the KV."""
     cfg = EngineConfig(
