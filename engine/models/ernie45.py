@@ -17,6 +17,7 @@ from pdserve.engine.layers.linear import (
     FusedInputMajor,
     FusedRowMajor,
     Linear,
+    PrepackedWeight,
     fuse_linears,
     linear,
     pack_input_major,
@@ -134,6 +135,7 @@ class Ernie45ForCausalLM(nn.Module):
         # the CPU matmul wants it input-major, so `pack_for_cpu` keeps a second copy.
         self._tied_head_input_major: torch.Tensor | None = None
         self._gemm: CpuGemm | None = None
+        self._head_packed: PrepackedWeight | None = None
 
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
         """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded."""
@@ -145,6 +147,10 @@ class Ernie45ForCausalLM(nn.Module):
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
             self._tied_head_input_major = pack_input_major(embed)
+        if gemm.backend == "torch":
+            # On OpenBLAS's CPUs (AMD) oneDNN is not the faster library either; not measured there.
+            head = embed if self.lm_head is None else self.lm_head.weight
+            self._head_packed = PrepackedWeight.create(head)
 
     @property
     def num_kv_layers(self) -> int:
@@ -190,6 +196,9 @@ class Ernie45ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] for the given rows of pre-norm hidden states."""
+        packed = self._head_packed
+        if packed is not None and (hidden.shape[0] > 1 or hidden.dtype != torch.float32):
+            return packed(self.model.norm(hidden)).float()
         if self.lm_head is not None:
             weight = self.lm_head.weight
         elif self._tied_head_input_major is not None:

@@ -14,6 +14,7 @@ from pdserve.engine.layers.linear import (
     FusedInputMajor,
     FusedRowMajor,
     Linear,
+    PrepackedWeight,
     default_cpu_gemm_backend,
     fuse_linears,
     is_input_major,
@@ -127,3 +128,18 @@ def test_fusion_picks_the_packed_path_and_refuses_mixed_bias(gemm):
     assert isinstance(fuse_linears(packed, gemm), FusedInputMajor)
     mixed = [Linear(16, 8, bias=True), Linear(16, 8, bias=False)]
     assert fuse_linears(mixed, gemm) is None
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prepacked_weight_computes_f_linear(dtype, tol):
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(1030, 96, generator=g).to(dtype)
+    packed = PrepackedWeight.create(weight)
+    if packed is None:
+        pytest.skip("this torch build has no usable oneDNN linear")
+    for rows in (1, 2, 7, 33):
+        x = torch.randn(rows, 2 * 96, generator=g).to(dtype)[:, ::2]  # strided rows, as the model slices them
+        got = packed(x)
+        assert got.dtype == dtype and got.shape == (rows, 1030)
+        torch.testing.assert_close(got.float(), F.linear(x, weight).float(), rtol=tol, atol=tol)
+    assert PrepackedWeight.create(weight.to("meta")) is None
