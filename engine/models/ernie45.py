@@ -116,6 +116,10 @@ class Ernie45Model(nn.Module):
         )
 
 
+# The LM head is prepacked for oneDNN from this size on (ERNIE 4.5's smallest real head has 105M).
+PREPACK_MIN_ELEMENTS = 1 << 22
+
+
 class Ernie45ForCausalLM(nn.Module):
     """Dense or MoE ERNIE 4.5 language model over a paged KV cache."""
 
@@ -147,9 +151,10 @@ class Ernie45ForCausalLM(nn.Module):
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
             self._tied_head_input_major = pack_input_major(embed)
-        if gemm.backend == "torch":
-            # On OpenBLAS's CPUs (AMD) oneDNN is not the faster library either; not measured there.
-            head = embed if self.lm_head is None else self.lm_head.weight
+        head = embed if self.lm_head is None else self.lm_head.weight
+        # Not on OpenBLAS's CPUs (AMD): not measured there. Not for small heads: demo's
+        # [4096, 256] ran 10-25% slower packed at 2-8 rows (the call costs more than packing).
+        if gemm.backend == "torch" and head.numel() >= PREPACK_MIN_ELEMENTS:
             self._head_packed = PrepackedWeight.create(head)
 
     @property
