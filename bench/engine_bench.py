@@ -11,12 +11,15 @@ model was trained on that library, so it is in-distribution code completion).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import queue as queue_module
 import resource
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ class EngineBenchArgs:
     # Each config runs beside the same workload without speculation (transformers is skipped).
     speculative_configs: tuple[dict[str, Any], ...] = ()
     workload: str = "random"  # "random" token ids, or "code" (needs the model's tokenizer)
-    repeats: int = 3  # speculative mode: rounds per batch size, each with new prompts
+    repeats: int = 3  # rounds per batch size, each with new prompts, the systems taking turns
 
 
 @dataclass
@@ -215,7 +218,18 @@ def _export_for_transformers(args: EngineBenchArgs) -> str:
     return out
 
 
-def _run_transformers(args: EngineBenchArgs, checkpoint: str, queue: mp.Queue) -> None:
+@contextlib.contextmanager
+def _removed_after(directory: str | None) -> Iterator[None]:
+    """Deletes `directory` (the exported checkpoint, a model's worth of disk) when the block ends."""
+    try:
+        yield
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_transformers(args: EngineBenchArgs, checkpoint: str, round_: int, queue: mp.Queue) -> None:
+    """transformers' `generate`, one round: every batch size once, on that round's prompts."""
     from transformers import AutoModelForCausalLM
 
     if args.threads:
@@ -226,7 +240,9 @@ def _run_transformers(args: EngineBenchArgs, checkpoint: str, queue: mp.Queue) -
     with torch.inference_mode():
         model.generate(torch.tensor(_prompts(vocab, 1, 8, args.seed)), max_new_tokens=4, do_sample=False)
         for batch in args.batches:
-            ids = torch.tensor(_prompts(vocab, batch, args.input_len, args.seed))
+            ids = torch.tensor(
+                _prompts(vocab, batch * (round_ + 1), args.input_len, args.seed)[batch * round_ :]
+            )
             start = time.perf_counter()
             out = model.generate(
                 ids,
@@ -276,11 +292,21 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
     if args.speculative_configs:
         return _run_speculative_bench(args, output)
     sides = 1 if args.skip_transformers else 2
-    with tqdm(total=sides * len(args.batches), desc="bench engine") as bar:
-        rows = _collect(_run_pdserve, (args, None, 0), bar)
-        if not args.skip_transformers:
-            checkpoint = _export_for_transformers(args)
-            rows += _collect(_run_transformers, (args, checkpoint), bar)
+    checkpoint = None if args.skip_transformers else _export_for_transformers(args)
+    rounds: list[BenchRow] = []
+    with (
+        tqdm(total=args.repeats * sides * len(args.batches), desc="bench engine") as bar,
+        _removed_after(checkpoint),
+    ):
+        # Fresh processes per round, alternating which system goes first, and pooled: see
+        # `_run_speculative_bench` for how much this machine drifts.
+        for round_ in range(args.repeats):
+            ours = (_run_pdserve, (args, None, round_))
+            theirs = (_run_transformers, (args, checkpoint, round_))
+            order = [ours] if checkpoint is None else [ours, theirs] if round_ % 2 == 0 else [theirs, ours]
+            for target, target_args in order:
+                rounds += _collect(target, target_args, bar)
+    rows = _merge_rounds(rounds)
     table = []
     for batch in args.batches:
         ours = next(r for r in rows if r.system == "pdserve" and r.batch == batch)

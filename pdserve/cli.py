@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=_positive_int("--repeats"),
         default=3,
-        help="with --speculative-config: rounds per batch size (new prompts each), systems taking turns",
+        help="rounds per batch size (new prompts each, every system in a fresh process, taking turns), pooled",
     )
     eng.set_defaults(func=_cmd_bench_engine)
 

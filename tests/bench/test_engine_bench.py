@@ -1,8 +1,9 @@
-"""`pdserve bench engine` with speculative configs: a real (tiny) run and its JSON."""
+"""`pdserve bench engine`, beside transformers and with speculative configs: real (tiny) runs and their JSON."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 
 from pdserve.bench.engine_bench import EngineBenchArgs, run_engine_bench
 
@@ -32,3 +33,20 @@ def test_speculative_bench_runs_each_config_beside_plain_decoding(tmp_path):
     for r in doc["results"]:
         assert r["speedup"] > 0 and 0.0 <= r["acceptance_rate"] <= 1.0
         assert r["mean_accepted_length"] == 0.0 or r["mean_accepted_length"] >= 1.0
+
+
+def test_transformers_comparison_pools_alternating_rounds_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the exported checkpoint goes
+    out = tmp_path / "engine.json"
+    args = EngineBenchArgs(model="demo", batches=(1, 2), input_len=16, output_len=8, threads=1, repeats=2)
+    run_engine_bench(args, out)
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "engine"
+    assert [r["batch"] for r in doc["results"]] == [1, 2]
+    for r in doc["results"]:
+        assert r["pdserve_tok_s"] > 0 and r["transformers_tok_s"] > 0
+        assert abs(r["ratio"] - r["pdserve_tok_s"] / r["transformers_tok_s"]) < 0.01
+    rows = {(r["system"], r["batch"]): r for r in doc["rows"]}
+    assert set(rows) == {(s, b) for s in ("pdserve", "transformers") for b in (1, 2)}
+    assert all(r["output_tokens"] == 8 * r["batch"] * 2 for r in rows.values())  # two rounds pooled
+    assert not list(tmp_path.glob("pdserve-bench-*"))  # the exported checkpoint is gone
