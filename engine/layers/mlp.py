@@ -21,10 +21,13 @@ class GatedMLP(nn.Module):
         self._gate_up: FusedInputMajor | FusedRowMajor | None = None
         self._down_in_out: np.ndarray | None = None
 
-    def fuse(self, gemm: CpuGemm) -> None:
+    def fuse(self, gemm: CpuGemm, prepack: bool = False) -> None:
         """Computes gate and up with one matmul, and the whole MLP in numpy once packed for the
-        CPU's fp32 path; call after `pack_for_cpu`."""
-        self._gate_up = fuse_linears([self.gate_proj, self.up_proj], gemm)
+        CPU's fp32 path; with `prepack`, large weights also get oneDNN-prepacked copies (for MLPs
+        that see whole batches, not routed experts). Call after `pack_for_cpu`."""
+        self._gate_up = fuse_linears([self.gate_proj, self.up_proj], gemm, prepack)
+        if prepack:
+            self.down_proj.prepack()
         down = self.down_proj
         if isinstance(self._gate_up, FusedInputMajor) and down.gemm is not None and down.bias is None:
             self._down_in_out = down.weight.t().numpy()  # a view: packing made it [in, out]
@@ -47,6 +50,8 @@ class GatedMLP(nn.Module):
         # torch's SiLU: vectorised and threaded, where numpy's exp is neither (a 2048-token
         # prefill spent a fifth of its time here).
         hidden = F.silu(gate).mul_(up)
+        if self.down_proj.prepacked is not None and a.shape[0] >= 2:
+            return self.down_proj(hidden).numpy()
         return self._gate_up.gemm.matmul(hidden.numpy(), self._down_in_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

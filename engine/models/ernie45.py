@@ -22,6 +22,7 @@ from pdserve.engine.layers.linear import (
     linear,
     pack_input_major,
     pack_model_for_cpu,
+    prepack_if_large,
 )
 from pdserve.engine.layers.mlp import GatedMLP
 from pdserve.engine.layers.moe import SparseMoE
@@ -45,9 +46,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * d, h, bias=bias, dtype=dtype)
         self._qkv: FusedInputMajor | FusedRowMajor | None = None
 
-    def fuse(self, gemm: CpuGemm) -> None:
-        """Computes q, k and v with one matmul; call after `pack_for_cpu`."""
-        self._qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], gemm)
+    def fuse(self, gemm: CpuGemm, prepack: bool = False) -> None:
+        """Computes q, k and v with one matmul (see `fuse_linears`); call after `pack_for_cpu`."""
+        self._qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], gemm, prepack)
+        if prepack:
+            self.o_proj.prepack()
 
     def forward(
         self,
@@ -116,10 +119,6 @@ class Ernie45Model(nn.Module):
         )
 
 
-# The LM head is prepacked for oneDNN from this size on (ERNIE 4.5's smallest real head has 105M).
-PREPACK_MIN_ELEMENTS = 1 << 22
-
-
 class Ernie45ForCausalLM(nn.Module):
     """Dense or MoE ERNIE 4.5 language model over a paged KV cache."""
 
@@ -142,20 +141,27 @@ class Ernie45ForCausalLM(nn.Module):
         self._head_packed: PrepackedWeight | None = None
 
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
-        """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded."""
+        """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded.
+
+        With MKL (`gemm.backend == "torch"`) the large weights of whatever sees a whole batch
+        (attention, dense and shared-expert MLPs, the LM head) also get oneDNN-prepacked copies.
+        Routed experts do not: they see a few rows each, and a copy of every expert would double
+        an MoE model's memory. Not measured on OpenBLAS's CPUs, so not done there.
+        """
         pack_model_for_cpu(self, gemm)
+        prepack = gemm.backend == "torch"
+        routed = {id(e) for m in self.modules() if isinstance(m, SparseMoE) for e in m.experts}
         for module in self.modules():
-            if isinstance(module, (Attention, GatedMLP)):
-                module.fuse(gemm)
+            if isinstance(module, Attention):
+                module.fuse(gemm, prepack)
+            elif isinstance(module, GatedMLP):
+                module.fuse(gemm, prepack and id(module) not in routed)
         self._gemm = gemm
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
             self._tied_head_input_major = pack_input_major(embed)
-        head = embed if self.lm_head is None else self.lm_head.weight
-        # Not on OpenBLAS's CPUs (AMD): not measured there. Not for small heads: demo's
-        # [4096, 256] ran 10-25% slower packed at 2-8 rows (the call costs more than packing).
-        if gemm.backend == "torch" and head.numel() >= PREPACK_MIN_ELEMENTS:
-            self._head_packed = PrepackedWeight.create(head)
+        if prepack:
+            self._head_packed = prepack_if_large(embed if self.lm_head is None else self.lm_head.weight)
 
     @property
     def num_kv_layers(self) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pdserve.engine import LLM, SamplingParams
-from pdserve.engine.models import ernie45
+from pdserve.engine.layers import linear as linear_module
 from tests.conftest import make_checkpoint
 from tests.engine.reference import assert_same_greedy, engine_logits, hf_logits, hf_model
 
@@ -54,9 +54,9 @@ def test_logits_match_transformers_on_every_attention_path(checkpoint, cpu_gemm)
     assert llm.engine.kv.num_free_blocks == 64
 
 
-def test_prepacked_lm_head_logits_match_transformers(checkpoint, monkeypatch):
-    # The test models' heads are below the prepacking threshold; lower it to cover that path.
-    monkeypatch.setattr(ernie45, "PREPACK_MIN_ELEMENTS", 0)
+def test_prepacked_weights_logits_match_transformers(checkpoint, monkeypatch):
+    # The test models' weights are below the prepacking threshold; lower it to cover that path.
+    monkeypatch.setattr(linear_module, "PREPACK_MIN_ELEMENTS", 0)
     llm = LLM(
         str(checkpoint), dtype="float32", block_size=4, kv_cache_blocks=64, cpu_gemm="torch", progress=False
     )
