@@ -64,6 +64,10 @@ class ClusterConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weight dtype")
     seed: Int = Field(0, description="engine seed")
     threads: Int | None = Field(None, ge=1, description="torch threads per worker, 1 when unset")
+    cpu_gemm: Literal["auto", "torch", "openblas"] = Field(
+        "auto",
+        description="BLAS for fp32 CPU matmuls: auto (OpenBLAS on AMD, MKL elsewhere), torch or openblas",
+    )
     prefill: Int = Field(1, ge=0, description="prefill workers")
     decode: Int = Field(1, ge=0, description="decode workers")
     both: Int = Field(0, ge=0, description="colocated (prefill+decode) workers")

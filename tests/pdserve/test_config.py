@@ -22,6 +22,7 @@ SAMPLES: dict[str, Any] = {
     "dtype": "bfloat16",
     "seed": 7,
     "threads": 2,
+    "cpu_gemm": "openblas",
     "prefill": 3,
     "decode": 2,
     "both": 1,
@@ -181,7 +182,7 @@ def test_up_with_a_bad_config_file_starts_nothing(tmp_path):
 
 
 def test_launch_settings_come_from_the_config():
-    from pdserve.cluster.launcher import UpConfig
+    from pdserve.cluster.launcher import UpConfig  # imports Ray: only this test needs it
 
     up = UpConfig.from_config(ClusterConfig(**{**SAMPLES, "speculative_config": None}))
     assert (up.port, up.router_port, up.policy, up.redis_url, up.api_key) == (9000, 9001, "round_robin",
@@ -198,3 +199,24 @@ def test_launch_settings_come_from_the_config():
     assert cc.engine.speculative_config is not None and cc.engine.speculative_config.method == "ngram"
     with pytest.raises(ValueError, match="speculative_config"):  # refused before anything starts
         UpConfig.from_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
+
+
+def test_engine_settings_reach_every_workers_engine_config():
+    from pdserve.cluster.launcher import UpConfig  # imports Ray: only this test needs it
+
+    config = ClusterConfig(
+        **{
+            k: SAMPLES[k]
+            for k in ("model", "load_format", "hf_overrides", "dtype", "seed", "threads", "cpu_gemm")
+        },
+        kv_cache_blocks=64,
+        speculative_config=SAMPLES["speculative_config"],
+    )
+    engine = UpConfig.from_config(config).engine
+    assert (engine.model, engine.load_format, engine.hf_overrides) == (
+        "/models/ernie",
+        "dummy",
+        {"num_hidden_layers": 2},
+    )
+    assert (engine.dtype, engine.seed, engine.num_threads, engine.cpu_gemm) == ("bfloat16", 7, 2, "openblas")
+    assert engine.kv_cache_blocks == 64 and engine.speculative_config.num_speculative_tokens == 4
