@@ -286,11 +286,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    """Where `up` recorded what it started, found the way `up` finds it: --state-dir, else
+    PDSERVE_STATE_DIR, else `state_dir` in the --config / PDSERVE_CONFIG file, else ~/.pdserve."""
+    flags = {} if args.state_dir is None else {"state_dir": args.state_dir}
+    return load_config(flags, os.environ, args.config).state_dir
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
     from pdserve.cluster.launcher import LaunchError, down
 
     try:
-        down(args.state_dir)
+        down(_state_dir(args))
     except LaunchError as e:
         print(f"pdserve down: {e}", file=sys.stderr)
         return 1
@@ -301,7 +308,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pdserve.cluster.launcher import LaunchError, status
 
     try:
-        print(status(args.state_dir))
+        print(status(_state_dir(args)))
     except LaunchError as e:
         print(f"pdserve status: {e}", file=sys.stderr)
         return 1
@@ -326,8 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_cmd_generate)
 
-    # Where `up` records what it started; PDSERVE_STATE_DIR so down/status find an `up` that used it.
-    default_state = Path(os.environ.get("PDSERVE_STATE_DIR") or Path.home() / ".pdserve")
     up_p = sub.add_parser(
         "up",
         help="start the cluster: Ray, controller, workers, router, gateway",
@@ -338,11 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(up_p)
     up_p.set_defaults(func=_cmd_up)
     down_p = sub.add_parser("down", help="stop what `pdserve up` started")
-    down_p.add_argument("--state-dir", type=Path, default=default_state)
-    down_p.set_defaults(func=_cmd_down)
     status_p = sub.add_parser("status", help="workers, roles, load and KV use of the running cluster")
-    status_p.add_argument("--state-dir", type=Path, default=default_state)
-    status_p.set_defaults(func=_cmd_status)
+    for p, func in ((down_p, _cmd_down), (status_p, _cmd_status)):
+        # The settings `up` was started with say where it keeps its state.
+        p.add_argument("--state-dir", default=None, help="where `up` recorded what it started")
+        p.add_argument(
+            "--config", type=Path, default=None, metavar="FILE", help="the YAML file `up` was given"
+        )
+        p.set_defaults(func=func)
 
     router = sub.add_parser("router", help="run the gRPC router standalone (joins a running cluster)")
     router.add_argument("--address", default="auto", help="Ray address of the running cluster")

@@ -220,3 +220,26 @@ def test_engine_settings_reach_every_workers_engine_config():
     )
     assert (engine.dtype, engine.seed, engine.num_threads, engine.cpu_gemm) == ("bfloat16", 7, 2, "openblas")
     assert engine.kv_cache_blocks == 64 and engine.speculative_config.num_speculative_tokens == 4
+
+
+def test_down_and_status_find_the_state_dir_the_way_up_does(tmp_path, monkeypatch, capsys):
+    from_file, from_env, from_flag = (tmp_path / name for name in ("file-state", "env-state", "flag-state"))
+    config = write_yaml(tmp_path / "cluster.yaml", f"state_dir: {from_file}\nmodel: demo\n")
+    monkeypatch.delenv("PDSERVE_STATE_DIR", raising=False)
+    monkeypatch.delenv("PDSERVE_CONFIG", raising=False)
+
+    def looked_in(*argv: str) -> str:
+        assert main(list(argv)) == 1  # nothing is running in any of them
+        return capsys.readouterr().err
+
+    assert str(from_file) in looked_in("status", "--config", str(config))
+    monkeypatch.setenv("PDSERVE_CONFIG", str(config))
+    assert str(from_file) in looked_in("down")
+    monkeypatch.setenv("PDSERVE_STATE_DIR", str(from_env))
+    assert str(from_env) in looked_in("status")
+    assert str(from_flag) in looked_in("down", "--state-dir", str(from_flag))
+    write_yaml(config, "state_dir: 5\nmodle: demo\n")
+    assert (
+        main(["status", "--state-dir", str(from_flag)]) == 2
+    )  # the file `up` would refuse is refused here too
+    assert "modle" in capsys.readouterr().err
