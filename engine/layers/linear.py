@@ -203,8 +203,8 @@ class FusedInputMajor:
 
     def matmul(self, a: np.ndarray) -> np.ndarray:
         """All the layers' outputs side by side, for rows `a` [M, in] (bias added)."""
-        if self.prepacked is not None and a.shape[0] >= 2:
-            return linear(torch.from_numpy(a), self.weight.t(), self.bias, prepacked=self.prepacked).numpy()
+        if self.prepacked is not None:  # `linear` decides between it and `gemm` by row count
+            return linear(torch.from_numpy(a), self.weight.t(), self.bias, self.gemm, self.prepacked).numpy()
         out = self.gemm.matmul(a, self._weight_np)
         if self.bias is not None:
             out += self.bias.numpy()

@@ -207,13 +207,10 @@ class Ernie45ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] for the given rows of pre-norm hidden states."""
-        packed = self._head_packed
-        if packed is not None and (hidden.shape[0] > 1 or hidden.dtype != torch.float32):
-            return packed(self.model.norm(hidden)).float()
         if self.lm_head is not None:
             weight = self.lm_head.weight
         elif self._tied_head_input_major is not None:
             weight = self._tied_head_input_major
         else:
             weight = self.model.embed_tokens.weight
-        return linear(self.model.norm(hidden), weight, gemm=self._gemm).float()
+        return linear(self.model.norm(hidden), weight, gemm=self._gemm, prepacked=self._head_packed).float()
