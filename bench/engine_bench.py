@@ -22,10 +22,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -287,6 +289,12 @@ def _collect(target, args: tuple, bar: tqdm) -> list[BenchRow]:
     return rows
 
 
+def _in_turn(systems: list[T], round_: int) -> list[T]:
+    """The systems in the order they run in round `round_`: reversed every other round, so none
+    always runs first (or last)."""
+    return systems if round_ % 2 == 0 else systems[::-1]
+
+
 def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[str, Any]:
     """Runs both systems, prints a table with ratios, writes JSON; returns the JSON document."""
     if args.speculative_configs:
@@ -301,10 +309,10 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
         # Fresh processes per round, alternating which system goes first, and pooled: see
         # `_run_speculative_bench` for how much this machine drifts.
         for round_ in range(args.repeats):
-            ours = (_run_pdserve, (args, None, round_))
-            theirs = (_run_transformers, (args, checkpoint, round_))
-            order = [ours] if checkpoint is None else [ours, theirs] if round_ % 2 == 0 else [theirs, ours]
-            for target, target_args in order:
+            systems = [(_run_pdserve, (args, None, round_))]
+            if checkpoint is not None:
+                systems.append((_run_transformers, (args, checkpoint, round_)))
+            for target, target_args in _in_turn(systems, round_):
                 rounds += _collect(target, target_args, bar)
     rows = _merge_rounds(rounds)
     table = []
@@ -367,8 +375,7 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
         total=args.repeats * len(configs) * len(args.batches), desc="bench engine (speculative)"
     ) as bar:
         for round_ in range(args.repeats):
-            # Alternate the order too, so no system always runs first (or last) in a round.
-            for spec in configs if round_ % 2 == 0 else configs[::-1]:
+            for spec in _in_turn(configs, round_):
                 rounds += _collect(_run_pdserve, (args, spec, round_), bar)
     rows = _merge_rounds(rounds)
     table = []
