@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -98,6 +99,11 @@ class Engine:
         backend = default_cpu_gemm_backend() if config.cpu_gemm == "auto" else config.cpu_gemm
         # OpenBLAS matmuls are single-threaded calls split over CpuGemm's own threads.
         threadpool_limits(1, user_api="blas")
+        if backend == "openblas" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            logger.warning(
+                "OMP_WAIT_POLICY is not PASSIVE: torch's spinning OpenMP threads will slow the "
+                "OpenBLAS matmuls (up to 2x); import pdserve before torch, or set OMP_WAIT_POLICY=PASSIVE"
+            )
         self.gemm = CpuGemm(config.num_threads or torch.get_num_threads(), backend)
         self.device = torch.device(config.device)
         source = resolve_model(config.model)
