@@ -123,8 +123,13 @@ def _llm(args: EngineBenchArgs, spec: dict[str, Any] | None):
 def _greedy(args: EngineBenchArgs):
     from pdserve.engine import SamplingParams
 
+    # Token ids only, as transformers' `generate` returns them: both sides do the same work.
     return SamplingParams(
-        temperature=0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True
+        temperature=0,
+        max_tokens=args.output_len,
+        min_tokens=args.output_len,
+        ignore_eos=True,
+        detokenize=False,
     )
 
 

@@ -292,7 +292,11 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer is not None else None
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, ids, params)
+            if self.tokenizer is not None and params.detokenize
+            else None
+        )
         return Request(
             request_id=request_id,
             prompt_token_ids=ids,

@@ -49,6 +49,8 @@ class SamplingParams:
     # Number of top logprobs returned besides the sampled token's; 0 = only the sampled token's.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # False: token ids only, no text (as transformers' `generate` returns); stop strings need text.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -156,9 +158,13 @@ class SamplingParams:
                 f"stop_token_ids must be a list of non-negative integers or None, got {self.stop_token_ids!r}"
             )
 
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError(
+                "stop strings need detokenize=True (they are matched on the text); use stop_token_ids"
+            )
 
 
 def _check_int(value: Any, name: str, message: str) -> None:

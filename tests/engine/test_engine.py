@@ -147,6 +147,16 @@ def test_stop_string_truncates_text_and_reports_it(llm):
     assert_all_blocks_free(llm)
 
 
+def test_detokenize_off_gives_the_same_tokens_without_text(llm):
+    prompts = ["def add(a, b):", [5, 6, 7, 8]]
+    with_text = llm.generate(prompts, GREEDY)
+    ids_only = llm.generate(prompts, GREEDY.clone(detokenize=False))
+    assert tokens(ids_only) == tokens(with_text)
+    assert all(o.outputs[0].text == "" for o in ids_only)
+    assert all(o.outputs[0].text for o in with_text)
+    assert_all_blocks_free(llm)
+
+
 def test_stop_token_ids_eos_and_length(llm):
     prompt = prompts_of([10])[0]
     free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]

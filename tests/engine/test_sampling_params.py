@@ -10,7 +10,7 @@ def test_defaults_match_vllm() -> None:
     assert p.stop == [] and p.stop_token_ids == []
     assert not p.ignore_eos and not p.include_stop_str_in_output
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
-    assert p.logprobs is None and p.skip_special_tokens
+    assert p.logprobs is None and p.skip_special_tokens and p.detokenize
     assert not p.greedy
 
 
@@ -59,6 +59,8 @@ def test_greedy_threshold() -> None:
         ({"stop_token_ids": [-1]}, "stop_token_ids", "non-negative"),
         ({"stop_token_ids": [True]}, "stop_token_ids", "non-negative"),
         ({"ignore_eos": 1}, "ignore_eos", "bool"),
+        ({"detokenize": "no"}, "detokenize", "bool"),
+        ({"detokenize": False, "stop": ["x"]}, "detokenize=True", "stop_token_ids"),
     ],
 )
 def test_invalid_values_name_field_and_range(kwargs: dict, field: str, fragment: str) -> None:

@@ -3,11 +3,14 @@ untouched by packing; the backend choice by CPU vendor."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.engine import Engine
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.layers.linear import (
     CpuGemm,
@@ -143,3 +146,14 @@ def test_prepacked_weight_computes_f_linear(dtype, tol):
         assert got.dtype == dtype and got.shape == (rows, 1030)
         torch.testing.assert_close(got.float(), F.linear(x, weight).float(), rtol=tol, atol=tol)
     assert PrepackedWeight.create(weight.to("meta")) is None
+
+
+@pytest.mark.parametrize(("policy", "warns"), [("ACTIVE", True), (None, True), ("passive", False)])
+def test_openblas_engine_warns_when_openmp_threads_spin(monkeypatch, caplog, policy, warns):
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    with caplog.at_level(logging.WARNING, logger="pdserve.engine.engine"):
+        Engine(EngineConfig(model="demo", cpu_gemm="openblas", kv_cache_blocks=8))
+    assert ("OMP_WAIT_POLICY is not PASSIVE" in caplog.text) == warns
