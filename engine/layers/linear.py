@@ -201,16 +201,11 @@ class FusedInputMajor:
             and len({layer.bias is None for layer in layers}) == 1
         )
 
-    def matmul(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """All the layers' outputs side by side, for rows `a` [M, in] (bias added); written into
-        `out` [M, sum(out)] when given."""
+    def matmul(self, a: np.ndarray) -> np.ndarray:
+        """All the layers' outputs side by side, for rows `a` [M, in] (bias added)."""
         if self.prepacked is not None:  # `linear` decides between it and `gemm` by row count
-            y = linear(torch.from_numpy(a), self.weight.t(), self.bias, self.gemm, self.prepacked).numpy()
-            if out is None:
-                return y
-            np.copyto(out, y)
-            return out
-        out = self.gemm.matmul(a, self._weight_np, out)
+            return linear(torch.from_numpy(a), self.weight.t(), self.bias, self.gemm, self.prepacked).numpy()
+        out = self.gemm.matmul(a, self._weight_np)
         if self.bias is not None:
             out += self.bias.numpy()
         return out

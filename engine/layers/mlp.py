@@ -44,31 +44,15 @@ class GatedMLP(nn.Module):
         per-op dispatch costs as much again; a mixture-of-experts layer runs one MLP per chosen
         expert, so the difference grows with the number of tokens in the step.
         """
-        return self.down_numpy(self.activate(self.gate_up_numpy(a)))
-
-    def gate_up_numpy(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """[gate | up] side by side, [M, 2 * intermediate], for rows `a` (written into `out` if given)."""
-        assert isinstance(self._gate_up, FusedInputMajor)
-        return self._gate_up.matmul(a, out)
-
-    @staticmethod
-    def activate(gate_up: np.ndarray) -> np.ndarray:
-        """silu(gate) * up for `gate_up_numpy`'s output (rows of several experts at once are fine)."""
-        gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
+        assert isinstance(self._gate_up, FusedInputMajor) and self._down_in_out is not None
+        gate_up = torch.from_numpy(self._gate_up.matmul(a))
+        gate, up = gate_up.chunk(2, dim=-1)
         # torch's SiLU: vectorised and threaded, where numpy's exp is neither (a 2048-token
         # prefill spent a fifth of its time here).
-        return F.silu(gate).mul_(up).numpy()
-
-    def down_numpy(self, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """down_proj of `activate`'s output rows (written into `out` if given)."""
-        assert isinstance(self._gate_up, FusedInputMajor) and self._down_in_out is not None
+        hidden = F.silu(gate).mul_(up)
         if self.down_proj.prepacked is not None:  # `linear` decides between it and `gemm` by row count
-            y = self.down_proj(torch.from_numpy(hidden)).numpy()
-            if out is None:
-                return y
-            np.copyto(out, y)
-            return out
-        return self._gate_up.gemm.matmul(hidden, self._down_in_out, out)
+            return self.down_proj(hidden).numpy()
+        return self._gate_up.gemm.matmul(hidden.numpy(), self._down_in_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.numpy_ready:
