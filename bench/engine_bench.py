@@ -98,7 +98,19 @@ def _workload(args: EngineBenchArgs, llm, batch: int, input_len: int) -> list[li
     return _prompts(llm.engine.model_config.vocab_size, batch, input_len, args.seed)
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
+    """This process's peak resident memory in MB.
+
+    Linux's `ru_maxrss` survives `exec`, so a spawned benchmark process would report the parent's
+    peak (the checkpoint export's, for a large model) whenever that is higher; `VmHWM` belongs to
+    the process's own address space. `ru_maxrss` only where /proc is missing.
+    """
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 
-from pdserve.bench.engine_bench import EngineBenchArgs, run_engine_bench
+from pdserve.bench.engine_bench import EngineBenchArgs, _peak_rss_mb, run_engine_bench
 
 
 def test_speculative_bench_runs_each_config_beside_plain_decoding(tmp_path):
@@ -50,3 +52,17 @@ def test_transformers_comparison_pools_alternating_rounds_and_cleans_up(tmp_path
     assert set(rows) == {(s, b) for s in ("pdserve", "transformers") for b in (1, 2)}
     assert all(r["output_tokens"] == 8 * r["batch"] * 2 for r in rows.values())  # two rounds pooled
     assert not list(tmp_path.glob("pdserve-bench-*"))  # the exported checkpoint is gone
+
+
+def test_peak_rss_is_the_process_own_high_water_mark(tmp_path):
+    # A child of a parent that peaked at 600+ MB reports its own peak (~270 MB here), where
+    # ru_maxrss, which Linux carries across exec, read 611 MB.
+    code = "from pdserve.bench.engine_bench import _peak_rss_mb\nprint(_peak_rss_mb())"
+    big = bytearray(600 * 1024 * 1024)
+    big[::4096] = b"x" * len(big[::4096])  # touch every page
+    own = float(subprocess.check_output([sys.executable, "-c", code], text=True))
+    del big
+    assert own < 500
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  1024 kB\n")
+    assert _peak_rss_mb(status) == 200.0
