@@ -215,8 +215,6 @@ def _merge_rounds(rows: list[BenchRow]) -> list[BenchRow]:
 
 def _export_for_transformers(args: EngineBenchArgs) -> str:
     """A checkpoint directory transformers can load holding exactly the weights pdserve runs."""
-    from safetensors.torch import save_file
-
     from pdserve.engine import LLM
 
     llm = LLM(
@@ -232,9 +230,38 @@ def _export_for_transformers(args: EngineBenchArgs) -> str:
     config = dict(llm.engine.source.hf_config)
     config.update(args.hf_overrides or {})
     Path(out, "config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in llm.engine.model.state_dict().items()}
-    save_file(state, str(Path(out, "model.safetensors")))
+    _save_sharded(llm.engine.model.state_dict(), Path(out))
     return out
+
+
+# The engine stores CPU weights input-major (transposed views); safetensors needs contiguous
+# tensors, so each is copied on the way out. Writing a shard at a time keeps one shard's copies
+# alive rather than the model's: the 21B-A3B shape at 2 layers peaked at 16 GB in one file.
+_SHARD_BYTES = 1 << 30
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
+    """Writes `state` as `model-0000i-of-0000n.safetensors` shards of ~1 GB plus the hub's index file."""
+    from safetensors.torch import save_file
+
+    from pdserve.engine.loader import INDEX_FILE
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > _SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in names}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
 @contextlib.contextmanager

@@ -66,3 +66,28 @@ def test_peak_rss_is_the_process_own_high_water_mark(tmp_path):
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  1024 kB\n")
     assert _peak_rss_mb(status) == 200.0
+
+
+def test_export_is_written_in_shards_with_the_hub_index(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from pdserve.bench import engine_bench
+
+    monkeypatch.setattr(engine_bench, "_SHARD_BYTES", 1000)
+    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
+    state = {
+        "a.weight": base.t(),
+        "b.weight": torch.ones(100),
+        "c.weight": torch.zeros(10),
+    }  # a: a transposed view
+    engine_bench._save_sharded(state, tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(str(tmp_path / f)))
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert index["metadata"]["total_size"] == (600 + 100 + 10) * 4
