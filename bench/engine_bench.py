@@ -247,20 +247,19 @@ def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
     from pdserve.engine.loader import INDEX_FILE
 
     shards: list[list[str]] = [[]]
-    size = 0
+    size = total = 0
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > _SHARD_BYTES:
+        if shards[-1] and size + tensor.nbytes > _SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes
+        size += tensor.nbytes
+        total += tensor.nbytes
     weight_map = {}
     for i, names in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: state[n].contiguous() for n in names}, str(out / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 

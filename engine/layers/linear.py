@@ -198,9 +198,7 @@ class FusedInputMajor:
         self.sizes = [layer.out_features for layer in layers]
         self.weight = torch.cat([layer.weight.detach().t() for layer in layers], dim=1).contiguous()
         self.prepacked = prepack_if_large(self.weight.t()) if prepack else None
-        self.bias = None
-        if layers[0].bias is not None:
-            self.bias = torch.cat([layer.bias.detach() for layer in layers])
+        self.bias = _joined_bias(layers)
         start = 0
         for layer, size in zip(layers, self.sizes):
             layer.weight.data = self.weight[:, start : start + size].t()
@@ -241,9 +239,7 @@ class FusedRowMajor:
         self.sizes = [layer.out_features for layer in layers]
         self.weight = torch.cat([layer.weight.detach() for layer in layers])
         self.prepacked = prepack_if_large(self.weight) if prepack else None
-        self.bias = None
-        if layers[0].bias is not None:
-            self.bias = torch.cat([layer.bias.detach() for layer in layers])
+        self.bias = _joined_bias(layers)
         start = 0
         for layer, size in zip(layers, self.sizes):
             layer.weight.data = self.weight[start : start + size]
@@ -253,6 +249,13 @@ class FusedRowMajor:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return linear(x, self.weight, self.bias, prepacked=self.prepacked).split(self.sizes, dim=-1)
+
+
+def _joined_bias(layers: list[Linear]) -> torch.Tensor | None:
+    """The layers' biases end to end, in the order of their fused outputs (None without biases)."""
+    if layers[0].bias is None:
+        return None
+    return torch.cat([layer.bias.detach() for layer in layers])
 
 
 def fuse_linears(
