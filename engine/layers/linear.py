@@ -24,6 +24,7 @@ blocked on a future do not spin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,15 +62,27 @@ class CpuGemm:
             raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_BACKENDS} or 'auto', got {backend!r}")
         self.backend = backend
         self.num_threads = max(1, num_threads)
+        # The "openblas" backend's column splits and `parallel`'s native kernels run here.
         self._pool = (
-            ThreadPoolExecutor(self.num_threads, thread_name_prefix="pdserve-gemm")
-            if backend == "openblas"
+            ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="pdserve-gemm")
+            if self.num_threads > 1
             else None
         )
 
+    def parallel(self, fn: Callable[[int, int], None], max_parts: int | None = None) -> None:
+        """Runs `fn(part, parts)` for each of `num_threads` parts (at most `max_parts`) at once:
+        part 0 on the calling thread, the others on this object's threads. For native kernels
+        that release the GIL. Handing work to a thread costs ~50 us, so small work runs as one part.
+        """
+        parts = min(self.num_threads, max_parts or self.num_threads)
+        futures = [self._pool.submit(fn, part, parts) for part in range(1, parts)] if self._pool else []
+        fn(0, parts)
+        for future in futures:
+            future.result()
+
     def __call__(self, rows: torch.Tensor, weight_in_out: torch.Tensor) -> torch.Tensor:
         """rows [M, K] contiguous, weight_in_out [K, N] contiguous → [M, N]."""
-        if self._pool is None:
+        if self.backend == "torch":
             return torch.matmul(rows, weight_in_out)
         out = torch.empty(rows.shape[0], weight_in_out.shape[1], dtype=rows.dtype)
         self.matmul(rows.detach().numpy(), weight_in_out.detach().numpy(), out.numpy())
@@ -80,7 +93,7 @@ class CpuGemm:
         (m, _), (k, n) = a.shape, b.shape
         if c is None:
             c = np.empty((m, n), dtype=a.dtype)
-        if self._pool is None:
+        if self.backend == "torch":
             torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(c))
             return c
         parts = self.num_threads if k * n >= _MIN_SPLIT_WORK and n >= 64 * self.num_threads else 1
@@ -324,10 +337,3 @@ PREPACK_MIN_ELEMENTS = 1 << 21
 def prepack_if_large(weight: torch.Tensor) -> PrepackedWeight | None:
     """`PrepackedWeight.create(weight)` for weights of `PREPACK_MIN_ELEMENTS` or more, else None."""
     return PrepackedWeight.create(weight) if weight.numel() >= PREPACK_MIN_ELEMENTS else None
-
-
-def pack_model_for_cpu(model: nn.Module, gemm: CpuGemm) -> None:
-    """Packs every `Linear` in `model` (a no-op off the CPU or outside fp32)."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.pack_for_cpu(gemm)

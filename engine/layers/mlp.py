@@ -19,23 +19,44 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
         self._gate_up: FusedInputMajor | FusedRowMajor | None = None
+        self._gemm: CpuGemm | None = None
+        # [in, out] numpy views of the fused gate/up and the down weight, for `forward_numpy`.
+        self._gate_up_in_out: np.ndarray | None = None
         self._down_in_out: np.ndarray | None = None
 
     def fuse(self, gemm: CpuGemm, prepack: bool = False) -> None:
-        """Computes gate and up with one matmul, and the whole MLP in numpy once packed for the
-        CPU's fp32 path; with `prepack`, large weights also get oneDNN-prepacked copies (for MLPs
-        that see whole batches, not routed experts). Call after `pack_for_cpu`."""
+        """Computes gate and up with one matmul, and the whole MLP in numpy where the weights
+        are fp32 on the CPU without biases (or packed input-major, `pack_for_cpu`); with
+        `prepack`, large weights also get oneDNN-prepacked copies (for MLPs that see whole
+        batches, not routed experts). Call after `pack_for_cpu` where that is used: a routed
+        expert skips it and keeps its weights row-major, as the MoE kernel reads them."""
         self._gate_up = fuse_linears([self.gate_proj, self.up_proj], gemm, prepack)
         if prepack:
             self.down_proj.prepack()
         down = self.down_proj
-        if isinstance(self._gate_up, FusedInputMajor) and down.gemm is not None and down.bias is None:
-            self._down_in_out = down.weight.t().numpy()  # a view: packing made it [in, out]
+        if down.bias is not None or down.weight.device.type != "cpu" or down.weight.dtype != torch.float32:
+            return
+        if isinstance(self._gate_up, FusedInputMajor) and down.gemm is not None:
+            self._gate_up_in_out = self._gate_up.weight.numpy()
+        elif isinstance(self._gate_up, FusedRowMajor) and self._gate_up.bias is None and down.gemm is None:
+            self._gate_up_in_out = self._gate_up.weight.t().numpy()
+        else:
+            return
+        self._gemm = gemm
+        self._down_in_out = down.weight.t().numpy()  # a view either way
 
     @property
     def numpy_ready(self) -> bool:
-        """True once `forward_numpy` can run (fp32 weights packed for the CPU)."""
+        """True once `forward_numpy` can run (fp32 CPU weights fused by `fuse`)."""
         return self._down_in_out is not None
+
+    def row_major_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up [2I, H], down [H, I]), both row-major, when fused so and without biases:
+        what the MoE kernel reads. None otherwise."""
+        fused, down = self._gate_up, self.down_proj.weight
+        if not isinstance(fused, FusedRowMajor) or fused.bias is not None or self.down_proj.bias is not None:
+            return None
+        return (fused.weight, down) if down.is_contiguous() else None
 
     def forward_numpy(self, a: np.ndarray) -> np.ndarray:
         """The MLP on rows `a` [M, H] (fp32, contiguous), in numpy.
@@ -44,15 +65,18 @@ class GatedMLP(nn.Module):
         per-op dispatch costs as much again; a mixture-of-experts layer runs one MLP per chosen
         expert, so the difference grows with the number of tokens in the step.
         """
-        assert isinstance(self._gate_up, FusedInputMajor) and self._down_in_out is not None
-        gate_up = torch.from_numpy(self._gate_up.matmul(a))
+        assert self._gemm is not None and self._gate_up_in_out is not None and self._down_in_out is not None
+        if isinstance(self._gate_up, FusedInputMajor):  # it adds biases and may use a prepacked copy
+            gate_up = torch.from_numpy(self._gate_up.matmul(a))
+        else:
+            gate_up = torch.from_numpy(self._gemm.matmul(a, self._gate_up_in_out))
         gate, up = gate_up.chunk(2, dim=-1)
         # torch's SiLU: vectorised and threaded, where numpy's exp is neither (a 2048-token
         # prefill spent a fifth of its time here).
         hidden = F.silu(gate).mul_(up)
         if self.down_proj.prepacked is not None:  # `linear` decides between it and `gemm` by row count
             return self.down_proj(hidden).numpy()
-        return self._gate_up.gemm.matmul(hidden.numpy(), self._down_in_out)
+        return self._gemm.matmul(hidden.numpy(), self._down_in_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.numpy_ready:

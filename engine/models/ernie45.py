@@ -21,7 +21,6 @@ from pdserve.engine.layers.linear import (
     fuse_linears,
     linear,
     pack_input_major,
-    pack_model_for_cpu,
     prepack_if_large,
 )
 from pdserve.engine.layers.mlp import GatedMLP
@@ -143,19 +142,27 @@ class Ernie45ForCausalLM(nn.Module):
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
         """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded.
 
-        With MKL (`gemm.backend == "torch"`) the large weights of whatever sees a whole batch
-        (attention, dense and shared-expert MLPs, the LM head) also get oneDNN-prepacked copies.
-        Routed experts do not: they see a few rows each, and a copy of every expert would double
-        an MoE model's memory. Not measured on OpenBLAS's CPUs, so not done there.
+        Routed experts keep the checkpoint's row-major weights, which their kernel reads
+        (`SparseMoE.pack_for_cpu`). With MKL (`gemm.backend == "torch"`) the large weights of
+        whatever sees a whole batch (attention, dense and shared-expert MLPs, the LM head) also
+        get oneDNN-prepacked copies. Routed experts do not: they see a few rows each, and a copy
+        of every expert would double an MoE model's memory. Not measured on OpenBLAS's CPUs, so
+        not done there.
         """
-        pack_model_for_cpu(self, gemm)
+        routed = [e for m in self.modules() if isinstance(m, SparseMoE) for e in m.experts]
+        routed_ids = {id(e) for e in routed}
+        row_major = {id(layer) for e in routed for layer in e.modules() if isinstance(layer, Linear)}
+        for module in self.modules():
+            if isinstance(module, Linear) and id(module) not in row_major:
+                module.pack_for_cpu(gemm)
         prepack = gemm.backend == "torch"
-        routed = {id(e) for m in self.modules() if isinstance(m, SparseMoE) for e in m.experts}
         for module in self.modules():
             if isinstance(module, Attention):
                 module.fuse(gemm, prepack)
-            elif isinstance(module, GatedMLP):
-                module.fuse(gemm, prepack and id(module) not in routed)
+            elif isinstance(module, SparseMoE):
+                module.pack_for_cpu(gemm)
+            elif isinstance(module, GatedMLP) and id(module) not in routed_ids:
+                module.fuse(gemm, prepack)
         self._gemm = gemm
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:

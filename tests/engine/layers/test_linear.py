@@ -158,3 +158,14 @@ def test_openblas_engine_warns_when_openmp_threads_spin(monkeypatch, caplog, pol
     with caplog.at_level(logging.WARNING, logger="pdserve.engine.engine"):
         Engine(EngineConfig(model="demo", cpu_gemm="openblas", kv_cache_blocks=8))
     assert ("OMP_WAIT_POLICY is not PASSIVE" in caplog.text) == warns
+
+
+@pytest.mark.parametrize(
+    ("threads", "max_parts", "parts"), [(1, None, 1), (2, None, 2), (2, 1, 1), (3, 2, 2)]
+)
+def test_parallel_runs_every_part_once(threads, max_parts, parts):
+    gemm = CpuGemm(threads, "openblas")
+    seen: list[tuple[int, int]] = []
+    gemm.parallel(lambda part, n: seen.append((part, n)), max_parts)
+    gemm.close()
+    assert sorted(seen) == [(p, parts) for p in range(parts)]

@@ -1,0 +1,100 @@
+"""A mixture-of-experts layer's routed experts for decode-sized batches, through `moe_cpu.c`.
+
+The C kernel (see its header for why) is optional at install; `available()` says whether it
+was built, and callers keep their torch/numpy path for when it was not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+try:
+    from pdserve.engine.kernels import _moe_cpu
+except ImportError:  # built as an optional extension: no compiler at install time
+    _moe_cpu = None
+
+
+# Work (multiply-adds x 2) below which the experts run on the calling thread alone.
+_SPLIT_MIN_FLOPS = 4_000_000
+
+
+def available() -> bool:
+    """True when the C kernel was built and imports."""
+    return _moe_cpu is not None
+
+
+class RoutedExpertsKernel:
+    """The routed experts of one MoE layer (fp32, CPU), computed by the C kernel.
+
+    `gate_up[e]` is expert e's [2I, H] weight (gate rows, then up rows) and `down[e]` its
+    [H, I] weight, both row-major as checkpoints store them. The kernel reads them by address,
+    so the tensors are kept referenced here and must not be re-stored afterwards.
+    """
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> None:
+        if _moe_cpu is None:
+            raise RuntimeError("the MoE CPU kernel was not built (see engine/kernels/moe_cpu.c)")
+        if not gate_up or len(gate_up) != len(down):
+            raise ValueError("need one gate_up and one down weight per expert")
+        two_i, hidden = gate_up[0].shape
+        for w, shape in [(w, (two_i, hidden)) for w in gate_up] + [(w, (hidden, two_i // 2)) for w in down]:
+            if (
+                w.device.type != "cpu"
+                or w.dtype != torch.float32
+                or not w.is_contiguous()
+                or w.shape != shape
+            ):
+                raise ValueError(f"expert weights must be contiguous fp32 CPU tensors of shape {shape}")
+        if hidden % 8 or two_i % 16:
+            raise ValueError("hidden and intermediate sizes must be multiples of 8")
+        self.hidden_size = hidden
+        self.intermediate_size = two_i // 2
+        self.num_experts = len(gate_up)
+        self._weights = (list(gate_up), list(down))
+        self._gate_up = np.array([w.data_ptr() for w in gate_up], dtype=np.int64)
+        self._down = np.array([w.data_ptr() for w in down], dtype=np.int64)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        parallel: Callable[[Callable[[int, int], None], int | None], None],
+    ) -> torch.Tensor:
+        """sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]) for each row t of x.
+
+        x: [T, H] fp32; weights: [T, k]; ids: [T, k] int64. `parallel(fn, max_parts)` runs
+        `fn(part, parts)` for every part at once (`CpuGemm.parallel`).
+        """
+        t, k = ids.shape
+        if x.dtype != torch.float32 or ids.dtype != torch.int64 or x.shape != (t, self.hidden_size):
+            raise ValueError("routed experts kernel: x must be fp32 [T, H] and ids int64 [T, k]")
+        x = x.contiguous()
+        ids = ids.contiguous()
+        weights = weights.to(torch.float32).contiguous()
+        per_slot = torch.empty(t, k, self.hidden_size, dtype=torch.float32)
+        args = (
+            x.data_ptr(),
+            ids.data_ptr(),
+            weights.data_ptr(),
+            self._gate_up.ctypes.data,
+            self._down.ctypes.data,
+            per_slot.data_ptr(),
+            t,
+            self.hidden_size,
+            self.intermediate_size,
+            k,
+            self.num_experts,
+        )
+        # Below a few MFLOP the hand-off to a second thread (~50 us) costs more than it saves.
+        flops = 6 * t * k * self.hidden_size * self.intermediate_size
+        parallel(
+            lambda part, parts: _moe_cpu.routed_experts(*args, part, parts),
+            1 if flops < _SPLIT_MIN_FLOPS else None,
+        )
+        out = torch.empty(t, self.hidden_size, dtype=torch.float32)
+        _moe_cpu.combine_slots(per_slot.data_ptr(), out.data_ptr(), t, k, self.hidden_size)
+        return out
