@@ -283,10 +283,70 @@ static PyObject *combine_slots(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+/* ERNIE's router for one token: softmax over the gate's logits (fp32), top-k chosen on
+ * probability + correction bias, weighted by the unbiased probabilities renormalised. Ties in
+ * the biased score go to the lower expert id. H is a multiple of 8. */
+VECTOR_CLONES
+static void route_token(const float *x, const float *gate, const float *bias, int H, int E, int k,
+                        float norm_min, float *probs, int64_t *ids, float *weights) {
+    float max = -INFINITY;
+    for (int e = 0; e < E; e++) {
+        const float *g = gate + (size_t)e * H;
+        v8 acc = (v8){0};
+        for (int j = 0; j < H; j += 8) acc += *(const v8 *)(x + j) * *(const v8 *)(g + j);
+        probs[e] = hsum(acc);
+        if (probs[e] > max) max = probs[e];
+    }
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) {
+        probs[e] = expf(probs[e] - max);
+        sum += probs[e];
+    }
+    for (int e = 0; e < E; e++) probs[e] /= sum;
+    float chosen = 0.0f;
+    for (int s = 0; s < k; s++) {
+        int best = -1;
+        float best_score = -INFINITY;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < s; q++) taken |= ids[q] == e;
+            float score = probs[e] + (bias ? bias[e] : 0.0f);
+            if (!taken && (best < 0 || score > best_score)) best = e, best_score = score;
+        }
+        ids[s] = best;
+        weights[s] = probs[best];
+        chosen += probs[best];
+    }
+    float norm = chosen > norm_min ? chosen : norm_min;
+    for (int s = 0; s < k; s++) weights[s] /= norm;
+}
+
+static PyObject *route(PyObject *self, PyObject *args) {
+    Py_ssize_t x, gate, bias, ids, weights;
+    int T, H, E, k;
+    float norm_min;
+    if (!PyArg_ParseTuple(args, "nnnnniiiif", &x, &gate, &bias, &ids, &weights, &T, &H, &E, &k, &norm_min))
+        return NULL;
+    if (T < 0 || H <= 0 || H % 8 || E <= 0 || k <= 0 || k > E) {
+        PyErr_SetString(PyExc_ValueError, "route: bad sizes (need 0 < k <= E, H a multiple of 8)");
+        return NULL;
+    }
+    float *probs = malloc((size_t)E * sizeof(float));
+    if (!probs) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS for (int t = 0; t < T; t++) route_token(
+        (const float *)x + (size_t)t * H, (const float *)gate, (const float *)bias, H, E, k, norm_min, probs,
+        (int64_t *)ids + (size_t)t * k, (float *)weights + (size_t)t * k);
+    Py_END_ALLOW_THREADS free(probs);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"routed_experts", routed_experts, METH_VARARGS,
      "routed_experts(x, ids, weights, gate_up, down, y, T, H, I, k, E, part, parts): addresses and "
      "sizes; writes this part's experts' weighted outputs into y [T, k, H]."},
+    {"route", route, METH_VARARGS,
+     "route(x, gate, bias, ids, weights, T, H, E, k, norm_min): ERNIE's top-k router; writes ids "
+     "[T, k] (int64) and weights [T, k]. bias may be 0 (none)."},
     {"combine_slots", combine_slots, METH_VARARGS,
      "combine_slots(y, out, T, k, H): out[t] = sum over s of y[t, s], in slot order."},
     {NULL, NULL, 0, NULL},

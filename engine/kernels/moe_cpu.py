@@ -26,6 +26,47 @@ def available() -> bool:
     return _moe_cpu is not None
 
 
+def supports(hidden_size: int, intermediate_size: int) -> bool:
+    """True when the kernel is built and handles these sizes (multiples of 8: whole vectors)."""
+    return available() and hidden_size % 8 == 0 and intermediate_size % 8 == 0
+
+
+def route(
+    x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k: int, norm_min: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE's router in one C call: (weights [T, k] fp32, expert ids [T, k] int64).
+
+    The same math as `SparseMoE.route` (fp32 softmax of x @ gate.T; top-k on probability +
+    `bias`; the chosen probabilities renormalised, floored at `norm_min`) without its ten
+    torch ops. x: [T, H] fp32; gate: [E, H] fp32; bias: [E] fp32 or None.
+    """
+    if _moe_cpu is None:
+        raise RuntimeError("the MoE CPU kernel was not built (see engine/kernels/moe_cpu.c)")
+    num_experts, hidden = gate.shape
+    if x.dtype != torch.float32 or gate.dtype != torch.float32 or x.shape[-1] != hidden or x.dim() != 2:
+        raise ValueError(f"route: x must be fp32 [T, {hidden}] and the gate fp32 [E, {hidden}]")
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != num_experts):
+        raise ValueError(f"route: the correction bias must be fp32 with {num_experts} values")
+    x, gate = x.contiguous(), gate.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    tokens = x.shape[0]
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    _moe_cpu.route(
+        x.data_ptr(),
+        gate.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        ids.data_ptr(),
+        weights.data_ptr(),
+        tokens,
+        hidden,
+        num_experts,
+        top_k,
+        norm_min,
+    )
+    return weights, ids
+
+
 class RoutedExpertsKernel:
     """The routed experts of one MoE layer (fp32, CPU), computed by the C kernel.
 

@@ -74,7 +74,7 @@ class SparseMoE(nn.Module):
         self._gemm = gemm
         weights = [expert.row_major_weights() for expert in self.experts]
         if (
-            moe_cpu.available()
+            moe_cpu.supports(self.gate.weight.shape[1], self.experts[0].down_proj.in_features)
             and all(w is not None for w in weights)
             and all(w.device.type == "cpu" and w.dtype == torch.float32 for pair in weights for w in pair)
         ):
@@ -90,13 +90,14 @@ class SparseMoE(nn.Module):
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
         if self._uses_kernel(x):
+            bias = self.moe_statics.e_score_correction_bias.view(-1)
+            weights, ids = moe_cpu.route(x, self.gate.weight, bias, self.top_k, self.norm_min)
             out = self._kernel(x, weights, ids, self._gemm.parallel)
         elif x.device.type == "cpu" and x.dtype == torch.float32 and all(e.numpy_ready for e in self.experts):
-            out = torch.from_numpy(self._routed_numpy(x, weights, ids))
+            out = torch.from_numpy(self._routed_numpy(x, *self.route(x)))
         else:
-            out = self._routed(x, weights, ids)
+            out = self._routed(x, *self.route(x))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

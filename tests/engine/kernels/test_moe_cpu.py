@@ -177,3 +177,34 @@ def test_sparse_moe_with_biases_keeps_the_torch_path(gemm):
         moe.pack_for_cpu(gemm)
         assert moe._kernel is None and not moe._uses_kernel(x)
         torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("num_experts", "k"), [(4, 1), (8, 2), (64, 6)])
+def test_route_matches_the_torch_router(num_experts, k):
+    moe = _sparse_moe(num_experts=num_experts)
+    moe.top_k = k
+    g = torch.Generator().manual_seed(8)
+    # A correction bias large enough to change which experts win, not their weights.
+    with torch.no_grad():
+        moe.moe_statics.e_score_correction_bias.copy_(torch.rand(1, num_experts, generator=g) * 0.3)
+    x = torch.randn(50, 32, generator=g)
+    want_weights, want_ids = moe.route(x)
+    bias = moe.moe_statics.e_score_correction_bias.view(-1)
+    weights, ids = moe_cpu.route(x, moe.gate.weight, bias, k, moe.norm_min)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+    unbiased, unbiased_ids = moe_cpu.route(x, moe.gate.weight, None, k, moe.norm_min)
+    assert not torch.equal(unbiased_ids, ids)  # the bias did change choices
+    torch.testing.assert_close(unbiased.sum(-1), torch.ones(50))
+
+
+@needs_kernel
+def test_route_refuses_bad_shapes():
+    gate = torch.randn(8, 32)
+    with pytest.raises(ValueError, match="fp32"):
+        moe_cpu.route(torch.randn(2, 24), gate, None, 2, 1e-12)
+    with pytest.raises(ValueError, match="8 values"):
+        moe_cpu.route(torch.randn(2, 32), gate, torch.zeros(7), 2, 1e-12)
+    with pytest.raises(ValueError, match="k <= E"):
+        moe_cpu.route(torch.randn(2, 32), gate, None, 9, 1e-12)

@@ -35,7 +35,7 @@ def gemm(request):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 33])
 # (1024, 4096): each thread's half is large enough that 3 rows are padded to 4 (`_small_m_matmul`).
-@pytest.mark.parametrize(("in_features", "out_features"), [(64, 48), (256, 8200), (1024, 1030), (1024, 4096)])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 48), (256, 8200), (2048, 1030), (1024, 4096)])
 def test_split_gemm_matches_f_linear(gemm, rows, in_features, out_features):
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(out_features, in_features, generator=g)
