@@ -66,7 +66,7 @@ def _reference(x, weights, ids, gate_up, down):
 )
 def test_kernel_matches_the_reference(gemm, tokens, num_experts, k, hidden, inter):
     gate_up, down = _experts(num_experts, hidden, inter)
-    kernel = moe_cpu.RoutedExpertsKernel(gate_up, down)
+    kernel = moe_cpu.RoutedExpertsKernel(gate_up, down, split_min_expert_bytes=0)  # always split
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2))
     weights, ids = _route(tokens, k, num_experts)
     expected = _reference(x, weights, ids, gate_up, down)
@@ -81,7 +81,7 @@ def test_a_tokens_result_does_not_depend_on_its_batch(gemm):
     # The header's promise: fixed summation orders, so the same row alone, among other rows,
     # and split over two threads differently gives the same bits.
     gate_up, down = _experts(16, 64, 32)
-    kernel = moe_cpu.RoutedExpertsKernel(gate_up, down)
+    kernel = moe_cpu.RoutedExpertsKernel(gate_up, down, split_min_expert_bytes=0)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 64, generator=g)
     weights, ids = _route(40, 4, 16)
