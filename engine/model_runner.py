@@ -176,8 +176,6 @@ class ModelRunner:
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             decode_rows=torch.empty(0, 0, dtype=torch.long, device=self.device),
-            decode_slots=torch.empty(0, dtype=torch.long),
-            decode_mask=torch.empty(0, dtype=torch.bool),
             prefills=prefills,
         )
 
@@ -189,22 +187,25 @@ class ModelRunner:
     def _short_group(
         self, meta: AttentionMetadata, rows: list[list[int]], tables: list[list[int]], ctx: list[int]
     ) -> None:
-        """Fills the padded batched-attention fields for the sequences computing few tokens."""
-        bs = self.block_size
+        """Fills the batched-attention fields for the sequences computing few tokens.
+
+        The gather path's padded slots and mask are derived from these on first use
+        (`AttentionMetadata.decode_slots`), so a step the CPU kernel attends never builds them.
+        """
         q = max(len(r) for r in rows)
         padded_rows = torch.tensor([r + [r[-1]] * (q - len(r)) for r in rows], dtype=torch.long)
-        lengths = torch.tensor([len(r) for r in rows])
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
         max_blocks = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
-        offsets = torch.arange(bs)
-        cmax = max(ctx)
-        slots = (padded[:, :, None] * bs + offsets).view(len(tables), -1)[:, :cmax]
-        # Query j of a sequence with n new tokens and context c sits at position c - n + j.
-        query_pos = torch.tensor(ctx)[:, None] - lengths[:, None] + torch.arange(q)[None, :]
-        mask = torch.arange(cmax)[None, None, :] <= query_pos[:, :, None]  # [B, Q, Cmax]
         meta.decode_rows = padded_rows.to(self.device)
-        meta.decode_slots = slots.to(self.device)
-        meta.decode_mask = mask[:, None].to(self.device)
+        meta.decode_block_tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32
+        )
+        meta.decode_query_lens = lengths
+        meta.decode_context_lens = torch.tensor(ctx, dtype=torch.int32)
+        meta.block_size = self.block_size
+        # The engine's matmul threads (set by `pack_for_cpu`), shared with the attention kernel.
+        gemm = getattr(self.model, "_gemm", None)
+        meta.cpu_parallel = gemm.parallel if gemm is not None else None
         if q > 1 and bool((lengths < q).any()):
             meta.decode_valid = (torch.arange(q)[None, :] < lengths[:, None]).to(self.device)
 

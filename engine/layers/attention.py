@@ -2,17 +2,22 @@
 
 The cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; a
 token's K/V live at flat slot `block_id * block_size + offset`. Sequences computing a few
-tokens (a decode's one, or a speculative verification's k + 1) are attended together in one
-padded SDPA call; each longer prefill span gets its own call, since padding a long prompt
-against short decodes would waste far more than the extra call costs.
+tokens (a decode's one, or a speculative verification's k + 1) are attended together: on the
+CPU in fp32 by a C kernel that reads K/V through the block tables (`kernels/paged_attention_cpu`),
+elsewhere by one padded SDPA call over gathered copies. Each longer prefill span gets its own
+SDPA call, since padding a long prompt against short decodes would waste far more than the
+extra call costs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from pdserve.engine.kernels import paged_attention_cpu
 
 
 @dataclass
@@ -35,11 +40,52 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat slot of each new token
     # The short sequences, batched: sequence b's j-th new token is row decode_rows[b, j] of T.
     decode_rows: torch.Tensor  # [Bd, Q] row indices; a sequence with fewer than Q repeats its last
-    decode_slots: torch.Tensor  # [Bd, Cmax] flat slots of each sequence's context, padded
-    decode_mask: torch.Tensor  # [Bd, 1, Q, Cmax] True where query j may see slot c
     prefills: list[PrefillSpan] = field(default_factory=list)
     # [Bd, Q] True where decode_rows is a real row, not padding; None when every row is real.
     decode_valid: torch.Tensor | None = None
+    # The short sequences' caches, on the CPU whatever the device (the kernel reads them there;
+    # `decode_slots` and `decode_mask` are derived from them): block tables [Bd, max_blocks]
+    # int32, padded with block 0; new tokens [Bd] and context lengths [Bd] (new tokens
+    # included), int32. None when there are no short sequences.
+    decode_block_tables: torch.Tensor | None = None
+    decode_query_lens: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
+    block_size: int = 0
+    # Runs fn(part, parts) for every part at once (the engine's `CpuGemm.parallel`), so the
+    # CPU kernel can use the engine's threads; None runs it on the calling thread.
+    cpu_parallel: Callable[[Callable[[int, int], None], int | None], None] | None = None
+    # decode_slots and decode_mask, built on first use: the CPU kernel never needs them.
+    _gather: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def decode_slots(self) -> torch.Tensor:
+        """[Bd, Cmax] flat slots of each short sequence's context, padded (for the gather path)."""
+        return self._gather_fields()[0]
+
+    @property
+    def decode_mask(self) -> torch.Tensor:
+        """[Bd, 1, Q, Cmax] True where query j of sequence b may see slot c (for the gather path)."""
+        return self._gather_fields()[1]
+
+    def _gather_fields(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gather is None:
+            if (
+                self.decode_block_tables is None
+                or self.decode_query_lens is None
+                or self.decode_context_lens is None
+            ):
+                raise ValueError("attention metadata has no short sequences to gather")
+            tables = self.decode_block_tables.long()
+            lengths = self.decode_query_lens.long()
+            ctx = self.decode_context_lens.long()
+            bs, q, cmax = self.block_size, self.decode_rows.shape[1], int(ctx.max())
+            slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :cmax]
+            # Query j of a sequence with n new tokens and context c sits at position c - n + j.
+            query_pos = ctx[:, None] - lengths[:, None] + torch.arange(q)[None, :]
+            mask = torch.arange(cmax)[None, None, :] <= query_pos[:, :, None]  # [B, Q, Cmax]
+            device = self.decode_rows.device
+            self._gather = (slots.to(device), mask[:, None].to(device))
+        return self._gather
 
 
 def paged_attention(
@@ -57,8 +103,22 @@ def paged_attention(
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
 
+    q = q.contiguous()
     out = torch.empty_like(q)
-    if meta.decode_rows.numel():
+    if meta.decode_rows.numel() and paged_attention_cpu.supports(q, kv_cache):
+        # Fills exactly the short sequences' rows of `out`, reading K/V in place.
+        paged_attention_cpu.paged_decode_attention(
+            q,
+            kv_cache,
+            meta.decode_rows,
+            meta.decode_query_lens,
+            meta.decode_context_lens,
+            meta.decode_block_tables,
+            scale,
+            out,
+            meta.cpu_parallel,
+        )
+    elif meta.decode_rows.numel():
         qd = q[meta.decode_rows].transpose(1, 2)  # [Bd, H, Q, D]
         kd = _gather(k_flat, meta.decode_slots).transpose(1, 2)  # [Bd, KVH, Cmax, D]
         vd = _gather(v_flat, meta.decode_slots).transpose(1, 2)
