@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from pdserve.engine.kernels import moe_cpu, paged_attention_cpu
+
 T = TypeVar("T")
 
 
@@ -395,6 +397,11 @@ def _document(kind: str, args: EngineBenchArgs, table: list[dict], rows: list[Be
         "benchmark": kind,
         "args": asdict(args),
         "torch_threads": args.threads or torch.get_num_threads(),
+        # Whether pdserve's C kernels ran (they are optional at install; without them it is slower).
+        "native_kernels": {
+            "moe_cpu": moe_cpu.available(),
+            "paged_attention_cpu": paged_attention_cpu.available(),
+        },
         "results": table,
         "rows": [asdict(r) for r in rows],
     }

@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from pdserve.bench.engine_bench import EngineBenchArgs, _peak_rss_mb, run_engine_bench
+from pdserve.engine.kernels import moe_cpu, paged_attention_cpu
 
 
 def test_speculative_bench_runs_each_config_beside_plain_decoding(tmp_path):
@@ -44,6 +45,10 @@ def test_transformers_comparison_pools_alternating_rounds_and_cleans_up(tmp_path
     run_engine_bench(args, out)
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "engine"
+    assert doc["native_kernels"] == {
+        "moe_cpu": moe_cpu.available(),
+        "paged_attention_cpu": paged_attention_cpu.available(),
+    }
     assert [r["batch"] for r in doc["results"]] == [1, 2]
     for r in doc["results"]:
         assert r["pdserve_tok_s"] > 0 and r["transformers_tok_s"] > 0
