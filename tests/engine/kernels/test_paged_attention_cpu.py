@@ -273,3 +273,15 @@ def test_the_gather_path_still_serves_other_dtypes(gemm):
         out16, meta, _ = _step(problem, _runner(problem, gemm), torch.bfloat16)
     assert meta.decode_slots.shape == (3, 45) and meta.decode_mask.shape == (3, 1, 3, 45)
     torch.testing.assert_close(out16.float(), out32, rtol=0.05, atol=0.05)
+
+
+@needs_kernel
+def test_the_callers_denormals_survive_a_call(gemm):
+    # The kernel flushes denormals to zero while it computes (see run_part); the thread's
+    # floating-point mode must be back as it was afterwards, on every thread that ran a part.
+    problem = Problem([1, 1, 1], [300, 40, 99], 8, 2, 32, seed=15)
+    problem.kernel(gemm.parallel)
+    tiny = torch.tensor([1e-38]) * torch.tensor([1e-3])  # 1e-41, a denormal
+    assert tiny.item() != 0.0
+    results = list(gemm._pool.map(lambda _: (torch.tensor([1e-38]) * torch.tensor([1e-3])).item(), range(4)))
+    assert all(r != 0.0 for r in results)
