@@ -17,7 +17,9 @@ except ImportError:  # built as an optional extension: no compiler at install ti
     _paged_attention_cpu = None
 
 # Work (multiply-adds x 2, QK and PV) below which the call runs on the calling thread alone:
-# handing a part to a second thread costs ~50 us.
+# handing a part to a second thread costs ~50 us. Above it two parts pay mostly by reading K/V
+# from memory twice as fast (ERNIE 4.5 0.3B's shape at batch 8, 200 positions: 185 against
+# 320 us; at batch 32 in the engine, 1.8 against 2.9 ms per layer).
 _SPLIT_MIN_FLOPS = 2_000_000
 
 
