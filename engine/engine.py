@@ -145,7 +145,7 @@ class Engine:
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer, self.gemm.parallel)
         self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
         self.proposer: Proposer | None = self._build_proposer(mtp_layer)
         self._requests: dict[str, Request] = {}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.kernels import CpuParallel
 from pdserve.engine.layers.attention import AttentionMetadata, PrefillSpan
 from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
 from pdserve.engine.scheduler import ScheduledBatch
@@ -76,7 +77,8 @@ class ModelRunner:
     With `mtp_layer` set (the KV layer index of the MTP head), every pass also runs the MTP
     layer over the step's rows, so its KV cache keeps up with the main model's: row t's
     entry needs token t+1, known for every row but the sequence's last, whose entry the MTP
-    proposer writes once the next token is sampled.
+    proposer writes once the next token is sampled. `cpu_parallel` (the engine's
+    `CpuGemm.parallel`) lends the engine's threads to the CPU attention kernel.
     """
 
     def __init__(
@@ -85,8 +87,10 @@ class ModelRunner:
         kv_cache: KVCache,
         device: torch.device,
         mtp_layer: int | None = None,
+        cpu_parallel: CpuParallel | None = None,
     ) -> None:
         self.model = model
+        self.cpu_parallel = cpu_parallel
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
@@ -203,9 +207,7 @@ class ModelRunner:
         meta.decode_query_lens = lengths
         meta.decode_context_lens = torch.tensor(ctx, dtype=torch.int32)
         meta.block_size = self.block_size
-        # The engine's matmul threads (set by `pack_for_cpu`), shared with the attention kernel.
-        gemm = getattr(self.model, "_gemm", None)
-        meta.cpu_parallel = gemm.parallel if gemm is not None else None
+        meta.cpu_parallel = self.cpu_parallel
         if q > 1 and bool((lengths < q).any()):
             meta.decode_valid = (torch.arange(q)[None, :] < lengths[:, None]).to(self.device)
 

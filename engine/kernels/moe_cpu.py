@@ -6,10 +6,10 @@ was built, and callers keep their torch/numpy path for when it was not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
+
+from pdserve.engine.kernels import CpuParallel
 
 try:
     from pdserve.engine.kernels import _moe_cpu
@@ -114,7 +114,7 @@ class RoutedExpertsKernel:
         x: torch.Tensor,
         weights: torch.Tensor,
         ids: torch.Tensor,
-        parallel: Callable[[Callable[[int, int], None], int | None], None],
+        parallel: CpuParallel,
     ) -> torch.Tensor:
         """sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]) for each row t of x.
 

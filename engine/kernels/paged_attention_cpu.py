@@ -7,9 +7,9 @@ gather + SDPA path for everything else (GPUs, bf16, a kernel that was not built)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+
+from pdserve.engine.kernels import CpuParallel
 
 try:
     from pdserve.engine.kernels import _paged_attention_cpu
@@ -49,7 +49,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
     out: torch.Tensor,
-    parallel: Callable[[Callable[[int, int], None], int | None], None] | None = None,
+    parallel: CpuParallel | None = None,
 ) -> None:
     """Causal attention of the short sequences' query rows, written into those rows of `out`.
 

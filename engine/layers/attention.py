@@ -11,13 +11,12 @@ extra call costs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.kernels import paged_attention_cpu
+from pdserve.engine.kernels import CpuParallel, paged_attention_cpu
 
 
 @dataclass
@@ -53,7 +52,7 @@ class AttentionMetadata:
     block_size: int = 0
     # Runs fn(part, parts) for every part at once (the engine's `CpuGemm.parallel`), so the
     # CPU kernel can use the engine's threads; None runs it on the calling thread.
-    cpu_parallel: Callable[[Callable[[int, int], None], int | None], None] | None = None
+    cpu_parallel: CpuParallel | None = None
     # decode_slots and decode_mask, built on first use: the CPU kernel never needs them.
     _gather: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 

@@ -224,8 +224,9 @@ def _runner(problem: Problem, gemm: CpuGemm | None) -> ModelRunner:
     _, num_blocks, block_size, kv_heads, head_dim = problem.cache.shape
     cache = KVCache(1, num_blocks, block_size, kv_heads, head_dim, torch.float32, torch.device("cpu"))
     cache.tensor[0] = problem.cache
-    model = SimpleNamespace(num_kv_layers=1, _gemm=gemm)
-    return ModelRunner(model, cache, torch.device("cpu"))  # type: ignore[arg-type]
+    model = SimpleNamespace(num_kv_layers=1)
+    parallel = gemm.parallel if gemm is not None else None
+    return ModelRunner(model, cache, torch.device("cpu"), cpu_parallel=parallel)  # type: ignore[arg-type]
 
 
 def _step(problem: Problem, runner: ModelRunner, dtype: torch.dtype = torch.float32):
