@@ -24,27 +24,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Eight floats; alignment 4 so loads and stores from any float address are allowed. */
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-
-#if defined(__x86_64__)
-/* One build runs everywhere: AVX2 + FMA clones where the CPU has them, SSE2 otherwise. */
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VECTOR_CLONES
-#endif
+#include "vector.h"
 
 #define K_BLOCK 1024 /* weight floats per row kept in L1 while the token rows pass over them */
 #define W_ROWS 3     /* weight rows streamed at once */
 #define A_ROWS 4     /* token rows per pass over those weight rows */
 
-static inline __attribute__((always_inline)) float hsum(v8 v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
 /* c[i * ldc + j] (+)= dot(a[i][k0:k1], w[j * K + k0 : j * K + k1]) for i < m, j < n. Called
  * with constant m and n, so the loops unroll and the m x n accumulators live in registers. */
-static inline __attribute__((always_inline)) void dot_tile(
+INLINE void dot_tile(
     int m, int n, const float *const *a, int k0, int k1, const float *w, int K, float *c, int ldc,
     int first) {
     v8 acc[A_ROWS][W_ROWS];
@@ -100,36 +88,6 @@ static void dot_rows(const float *const *a, int M, const float *w, int N, int K,
             }
         }
     }
-}
-
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-/* mask ? a : b, lane by lane (C has no vector conditional operator). */
-static inline __attribute__((always_inline)) v8 lane_select(v8i mask, v8 a, v8 b) {
-    return (v8)(((v8i)a & mask) | ((v8i)b & ~mask));
-}
-
-/* e^x for eight floats, Cephes' single-precision method (range reduction by ln 2, a degree-6
- * polynomial): within 2 ulp of expf over the clamped range, which is all SiLU needs. */
-static inline __attribute__((always_inline)) v8 exp8(v8 x) {
-    const v8 hi = (v8){0} + 88.0f, lo = (v8){0} - 87.0f;
-    x = lane_select(x > hi, hi, x);
-    x = lane_select(x < lo, lo, x);
-    /* n = round(x / ln 2), by the 1.5 * 2^23 trick (exact for |n| < 2^22). */
-    const v8 magic = (v8){0} + 12582912.0f;
-    v8 n = (x * 1.44269504088896341f + magic) - magic;
-    v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8 p = (v8){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    v8 e = p * r * r + r + 1.0f;
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23; /* 2^n */
-    v8 scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return e * scale;
 }
 
 /* h[i] = silu(g[i]) * u[i], SiLU as torch computes it: g / (1 + exp(-g)). */

@@ -33,27 +33,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Eight floats; alignment 4 so loads and stores from any float address are allowed. */
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-#if defined(__x86_64__)
-/* One build runs everywhere: AVX2 + FMA clones where the CPU has them, SSE2 otherwise. */
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VECTOR_CLONES
-#endif
+#include "vector.h"
 
 #define TILE 16    /* key positions per online-softmax step: two vectors of scores */
 #define D_CHUNK 64 /* output floats (8 vectors) kept in registers while a tile's V rows pass */
 #define PREFETCH_TILES 2 /* how many tiles ahead K/V rows are requested */
-
-#define INLINE static inline __attribute__((always_inline))
-
-/* mask ? a : b, lane by lane (C has no vector conditional operator). */
-INLINE v8 lane_select(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
-
-INLINE float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 INLINE v8 vmax(v8 a, v8 b) { return lane_select(a > b, a, b); }
 
@@ -76,30 +60,6 @@ INLINE v8 reduce8(const v8 *a) {
     v8 s4567 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
     const v8i lo = {0, 1, 2, 3, 8, 9, 10, 11}, hi = {4, 5, 6, 7, 12, 13, 14, 15};
     return __builtin_shuffle(s0123, s4567, lo) + __builtin_shuffle(s0123, s4567, hi);
-}
-
-/* e^x for eight floats x <= 0 (scores minus their running maximum), Cephes' single-precision
- * method (range reduction by ln 2, a degree-6 polynomial): within 2 ulp of expf down to -87,
- * and 0 below (-inf included: masked positions weigh exactly nothing). */
-INLINE v8 exp8(v8 x) {
-    const v8 lo = (v8){0} - 87.0f;
-    const v8i below = x < lo;
-    x = lane_select(below, lo, x);
-    /* n = round(x / ln 2), by the 1.5 * 2^23 trick (exact for |n| < 2^22). */
-    const v8 magic = (v8){0} + 12582912.0f;
-    v8 n = (x * 1.44269504088896341f + magic) - magic;
-    v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8 p = (v8){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    v8 e = p * r * r + r + 1.0f;
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23; /* 2^n */
-    v8 scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return lane_select(below, (v8){0}, e * scale);
 }
 
 /* The dot products of q with the eight rows k[0..7], each of D floats (D a multiple of 8). */
