@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "vector.h"
+#include "work_split.h"
 
 #define K_BLOCK 1024 /* weight floats per row kept in L1 while the token rows pass over them */
 #define W_ROWS 3     /* weight rows streamed at once */
@@ -111,29 +112,6 @@ typedef struct {
     int T, H, I, k, E;
 } Problem;
 
-/* The experts `part` of `parts` runs: a contiguous range in expert order, balanced by cost
- * (reading an expert's weight costs about as much as computing four of its rows). */
-static void owned_range(const int *counts, int E, int part, int parts, int *lo, int *hi) {
-    const double fixed = 4.0;
-    double total = 0.0;
-    for (int e = 0; e < E; e++) total += counts[e] ? fixed + counts[e] : 0.0;
-    double running = 0.0;
-    *lo = E;
-    *hi = E;
-    for (int e = 0; e < E; e++) {
-        double cost = counts[e] ? fixed + counts[e] : 0.0;
-        int owner = total > 0 ? (int)((running + cost / 2) * parts / total) : 0;
-        if (owner > parts - 1) owner = parts - 1;
-        if (owner == part && *lo == E) *lo = e;
-        if (owner > part) {
-            *hi = e;
-            break;
-        }
-        running += cost;
-    }
-    if (*lo == E) *hi = E;
-}
-
 static int run_part(const Problem *p, int part, int parts) {
     const int T = p->T, H = p->H, I = p->I, k = p->k, E = p->E;
     int *counts = calloc((size_t)E + 1, sizeof(int));
@@ -156,13 +134,20 @@ static int run_part(const Problem *p, int part, int parts) {
     }
     free(fill);
 
+    /* The experts this part runs: a contiguous range in expert order, balanced by cost (reading
+     * an expert's weight costs about as much as computing four of its rows). */
+    double *cost = malloc((size_t)E * sizeof(double));
+    if (!cost) goto oom;
+    for (int e = 0; e < E; e++) cost[e] = counts[e] ? 4.0 + counts[e] : 0.0;
     int lo, hi;
-    owned_range(counts, E, part, parts, &lo, &hi);
-    const float **rows = malloc((size_t)(max_count ? max_count : 1) * sizeof(float *));
-    float *gu = malloc((size_t)(max_count ? max_count : 1) * 2 * I * sizeof(float));
-    float *h = malloc((size_t)(max_count ? max_count : 1) * I * sizeof(float));
-    float *out = malloc((size_t)(max_count ? max_count : 1) * H * sizeof(float));
-    const float **h_rows = malloc((size_t)(max_count ? max_count : 1) * sizeof(float *));
+    owned_range(cost, E, part, parts, &lo, &hi);
+    free(cost);
+    const size_t cap = max_count ? (size_t)max_count : 1; /* rows of the busiest expert */
+    const float **rows = malloc(cap * sizeof(float *));
+    float *gu = malloc(cap * 2 * I * sizeof(float));
+    float *h = malloc(cap * I * sizeof(float));
+    float *out = malloc(cap * H * sizeof(float));
+    const float **h_rows = malloc(cap * sizeof(float *));
     if (!rows || !gu || !h || !out || !h_rows) {
         free(rows), free(gu), free(h), free(out), free(h_rows);
         goto oom;

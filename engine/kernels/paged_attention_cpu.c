@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "vector.h"
+#include "work_split.h"
 
 #define TILE 16    /* key positions per online-softmax step: two vectors of scores */
 #define D_CHUNK 64 /* output floats (8 vectors) kept in registers while a tile's V rows pass */
@@ -262,31 +263,6 @@ static void attend_heads(const Problem *p, const Scratch *s, int b, int h_lo, in
     }
 }
 
-/* The pairs (in order b * KVH + h) that `part` of `parts` runs: a contiguous range, balanced
- * by cost (query rows x context, plus a fixed cost per pair for its setup). */
-static void owned_range(const Problem *p, int part, int parts, int *lo, int *hi) {
-    const int pairs = p->B * p->KVH;
-    const double fixed = 64.0;
-    double total = 0.0;
-    for (int b = 0; b < p->B; b++) total += p->KVH * (fixed + (double)p->qlens[b] * p->ctxlens[b]);
-    double running = 0.0;
-    *lo = pairs;
-    *hi = pairs;
-    for (int i = 0; i < pairs; i++) {
-        int b = i / p->KVH;
-        double cost = fixed + (double)p->qlens[b] * p->ctxlens[b];
-        int owner = (int)((running + cost / 2) * parts / total);
-        if (owner > parts - 1) owner = parts - 1;
-        if (owner == part && *lo == pairs) *lo = i;
-        if (owner > part) {
-            *hi = i;
-            break;
-        }
-        running += cost;
-    }
-    if (*lo == pairs) *hi = pairs;
-}
-
 static int run_part(const Problem *p, int part, int parts) {
     if (p->B == 0) return 0;
 #if defined(__x86_64__)
@@ -307,10 +283,15 @@ static int run_part(const Problem *p, int part, int parts) {
     s.sum = malloc(padded * sizeof(float));
     s.op = malloc(M * sizeof(float *));
     s.limit = malloc(M * sizeof(int));
+    /* The (sequence, kv head) pairs, in order b * KVH + h, split by cost: query rows x context,
+     * plus a fixed cost per pair for its setup. */
+    const int pairs = p->B * p->KVH;
+    double *cost = malloc((size_t)pairs * sizeof(double));
     int rc = -1;
-    if (s.q && s.acc && s.scores && s.mx && s.new_mx && s.corr && s.sum && s.op && s.limit) {
+    if (s.q && s.acc && s.scores && s.mx && s.new_mx && s.corr && s.sum && s.op && s.limit && cost) {
+        for (int i = 0; i < pairs; i++) cost[i] = 64.0 + (double)p->qlens[i / p->KVH] * p->ctxlens[i / p->KVH];
         int lo, hi;
-        owned_range(p, part, parts, &lo, &hi);
+        owned_range(cost, pairs, part, parts, &lo, &hi);
         /* Each sequence's run of owned pairs in one call: all its kv heads, mostly. */
         for (int i = lo; i < hi;) {
             int b = i / p->KVH, h_lo = i % p->KVH;
@@ -321,7 +302,7 @@ static int run_part(const Problem *p, int part, int parts) {
         rc = 0;
     }
     free(s.q), free(s.acc), free(s.scores), free(s.mx), free(s.new_mx), free(s.corr), free(s.sum);
-    free(s.op), free(s.limit);
+    free(s.op), free(s.limit), free(cost);
 #if defined(__x86_64__)
     __builtin_ia32_ldmxcsr(mxcsr);
 #endif
