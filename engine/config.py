@@ -314,6 +314,7 @@ def model_config_from_hf_dict(
         eos_token_ids=eos,
         pad_token_id=pad,
         torch_dtype=r.get("torch_dtype", str, "bfloat16"),
-        num_nextn_predict_layers=r.get("num_nextn_predict_layers", int, 0, at_least=0),
+        # transformers 5's Ernie4_5_MoeConfig writes null for "no MTP layers".
+        num_nextn_predict_layers=r.get("num_nextn_predict_layers", int, 0, at_least=0, nullable=True) or 0,
         **moe,
     )
