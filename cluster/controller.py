@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from pdserve.engine import EngineConfig
+from pdserve.engine.served_model import ServedModel
 from pdserve.roles.handoff import WorkerRef
 from pdserve.roles.kv_transfer import Endpoint
 from pdserve.roles.messages import ROLES, WorkerLoad
@@ -77,6 +78,7 @@ class Controller:
         self._workers: dict[str, WorkerInfo] = {}  # by slot
         self._heartbeat: asyncio.Task | None = None
         self._started = False
+        self._served_model: ServedModel | None = None  # what the first ready worker reported
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
@@ -93,9 +95,11 @@ class Controller:
         """Live workers (optionally of one role) with their latest load."""
         return [w for w in self._workers.values() if w.alive and (role is None or w.role == role)]
 
-    async def engine_config(self) -> EngineConfig:
-        """The engine every worker hosts (the router hashes prompts with its block size)."""
-        return self.config.engine
+    async def served_model(self) -> ServedModel:
+        """The served model's limits as the workers' engines computed them (after `start`)."""
+        if self._served_model is None:
+            raise RuntimeError("no worker is ready yet; call start() first")
+        return self._served_model
 
     async def set_role(self, worker_id: str, role: str) -> str:
         """Switches a worker's role (after it drains)."""
@@ -134,6 +138,11 @@ class Controller:
             worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus
         )
         endpoint = await handle.ready.remote()
+        served = await handle.served_model.remote()
+        if self._served_model is None:
+            self._served_model = served
+        elif served != self._served_model:  # every worker hosts the same engine config
+            raise RuntimeError(f"worker {worker_id} serves {served}, unlike the others' {self._served_model}")
         log.info("worker %s up as %s", worker_id, role)
         return WorkerInfo(worker_id, slot, role, handle, endpoint, restarts=restarts)
 

@@ -17,6 +17,7 @@ from pdserve.engine.block_pool import KVCacheEvent
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.layers.linear import CpuGemm, default_cpu_gemm_backend
 from pdserve.engine.loader import init_dummy_weights, load_checkpoint, mtp_layers_in_checkpoint
@@ -28,6 +29,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.served_model import ServedModel
 from pdserve.engine.spec_decode import Proposer, SpeculativeConfig
 from pdserve.engine.spec_decode.draft_model import DraftModelProposer
 from pdserve.engine.spec_decode.mtp import MTPProposer
@@ -143,6 +145,17 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size
         )
+        self.served_model = ServedModel(
+            name=source.name,
+            tokenizer_path=str(config.tokenizer or source.path) if self.tokenizer is not None else None,
+            max_model_len=self.max_model_len,
+            vocab_size=mc.vocab_size,
+            block_size=config.block_size,
+            num_kv_blocks=num_blocks,
+            dtype=str(self.dtype).removeprefix("torch."),
+            speculative_method=self.spec.method if self.spec is not None else None,
+            num_speculative_tokens=self.spec.num_speculative_tokens if self.spec is not None else 0,
+        )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer, self.gemm.parallel)
@@ -242,10 +255,10 @@ class Engine:
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise ValueError("a prompt dict needs 'prompt_token_ids' (or 'prompt')")
+                raise InvalidRequestError("a prompt dict needs 'prompt_token_ids' (or 'prompt')")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
+                raise InvalidRequestError(
                     f"model {self.source.name!r} has no tokenizer files, so text prompts cannot be "
                     "encoded; pass token ids instead, or tokenizer=<directory>"
                 )
@@ -254,7 +267,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
         return ids
 
     def add_request(
@@ -265,22 +278,26 @@ class Engine:
         *,
         prefill_only: bool = False,
     ) -> None:
-        """Queues a request. Raises ValueError (changing nothing) when it cannot be served."""
+        """Queues a request. Raises InvalidRequestError (a ValueError; changing nothing) when it cannot be served."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.n != 1:
-            raise ValueError("Engine requests take n=1; LLM.generate expands n>1 into several requests")
+            raise InvalidRequestError(
+                "Engine requests take n=1; LLM.generate expands n>1 into several requests"
+            )
         ids = self.tokenize(prompt)
         if not ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequestError("prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens but the context window (max_model_len) is "
                 f"{self.max_model_len}: shorten it or raise max_model_len / kv_cache_blocks"
             )
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+            raise InvalidRequestError(
+                "stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            )
         request = self._new_request(request_id, ids, params, prefill_only=prefill_only)
         self._requests[request_id] = request
         self.scheduler.add(request)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdserve.config import add_flags, flags_given, load_config
+from pdserve.config import FIELDS, add_flags, flags_given, load_config
 
 
 def _json_dict(flag: str):
@@ -28,20 +28,33 @@ def _json_dict(flag: str):
     return parse
 
 
-def _positive_int(flag: str):
+def _int_at_least(flag: str, minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{flag} takes an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {value}")
         return value
 
     return parse
 
 
-def _int_list(flag: str):
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _int_list(flag: str, minimum: int = 1):
     def parse(text: str) -> list[int]:
         try:
             values = [int(x) for x in text.split(",") if x.strip()]
@@ -51,13 +64,17 @@ def _int_list(flag: str):
             ) from None
         if not values:
             raise argparse.ArgumentTypeError(f"{flag} needs at least one integer")
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{flag}: every value must be >= {minimum}, got {text!r}")
         return values
 
     return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="ernie-4.5-0.3b", help="checkpoint directory or bundled model name")
+    p.add_argument(
+        "--model", default=FIELDS["model"].default, help="checkpoint directory or bundled model name"
+    )
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     p.add_argument(
         "--hf-overrides",
@@ -165,9 +182,6 @@ def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     if args.backend == "nccl" and not torch.cuda.is_available():
         print("error: --backend nccl needs a CUDA GPU on this machine; use --backend gloo", file=sys.stderr)
         return 2
-    if args.repeats < 1 or any(b < 1 for b in args.blocks):
-        print("error: --repeats and every --blocks value must be >= 1", file=sys.stderr)
-        return 2
     bench_args = KVTransferBenchArgs(
         model=args.model,
         backend=args.backend,
@@ -184,17 +198,6 @@ def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
 def _cmd_bench_router(args: argparse.Namespace) -> int:
     from pdserve.bench.router_bench import RouterBenchArgs, run_router_bench
 
-    for flag in ("workers", "index_blocks", "prompt_tokens", "concurrency"):
-        value = getattr(args, flag)
-        if value < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
-    if args.prompt_tokens < 16:
-        print("error: --prompt-tokens must be >= 16 (one KV block) to reach the index", file=sys.stderr)
-        return 2
-    if not args.duration > 0:
-        print(f"error: --duration must be > 0 seconds, got {args.duration}", file=sys.stderr)
-        return 2
     bench_args = RouterBenchArgs(
         workers=args.workers,
         index_blocks=args.index_blocks,
@@ -237,21 +240,26 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
+    # The same settings as `up` (flags, PDSERVE_* variables, --config file), checked before Ray loads.
+    settings = load_config(flags_given(args), os.environ, args.config)
+
     import asyncio
     import logging
 
     import ray
 
     from pdserve.cluster.controller import CONTROLLER_NAME
-    from pdserve.router.server import RouterConfig, start_router
+    from pdserve.launcher import router_config
+    from pdserve.router.server import start_router
 
-    config = RouterConfig(host=args.host, port=args.port, policy=args.policy, redis_url=args.redis_url)
+    config = router_config(settings)
+    address = settings.address or "auto"  # the router joins a running cluster, never starts one
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+        ray.init(address=address, namespace=args.namespace, log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
         raise ValueError(
-            f"cannot join Ray at {args.address!r} ({e}); start the cluster first or fix --address"
+            f"cannot join Ray at {address!r} ({e}); start the cluster first or fix --address"
         ) from None
     try:
         controller = ray.get_actor(args.controller or CONTROLLER_NAME)
@@ -265,7 +273,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         if args.metrics_port:
             from prometheus_client import start_http_server
 
-            start_http_server(args.metrics_port, addr=args.host, registry=router.service.metrics.registry)
+            start_http_server(args.metrics_port, addr=config.host, registry=router.service.metrics.registry)
         print(f"pdserve router listening on {config.host}:{router.port} (policy {config.policy})", flush=True)
         await router.server.wait_for_termination()
 
@@ -277,10 +285,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     # Checked before the launcher (and torch, Ray) is imported: a bad setting starts nothing.
     settings = load_config(flags_given(args), os.environ, args.config)
 
-    from pdserve.cluster.launcher import LaunchError, UpConfig, up
+    from pdserve.launcher import LaunchError, up
 
     try:
-        return up(UpConfig.from_config(settings))
+        return up(settings)
     except LaunchError as e:
         print(f"pdserve up: error: {e}", file=sys.stderr)
         return 1
@@ -294,7 +302,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from pdserve.cluster.launcher import LaunchError, down
+    from pdserve.launcher import LaunchError, down
 
     try:
         down(_state_dir(args))
@@ -305,7 +313,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pdserve.cluster.launcher import LaunchError, status
+    from pdserve.launcher import LaunchError, status
 
     try:
         print(status(_state_dir(args)))
@@ -318,7 +326,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_cluster_commands(sub)
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    for add in (_add_bench_engine, _add_bench_kv_transfer, _add_bench_router, _add_bench_serve):
+        add(bench_sub)
+    return parser
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="offline generation with one engine")
     _add_model_args(gen)
     gen.add_argument("prompt", nargs="*", help="text prompts (need a model with tokenizer files)")
@@ -333,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_cmd_generate)
 
+
+def _add_cluster_commands(sub) -> None:
+    """`up`, `down`, `status` and `router`: their settings come from the one schema (pdserve.config)."""
     up_p = sub.add_parser(
         "up",
         help="start the cluster: Ray, controller, workers, router, gateway",
@@ -352,21 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=func)
 
-    router = sub.add_parser("router", help="run the gRPC router standalone (joins a running cluster)")
-    router.add_argument("--address", default="auto", help="Ray address of the running cluster")
+    router = sub.add_parser(
+        "router",
+        help="run the gRPC router standalone (joins a running cluster)",
+        description="Settings as for `up` (flags, PDSERVE_* variables, --config file); --port is --router-port.",
+        allow_abbrev=False,
+    )
+    add_flags(router, ("host", "router_port", "policy", "redis_url", "address"), {"router_port": "--port"})
     router.add_argument("--namespace", default="pdserve", help="Ray namespace the controller lives in")
     router.add_argument("--controller", default=None, help="controller actor name")
-    router.add_argument("--host", default="127.0.0.1")
-    router.add_argument("--port", type=int, default=50051)
     router.add_argument(
-        "--policy", default="cache_aware", help="round_robin | least_load | power_of_two | cache_aware"
+        "--metrics-port",
+        type=_int_at_least("--metrics-port", 1),
+        default=None,
+        help="serve Prometheus metrics here",
     )
-    router.add_argument("--redis-url", default=None, help="share the prefix index through Redis")
-    router.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here")
     router.set_defaults(func=_cmd_router)
 
-    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
-    bench_sub = bench.add_subparsers(dest="suite", required=True)
+
+def _add_bench_engine(bench_sub) -> None:
     eng = bench_sub.add_parser("engine", help="engine tokens/s beside transformers' generate")
     _add_model_args(eng)
     eng.add_argument("--batch", type=_int_list("--batch"), default=[1, 8, 32])
@@ -392,43 +416,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eng.add_argument(
         "--repeats",
-        type=_positive_int("--repeats"),
+        type=_int_at_least("--repeats", 1),
         default=3,
         help="rounds per batch size (new prompts each, every system in a fresh process, taking turns), pooled",
     )
     eng.set_defaults(func=_cmd_bench_engine)
 
+
+def _add_bench_kv_transfer(bench_sub) -> None:
     kv = bench_sub.add_parser(
         "kv-transfer", help="KV block transfer between two processes beside a local copy"
     )
     kv.add_argument("--model", default="ernie-4.5-0.3b", help="model whose KV block shape is used")
     kv.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     kv.add_argument("--blocks", type=_int_list("--blocks"), default=[1, 8, 32, 128])
-    kv.add_argument("--block-size", type=int, default=16)
+    kv.add_argument("--block-size", type=_int_at_least("--block-size", 1), default=16)
     kv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    kv.add_argument("--repeats", type=int, default=10)
+    kv.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=10)
     kv.add_argument(
         "--output", type=Path, default=None, help="JSON path (default bench-results/kv-transfer-*.json)"
     )
     kv.set_defaults(func=_cmd_bench_kv_transfer)
 
+
+def _add_bench_router(bench_sub) -> None:
     rb = bench_sub.add_parser(
         "router", help="router decision time, requests/s through one router, prefix hit rate per policy"
     )
-    rb.add_argument("--workers", type=int, default=64, help="synthetic prefill workers for the decision time")
-    rb.add_argument("--index-blocks", type=int, default=100_000, help="(worker, block) entries in the index")
-    rb.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length for the decision time")
+    rb.add_argument(
+        "--workers",
+        type=_int_at_least("--workers", 1),
+        default=64,
+        help="synthetic prefill workers for the decision time",
+    )
+    rb.add_argument(
+        "--index-blocks",
+        type=_int_at_least("--index-blocks", 1),
+        default=100_000,
+        help="(worker, block) entries in the index",
+    )
+    rb.add_argument(
+        "--prompt-tokens",
+        type=_int_at_least("--prompt-tokens", 16),
+        default=2048,
+        help="prompt length for the decision time (at least one 16-token KV block, to reach the index)",
+    )
     rb.add_argument(
         "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the Redis index row ('' skips it)"
     )
-    rb.add_argument("--concurrency", type=int, default=8, help="concurrent gRPC clients for requests/s")
-    rb.add_argument("--duration", type=float, default=10.0, help="seconds per requests/s row")
+    rb.add_argument(
+        "--concurrency",
+        type=_int_at_least("--concurrency", 1),
+        default=8,
+        help="concurrent gRPC clients for requests/s",
+    )
+    rb.add_argument(
+        "--duration", type=_positive_float("--duration"), default=10.0, help="seconds per requests/s row"
+    )
     rb.add_argument("--skip-cluster", action="store_true", help="skip requests/s (no Ray cluster)")
     rb.add_argument(
         "--output", type=Path, default=None, help="JSON path (default bench-results/router-*.json)"
     )
     rb.set_defaults(func=_cmd_bench_router)
 
+
+def _add_bench_serve(bench_sub) -> None:
     sb = bench_sub.add_parser(
         "serve", help="TTFT/TPOT/ITL/latency, throughput and goodput over the OpenAI HTTP API"
     )
@@ -465,7 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON path, PNG beside it (default bench-results/serve-*.json)",
     )
     sb.set_defaults(func=_cmd_bench_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

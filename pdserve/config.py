@@ -18,7 +18,7 @@ import difflib
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -238,22 +238,29 @@ def _shown(default: Any) -> str:
     return json.dumps(default) if isinstance(default, dict) else str(default)
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per `ClusterConfig` field, plus `--config FILE`.
+def add_flags(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+) -> None:
+    """Adds one flag per `ClusterConfig` field (or per field in `names`), plus `--config FILE`.
 
     Flags take text and default to absent (`argparse.SUPPRESS`), so `flags_given` sees only
     what the user typed and `load_config` validates flags exactly as it validates the
-    environment.
+    environment. `aliases` gives a field a second flag (`{"router_port": "--port"}`).
     """
     parser.add_argument(
         "--config", type=Path, default=None, metavar="FILE", help=f"YAML file of settings (env {CONFIG_ENV})"
     )
-    for name, field in FIELDS.items():
+    for name in FIELDS if names is None else names:
+        field = FIELDS[name]
         base, _ = _base_type(name)
         choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
         default = field.get_default(call_default_factory=True)
+        extra = (aliases or {}).get(name)
         parser.add_argument(
             flag_name(name),
+            *([extra] if extra else []),
             dest=name,
             default=argparse.SUPPRESS,
             metavar="{" + ",".join(choices) + "}" if choices else ("JSON" if _is_dict(name) else None),

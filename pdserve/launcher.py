@@ -20,12 +20,18 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
 from pdserve.config import ClusterConfig
-from pdserve.engine import EngineConfig
+from pdserve.engine.engine_config import EngineConfig
+
+if TYPE_CHECKING:
+    from pdserve.engine.served_model import ServedModel
+    from pdserve.gateway.app import GatewayConfig
+    from pdserve.router.server import RouterConfig
 
 NAMESPACE = "pdserve"
 
@@ -34,45 +40,43 @@ class LaunchError(RuntimeError):
     """`pdserve up` cannot start the cluster; the message says why and what to change."""
 
 
-@dataclass
-class UpConfig:
-    """Everything `pdserve up` takes."""
+def engine_config(c: ClusterConfig) -> EngineConfig:
+    """The engine every worker hosts, from the cluster settings."""
+    # Every worker gets the same engine, speculation included: roles switch at run time without
+    # reloading, and with MTP the layer's KV travels in the handoff, so both sides must have it
+    # (a prefill worker feeds it while computing prompts; only decoding guesses).
+    return EngineConfig(
+        model=c.model, load_format=c.load_format, hf_overrides=dict(c.hf_overrides), dtype=c.dtype,
+        seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
+        num_threads=c.threads or 1,  # several workers share the machine's cores
+        cpu_gemm=c.cpu_gemm,
+        speculative_config=c.speculative_config,
+    )  # fmt: skip
 
-    engine: EngineConfig
-    prefill: int = 1
-    decode: int = 1
-    both: int = 0
-    host: str = "127.0.0.1"
-    port: int = 8000
-    router_port: int = 50051
-    policy: str = "cache_aware"
-    redis_url: str | None = None
-    address: str | None = None  # join this Ray cluster instead of starting one
-    api_key: str | None = None
-    state_dir: Path = field(default_factory=lambda: Path.home() / ".pdserve")
 
-    @classmethod
-    def from_config(cls, c: ClusterConfig) -> UpConfig:
-        """The launch settings of a loaded `pdserve.config.ClusterConfig`."""
-        # Every worker gets the same engine, speculation included: roles switch at run time without
-        # reloading, and with MTP the layer's KV travels in the handoff, so both sides must have it
-        # (a prefill worker feeds it while computing prompts; only decoding guesses).
-        engine = EngineConfig(
-            model=c.model, load_format=c.load_format, hf_overrides=dict(c.hf_overrides), dtype=c.dtype,
-            seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
-            num_threads=c.threads or 1,  # several workers share the machine's cores
-            cpu_gemm=c.cpu_gemm,
-            speculative_config=c.speculative_config,
-        )  # fmt: skip
-        return cls(
-            engine, prefill=c.prefill, decode=c.decode, both=c.both, host=c.host, port=c.port,
-            router_port=c.router_port, policy=c.policy, redis_url=c.redis_url, address=c.address,
-            api_key=c.api_key, state_dir=c.state_dir,
-        )  # fmt: skip
+def controller_config(c: ClusterConfig) -> ControllerConfig:
+    """The controller's settings; ValueError (nothing started yet) when they cannot work."""
+    return ControllerConfig(engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both)
 
-    def controller_config(self) -> ControllerConfig:
-        """The controller's settings; ValueError (nothing started yet) when they cannot work."""
-        return ControllerConfig(self.engine, prefill=self.prefill, decode=self.decode, both=self.both)
+
+def router_config(c: ClusterConfig) -> RouterConfig:
+    """The router's settings, from the cluster settings."""
+    from pdserve.router.server import RouterConfig
+
+    return RouterConfig(host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url)
+
+
+def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> GatewayConfig:
+    """The gateway's settings: the cluster's, with the limits the workers' engines computed."""
+    from pdserve.gateway.app import GatewayConfig
+
+    return GatewayConfig(
+        router_address=f"{c.host}:{router_port}",
+        model_name=served.name,
+        tokenizer_path=served.tokenizer_path or "",
+        max_model_len=served.max_model_len,
+        api_key=c.api_key,
+    )
 
 
 @dataclass
@@ -105,21 +109,19 @@ def read_state(state_dir: Path) -> ClusterState:
     return ClusterState(**json.loads(path.read_text()))
 
 
-def up(config: UpConfig, echo=print) -> int:
+def up(config: ClusterConfig, echo=print) -> int:
     """Starts the cluster and serves until SIGINT/SIGTERM; returns the exit code."""
     import ray
 
-    from pdserve.engine.config import ModelConfig
     from pdserve.engine.model_source import resolve_model
 
-    controller_config = config.controller_config()  # worker counts, speculative_config
+    controllers = controller_config(config)  # worker counts, speculative_config
     for port, flag in ((config.port, "--port"), (config.router_port, "--router-port")):
         if not _port_free(config.host, port):
             raise LaunchError(f"port {port} on {config.host} is in use; pick another with {flag}")
-    source = resolve_model(config.engine.model)  # ValueError names a bad model right away
+    source = resolve_model(config.model)  # ValueError names a bad model right away
     if not source.has_tokenizer:
         raise LaunchError(f"model {source.name!r} has no tokenizer files; the HTTP gateway needs one")
-    mc = ModelConfig.from_hf_dict({**source.hf_config, **(config.engine.hf_overrides or {})})
     if config.redis_url:
         _check_redis(config.redis_url)
     try:
@@ -135,7 +137,7 @@ def up(config: UpConfig, echo=print) -> int:
     except Exception as e:
         raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
     try:
-        return asyncio.run(_serve(config, controller_config, source, mc, echo))
+        return asyncio.run(_serve(config, controllers, source.name, echo))
     finally:
         _state_file(config.state_dir).unlink(missing_ok=True)
         ray.shutdown()
@@ -148,19 +150,17 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-async def _serve(config: UpConfig, controller_config: ControllerConfig, source, mc, echo) -> int:
+async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: str, echo) -> int:
     import signal
 
     import ray
     import uvicorn
 
-    from pdserve.gateway.app import GatewayConfig, create_app
-    from pdserve.router.server import RouterConfig, start_router
+    from pdserve.gateway.app import create_app
+    from pdserve.router.server import start_router
 
-    controller = start_controller(controller_config, name=CONTROLLER_NAME)
-    echo(
-        f"loading {source.name} on {config.prefill} prefill + {config.decode} decode + {config.both} both workers"
-    )
+    controller = start_controller(controllers, name=CONTROLLER_NAME)
+    echo(f"loading {model} on {config.prefill} prefill + {config.decode} decode + {config.both} both workers")
     router = server = serving = None
     try:
         try:
@@ -168,15 +168,12 @@ async def _serve(config: UpConfig, controller_config: ControllerConfig, source, 
         except ray.exceptions.RayTaskError as e:
             cause = _root_cause(e)
             raise LaunchError(f"the workers could not start: {type(cause).__name__}: {cause}") from e
-        router = await start_router(controller, RouterConfig(host=config.host, port=config.router_port,
-                                                             policy=config.policy, redis_url=config.redis_url))  # fmt: skip
-        gateway = GatewayConfig(
-            router_address=f"{config.host}:{router.port}", model_name=source.name,
-            tokenizer_path=str(source.path), max_model_len=config.engine.max_model_len or mc.max_position_embeddings,
-            api_key=config.api_key,
-        )  # fmt: skip
-        server = uvicorn.Server(uvicorn.Config(create_app(gateway, registries=(router.service.metrics.registry,)), host=config.host, port=config.port,
-                                               log_level="warning"))  # fmt: skip
+        served = await controller.served_model.remote()
+        router = await start_router(controller, router_config(config))
+        app = create_app(
+            gateway_config(config, served, router.port), registries=(router.service.metrics.registry,)
+        )
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
         server.install_signal_handlers = lambda: None  # ours below stop everything, not just uvicorn
         serving = asyncio.get_running_loop().create_task(server.serve())
         while not server.started:
@@ -184,7 +181,7 @@ async def _serve(config: UpConfig, controller_config: ControllerConfig, source, 
                 raise LaunchError(f"the gateway could not listen on {config.host}:{config.port}")
             await asyncio.sleep(0.05)
         state = ClusterState(os.getpid(), f"http://{config.host}:{config.port}", f"{config.host}:{router.port}",
-                             source.name)  # fmt: skip
+                             served.name)  # fmt: skip
         path = _state_file(config.state_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(state), indent=2))

@@ -70,17 +70,40 @@ class KVTransport(abc.ABC):
     def endpoint(self) -> Endpoint:
         """What peers need to open a channel with this worker."""
 
-    @abc.abstractmethod
     def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
         """Blocks until `tensor` has been handed to the receiver; raises TransferError.
 
         Several transfers may share a channel at once; the receiver tells them apart by `tag`
         (see `transfer_tag`), so both ends must pass the same one.
         """
+        self._transfer(channel, 0, tensor, timeout_s, tag)
 
-    @abc.abstractmethod
     def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
         """Blocks until `out` holds what the sender sent with `tag`; raises TransferError."""
+        self._transfer(channel, 1, out, timeout_s, tag)
+
+    def _transfer(
+        self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int
+    ) -> None:
+        self._check_tensor(tensor)  # the caller's mistake: a ValueError, and the channel stays
+        try:
+            self._run(channel, rank, tensor, timeout_s, tag)
+        except Exception as e:
+            # The communicator may be half-way through a message: never reuse it.
+            self._drop(channel)
+            raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {e}") from e
+
+    @abc.abstractmethod
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
+        """Raises ValueError when this backend cannot move `tensor`."""
+
+    @abc.abstractmethod
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
+        """One transfer as sender (rank 0) or receiver (rank 1); raises whatever went wrong."""
+
+    @abc.abstractmethod
+    def _drop(self, channel: Channel) -> None:
+        """Forgets a channel's communicator after a failure; the next transfer builds a new one."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -137,22 +160,14 @@ class GlooTransport(KVTransport):
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
         return dist.ProcessGroupGloo(dist.PrefixStore(channel.name, store), rank, 2, options)
 
-    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError("gloo transfers take contiguous CPU tensors")
-        try:
-            group = self._group(channel, rank, timeout_s)
-            work = group.send([tensor], 1, tag) if rank == 0 else group.recv([tensor], 0, tag)
-            work.wait(datetime.timedelta(seconds=timeout_s))
-        except Exception as e:
-            self._drop(channel)
-            raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {e}") from e
 
-    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
-        self._run(channel, 0, tensor, timeout_s, tag)
-
-    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
-        self._run(channel, 1, out, timeout_s, tag)
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
+        group = self._group(channel, rank, timeout_s)
+        work = group.send([tensor], 1, tag) if rank == 0 else group.recv([tensor], 0, tag)
+        work.wait(datetime.timedelta(seconds=timeout_s))
 
     def _drop(self, channel: Channel) -> None:
         with self._lock:
@@ -223,9 +238,11 @@ class NcclTransport(KVTransport):
             self._parked[(channel.name, got_tag)] = other
         out.view(-1).copy_(parked)
 
-    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != "cuda":
             raise ValueError("nccl transfers take CUDA tensors")
+
+    def _run(self, channel: Channel, rank: int, tensor: torch.Tensor, timeout_s: float, tag: int) -> None:
         error: list[BaseException] = []
 
         def work() -> None:
@@ -243,16 +260,10 @@ class NcclTransport(KVTransport):
         thread = threading.Thread(target=work, daemon=True, name=f"nccl-{channel.name}")
         thread.start()
         thread.join(timeout_s)
-        if thread.is_alive() or error:
-            self._drop(channel)
-            why = error[0] if error else f"timed out after {timeout_s} s"
-            raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {why}")
-
-    def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
-        self._run(channel, 0, tensor, timeout_s, tag)
-
-    def recv(self, channel: Channel, out: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
-        self._run(channel, 1, out, timeout_s, tag)
+        if thread.is_alive():
+            raise TimeoutError(f"timed out after {timeout_s} s")
+        if error:
+            raise error[0]
 
     def _drop(self, channel: Channel) -> None:
         with self._lock:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import fields
 
 import torch
 
 from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
+from pdserve.engine.served_model import ServedModel
 from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
@@ -74,6 +76,11 @@ class Worker:
         assert self._transport is not None
         return self._transport.endpoint
 
+    async def served_model(self) -> ServedModel:
+        """What this worker's engine serves and its limits (loads the model if not yet)."""
+        loop = await self._engine()
+        return await loop.call(lambda e: e.served_model)
+
     async def load(self) -> WorkerLoad:
         """Current load, for the controller and the router."""
         loop = await self._engine()
@@ -123,17 +130,30 @@ class Worker:
         """Serves a whole request here (role `both`), streaming its chunks."""
         self._admit("both")
         loop = await self._engine()
+        chunks = self._stream(loop, request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _stream(
+        self, loop: EngineLoop, request_id: str, start: Callable[[Engine], object]
+    ) -> AsyncIterator[TokenChunk]:
+        """Starts a request in the engine (`start`) and streams its chunks until it finishes.
+
+        A caller that goes away before the end (cancelled, or the router gave up) frees the
+        request's blocks now, not when the engine would have finished it.
+        """
         stream = loop.open_stream(request_id)
         finished = False
         try:
-            await loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            await loop.call(start)
             while not finished:
                 delta = await stream.get()
                 finished = delta.finished
                 yield TokenChunk.from_delta(delta)
         finally:
             loop.close_stream(request_id)
-            if not finished:  # the caller went away: free the request's blocks now
+            if not finished:
                 await loop.call(lambda e: e.abort(request_id))
 
     # ------------------------------------------------------------------ prefill
@@ -216,18 +236,9 @@ class Worker:
         self.metrics.transfer("recv", buffer.numel() * buffer.element_size(), time.perf_counter() - start)
         state = {f.name: getattr(handoff, f.name) for f in fields(handoff) if f.name != "num_blocks"}
         payload = KVPayload(**state, kv=buffer)
-        stream = loop.open_stream(request_id)
-        finished = False
-        try:
-            await loop.call(lambda e: e.import_kv(payload))
-            while not finished:
-                delta = await stream.get()
-                finished = delta.finished
-                yield TokenChunk.from_delta(delta)
-        finally:
-            loop.close_stream(request_id)
-            if not finished:
-                await loop.call(lambda e: e.abort(request_id))
+        async with aclosing(self._stream(loop, request_id, lambda e: e.import_kv(payload))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     # ------------------------------------------------------------------ any role
 

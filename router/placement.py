@@ -1,4 +1,4 @@
-"""`RouterPlacement`: the router's `Placement` (see `pdserve.roles.request_runner`).
+"""`RouterPlacement`: the router's `Placement` (see `pdserve.router.request_runner`).
 
 Prefill worker: the deployment's policy over live, non-draining prefill workers, with each
 one's cached prefix of this prompt from the index (hashed into blocks exactly as the engine
@@ -13,16 +13,24 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pdserve.cluster.placement import NoWorkerError, prefer_not
 from pdserve.engine.block_hash import hash_blocks
-from pdserve.roles.request_runner import Route
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Candidate, PrefillPolicy, choose_decode
 from pdserve.router.prefix_index import IndexUnavailable
+from pdserve.router.request_runner import Route
 
 if TYPE_CHECKING:
     from pdserve.cluster.controller import WorkerInfo
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker of a needed role."""
+
+
+def prefer_not(avoid: set[str], workers: list) -> list:
+    """Workers not in `avoid`, or all of them when every one is to be avoided."""
+    return [w for w in workers if w.worker_id not in avoid] or workers
 
 
 @dataclass

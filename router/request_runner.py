@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pdserve.engine import SamplingParams
+from pdserve.engine.errors import InvalidRequestError
 from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated, release
 from pdserve.roles.messages import TokenChunk
 
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 class RequestFailed(RuntimeError):
     """A request could not be completed: no room in time, or too many failed attempts."""
+
+
+class NoRoomInTime(RequestFailed):
+    """No decode worker had room for the request within the admission timeout."""
 
 
 @dataclass
@@ -99,6 +104,8 @@ class RequestRunner:
                 return
             except NoRoomError:
                 continue  # lost a race for the reserved room: choose again
+            except InvalidRequestError:
+                raise  # the request itself is wrong: another worker would refuse it too
             except Exception as e:
                 failed = await self._failed_workers(route)
                 avoid |= failed or {route.decode.worker_id}
@@ -144,7 +151,7 @@ class RequestRunner:
             if route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1:
                 return route
             if asyncio.get_running_loop().time() > deadline:
-                raise RequestFailed(
+                raise NoRoomInTime(
                     f"request {engine_id}: no decode worker had room for {len(prompt)} prompt tokens within "
                     f"{self.config.admission_timeout_s} s; retry later or add decode workers"
                 )

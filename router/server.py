@@ -19,16 +19,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.cluster.placement import NoWorkerError
 from pdserve.engine import SamplingParams
+from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.roles.messages import TokenChunk
-from pdserve.roles.request_runner import RequestFailed, RequestRunner, RunnerConfig
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.metrics import RouterMetrics, merge_expositions
-from pdserve.router.placement import RouterPlacement
+from pdserve.router.placement import NoWorkerError, RouterPlacement
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import make_prefix_index
+from pdserve.router.request_runner import NoRoomInTime, RequestRunner, RunnerConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ def _token_logprob(lp) -> pdserve_pb2.TokenLogprob:
     return msg
 
 
+def _first_line(error: Exception) -> str:
+    """The worker's own message, without Ray's wrapper and remote traceback."""
+    cause = getattr(error, "cause", None)  # RayTaskError carries the exception the worker raised
+    return (str(cause if isinstance(cause, BaseException) else error).splitlines() or [""])[0]
+
+
 class RouterService(pdserve_pb2_grpc.RouterServicer):
     """Generate / Abort / ClusterState / Metrics over a `RequestRunner` and a `ClusterView`."""
 
@@ -115,31 +122,27 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         view: ClusterView,
         metrics: RouterMetrics,
         config: RouterConfig,
-        model: str,
-        vocab_size: int,
-        max_model_len: int,
+        served: ServedModel,
     ) -> None:
         self.runner = runner
         self.view = view
         self.metrics = metrics
         self.config = config
-        self.model = model
-        self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+        self.served = served
         self._in_flight: dict[str, asyncio.Task] = {}
 
     def _validate(self, request: pdserve_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidRequest("prompt_token_ids is empty; send at least one token id")
-        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < self.vocab_size), None)
+        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < self.served.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(
-                f"prompt_token_ids[{bad}] = {prompt[bad]} is outside the vocabulary [0, {self.vocab_size})"
+                f"prompt_token_ids[{bad}] = {prompt[bad]} is outside the vocabulary [0, {self.served.vocab_size})"
             )
-        if len(prompt) >= self.max_model_len:
+        if len(prompt) >= self.served.max_model_len:
             raise InvalidRequest(
-                f"prompt_token_ids has {len(prompt)} tokens; the context window is {self.max_model_len}"
+                f"prompt_token_ids has {len(prompt)} tokens; the context window is {self.served.max_model_len}"
             )
         params = to_sampling_params(request.sampling)
         if params.n != 1:
@@ -230,9 +233,12 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             self.metrics.requests.labels(policy, outcome).inc()
 
     async def _fail(self, error: Exception, rid: str, context) -> str:
+        if isinstance(error, InvalidRequestError):  # the engine refused the request as given
+            self.metrics.requests.labels(self.config.policy, "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _first_line(error))
         if isinstance(error, NoWorkerError):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        if isinstance(error, RequestFailed) and "no decode worker had room" in str(error):
+        if isinstance(error, NoRoomInTime):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         log.warning("request %s failed: %s", rid, error)
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rid} failed: {error}")
@@ -269,7 +275,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             for w in self.view.workers
         ]
         return pdserve_pb2.ClusterStateResponse(
-            model=self.model,
+            model=self.served.name,
             policy=self.config.policy,
             workers=workers,
             index_entries=entries,
@@ -314,20 +320,14 @@ class Router:
 
 async def start_router(controller, config: RouterConfig) -> Router:
     """Builds the router over a running controller and starts serving; returns once it listens."""
-    from pdserve.engine.config import ModelConfig
-    from pdserve.engine.model_source import resolve_model
-
-    engine_config = await controller.engine_config.remote()
-    source = resolve_model(engine_config.model)
-    mc = ModelConfig.from_hf_dict({**source.hf_config, **(engine_config.hf_overrides or {})})
-    max_model_len = engine_config.max_model_len or mc.max_position_embeddings
+    served = await controller.served_model.remote()
     metrics = RouterMetrics()
-    index = make_prefix_index(source.name, config.redis_url)
+    index = make_prefix_index(served.name, config.redis_url)
     view = ClusterView(controller, index, config.view_interval_s)
     await view.start()
-    placement = RouterPlacement(view, make_policy(config.policy), engine_config.block_size, metrics)
+    placement = RouterPlacement(view, make_policy(config.policy), served.block_size, metrics)
     runner = RequestRunner(placement, config.runner)
-    service = RouterService(runner, view, metrics, config, source.name, mc.vocab_size, max_model_len)
+    service = RouterService(runner, view, metrics, config, served)
 
     server = grpc.aio.server()
     pdserve_pb2_grpc.add_RouterServicer_to_server(service, server)

@@ -13,9 +13,10 @@ import time
 import pytest
 
 from pdserve.cluster.controller import ControllerConfig, start_controller
-from pdserve.cluster.placement import ControllerPlacement
 from pdserve.engine import LLM, EngineConfig, SamplingParams
-from pdserve.roles.request_runner import RequestFailed, RequestRunner, RunnerConfig
+from pdserve.engine.errors import InvalidRequestError
+from pdserve.router.request_runner import RequestFailed, RequestRunner, RunnerConfig
+from tests.cluster.controller_placement import ControllerPlacement
 from tests.prompts import prompts_of
 
 BLOCKS = 96
@@ -203,4 +204,26 @@ def test_no_room_anywhere_fails_clearly_after_the_admission_timeout(ray_session,
     runner = runner_for(controller, admission_timeout_s=0.5)
     with pytest.raises(RequestFailed, match="no decode worker had room"):
         asyncio.run(run_one(runner, "too-big", prompt, SamplingParams(max_tokens=2)))
+    wait_until_all_released(ray_session, controller)
+
+
+def test_a_request_the_engine_refuses_fails_once_without_migrating(ray_session, controller):
+    # Token ids outside the vocabulary reach the engine here (the router would refuse them first):
+    # its typed error must end the request at once instead of being taken for a dead worker.
+    vocab = ray_session.get(controller.served_model.remote()).vocab_size
+    restarts = {w.slot: w.restarts for w in ray_session.get(controller.workers.remote())}
+    placement = ControllerPlacement(controller)
+    choices = []
+    choose = placement.choose
+
+    async def counted(prompt, avoid):
+        choices.append(set(avoid))
+        return await choose(prompt, avoid)
+
+    placement.choose = counted
+    runner = RequestRunner(placement, RunnerConfig(max_migrations=3, transfer_timeout_s=3.0))
+    with pytest.raises(InvalidRequestError, match=r"prompt token ids must be integers in \[0, "):
+        asyncio.run(run_one(runner, "refused", [3, vocab + 5, 4], SamplingParams(max_tokens=2)))
+    assert choices == [set()]  # one attempt: no worker was avoided or retried
+    assert {w.slot: w.restarts for w in ray_session.get(controller.workers.remote())} == restarts
     wait_until_all_released(ray_session, controller)

@@ -63,7 +63,8 @@ def gateway_stack(
 ) -> Iterator[GatewayStack]:  # fmt: skip
     """Starts workers on `checkpoint`, a router and a gateway (model id "tiny"); stops them after.
 
-    `gateway`: `GatewayConfig` fields to change (max_model_len defaults to 256).
+    `gateway`: `GatewayConfig` fields to change (max_model_len defaults to the engines' own, as
+    under `pdserve up`).
     """
     engine = EngineConfig(
         model=str(checkpoint), dtype="float32", block_size=BLOCK_SIZE, num_threads=1, progress=False,
@@ -75,12 +76,13 @@ def gateway_stack(
     router = server = thread = None
     try:
         ray.get(controller.start.remote())
+        served = ray.get(controller.served_model.remote())
         router = RouterThread(controller, RouterConfig(port=0))
         tok = load_tokenizer(checkpoint)
         tok.chat_template = TEMPLATE
         config = GatewayConfig(
             **{"router_address": f"127.0.0.1:{router.router.port}", "model_name": "tiny",
-               "tokenizer_path": str(checkpoint), "max_model_len": 256, **gateway}
+               "tokenizer_path": str(checkpoint), "max_model_len": served.max_model_len, **gateway}
         )  # fmt: skip
         port = free_port()
         server = uvicorn.Server(

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine import SamplingParams
 from pdserve.gateway.app import GatewayConfig, create_app
+from tests.gateway.stack import BLOCK_SIZE
 
 
 def post(stack, path, body, **kw):
@@ -109,6 +110,24 @@ def test_errors_in_openai_shape(stack, body, status, needle, param):
     if param:
         assert err["param"] == param
     assert r.headers["x-request-id"]
+
+
+def test_a_prompt_beyond_the_kv_pool_is_a_400_naming_the_limit(stack):
+    # The checkpoint allows 4096 positions, but each engine's KV pool holds only blocks * block size
+    # tokens: that is the context window the gateway advertises and enforces.
+    limit = stack.blocks * BLOCK_SIZE
+    assert limit < 4096
+    models = httpx.get(stack.url + "/v1/models", timeout=10).json()["data"]
+    assert models[0]["max_model_len"] == limit
+    start = time.monotonic()
+    r = post(stack, "/v1/completions", {"prompt": [5] * (limit + 88), "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert str(limit) in err["message"] and err["param"] == "prompt"
+    assert time.monotonic() - start < 10  # at once, not after retries or an admission timeout
+    ok = post(stack, "/v1/completions", {"prompt": [5] * 20, "max_tokens": 4, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4  # still serving
+    stack.wait_idle()
 
 
 def test_chat_content_parts_keep_only_text(stack):

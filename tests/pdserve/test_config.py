@@ -182,27 +182,43 @@ def test_up_with_a_bad_config_file_starts_nothing(tmp_path):
 
 
 def test_launch_settings_come_from_the_config():
-    from pdserve.cluster.launcher import UpConfig  # imports Ray: only this test needs it
+    from pdserve import launcher  # imports Ray: only this test needs it
 
-    up = UpConfig.from_config(ClusterConfig(**{**SAMPLES, "speculative_config": None}))
-    assert (up.port, up.router_port, up.policy, up.redis_url, up.api_key) == (9000, 9001, "round_robin",
-                                                                               SAMPLES["redis_url"], "sk-test")  # fmt: skip
-    assert (up.engine.model, up.engine.num_threads, up.engine.kv_cache_blocks) == ("/models/ernie", 2, 64)
-    assert up.engine.hf_overrides == {"num_hidden_layers": 2} and up.engine.progress is False
-    assert UpConfig.from_config(ClusterConfig()).engine.num_threads == 1  # workers share the cores
-    cc = up.controller_config()
+    config = ClusterConfig(**{**SAMPLES, "speculative_config": None})
+    router = launcher.router_config(config)
+    assert (router.port, router.policy, router.redis_url) == (9001, "round_robin", SAMPLES["redis_url"])
+    engine = launcher.engine_config(config)
+    assert (engine.model, engine.num_threads, engine.kv_cache_blocks) == ("/models/ernie", 2, 64)
+    assert engine.hf_overrides == {"num_hidden_layers": 2} and engine.progress is False
+    assert launcher.engine_config(ClusterConfig()).num_threads == 1  # workers share the cores
+    cc = launcher.controller_config(config)
     assert (cc.prefill, cc.decode, cc.both) == (3, 2, 1)
 
     spec = SAMPLES["speculative_config"]
-    cc = UpConfig.from_config(ClusterConfig(model="demo", speculative_config=spec)).controller_config()
+    cc = launcher.controller_config(ClusterConfig(model="demo", speculative_config=spec))
     # One engine for every role: roles switch without reloading, and MTP's KV moves in handoffs.
     assert cc.engine.speculative_config is not None and cc.engine.speculative_config.method == "ngram"
     with pytest.raises(ValueError, match="speculative_config"):  # refused before anything starts
-        UpConfig.from_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
+        launcher.engine_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
+
+
+def test_the_gateway_takes_its_limits_from_the_served_model():
+    from pdserve import launcher
+    from pdserve.engine.served_model import ServedModel
+
+    served = ServedModel("tiny", "/models/tiny", max_model_len=2048, vocab_size=100, block_size=16,
+                         num_kv_blocks=128, dtype="float32")  # fmt: skip
+    gateway = launcher.gateway_config(ClusterConfig(**{**SAMPLES, "speculative_config": None}), served, 9001)
+    assert (gateway.model_name, gateway.tokenizer_path, gateway.max_model_len) == (
+        "tiny",
+        "/models/tiny",
+        2048,
+    )
+    assert (gateway.router_address, gateway.api_key) == (f"{SAMPLES['host']}:9001", "sk-test")
 
 
 def test_engine_settings_reach_every_workers_engine_config():
-    from pdserve.cluster.launcher import UpConfig  # imports Ray: only this test needs it
+    from pdserve import launcher  # imports Ray: only this test needs it
 
     config = ClusterConfig(
         **{
@@ -212,7 +228,7 @@ def test_engine_settings_reach_every_workers_engine_config():
         kv_cache_blocks=64,
         speculative_config=SAMPLES["speculative_config"],
     )
-    engine = UpConfig.from_config(config).engine
+    engine = launcher.engine_config(config)
     assert (engine.model, engine.load_format, engine.hf_overrides) == (
         "/models/ernie",
         "dummy",

@@ -14,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cluster.controller import ControllerConfig, start_controller
 from pdserve.engine import LLM, EngineConfig, SamplingParams
+from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
-from pdserve.roles.request_runner import RunnerConfig
+from pdserve.router.request_runner import RunnerConfig
 from pdserve.router.server import RouterConfig, start_router
 from tests.prompts import prompts_of
 from tests.roles.test_worker import metric
@@ -134,6 +135,19 @@ def test_shared_system_prompt_lands_on_the_worker_that_holds_it(ray_session, rou
     wait_idle(ray_session, controller)  # incl. the reservation of the request that ended on its first token
 
 
+def test_a_prompt_beyond_the_engines_context_window_is_invalid_at_once(ray_session, router, controller):
+    # The engines hold BLOCKS * BLOCK tokens, far below the checkpoint's max_position_embeddings.
+    served = ray_session.get(controller.served_model.remote())
+    assert served.max_model_len == BLOCKS * BLOCK
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(router.stub.Generate(request(prompts_of([served.max_model_len + 10], seed=46)[0]), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"context window is {BLOCKS * BLOCK}" in err.value.details()
+    assert time.monotonic() - start < 10  # refused, not retried until the admission timeout
+    wait_idle(ray_session, controller)
+
+
 def test_invalid_arguments_name_the_field(router):
     cases = [
         (request([]), "prompt_token_ids is empty"),
@@ -149,10 +163,17 @@ def test_invalid_arguments_name_the_field(router):
 
 
 def test_deadline_exceeded_and_blocks_freed(ray_session, router, controller):
+    # The decode worker's blocks are all but one reserved, so the request waits for room (up to
+    # the 30 s admission timeout) and its 1 s deadline passes first, however fast the machine is.
+    decode = ray_session.get(controller.workers.remote("decode"))[0]
+    assert ray_session.get(decode.handle.reserve.remote("hog", (BLOCKS - 1) * BLOCK))
     prompt = prompts_of([10], seed=44)[0]
-    with pytest.raises(grpc.RpcError) as err:
-        list(router.stub.Generate(request(prompt, max_tokens=3000, ignore_eos=True), timeout=1.0))
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.stub.Generate(request(prompt, max_tokens=3000, ignore_eos=True), timeout=1.0))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        assert ray_session.get(decode.handle.abort.remote("hog"))
     wait_idle(ray_session, controller)
 
 
@@ -284,20 +305,21 @@ def test_no_live_worker_is_unavailable(ray_session, moe_checkpoint):
     class EmptyController:
         """Isolates the router from workers: a controller whose pool is empty."""
 
-        def __init__(self, engine):
-            self.engine = engine
+        def __init__(self, served):
+            self.served = served
 
         async def workers(self, role=None):
             return []
 
-        async def engine_config(self):
-            return self.engine
+        async def served_model(self):
+            return self.served
 
         async def report_failure(self, worker_id):
             return None
 
-    engine = EngineConfig(model=str(moe_checkpoint), dtype="float32", block_size=BLOCK, progress=False)
-    empty = EmptyController.remote(engine)
+    served = ServedModel("tiny", None, max_model_len=256, vocab_size=1000, block_size=BLOCK, num_kv_blocks=64,
+                         dtype="float32")  # fmt: skip
+    empty = EmptyController.remote(served)
     r = RouterThread(empty, RouterConfig(port=0))
     try:
         with pytest.raises(grpc.RpcError) as err:
