@@ -6,6 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdserve.proto import pdserve_pb2
+from pdserve.proto.sampling_fields import SAMPLING_FIELDS
+
 # The router's wire types (int32 / int64 / float): a value they cannot hold is the client's
 # mistake, refused here with a 400, not a failure to build the gRPC message.
 INT32_MAX = 2**31 - 1
@@ -13,6 +16,18 @@ INT64_MAX = 2**63 - 1
 Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# Wire sampling fields each endpoint decides itself: max_tokens from the context window, logprobs
+# from its own form of the option (a count in completions, a switch and a count in chat).
+ENDPOINT_SAMPLING_FIELDS = ("max_tokens", "logprobs")
+# Wire sampling fields no request body offers: they keep the engine's defaults.
+UNOFFERED_SAMPLING_FIELDS = ("include_stop_str_in_output", "skip_special_tokens")
+# Request fields that are not sampling fields: the gateway itself acts on them.
+REQUEST_FIELDS = ("model", "n", "stream", "stream_options", "user")
+OFFERED_SAMPLING_FIELDS = tuple(
+    name for name in SAMPLING_FIELDS if name not in ENDPOINT_SAMPLING_FIELDS + UNOFFERED_SAMPLING_FIELDS
+)
 
 
 class StreamOptions(BaseModel):
@@ -44,6 +59,21 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def sampling_values(self, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+        """The sampling fields this request sets, by their wire names (unset ones left out).
+
+        `max_tokens` and `logprobs` are as the endpoint decided them.
+        """
+        values = {name: getattr(self, name) for name in OFFERED_SAMPLING_FIELDS}
+        if isinstance(self.stop, str):
+            values["stop"] = [self.stop]
+        values.update(max_tokens=max_tokens, logprobs=logprobs)
+        return {name: value for name, value in values.items() if value is not None}
+
+    def to_sampling_proto(self, max_tokens: int, logprobs: int | None) -> pdserve_pb2.SamplingParams:
+        """The router's `SamplingParams` for this request."""
+        return pdserve_pb2.SamplingParams(**self.sampling_values(max_tokens, logprobs))
 
 
 class CompletionRequest(SamplingFields):
