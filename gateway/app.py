@@ -14,15 +14,31 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
 
 from pdserve.gateway.config import GatewayConfig
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
-from pdserve.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.gateway.protocol import PROMPT_KINDS, ChatCompletionRequest, CompletionRequest
 from pdserve.gateway.router_client import RouterClient, RouterConnection
 from pdserve.gateway.serving import OpenAIServingChat, OpenAIServingCompletion
 
 __all__ = ["APIError", "GatewayConfig", "create_app"]
+
+# The `endpoint` label of the request counter: a route's name, "other" for any unknown path (so
+# that a scan of random paths cannot grow the label set).
+ENDPOINT_OF_PATH = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/models": "models",
+    "/health": "health",
+    "/metrics": "metrics",
+}
+
+
+def endpoint_of(path: str) -> str:
+    """The request counter's `endpoint` label for `path`."""
+    return "models" if path.startswith("/v1/models/") else ENDPOINT_OF_PATH.get(path, "other")
 
 
 def create_app(
@@ -42,7 +58,7 @@ def create_app(
     connection = RouterConnection(config.router_address, router)
     tok = tokenizer or load_tokenizer(config.tokenizer_path)
     metrics = app.state.metrics = GatewayMetrics()
-    add_request_checks(app, config)
+    add_request_checks(app, config, metrics)
     add_error_handlers(app)
     add_cluster_routes(app, config, connection, metrics, registries)
     add_generation_routes(
@@ -53,44 +69,79 @@ def create_app(
     return app
 
 
-def add_request_checks(app: FastAPI, config: GatewayConfig) -> None:
-    """Middleware: a request id on every response, the API key, the body size limit."""
+def add_request_checks(app: FastAPI, config: GatewayConfig, metrics: GatewayMetrics) -> None:
+    """Middleware: a request id on every response, the API key, the body size limit, and every
+    response counted by status (a stream counts its own outcome: its status line is always 200)."""
 
-    @app.middleware("http")
-    async def request_id_auth_and_size(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
-        request.state.request_id = rid
+    def rejection(request: Request) -> APIError | None:
         authorized = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
         if config.api_key and request.url.path.startswith("/v1/") and not authorized:
             return APIError(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
-            ).response(rid)
+            )
         length = request.headers.get("content-length")
         if length and int(length) > config.max_body_bytes:
-            return APIError(
-                413, f"request body is {length} bytes; the limit is {config.max_body_bytes}"
-            ).response(rid)
-        response = await call_next(request)
+            return APIError(413, f"request body is {length} bytes; the limit is {config.max_body_bytes}")
+        return None
+
+    @app.middleware("http")
+    async def request_id_auth_size_and_count(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        request.state.request_id = rid
+        endpoint = endpoint_of(request.url.path)
+        if error := rejection(request):
+            metrics.requests.labels(endpoint, str(error.status)).inc()
+            return error.response(rid)
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.requests.labels(endpoint, "500").inc()
+            raise
         response.headers["X-Request-Id"] = rid
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Request validation errors and `APIError`s as OpenAI-shaped bodies."""
+    """Validation errors, unknown paths and methods, and `APIError`s as OpenAI-shaped bodies."""
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        if err.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-        return APIError(400, message, param=param).response(request.state.request_id)
+        return validation_api_error(exc.errors()[0]).response(request.state.request_id)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            error = APIError(404, f"Invalid URL ({where}): no such endpoint")
+        elif exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
+            error = APIError(405, f"Method not allowed ({where}); this endpoint takes {allowed}")
+        else:
+            error = APIError(exc.status_code, str(exc.detail))
+        response = error.response(request.state.request_id)
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response(request.state.request_id)
+
+
+def validation_api_error(err: dict) -> APIError:
+    """A 400 for pydantic's first complaint about the body, `param` naming the field."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and p not in PROMPT_KINDS]
+    if err.get("type") == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "cannot be parsed")
+        at = f" (at character {loc[0]})" if loc else ""
+        return APIError(400, f"the request body is not valid JSON: {reason}{at}")
+    if not loc:  # the body as a whole: missing, or JSON that is not an object
+        return APIError(400, f"the request body must be a JSON object ({err.get('msg')})")
+    param = ".".join(loc)
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    return APIError(400, f"{param}: {err.get('msg')}", param=param)
 
 
 def add_cluster_routes(

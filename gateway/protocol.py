@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2
 from pdserve.proto.sampling_fields import SAMPLING_FIELDS
 
@@ -16,6 +17,42 @@ INT64_MAX = 2**63 - 1
 Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+def prompt_kind(value: Any) -> str | None:
+    """Which form of `prompt` a value has, judged by its shape (its first item for a list).
+
+    Validating only against that form reports that form's error, not every form's.
+    """
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        first = value[0] if value else None
+        return (
+            "texts"
+            if isinstance(first, str)
+            else "token_id_lists"
+            if isinstance(first, list)
+            else "token_ids"
+        )
+    return None
+
+
+# One prompt (text or token ids) or a batch of them, as OpenAI takes it.
+Prompt = Annotated[
+    Annotated[str, Field(min_length=1), Tag("text")]
+    | Annotated[TokenIds, Tag("token_ids")]
+    | Annotated[list[str], Field(min_length=1), Tag("texts")]
+    | Annotated[list[TokenIds], Field(min_length=1), Tag("token_id_lists")],
+    Discriminator(
+        prompt_kind,
+        custom_error_type="prompt_form",
+        custom_error_message="must be a string, a list of token ids, or a list of either",
+    ),
+]
+# The tags above, which pydantic puts in an error's location: not part of the field's path.
+PROMPT_KINDS = frozenset({"text", "token_ids", "texts", "token_id_lists"})
 
 
 # Wire sampling fields each endpoint decides itself: max_tokens from the context window, logprobs
@@ -72,16 +109,31 @@ class SamplingFields(BaseModel):
         return {name: value for name, value in values.items() if value is not None}
 
     def to_sampling_proto(self, max_tokens: int, logprobs: int | None) -> pdserve_pb2.SamplingParams:
-        """The router's `SamplingParams` for this request."""
-        return pdserve_pb2.SamplingParams(**self.sampling_values(max_tokens, logprobs))
+        """The router's `SamplingParams` for this request.
+
+        Checked first by the engine's own rules, so that a bad value is refused before a stream
+        starts: raises `SamplingParamsError`, whose `field` names it.
+        """
+        values = self.sampling_values(max_tokens, logprobs)
+        SamplingParams(**values)
+        return pdserve_pb2.SamplingParams(**values)
 
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[TokenId] = Field(min_length=1)
+    prompt: Prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
+
+    @property
+    def is_batch(self) -> bool:
+        """Whether `prompt` is a list of prompts."""
+        return isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list))
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one or many, each text or token ids."""
+        return list(self.prompt) if self.is_batch else [self.prompt]  # type: ignore[list-item]
 
 
 class ContentPart(BaseModel):
@@ -94,12 +146,28 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+
+    def unusable_part(self) -> tuple[str, str] | None:
+        """Where in this message, and what, is content a text-only model cannot read (None if none).
+
+        Such content is refused rather than dropped: the answer would silently ignore it.
+        """
+        if self.tool_calls:
+            return "tool_calls", "tool calls"
+        for j, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.type != "text":
+                return f"content.{j}", f"a {part.type!r} content part"
+        return None
 
     def text(self) -> str:
+        """The message's text (its text parts joined)."""
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""

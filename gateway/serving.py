@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pdserve.engine.sampling_params import SamplingParamsError
 from pdserve.gateway.config import GatewayConfig
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
@@ -87,7 +88,6 @@ class OpenAIServing:
     object_kind: str  # a full response's "object"
     chunk_kind: str  # a streamed event's "object"
     id_prefix: str
-    prompt_param: str  # the body field that holds the prompt, for errors about its length
 
     def __init__(
         self, config: GatewayConfig, router: RouterConnection, tokenizer: Any, metrics: GatewayMetrics
@@ -101,14 +101,16 @@ class OpenAIServing:
                                 f"{self.config.model_name!r}", param="model")  # fmt: skip
 
     def sampling(
-        self, body: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None
-    ) -> pdserve_pb2.SamplingParams:
-        """The router's sampling for the body, its max_tokens checked against the context window."""
+        self, body: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+        prompt_param: str,
+    ) -> pdserve_pb2.SamplingParams:  # fmt: skip
+        """The router's sampling for the body, its max_tokens checked against the context window
+        and its values by the engine's rules; `prompt_param` names the prompt in errors."""
         limit, window = self.config.max_tokens_limit, self.config.max_model_len
         room = window - prompt_len
         if room <= 0:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context window is {window}",
-                           param=self.prompt_param)  # fmt: skip
+                           param=prompt_param)  # fmt: skip
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"max_tokens is {max_tokens}; the server allows at most {limit}",
                            param="max_tokens")  # fmt: skip
@@ -116,7 +118,10 @@ class OpenAIServing:
             raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                 f"window of {window}", param="max_tokens")  # fmt: skip
         wanted = max_tokens if max_tokens is not None else self.config.default_max_tokens
-        return body.to_sampling_proto(min(wanted, room), logprobs)
+        try:
+            return body.to_sampling_proto(min(wanted, room), logprobs)
+        except SamplingParamsError as e:
+            raise APIError(400, str(e), param=e.field) from e
 
     async def generate(
         self, request_id: str, prompt: list[int], sampling: pdserve_pb2.SamplingParams
@@ -177,7 +182,8 @@ class OpenAIServing:
     async def stream_generator(self, gen: Generation) -> AsyncIterator[bytes]:
         """Server-sent events: each choice's increments in turn, usage if asked for, `[DONE]`.
 
-        The status line is already sent, so an error is the stream's last event.
+        The status line is already sent, so an error is the stream's last event (and the stream
+        counts its own outcome: the middleware only sees the 200).
         """
         totals, cached, first = [0] * len(gen.choices), 0, True
         try:
@@ -225,7 +231,6 @@ class OpenAIServing:
             reasoning, content = gen.split("".join(texts), ReasoningSplitter(bool(gen.in_reasoning)), True)
             merged = pdserve_pb2.GenerateChunk(logprobs=lps) if lps else None
             choices.append(self.choice(gen, i, content, reasoning, finish, merged, False))
-        self.metrics.requests.labels(self.endpoint, "200").inc()
         self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
         return JSONResponse(
             {"id": self.response_id(gen), "object": self.object_kind, "created": gen.created,
@@ -238,19 +243,29 @@ class OpenAIServing:
 class OpenAIServingCompletion(OpenAIServing):
     """POST /v1/completions."""
 
-    endpoint, object_kind, chunk_kind, id_prefix = "completions", "text_completion", "text_completion", "cmpl"
-    prompt_param = "prompt"
+    endpoint = "completions"
+    object_kind = chunk_kind = "text_completion"
+    id_prefix = "cmpl"
 
     async def create_completion(self, body: CompletionRequest, request_id: str):
-        """The response to a validated completions body."""
+        """The response to a validated completions body.
+
+        A batch of prompts is answered as OpenAI does: choice `k * n + i` is prompt k's i-th.
+        """
         self.check_model(body)
-        prompt = body.prompt if isinstance(body.prompt, list) else self.tokenizer(body.prompt)["input_ids"]
-        if not prompt:
-            raise APIError(400, "prompt is empty", param="prompt")
-        log.info("request %s: completion, %d prompt tokens", request_id, len(prompt))
-        sampling = self.sampling(body, body.max_tokens, len(prompt), body.logprobs)
-        choices = [(prompt, p) for p in choice_samplings(sampling, body.n)]
-        return await self.respond(Generation(request_id, body, len(prompt), choices))
+        choices, prompt_tokens = [], 0
+        for k, text_or_ids in enumerate(body.prompts()):
+            param = f"prompt.{k}" if body.is_batch else "prompt"
+            prompt = (
+                text_or_ids if isinstance(text_or_ids, list) else self.tokenizer(text_or_ids)["input_ids"]
+            )
+            if not prompt:
+                raise APIError(400, f"{param} is empty", param=param)
+            sampling = self.sampling(body, body.max_tokens, len(prompt), body.logprobs, param)
+            choices += [(prompt, p) for p in choice_samplings(sampling, body.n)]
+            prompt_tokens += len(prompt)
+        log.info("request %s: completion, %d prompt tokens", request_id, prompt_tokens)
+        return await self.respond(Generation(request_id, body, prompt_tokens, choices))
 
     def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
         return {"tokens": [i["token"] for i in items], "token_logprobs": [i["logprob"] for i in items],
@@ -263,13 +278,10 @@ class OpenAIServingCompletion(OpenAIServing):
 class OpenAIServingChat(OpenAIServing):
     """POST /v1/chat/completions, with ERNIE's thinking section split into `reasoning_content`."""
 
-    endpoint, object_kind, chunk_kind, id_prefix = (
-        "chat",
-        "chat.completion",
-        "chat.completion.chunk",
-        "chatcmpl",
-    )
-    prompt_param = "messages"
+    endpoint = "chat"
+    object_kind = "chat.completion"
+    chunk_kind = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
 
     async def create_chat_completion(self, body: ChatCompletionRequest, request_id: str):
         """The response to a validated chat body."""
@@ -279,7 +291,8 @@ class OpenAIServingChat(OpenAIServing):
         prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         log.info("request %s: chat, %d prompt tokens", request_id, len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = self.sampling(body, body.max_completion_tokens or body.max_tokens, len(prompt), logprobs)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        sampling = self.sampling(body, max_tokens, len(prompt), logprobs, "messages")
         # Reasoning is split out when thinking was asked for, or the template opened the section.
         in_reasoning = text.rstrip().endswith(THINK_START)
         split = in_reasoning if thinking is None else (thinking or in_reasoning)
@@ -291,6 +304,11 @@ class OpenAIServingChat(OpenAIServing):
         """The prompt text: the messages through the model's chat template."""
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model {self.config.model_name!r} has no chat template; use /v1/completions")
+        for i, message in enumerate(body.messages):
+            if unusable := message.unusable_part():
+                where, what = unusable
+                raise APIError(400, f"messages.{i}.{where}: {what} cannot be used; this model reads text only",
+                               param=f"messages.{i}.{where}")  # fmt: skip
         kwargs = {} if thinking is None else {"enable_thinking": thinking}
         kwargs.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"})
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
