@@ -27,16 +27,14 @@ def prompt_kind(value: Any) -> str | None:
     """
     if isinstance(value, str):
         return "text"
-    if isinstance(value, list):
-        first = value[0] if value else None
-        return (
-            "texts"
-            if isinstance(first, str)
-            else "token_id_lists"
-            if isinstance(first, list)
-            else "token_ids"
-        )
-    return None
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    if isinstance(first, str):
+        return "texts"
+    if isinstance(first, list):
+        return "token_id_lists"
+    return "token_ids"
 
 
 # One prompt (text or token ids) or a batch of them, as OpenAI takes it.

@@ -61,7 +61,8 @@ def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_p
         p = pdserve_pb2.SamplingParams()
         p.CopyFrom(base)
         if base.HasField("seed"):
-            p.seed = base.seed + i
+            # Wrapped into int64, the wire's type: a seed near its top is valid for every choice.
+            p.seed = (base.seed + i + 2**63) % 2**64 - 2**63
         out.append(p)
     return out
 

@@ -99,6 +99,12 @@ def test_a_batch_of_prompts_is_answered_prompt_by_prompt(client, stack):
     assert streamed == {c.index: c.text for c in batch.choices}
 
 
+def test_n_seeded_choices_at_the_top_of_the_seed_range(stack):
+    body = {"prompt": "x", "n": 2, "seed": 2**63 - 1, "max_tokens": 2}
+    r = post(stack.url, "/v1/completions", body)
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1], r.text
+
+
 def test_an_empty_prompt_in_a_batch_is_named(stack):
     assert_openai_error(post(stack.url, "/v1/completions", {"prompt": ["x", ""]}), 400, "prompt.1")
     assert_openai_error(post(stack.url, "/v1/completions", {"prompt": [[5], []]}), 400, "prompt.1")
