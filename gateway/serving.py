@@ -151,7 +151,7 @@ class OpenAIServing:
         return self.format_logprobs(items)
 
     def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
-        """The endpoint's `logprobs` object from one item per token (chat's shape)."""
+        """The endpoint's `logprobs` object from one item per token (each item in chat's shape)."""
         raise NotImplementedError
 
     def choice(
@@ -171,6 +171,7 @@ class OpenAIServing:
                 "model": self.config.model_name, "choices": choices, **extra}  # fmt: skip
 
     def response_id(self, gen: Generation) -> str:
+        """The response's "id" (every event of a stream shares it)."""
         return f"{self.id_prefix}-{gen.request_id}"
 
     async def respond(self, gen: Generation) -> StreamingResponse | JSONResponse:
