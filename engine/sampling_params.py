@@ -22,13 +22,21 @@ def _is_real(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and not math.isnan(value)
 
 
+class SamplingParamsError(ValueError):
+    """A sampling field's value is out of its range; `field` names it (so does the message)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SamplingParams:
     """How to sample the completion of one request.
 
     Fields, defaults and accepted ranges follow vLLM, so OpenAI-style request bodies map onto it
     unchanged. `__post_init__` normalises the loose forms (`top_k=-1`, `stop="x"`, `None` lists)
-    and raises `ValueError` naming the offending field and its allowed range.
+    and raises `SamplingParamsError` (a `ValueError`) naming the offending field and its allowed range.
     """
 
     n: int = 1
@@ -95,23 +103,27 @@ class SamplingParams:
     def _validate(self) -> None:
         _check_int(self.n, "n", "n must be an integer >= 1")
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+            raise SamplingParamsError("n", f"n must be at least 1, got {self.n}")
 
         _check_real(self.temperature, "temperature", "temperature must be a number >= 0")
         if self.temperature < 0.0 or math.isinf(self.temperature):
-            raise ValueError(f"temperature must be non-negative and finite, got {self.temperature}")
+            raise SamplingParamsError(
+                "temperature", f"temperature must be non-negative and finite, got {self.temperature}"
+            )
 
         _check_real(self.top_p, "top_p", "top_p must be a number in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
 
         _check_int(self.top_k, "top_k", "top_k must be an integer: -1 or 0 (disabled) or >= 1")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 or 0 (disabled), or at least 1, got {self.top_k}")
+            raise SamplingParamsError(
+                "top_k", f"top_k must be -1 or 0 (disabled), or at least 1, got {self.top_k}"
+            )
 
         _check_real(self.min_p, "min_p", "min_p must be a number in [0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise SamplingParamsError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
 
         if self.seed is not None:
             _check_int(self.seed, "seed", "seed must be an integer or None")
@@ -119,59 +131,71 @@ class SamplingParams:
         if self.max_tokens is not None:
             _check_int(self.max_tokens, "max_tokens", "max_tokens must be an integer >= 1 or None")
             if self.max_tokens < 1:
-                raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+                raise SamplingParamsError(
+                    "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}"
+                )
 
         _check_int(self.min_tokens, "min_tokens", "min_tokens must be an integer >= 0")
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}")
+            raise SamplingParamsError(
+                "min_tokens", f"min_tokens must be greater than or equal to 0, got {self.min_tokens}"
+            )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}"
+            raise SamplingParamsError(
+                "min_tokens",
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}",
             )
 
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check_real(value, name, f"{name} must be a number in [-2, 2]")
             if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+                raise SamplingParamsError(name, f"{name} must be in [-2, 2], got {value}")
 
         _check_real(self.repetition_penalty, "repetition_penalty", "repetition_penalty must be a number > 0")
         if not 0.0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be in (0, inf), got {self.repetition_penalty}")
+            raise SamplingParamsError(
+                "repetition_penalty", f"repetition_penalty must be in (0, inf), got {self.repetition_penalty}"
+            )
 
         if self.logprobs is not None:
             _check_int(
                 self.logprobs, "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None"
             )
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+                raise SamplingParamsError(
+                    "logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}"
+                )
 
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a string, a list of strings or None, got {self.stop!r}")
+            raise SamplingParamsError(
+                "stop", f"stop must be a string, a list of strings or None, got {self.stop!r}"
+            )
         if any(s == "" for s in self.stop):
-            raise ValueError("stop must not contain empty strings")
+            raise SamplingParamsError("stop", "stop must not contain empty strings")
 
         if not isinstance(self.stop_token_ids, list) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
-            raise ValueError(
-                f"stop_token_ids must be a list of non-negative integers or None, got {self.stop_token_ids!r}"
+            raise SamplingParamsError(
+                "stop_token_ids",
+                f"stop_token_ids must be a list of non-negative integers or None, got {self.stop_token_ids!r}",
             )
 
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise SamplingParamsError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.stop and not self.detokenize:
-            raise ValueError(
-                "stop strings need detokenize=True (they are matched on the text); use stop_token_ids"
+            raise SamplingParamsError(
+                "stop", "stop strings need detokenize=True (they are matched on the text); use stop_token_ids"
             )
 
 
 def _check_int(value: Any, name: str, message: str) -> None:
     if not _is_int(value):
-        raise ValueError(f"{message}, got {value!r} ({type(value).__name__}) for {name}")
+        raise SamplingParamsError(name, f"{message}, got {value!r} ({type(value).__name__}) for {name}")
 
 
 def _check_real(value: Any, name: str, message: str) -> None:
     if not _is_real(value):
-        raise ValueError(f"{message}, got {value!r} ({type(value).__name__}) for {name}")
+        raise SamplingParamsError(name, f"{message}, got {value!r} ({type(value).__name__}) for {name}")

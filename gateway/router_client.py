@@ -50,3 +50,18 @@ class RouterClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class RouterConnection:
+    """The gateway's `RouterClient`, made on first use: a grpc.aio channel belongs to the event loop
+    that creates it, and the app is built before uvicorn starts its loop."""
+
+    def __init__(self, address: str, client: RouterClient | None = None) -> None:
+        self.address = address
+        self._client = client
+
+    def client(self) -> RouterClient:
+        """The client (made now if this is its first use)."""
+        if self._client is None:
+            self._client = RouterClient(self.address)
+        return self._client

@@ -30,7 +30,7 @@ from pdserve.engine.engine_config import EngineConfig
 
 if TYPE_CHECKING:
     from pdserve.engine.served_model import ServedModel
-    from pdserve.gateway.app import GatewayConfig
+    from pdserve.gateway.config import GatewayConfig
     from pdserve.router.server import RouterConfig
 
 NAMESPACE = "pdserve"
@@ -68,7 +68,7 @@ def router_config(c: ClusterConfig) -> RouterConfig:
 
 def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> GatewayConfig:
     """The gateway's settings: the cluster's, with the limits the workers' engines computed."""
-    from pdserve.gateway.app import GatewayConfig
+    from pdserve.gateway.config import GatewayConfig
 
     return GatewayConfig(
         router_address=f"{c.host}:{router_port}",

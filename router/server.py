@@ -66,22 +66,13 @@ class InvalidRequest(ValueError):
 
 def to_sampling_params(p: pdserve_pb2.SamplingParams) -> SamplingParams:
     """The engine's params from the wire's (unset optionals keep the engine defaults)."""
-    kwargs = {}
-    for name in (
-        "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "presence_penalty",
-        "frequency_penalty", "repetition_penalty", "logprobs", "skip_special_tokens",
-    ):  # fmt: skip
-        if p.HasField(name):
-            kwargs[name] = getattr(p, name)
+    from pdserve.proto.sampling_fields import LIST_FIELDS, OPTIONAL_FIELDS, SCALAR_FIELDS
+
+    kwargs = {name: getattr(p, name) for name in OPTIONAL_FIELDS if p.HasField(name)}
+    kwargs.update({name: getattr(p, name) for name in SCALAR_FIELDS})
+    kwargs.update({name: list(getattr(p, name)) or None for name in LIST_FIELDS})
     try:
-        return SamplingParams(
-            min_tokens=p.min_tokens,
-            stop=list(p.stop) or None,
-            stop_token_ids=list(p.stop_token_ids) or None,
-            ignore_eos=p.ignore_eos,
-            include_stop_str_in_output=p.include_stop_str_in_output,
-            **kwargs,
-        )
+        return SamplingParams(**kwargs)
     except ValueError as e:
         raise InvalidRequest(f"sampling: {e}") from e
 

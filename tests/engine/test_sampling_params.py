@@ -1,6 +1,6 @@
 import pytest
 
-from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 
 def test_defaults_match_vllm() -> None:
@@ -69,6 +69,23 @@ def test_invalid_values_name_field_and_range(kwargs: dict, field: str, fragment:
     message = str(info.value)
     assert field in message
     assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"presence_penalty": 5}, "presence_penalty"),
+        ({"seed": "1"}, "seed"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"detokenize": False, "stop": ["x"]}, "stop"),
+    ],
+)
+def test_errors_carry_the_field_for_callers_to_point_at(kwargs: dict, field: str) -> None:
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.field == field
 
 
 def test_boundary_values_accepted() -> None:

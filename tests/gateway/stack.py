@@ -57,6 +57,23 @@ class GatewayStack:
 
 
 @contextmanager
+def served(app: Any) -> Iterator[str]:
+    """Serves `app` under uvicorn on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the gateway did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+@contextmanager
 def gateway_stack(
     ray, checkpoint: Path, *, name: str, blocks: int = 128, prefill: int = 1, decode: int = 1,
     both: int = 0, **gateway: Any,
@@ -73,7 +90,7 @@ def gateway_stack(
     controller = start_controller(
         ControllerConfig(engine, prefill=prefill, decode=decode, both=both), name=name
     )
-    router = server = thread = None
+    router = None
     try:
         ray.get(controller.start.remote())
         served = ray.get(controller.served_model.remote())
@@ -84,24 +101,9 @@ def gateway_stack(
             **{"router_address": f"127.0.0.1:{router.router.port}", "model_name": "tiny",
                "tokenizer_path": str(checkpoint), "max_model_len": served.max_model_len, **gateway}
         )  # fmt: skip
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config, tokenizer=tok), host="127.0.0.1", port=port, log_level="warning"
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            assert thread.is_alive(), "the gateway did not start"
-            time.sleep(0.05)
-        yield GatewayStack(
-            f"http://127.0.0.1:{port}", controller, tok, ray, blocks, router.router.service.metrics.registry
-        )
+        with served(create_app(config, tokenizer=tok)) as url:
+            yield GatewayStack(url, controller, tok, ray, blocks, router.router.service.metrics.registry)
     finally:
-        if server is not None and thread is not None:
-            server.should_exit = True
-            thread.join(5)
         if router is not None:
             router.stop()
         ray.get(controller.shutdown.remote())

@@ -1,0 +1,19 @@
+"""The gateway's own Prometheus metrics (the workers' come through the router)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class GatewayMetrics:
+    """Requests by endpoint and status, time to the last byte, time to the first token."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pdserve_gateway_requests", "HTTP requests", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "pdserve_gateway_request_seconds", "Time to the last byte", ["endpoint"], registry=r
+        )
+        self.first_token = Histogram("pdserve_gateway_ttft_seconds", "Time to the first token", registry=r)

@@ -1,0 +1,341 @@
+"""Serving completions and chat completions: from a validated request body to OpenAI's response.
+
+Shaped like vLLM's `serving_chat.py`: each endpoint turns its body into a `Generation` (prompt
+token ids and sampling per choice), and `OpenAIServing` answers it either as server-sent events
+(`stream_generator`) or as one JSON body (`full_generator`). The endpoints differ only in how a
+prompt is made and how a choice looks; the rest is shared here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pdserve.engine.sampling_params import SamplingParamsError
+from pdserve.gateway.config import GatewayConfig
+from pdserve.gateway.errors import APIError
+from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.gateway.reasoning import THINK_START, ReasoningSplitter
+from pdserve.gateway.router_client import HTTP_OF_GRPC, RouterConnection
+from pdserve.proto import pdserve_pb2
+
+log = logging.getLogger("pdserve.gateway")
+
+
+@dataclass
+class Generation:
+    """One request's work: a prompt and sampling per choice, and what its answer needs to know."""
+
+    request_id: str
+    body: SamplingFields
+    prompt_tokens: int  # usage's prompt_tokens
+    choices: list[tuple[list[int], pdserve_pb2.SamplingParams]]
+    # Chat only: None when reasoning is not split out, else whether the prompt opened it.
+    in_reasoning: bool | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    start: float = field(default_factory=time.perf_counter)
+
+    def choice_request_id(self, index: int) -> str:
+        """The router's request id for choice `index` (the request's own when it has one choice)."""
+        return f"{self.request_id}-{index}" if len(self.choices) > 1 else self.request_id
+
+    def split(self, text: str, splitter: ReasoningSplitter, final: bool) -> tuple[str, str]:
+        """(reasoning, content) of generated `text`."""
+        if self.in_reasoning is None:
+            return "", text
+        return splitter.feed(text, final=final)
+
+
+def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_pb2.SamplingParams]:
+    """n choices = n requests; seeded ones get seed+i so they differ yet stay reproducible."""
+    out = []
+    for i in range(n):
+        p = pdserve_pb2.SamplingParams()
+        p.CopyFrom(base)
+        if base.HasField("seed"):
+            # Wrapped into int64, the wire's type: a seed near its top is valid for every choice.
+            p.seed = (base.seed + i + 2**63) % 2**64 - 2**63
+        out.append(p)
+    return out
+
+
+def usage(prompt_tokens: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's `usage` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+class OpenAIServing:
+    """What completions and chat share: checks, the router call, the streaming and full answers.
+
+    Subclasses name their endpoint and response objects and say how one choice looks.
+    """
+
+    endpoint: str  # the metrics label
+    object_kind: str  # a full response's "object"
+    chunk_kind: str  # a streamed event's "object"
+    id_prefix: str
+
+    def __init__(
+        self, config: GatewayConfig, router: RouterConnection, tokenizer: Any, metrics: GatewayMetrics
+    ) -> None:
+        self.config, self.router, self.tokenizer, self.metrics = config, router, tokenizer, metrics
+
+    def check_model(self, body: SamplingFields) -> None:
+        """404 unless the body names this server's model (or none)."""
+        if body.model not in (None, self.config.model_name):
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
+                                f"{self.config.model_name!r}", param="model")  # fmt: skip
+
+    def sampling(
+        self, body: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+        prompt_param: str,
+    ) -> pdserve_pb2.SamplingParams:  # fmt: skip
+        """The router's sampling for the body, its max_tokens checked against the context window
+        and its values by the engine's rules; `prompt_param` names the prompt in errors."""
+        limit, window = self.config.max_tokens_limit, self.config.max_model_len
+        room = window - prompt_len
+        if room <= 0:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context window is {window}",
+                           param=prompt_param)  # fmt: skip
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; the server allows at most {limit}",
+                           param="max_tokens")  # fmt: skip
+        if max_tokens is not None and prompt_len + max_tokens > window:
+            raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                                f"window of {window}", param="max_tokens")  # fmt: skip
+        wanted = max_tokens if max_tokens is not None else self.config.default_max_tokens
+        try:
+            return body.to_sampling_proto(min(wanted, room), logprobs)
+        except SamplingParamsError as e:
+            raise APIError(400, str(e), param=e.field) from e
+
+    async def generate(
+        self, request_id: str, prompt: list[int], sampling: pdserve_pb2.SamplingParams
+    ) -> AsyncIterator[pdserve_pb2.GenerateChunk]:
+        """The router's chunks for one choice; its gRPC errors become `APIError`s."""
+        stream = self.router.client().generate(request_id, prompt, sampling, self.config.request_timeout_s)
+        try:
+            async for chunk in stream:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            status, kind = HTTP_OF_GRPC.get(e.code(), (500, "internal_error"))
+            raise APIError(status, e.details() or str(e.code()), kind) from e
+
+    def logprobs(self, chunk: pdserve_pb2.GenerateChunk | None) -> Any:
+        """The choice's `logprobs` for the tokens of `chunk` (None without any)."""
+        if chunk is None or not chunk.logprobs:
+            return None
+        decode = self.tokenizer.decode
+        items = []
+        for lp in chunk.logprobs:
+            text = decode([lp.token_id])
+            top = [{"token": decode([t.token_id]), "logprob": t.logprob} for t in lp.top]
+            items.append(
+                {"token": text, "logprob": lp.logprob, "top_logprobs": top, "bytes": list(text.encode())}
+            )
+        return self.format_logprobs(items)
+
+    def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
+        """The endpoint's `logprobs` object from one item per token (each item in chat's shape)."""
+        raise NotImplementedError
+
+    def choice(
+        self, gen: Generation, index: int, text: str, reasoning: str, finish: str | None,
+        chunk: pdserve_pb2.GenerateChunk | None, delta: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One entry of "choices": a streamed increment (`delta`) or a whole answer."""
+        raise NotImplementedError
+
+    def choice_start(self, gen: Generation, index: int) -> dict[str, Any] | None:
+        """A streamed event that opens choice `index` before its tokens (none by default)."""
+        return None
+
+    def event(self, gen: Generation, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """One streamed event."""
+        return {"id": self.response_id(gen), "object": self.chunk_kind, "created": gen.created,
+                "model": self.config.model_name, "choices": choices, **extra}  # fmt: skip
+
+    def response_id(self, gen: Generation) -> str:
+        """The response's "id" (every event of a stream shares it)."""
+        return f"{self.id_prefix}-{gen.request_id}"
+
+    async def respond(self, gen: Generation) -> StreamingResponse | JSONResponse:
+        """The answer to `gen`: server-sent events if the body asked to stream, else one JSON body."""
+        if gen.body.stream:
+            return StreamingResponse(self.stream_generator(gen), media_type="text/event-stream",
+                                     headers={"X-Request-Id": gen.request_id})  # fmt: skip
+        return await self.full_generator(gen)
+
+    async def stream_generator(self, gen: Generation) -> AsyncIterator[bytes]:
+        """Server-sent events: each choice's increments in turn, usage if asked for, `[DONE]`.
+
+        The status line is already sent, so an error is the stream's last event (and the stream
+        counts its own outcome: the middleware only sees the 200).
+        """
+        totals, cached, first = [0] * len(gen.choices), 0, True
+        try:
+            for i, (prompt, sampling) in enumerate(gen.choices):
+                splitter = ReasoningSplitter(bool(gen.in_reasoning))
+                opening = self.choice_start(gen, i)
+                if opening is not None:
+                    yield sse(opening)
+                async for chunk in self.generate(gen.choice_request_id(i), prompt, sampling):
+                    if first:
+                        self.metrics.first_token.observe(time.perf_counter() - gen.start)
+                        first = False
+                    totals[i] += len(chunk.token_ids)
+                    if chunk.finished:
+                        cached = max(cached, chunk.usage.cached_tokens)
+                    reasoning, text = gen.split(chunk.text, splitter, final=chunk.finished)
+                    finish = chunk.finish_reason or None if chunk.finished else None
+                    if text or reasoning or finish or chunk.logprobs:
+                        yield sse(
+                            self.event(gen, [self.choice(gen, i, text, reasoning, finish, chunk, True)])
+                        )
+            body = gen.body
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(self.event(gen, [], usage=usage(gen.prompt_tokens, sum(totals), cached)))
+            yield b"data: [DONE]\n\n"
+            self.metrics.requests.labels(self.endpoint, "200").inc()
+        except APIError as e:
+            yield sse(e.body())
+            self.metrics.requests.labels(self.endpoint, str(e.status)).inc()
+        finally:
+            self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
+
+    async def full_generator(self, gen: Generation) -> JSONResponse:
+        """One JSON body with every choice whole."""
+        choices, total, cached = [], 0, 0
+        for i, (prompt, sampling) in enumerate(gen.choices):
+            texts, lps, finish = [], [], None
+            async for chunk in self.generate(gen.choice_request_id(i), prompt, sampling):
+                texts.append(chunk.text)
+                lps.extend(chunk.logprobs)
+                total += len(chunk.token_ids)
+                if chunk.finished:
+                    finish = chunk.finish_reason
+                    cached = max(cached, chunk.usage.cached_tokens)
+            reasoning, content = gen.split("".join(texts), ReasoningSplitter(bool(gen.in_reasoning)), True)
+            merged = pdserve_pb2.GenerateChunk(logprobs=lps) if lps else None
+            choices.append(self.choice(gen, i, content, reasoning, finish, merged, False))
+        self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
+        return JSONResponse(
+            {"id": self.response_id(gen), "object": self.object_kind, "created": gen.created,
+             "model": self.config.model_name, "choices": choices,
+             "usage": usage(gen.prompt_tokens, total, cached)},
+            headers={"X-Request-Id": gen.request_id},
+        )  # fmt: skip
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """POST /v1/completions."""
+
+    endpoint = "completions"
+    object_kind = chunk_kind = "text_completion"
+    id_prefix = "cmpl"
+
+    async def create_completion(self, body: CompletionRequest, request_id: str):
+        """The response to a validated completions body.
+
+        A batch of prompts is answered as OpenAI does: choice `k * n + i` is prompt k's i-th.
+        """
+        self.check_model(body)
+        choices, prompt_tokens = [], 0
+        for k, text_or_ids in enumerate(body.prompts()):
+            param = f"prompt.{k}" if body.is_batch else "prompt"
+            prompt = (
+                text_or_ids if isinstance(text_or_ids, list) else self.tokenizer(text_or_ids)["input_ids"]
+            )
+            if not prompt:
+                raise APIError(400, f"{param} is empty", param=param)
+            sampling = self.sampling(body, body.max_tokens, len(prompt), body.logprobs, param)
+            choices += [(prompt, p) for p in choice_samplings(sampling, body.n)]
+            prompt_tokens += len(prompt)
+        log.info("request %s: completion, %d prompt tokens", request_id, prompt_tokens)
+        return await self.respond(Generation(request_id, body, prompt_tokens, choices))
+
+    def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
+        return {"tokens": [i["token"] for i in items], "token_logprobs": [i["logprob"] for i in items],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in i["top_logprobs"]} for i in items]}  # fmt: skip
+
+    def choice(self, gen, index, text, reasoning, finish, chunk, delta):
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": self.logprobs(chunk)}
+
+
+class OpenAIServingChat(OpenAIServing):
+    """POST /v1/chat/completions, with ERNIE's thinking section split into `reasoning_content`."""
+
+    endpoint = "chat"
+    object_kind = "chat.completion"
+    chunk_kind = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    async def create_chat_completion(self, body: ChatCompletionRequest, request_id: str):
+        """The response to a validated chat body."""
+        self.check_model(body)
+        thinking = body.enable_thinking()
+        text = self.render(body, thinking)
+        prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        log.info("request %s: chat, %d prompt tokens", request_id, len(prompt))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        sampling = self.sampling(body, max_tokens, len(prompt), logprobs, "messages")
+        # Reasoning is split out when thinking was asked for, or the template opened the section.
+        in_reasoning = text.rstrip().endswith(THINK_START)
+        split = in_reasoning if thinking is None else (thinking or in_reasoning)
+        choices = [(prompt, p) for p in choice_samplings(sampling, body.n)]
+        gen = Generation(request_id, body, len(prompt), choices, in_reasoning if split else None)
+        return await self.respond(gen)
+
+    def render(self, body: ChatCompletionRequest, thinking: bool | None) -> str:
+        """The prompt text: the messages through the model's chat template."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, f"model {self.config.model_name!r} has no chat template; use /v1/completions")
+        for i, message in enumerate(body.messages):
+            if unusable := message.unusable_part():
+                where, what = unusable
+                raise APIError(400, f"messages.{i}.{where}: {what} cannot be used; this model reads text only",
+                               param=f"messages.{i}.{where}")  # fmt: skip
+        kwargs = {} if thinking is None else {"enable_thinking": thinking}
+        kwargs.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"})
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **kwargs
+            )
+        except Exception as e:  # jinja errors: a message the template cannot render
+            raise APIError(
+                400, f"messages cannot be rendered by the chat template: {e}", param="messages"
+            ) from e
+
+    def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
+        return {"content": items}
+
+    def choice(self, gen, index, text, reasoning, finish, chunk, delta):
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if gen.in_reasoning is not None:
+            msg["reasoning_content"] = reasoning or None
+        if delta:
+            msg = {k: v for k, v in msg.items() if v}
+        return {"index": index, ("delta" if delta else "message"): msg, "finish_reason": finish,
+                "logprobs": self.logprobs(chunk)}  # fmt: skip
+
+    def choice_start(self, gen: Generation, index: int) -> dict[str, Any] | None:
+        """The assistant role, before the choice's first tokens."""
+        opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        return self.event(gen, [opening])
