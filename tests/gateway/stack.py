@@ -93,13 +93,13 @@ def gateway_stack(
     router = None
     try:
         ray.get(controller.start.remote())
-        served = ray.get(controller.served_model.remote())
+        limits = ray.get(controller.served_model.remote())
         router = RouterThread(controller, RouterConfig(port=0))
         tok = load_tokenizer(checkpoint)
         tok.chat_template = TEMPLATE
         config = GatewayConfig(
             **{"router_address": f"127.0.0.1:{router.router.port}", "model_name": "tiny",
-               "tokenizer_path": str(checkpoint), "max_model_len": served.max_model_len, **gateway}
+               "tokenizer_path": str(checkpoint), "max_model_len": limits.max_model_len, **gateway}
         )  # fmt: skip
         with served(create_app(config, tokenizer=tok)) as url:
             yield GatewayStack(url, controller, tok, ray, blocks, router.router.service.metrics.registry)
