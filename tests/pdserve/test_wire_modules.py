@@ -15,6 +15,8 @@ WIRE_MODULES = (
     "pdserve.engine.block_hash",
     "pdserve.roles.messages",
     "pdserve.roles.cache_events",
+    "pdserve.roles.kv_channel",
+    "pdserve.roles.handoff",  # the router drives disaggregated requests through it
 )
 
 
