@@ -7,10 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class EngineCounters:
-    """Totals since start that the engine's steps add to (one object, owned by the engine).
-
-    The field names are `EngineStats`'s, so a snapshot copies them over as they are.
-    """
+    """Totals since start that the engine's steps add to (one object, owned by the engine)."""
 
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
@@ -26,9 +23,10 @@ class EngineCounters:
     spec_verifications: int = 0
 
 
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's load and counters (read by workers and metrics)."""
+@dataclass(kw_only=True)
+class EngineStats(EngineCounters):
+    """A snapshot of the engine's load and counters (read by workers and metrics): the counters
+    as they stood, and the queues and KV pool at that moment."""
 
     num_waiting: int
     num_running: int
@@ -36,18 +34,8 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_free: int
     kv_blocks_cached: int
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
     num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    num_steps: int
-    last_step_seconds: float
     waiting_prefill_tokens: int
-    spec_proposed_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_emitted_tokens: int = 0
-    spec_verifications: int = 0
 
     @property
     def kv_blocks_used(self) -> int:
