@@ -74,6 +74,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        """Queues a new request behind the waiting ones."""
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -113,6 +114,7 @@ class Scheduler:
         return len(self.running)
 
     def schedule(self) -> ScheduledBatch:
+        """This step's batch: running requests first, then waiting ones while room lasts."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
