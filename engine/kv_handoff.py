@@ -76,7 +76,7 @@ class KVHandoff:
         self.hidden_size = hidden_size
         self.new_request = new_request
         self.publish_events = publish_events
-        self.reservations: dict[str, Request] = {}  # block holders for KV on its way here
+        self._reservations: dict[str, Request] = {}  # block holders for KV on its way here
 
     # ------------------------------------------------------------------ prefill side
 
@@ -116,19 +116,19 @@ class KVHandoff:
         The decode side of a disaggregated request reserves before the prefill side sends, so
         no transfer ever lands in a full engine. False, changing nothing, when there is no room.
         """
-        if request_id in self.scheduler.requests or request_id in self.reservations:
+        if request_id in self.scheduler.requests or request_id in self._reservations:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if num_tokens <= 0 or num_tokens >= self.max_model_len:
             raise ValueError(f"num_tokens must be in [1, {self.max_model_len}), got {num_tokens}")
         holder = Request(request_id, prompt_token_ids=[], params=SamplingParams(), max_tokens=0, arrival=-1)
         if not self.kv.allocate(holder, num_tokens):
             return False
-        self.reservations[request_id] = holder
+        self._reservations[request_id] = holder
         return True
 
     def cancel_reservation(self, request_id: str) -> bool:
         """Returns a reservation's blocks to the pool; False if there was none."""
-        holder = self.reservations.pop(request_id, None)
+        holder = self._reservations.pop(request_id, None)
         if holder is None:
             return False
         self.kv.free(holder)
@@ -149,9 +149,9 @@ class KVHandoff:
         if payload.request_id in self.scheduler.requests:
             raise ValueError(f"request_id {payload.request_id!r} is already in use")
         req = self._restore_request(payload)
-        holder = self.reservations.get(payload.request_id)
+        holder = self._reservations.get(payload.request_id)
         if holder is not None and len(holder.block_ids) >= payload.num_blocks:
-            del self.reservations[payload.request_id]
+            del self._reservations[payload.request_id]
             req.block_ids = holder.block_ids
             if not self.kv.allocate(req, payload.num_computed_tokens):  # no-op unless it grew
                 raise RuntimeError(f"no room to extend the reservation of {payload.request_id!r}")
