@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -19,22 +19,24 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.kv_handoff import KVHandoff, KVPayload
 from pdserve.engine.layers.linear import CpuGemm, default_cpu_gemm_backend
 from pdserve.engine.loader import init_dummy_weights, load_checkpoint, mtp_layers_in_checkpoint
 from pdserve.engine.model_runner import KVCache, ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_model
 from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
-from pdserve.engine.outputs import KVPayload, RequestDelta
+from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Emitted, ScheduledBatch, Scheduler
 from pdserve.engine.served_model import ServedModel
 from pdserve.engine.spec_decode import Proposer, SpeculativeConfig
-from pdserve.engine.spec_decode.draft_model import DraftModelProposer
+from pdserve.engine.spec_decode.draft_model import DraftModel, DraftModelProposer
 from pdserve.engine.spec_decode.mtp import MTPProposer
 from pdserve.engine.spec_decode.ngram import NgramProposer
 from pdserve.engine.spec_decode.verifier import VerifyGroup, verify
+from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,45 +44,6 @@ logger = logging.getLogger(__name__)
 PromptInput = str | Sequence[int] | dict[str, Any]
 # Positions an MTP catch-up pass may cover (it runs as one short attention span).
 MAX_PENDING_MTP_ROWS = 16
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's load and counters (read by workers and metrics)."""
-
-    num_waiting: int
-    num_running: int
-    num_prefilled: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    kv_blocks_cached: int
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    num_steps: int
-    last_step_seconds: float
-    waiting_prefill_tokens: int
-    # Speculative decoding: guesses made and accepted, tokens emitted by verification steps, and
-    # how many (request, step) verifications there were.
-    spec_proposed_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_emitted_tokens: int = 0
-    spec_verifications: int = 0
-
-    @property
-    def kv_blocks_used(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_free
-
-    @property
-    def spec_acceptance_rate(self) -> float:
-        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else 0.0
-
-    @property
-    def spec_mean_accepted_length(self) -> float:
-        """Tokens emitted per verification (accepted guesses + 1); 1.0 means guessing never paid."""
-        return self.spec_emitted_tokens / self.spec_verifications if self.spec_verifications else 0.0
 
 
 class Engine:
@@ -145,37 +108,48 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size
         )
-        self.served_model = ServedModel(
-            name=source.name,
-            tokenizer_path=str(config.tokenizer or source.path) if self.tokenizer is not None else None,
+        self.served_model = self._served_model(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer, self.gemm.parallel)
+        self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
+        self.proposer: Proposer | None = self._build_proposer()
+        self.counters = EngineCounters()
+        self.scheduler = Scheduler(
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            vocab_size=mc.vocab_size,
+            eos_token_ids=mc.eos_token_ids,
+            counters=self.counters,
+            on_finish=self.proposer.forget if self.proposer is not None else None,
+        )
+        self.kv_handoff = KVHandoff(
+            self.scheduler,
+            self.kv,
+            self.kv_cache,
+            self.max_model_len,
+            mc.hidden_size,
+            self._new_request,
+            self._publish_events,
+        )
+        self._arrivals = itertools.count()
+
+    # ------------------------------------------------------------------ building
+
+    def _served_model(self, num_blocks: int) -> ServedModel:
+        """What this engine serves and its limits, for the layers above (computed once, here)."""
+        spec, config = self.spec, self.config
+        return ServedModel(
+            name=self.source.name,
+            tokenizer_path=str(config.tokenizer or self.source.path) if self.tokenizer is not None else None,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
             block_size=config.block_size,
             num_kv_blocks=num_blocks,
             dtype=str(self.dtype).removeprefix("torch."),
-            speculative_method=self.spec.method if self.spec is not None else None,
-            num_speculative_tokens=self.spec.num_speculative_tokens if self.spec is not None else 0,
+            speculative_method=spec.method if spec is not None else None,
+            num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
         )
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer, self.gemm.parallel)
-        self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
-        self.proposer: Proposer | None = self._build_proposer(mtp_layer)
-        self._requests: dict[str, Request] = {}
-        self._reservations: dict[str, Request] = {}  # block holders for KV on its way here
-        self._arrivals = itertools.count()
-        self._prefix_queried = 0
-        self._prefix_hits = 0
-        self._prompt_tokens = 0
-        self._generation_tokens = 0
-        self._steps = 0
-        self._last_step_seconds = 0.0
-        self._spec_proposed = 0
-        self._spec_accepted = 0
-        self._spec_emitted = 0
-        self._spec_verifications = 0
-
-    # ------------------------------------------------------------------ building
 
     def _model_config(self, source: ModelSource) -> ModelConfig:
         mc = ModelConfig.from_hf_dict(source.hf_config, self.config.hf_overrides)
@@ -209,15 +183,14 @@ class Engine:
         model.pack_for_cpu(self.gemm)
         return model.eval()
 
-    def _build_proposer(self, mtp_layer: int | None) -> Proposer | None:
+    def _build_proposer(self) -> Proposer | None:
         spec = self.spec
         if spec is None:
             return None
         if spec.method == "ngram":
             return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         if spec.method == "mtp":
-            assert mtp_layer is not None
-            return MTPProposer(self, mtp_layer)
+            return MTPProposer(self.runner, self.kv)
         assert spec.model is not None
         draft = Engine(
             replace(
@@ -243,7 +216,7 @@ class Engine:
                 f"(vocab_size {draft_vocab} vs {vocab}, or different token strings); a draft model "
                 "must use the same vocabulary"
             )
-        return DraftModelProposer(draft)
+        return DraftModelProposer(DraftModel(draft.runner, draft.kv, draft.max_model_len))
 
     # ------------------------------------------------------------------ requests
 
@@ -280,7 +253,7 @@ class Engine:
     ) -> None:
         """Queues a request. Raises InvalidRequestError (a ValueError; changing nothing) when it cannot be served."""
         params = params or SamplingParams()
-        if request_id in self._requests:
+        if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.n != 1:
             raise InvalidRequestError(
@@ -298,9 +271,7 @@ class Engine:
             raise InvalidRequestError(
                 "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
-        request = self._new_request(request_id, ids, params, prefill_only=prefill_only)
-        self._requests[request_id] = request
-        self.scheduler.add(request)
+        self.scheduler.add(self._new_request(request_id, ids, params, prefill_only=prefill_only))
 
     def _new_request(
         self, request_id: str, ids: list[int], params: SamplingParams, *, prefill_only: bool = False
@@ -327,14 +298,12 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stops a request at once and frees its blocks; False if it is unknown or already done."""
-        if self.cancel_reservation(request_id):
+        if self.kv_handoff.cancel_reservation(request_id):
             return True
-        req = self._requests.get(request_id)
+        req = self.scheduler.requests.get(request_id)
         if req is None:
             return False
-        self._finish(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = "abort"
+        self.scheduler.finish(req, "abort")
         self._publish_events()
         return True
 
@@ -362,53 +331,43 @@ class Engine:
         run_mtp = any(not r.output_token_ids and (speculating or r.prefill_only) for r in batch.requests)
         out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
         emitted = self._sample(batch.requests, num_logits, out.logits)
-
-        deltas = []
-        row = 0
-        for req, n, m in zip(batch.requests, batch.num_tokens, num_logits):
-            if m == 0:
-                req.num_computed_tokens += n
-                self.kv.cache_computed_blocks(req)
-                continue
-            tokens, logprobs = emitted[req.request_id]
-            guesses = len(req.spec_token_ids)
-            req.spec_token_ids = []
-            # KV is valid through the last accepted guess; later slots are rolled back.
-            req.num_computed_tokens += n - guesses + len(tokens) - 1
-            if self.runner.mtp_layer is not None:
-                self._keep_mtp_hidden(
-                    req, out.hidden[row : row + len(tokens)], fed=run_mtp or not speculating
-                )
-            row += m
-            if not req.output_token_ids:
-                self._prompt_tokens += req.num_prompt_tokens
-                self._prefix_queried += req.num_prompt_tokens
-                self._prefix_hits += req.num_cached_tokens
-            if guesses:
-                self._spec_accepted += len(tokens) - 1
-                self._spec_emitted += len(tokens)
-                self._spec_verifications += 1
-            deltas.append(self._append_tokens(req, tokens, logprobs))
-        self._steps += 1
-        self._last_step_seconds = time.perf_counter() - started
+        if self.runner.mtp_layer is not None:
+            self._keep_mtp_hidden(batch, num_logits, emitted, out.hidden, fed=run_mtp or not speculating)
+        deltas = self.scheduler.postprocess(batch, num_logits, emitted)
+        self.counters.num_steps += 1
+        self.counters.last_step_seconds = time.perf_counter() - started
         self._publish_events()
         return deltas
 
-    def _keep_mtp_hidden(self, req: Request, rows: torch.Tensor, fed: bool) -> None:
+    def _keep_mtp_hidden(
+        self,
+        batch: ScheduledBatch,
+        num_logits: list[int],
+        emitted: dict[str, Emitted],
+        hidden: torch.Tensor,
+        fed: bool,
+    ) -> None:
         """Keeps the pre-norm hidden states of the positions whose MTP cache entry is not written.
 
-        `rows` are this step's accepted positions, ending at num_computed_tokens - 1. The last one
-        always waits for its next token (just sampled); with `fed`, the others need nothing more
-        (the pass wrote them, or speculation is off and they are given up: a shorter context for
-        the MTP layer later means worse guesses, never different output).
+        A sampling request's rows of `hidden` start with its accepted positions, which end where
+        its KV does once the step is applied. The last one always waits for its next token (just
+        sampled); with `fed`, the others need nothing more (the pass wrote them, or speculation is
+        off and they are given up: a shorter context for the MTP layer later means worse
+        guesses, never different output).
         """
-        if fed:
-            req.mtp_hidden = rows[-1:].clone()
-            return
-        pending = rows if req.mtp_hidden is None else torch.cat([req.mtp_hidden, rows])
-        # Bounded: a request not guessed for (near max_tokens, no room for guesses) keeps adding
-        # rows; positions dropped here only leave the MTP layer a shorter context.
-        req.mtp_hidden = pending[-MAX_PENDING_MTP_ROWS:].clone()
+        row = 0
+        for req, m in zip(batch.requests, num_logits):
+            if m == 0:
+                continue
+            rows = hidden[row : row + len(emitted[req.request_id][0])]
+            row += m
+            if fed:
+                req.mtp_hidden = rows[-1:].clone()
+                continue
+            pending = rows if req.mtp_hidden is None else torch.cat([req.mtp_hidden, rows])
+            # Bounded: a request not guessed for (near max_tokens, no room for guesses) keeps adding
+            # rows; positions dropped here only leave the MTP layer a shorter context.
+            req.mtp_hidden = pending[-MAX_PENDING_MTP_ROWS:].clone()
 
     def _speculation_on(self) -> bool:
         """Whether this step guesses: a proposer exists and the batch is not too big for it."""
@@ -441,12 +400,12 @@ class Engine:
                 ks.append(k)
         if requests:
             self.proposer.propose(requests, ks)
-            self._spec_proposed += sum(len(r.spec_token_ids) for r in requests)
+            self.counters.spec_proposed_tokens += sum(len(r.spec_token_ids) for r in requests)
 
     @torch.inference_mode()  # the logits are inference tensors, which sampling overwrites in place
     def _sample(
         self, requests: list[Request], num_logits: list[int], logits: torch.Tensor
-    ) -> dict[str, tuple[list[int], list[Any]]]:
+    ) -> dict[str, Emitted]:
         """The tokens (and logprobs) each sampling request emits, by request id.
 
         `logits` holds `num_logits[i]` rows for request i: one to sample from, or k + 1 to verify
@@ -483,83 +442,6 @@ class Engine:
         verified = verify(self.sampler, logits, groups, scratch=True)
         return {req.request_id: (v.token_ids, v.logprobs) for (req, _), v in zip(sampling, verified)}
 
-    def _append_tokens(self, req: Request, tokens: list[int], logprobs: list[Any]) -> RequestDelta:
-        """Emits tokens in order until one ends the request; builds the step's delta for it."""
-        text = ""
-        emitted: list[int] = []
-        emitted_lps: list[Any] = []
-        for token, lp in zip(tokens, logprobs):
-            req.append_token(token)
-            self._generation_tokens += 1
-            emitted.append(token)
-            if lp is not None:
-                req.logprobs.append(lp)
-                emitted_lps.append(lp)
-            stopped_on = None
-            if req.detokenizer is not None:
-                step = req.detokenizer.add_tokens([token])
-                text += step.new_text
-                stopped_on = step.stopped_on
-            self._check_stop(req, token, stopped_on)
-            if req.finished:
-                break
-        if req.finished and req.detokenizer is not None and not isinstance(req.stop_reason, str):
-            # Text held back in case it began a stop string is final now.
-            text += req.detokenizer.flush()
-        # The accepted guesses are tokens now, so their full blocks can enter the prefix cache.
-        req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
-        self.kv.cache_computed_blocks(req)
-        kv_ready = False
-        if req.finished:
-            self._finish(req)
-        else:
-            # Blocks set aside for rejected guesses go back to the pool.
-            self.kv.trim(req, req.num_tokens)
-            if req.prefill_only:
-                # Park it: blocks stay allocated until export_kv + release_exported.
-                self.scheduler.remove(req)
-                req.status = RequestStatus.PREFILLED
-                kv_ready = True
-        return RequestDelta(
-            request_id=req.request_id,
-            new_token_ids=emitted,
-            new_text=text,
-            new_logprobs=emitted_lps or None,
-            finished=req.finished,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_tokens=req.num_cached_tokens,
-            kv_ready=kv_ready,
-        )
-
-    def _check_stop(self, req: Request, token: int, stopped_on: str | None) -> None:
-        p = req.params
-        n_out = len(req.output_token_ids)
-        reason: str | None = None
-        stop_reason: str | int | None = None
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.model_config.eos_token_ids:
-                reason = "stop"
-            elif token in p.stop_token_ids:
-                reason, stop_reason = "stop", token
-            elif stopped_on is not None:
-                reason, stop_reason = "stop", stopped_on
-        if reason is None and (n_out >= req.max_tokens or req.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            req.status = RequestStatus.FINISHED
-            req.finish_reason = reason
-            req.stop_reason = stop_reason
-
-    def _finish(self, req: Request) -> None:
-        """Takes a request out of the engine: queues, blocks, proposer state."""
-        self.scheduler.remove(req)
-        self.kv.free(req)
-        self._requests.pop(req.request_id, None)
-        if self.proposer is not None:
-            self.proposer.forget(req.request_id)
-
     def _publish_events(self) -> None:
         events = self.kv.pool.drain_events()
         if events and self.on_cache_event is not None:
@@ -567,108 +449,32 @@ class Engine:
 
     # ------------------------------------------------------------------ disaggregation hooks
 
+    # These delegate to `kv_handoff` (see `pdserve.engine.kv_handoff`); roles/ calls them here.
+
     def export_kv(self, request_id: str) -> KVPayload:
         """The KV blocks and state of a prefilled (prefill_only) request, as a plain payload."""
-        req = self._requests.get(request_id)
-        if req is None or req.status is not RequestStatus.PREFILLED:
-            raise KeyError(f"request {request_id!r} is not a prefilled request waiting for export")
-        n_blocks = -(-req.num_computed_tokens // self.kv.block_size)
-        return KVPayload(
-            request_id=request_id,
-            prompt_token_ids=list(req.prompt_token_ids),
-            output_token_ids=list(req.output_token_ids),
-            params=req.params,
-            num_computed_tokens=req.num_computed_tokens,
-            num_cached_tokens=req.num_cached_tokens,
-            block_hashes=list(req.block_hashes[: req.num_computed_tokens // self.kv.block_size]),
-            kv=self.kv_cache.read_blocks(req.block_ids[:n_blocks]),
-            generator_state=req.generator.get_state() if req.generator is not None else None,
-            logprobs=list(req.logprobs),
-            mtp_hidden=req.mtp_hidden,
-        )
+        return self.kv_handoff.export_kv(request_id)
 
     def release_exported(self, request_id: str) -> None:
         """Frees a prefilled request's blocks once its KV has been handed over (or given up on)."""
-        req = self._requests.pop(request_id, None)
-        if req is None:
-            return
-        self.kv.free(req)
-        req.status = RequestStatus.FINISHED
-        self._publish_events()
+        self.kv_handoff.release_exported(request_id)
 
     def reserve_kv(self, request_id: str, num_tokens: int) -> bool:
-        """Sets aside blocks for `num_tokens` tokens of KV that another engine will send.
-
-        The decode side of a disaggregated request reserves before the prefill side sends, so
-        no transfer ever lands in a full engine. False, changing nothing, when there is no room.
-        """
-        if request_id in self._requests or request_id in self._reservations:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if num_tokens <= 0 or num_tokens >= self.max_model_len:
-            raise ValueError(f"num_tokens must be in [1, {self.max_model_len}), got {num_tokens}")
-        holder = Request(request_id, prompt_token_ids=[], params=SamplingParams(), max_tokens=0, arrival=-1)
-        if not self.kv.allocate(holder, num_tokens):
-            return False
-        self._reservations[request_id] = holder
-        return True
+        """Sets aside blocks for `num_tokens` tokens of incoming KV; False when there is no room."""
+        return self.kv_handoff.reserve_kv(request_id, num_tokens)
 
     def cancel_reservation(self, request_id: str) -> bool:
         """Returns a reservation's blocks to the pool; False if there was none."""
-        holder = self._reservations.pop(request_id, None)
-        if holder is None:
-            return False
-        self.kv.free(holder)
-        return True
+        return self.kv_handoff.cancel_reservation(request_id)
 
     @property
     def kv_block_shape(self) -> tuple[int, ...]:
         """Shape of one block's KV across layers, as `KVPayload.kv` holds it minus the block axis."""
-        t = self.kv_cache.tensor
-        return (t.shape[0], t.shape[1], *t.shape[3:])
+        return self.kv_handoff.kv_block_shape
 
     def import_kv(self, payload: KVPayload) -> None:
-        """Continues decoding a request prefilled elsewhere: its KV goes into blocks here.
-
-        Uses the blocks `reserve_kv` set aside for the request when there are any; otherwise
-        allocates and raises RuntimeError when the pool cannot hold it (nothing changes then).
-        """
-        if payload.request_id in self._requests:
-            raise ValueError(f"request_id {payload.request_id!r} is already in use")
-        ids = list(payload.prompt_token_ids)
-        req = self._new_request(payload.request_id, ids, payload.params)
-        for t in payload.output_token_ids:
-            req.append_token(t)
-            if req.detokenizer is not None:
-                # The prefill side streamed these tokens' text already; this only advances offsets.
-                req.detokenizer.add_tokens([t])
-        req.num_cached_tokens = payload.num_cached_tokens
-        req.scheduled_once = True
-        req.logprobs = list(payload.logprobs)
-        if payload.generator_state is not None and req.generator is not None:
-            req.generator.set_state(payload.generator_state)
-        if payload.mtp_hidden is not None:
-            req.mtp_hidden = payload.mtp_hidden.to(self.device, self.dtype).reshape(
-                -1, self.model_config.hidden_size
-            )
-        holder = self._reservations.get(payload.request_id)
-        if holder is not None and len(holder.block_ids) >= payload.num_blocks:
-            del self._reservations[payload.request_id]
-            req.block_ids = holder.block_ids
-            if not self.kv.allocate(req, payload.num_computed_tokens):  # no-op unless it grew
-                raise RuntimeError(f"no room to extend the reservation of {payload.request_id!r}")
-        elif not self.kv.allocate(req, payload.num_computed_tokens):
-            raise RuntimeError(
-                f"no room for request {payload.request_id!r}: needs {payload.num_blocks} KV blocks, "
-                f"{self.kv.num_free_blocks} free"
-            )
-        else:
-            self.cancel_reservation(payload.request_id)
-        self.kv_cache.write_blocks(req.block_ids[: payload.num_blocks], payload.kv)
-        req.num_computed_tokens = payload.num_computed_tokens
-        self.kv.cache_computed_blocks(req)
-        self._requests[req.request_id] = req
-        self.scheduler.add_running(req)
-        self._publish_events()
+        """Continues decoding a request prefilled elsewhere, in the blocks `reserve_kv` set aside."""
+        self.kv_handoff.import_kv(payload)
 
     # ------------------------------------------------------------------ introspection
 
@@ -680,22 +486,13 @@ class Engine:
         return EngineStats(
             num_waiting=self.scheduler.num_waiting,
             num_running=self.scheduler.num_running,
-            num_prefilled=sum(r.status is RequestStatus.PREFILLED for r in self._requests.values()),
+            num_prefilled=sum(r.status is RequestStatus.PREFILLED for r in self.scheduler.requests.values()),
             kv_blocks_total=self.kv.num_blocks,
             kv_blocks_free=self.kv.num_free_blocks,
             kv_blocks_cached=self.kv.pool.num_cached,
-            prefix_cache_queried_tokens=self._prefix_queried,
-            prefix_cache_hit_tokens=self._prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generation_tokens,
-            num_steps=self._steps,
-            last_step_seconds=self._last_step_seconds,
             waiting_prefill_tokens=waiting_prefill,
-            spec_proposed_tokens=self._spec_proposed,
-            spec_accepted_tokens=self._spec_accepted,
-            spec_emitted_tokens=self._spec_emitted,
-            spec_verifications=self._spec_verifications,
+            **asdict(self.counters),
         )
 
     def cached_block_hashes(self) -> list[int]:

@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 
 from pdserve.engine.engine import Engine, PromptInput
 from pdserve.engine.engine_config import EngineConfig
-from pdserve.engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
-from pdserve.engine.sampler import TokenLogprobs
+from pdserve.engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
 

@@ -1,13 +1,22 @@
-"""What the engine hands back: per-step deltas, and the whole results `LLM.generate` returns."""
+"""What the engine hands back: per-step deltas, and the whole results `LLM.generate` returns.
+
+Plain data without torch: deltas cross process seams (worker to router to gateway), and the
+processes on the far side of them do not load torch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 
-from pdserve.engine.sampler import TokenLogprobs
-from pdserve.engine.sampling_params import SamplingParams
+@dataclass
+class TokenLogprobs:
+    """Logprob of the sampled token, its rank, and the requested top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely; ties count against the sampled token, as in vLLM
+    top: list[tuple[int, float]]  # top-`params.logprobs` (token_id, logprob), best first
 
 
 @dataclass
@@ -54,30 +63,3 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-
-
-@dataclass
-class KVPayload:
-    """A prefilled request, ready to continue decoding on another engine.
-
-    `kv` holds the request's own blocks only, [L, 2, n_blocks, block_size, KVH, D]; the rest
-    is plain data, so the payload can cross a process boundary as is.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # the first token, sampled by the prefill engine
-    params: SamplingParams
-    num_computed_tokens: int
-    num_cached_tokens: int
-    block_hashes: list[int]
-    kv: torch.Tensor
-    generator_state: torch.Tensor | None = None  # so seeded sampling continues exactly
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    # MTP speculation: pre-norm hidden states [n, H] of the last n computed positions, whose MTP
-    # cache entries the decode side writes before its first guess (the rest travel in `kv`).
-    mtp_hidden: torch.Tensor | None = None
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.kv.shape[2])

@@ -12,7 +12,7 @@ from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pdserve.engine.detokenizer import IncrementalDetokenizer
-    from pdserve.engine.sampler import TokenLogprobs
+    from pdserve.engine.outputs import TokenLogprobs
 
 
 class RequestStatus(enum.Enum):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -25,16 +26,6 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # generated before this step
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprob of the sampled token, its rank, and the requested top alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int  # 1 = most likely; ties count against the sampled token, as in vLLM
-    top: list[tuple[int, float]]  # top-`params.logprobs` (token_id, logprob), best first
 
 
 @dataclass

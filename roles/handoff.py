@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from pdserve.engine import SamplingParams
-from pdserve.roles.kv_transfer import Channel, Endpoint
+from pdserve.roles.kv_channel import Channel, Endpoint
 from pdserve.roles.messages import TokenChunk
 
 

@@ -1,11 +1,15 @@
-"""Plain data that crosses the worker actor's boundary (Ray pickles these)."""
+"""Plain data that crosses the worker actor's boundary (Ray pickles these).
+
+No torch here: the controller and the router read these without loading it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine import RequestDelta, SamplingParams
-from pdserve.engine.sampler import TokenLogprobs
+from pdserve.engine.outputs import RequestDelta, TokenLogprobs
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.stats import EngineStats
 
 ROLES = ("prefill", "decode", "both")
 
@@ -81,3 +85,31 @@ class WorkerLoad:
     draining: bool
     spec_acceptance_rate: float = 0.0  # speculative decoding, since start (0 when it is off)
     spec_mean_accepted_length: float = 0.0
+
+    @classmethod
+    def from_stats(
+        cls,
+        stats: EngineStats,
+        *,
+        worker_id: str,
+        role: str,
+        num_pending_sends: int,
+        block_size: int,
+        draining: bool,
+    ) -> WorkerLoad:
+        """The report of a worker whose engine gave `stats`; the rest is the worker's own state."""
+        return cls(
+            worker_id=worker_id,
+            role=role,
+            num_waiting=stats.num_waiting,
+            num_running=stats.num_running,
+            num_pending_sends=num_pending_sends,
+            kv_blocks_total=stats.kv_blocks_total,
+            kv_blocks_free=stats.kv_blocks_free,
+            block_size=block_size,
+            waiting_prefill_tokens=stats.waiting_prefill_tokens,
+            last_step_seconds=stats.last_step_seconds,
+            draining=draining,
+            spec_acceptance_rate=stats.spec_acceptance_rate,
+            spec_mean_accepted_length=stats.spec_mean_accepted_length,
+        )

@@ -85,22 +85,16 @@ class Worker:
         """Current load, for the controller and the router."""
         loop = await self._engine()
         stats = await loop.call(lambda e: e.stats())
-        self.metrics.engine_stats(stats, len(self._outbox))
-        return WorkerLoad(
+        load = WorkerLoad.from_stats(
+            stats,
             worker_id=self.worker_id,
             role=self.role,
-            num_waiting=stats.num_waiting,
-            num_running=stats.num_running,
             num_pending_sends=len(self._outbox),
-            kv_blocks_total=stats.kv_blocks_total,
-            kv_blocks_free=stats.kv_blocks_free,
             block_size=self._engine_config.block_size,
-            waiting_prefill_tokens=stats.waiting_prefill_tokens,
-            last_step_seconds=stats.last_step_seconds,
             draining=self._draining,
-            spec_acceptance_rate=stats.spec_acceptance_rate,
-            spec_mean_accepted_length=stats.spec_mean_accepted_length,
         )
+        self.metrics.engine_stats(stats, load.num_pending_sends)
+        return load
 
     async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> str:
         """Switches role once in-flight work has drained; new work of the old role is refused meanwhile."""

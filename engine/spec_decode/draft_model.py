@@ -1,7 +1,7 @@
 """`DraftModelProposer`: a small model with the target's vocabulary guesses the next k tokens.
 
-The draft runs in its own `Engine` (weights, paged KV pool with prefix caching, runner), driven
-here step by step rather than through its scheduler. Each request has a shadow sequence in that
+The draft has its own weights, paged KV pool with prefix caching and runner (built as an
+`Engine` of its own), driven here step by step rather than through a scheduler. Each request has a shadow sequence in that
 engine: before guessing, the shadow takes the target's new tokens (its KV stays valid through
 the guesses the target accepted, so rejected ones roll back by a counter), then one pass catches
 the draft's cache up (the whole prompt the first time, on a decode worker after a KV import
@@ -10,11 +10,24 @@ too) and yields the first guess, and k - 1 single-token passes yield the rest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch
+
+
+@dataclass(frozen=True)
+class DraftModel:
+    """What the proposer drives of the draft: its runner, its block manager, its context window."""
+
+    runner: ModelRunner
+    kv: KVCacheManager
+    max_model_len: int
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -26,9 +39,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class DraftModelProposer:
-    """Greedy guesses from a draft `Engine` (built by the caller, never stepped on its own)."""
+    """Greedy guesses from a draft model (built by the caller, never stepped on its own)."""
 
-    def __init__(self, draft) -> None:  # draft: pdserve.engine.Engine (a cycle to import here)
+    def __init__(self, draft: DraftModel) -> None:
         self.draft = draft
         self._shadows: dict[str, Request] = {}
 

@@ -14,31 +14,37 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
 
 
 class MTPProposer:
-    """Greedy guesses from the target's MTP layer (index `mtp_layer` of its KV cache)."""
+    """Greedy guesses from the target's MTP layer, through the target's own runner (whose
+    `mtp_layer` is the MTP layer's index in the KV cache) and block manager."""
 
-    def __init__(self, engine, mtp_layer: int) -> None:  # engine: pdserve.engine.Engine
-        self.engine = engine
-        self.mtp_layer = mtp_layer
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager) -> None:
+        if runner.mtp_layer is None:
+            raise ValueError("MTPProposer needs a runner that keeps the MTP layer's cache (mtp_layer)")
+        self.runner = runner
+        self.kv = kv
+        self.mtp_layer = runner.mtp_layer
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], ks: list[int]) -> None:
-        e = self.engine
+        runner = self.runner
         live: list[Request] = []
         wanted: list[int] = []
         for req, k in zip(requests, ks):
             req.spec_token_ids = []
             # Without pending hidden states (after a preemption, or a KV import that did not carry
             # them) there is nothing to guess from; the request decodes plainly this step.
-            if req.mtp_hidden is not None and e.kv.allocate(req, req.num_computed_tokens + k - 1):
+            if req.mtp_hidden is not None and self.kv.allocate(req, req.num_computed_tokens + k - 1):
                 live.append(req)
                 wanted.append(k)
         if not live:
             return
-        kv_layer = e.kv_cache.layer(self.mtp_layer)
+        kv_layer = runner.kv_cache.layer(self.mtp_layer)
         # Catch-up: each request's pending positions q0..q (q = num_computed_tokens - 1), fed the
         # tokens that followed them; the last row's output guesses the token after the newest.
         counts = [len(r.mtp_hidden) for r in live]  # type: ignore[arg-type]
@@ -46,15 +52,15 @@ class MTPProposer:
         hidden = torch.cat([r.mtp_hidden for r in live])  # type: ignore[misc]
         next_ids = [t for r, s, n in zip(live, starts, counts) for t in r.all_token_ids[s + 1 : s + n + 1]]
         positions = [p for s, n in zip(starts, counts) for p in range(s, s + n)]
-        meta = e.runner.spans_meta([r.block_ids for r in live], starts, counts)
+        meta = runner.spans_meta([r.block_ids for r in live], starts, counts)
         out = self._forward(hidden, next_ids, positions, kv_layer, meta)
-        last_rows = torch.tensor([sum(counts[: i + 1]) - 1 for i in range(len(live))], device=e.device)
+        last_rows = torch.tensor([sum(counts[: i + 1]) - 1 for i in range(len(live))], device=runner.device)
         hidden = out[last_rows]
         positions = [r.num_computed_tokens for r in live]  # where each chained guess sits
         for req in live:
             req.mtp_hidden = None  # written now
         while True:
-            tokens = e.model.compute_logits(hidden).argmax(dim=-1).tolist()
+            tokens = runner.model.compute_logits(hidden).argmax(dim=-1).tolist()
             keep = []
             for i, (req, token, k) in enumerate(zip(live, tokens, wanted)):
                 req.spec_token_ids.append(token)
@@ -66,15 +72,15 @@ class MTPProposer:
             wanted = [wanted[i] for i in keep]
             next_ids = [tokens[i] for i in keep]
             positions = [positions[i] for i in keep]
-            meta = e.runner.spans_meta([r.block_ids for r in live], positions, [1] * len(live))
+            meta = runner.spans_meta([r.block_ids for r in live], positions, [1] * len(live))
             hidden = self._forward(hidden[keep], next_ids, positions, kv_layer, meta)
             positions = [p + 1 for p in positions]
 
     def _forward(self, hidden: torch.Tensor, next_ids: list[int], positions: list[int], kv_layer, meta):
-        e = self.engine
-        ids = torch.tensor(next_ids, dtype=torch.long, device=e.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=e.device)
-        return e.model.mtp_forward(hidden, ids, pos, kv_layer, meta)
+        device = self.runner.device
+        ids = torch.tensor(next_ids, dtype=torch.long, device=device)
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        return self.runner.model.mtp_forward(hidden, ids, pos, kv_layer, meta)
 
     def forget(self, request_id: str) -> None:
         """The MTP cache lives in the request's own blocks; nothing else is kept."""

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.sampler import (
     Sampler,
     SamplingRow,
-    TokenLogprobs,
     apply_sampling_transforms,
     argmax_rows,
     gather_logprobs,

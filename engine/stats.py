@@ -1,0 +1,51 @@
+"""The engine's counters and the load snapshot built from them (plain data, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineCounters:
+    """Totals since start that the engine's steps add to (one object, owned by the engine)."""
+
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_steps: int = 0
+    last_step_seconds: float = 0.0
+    # Speculative decoding: guesses made and accepted, tokens emitted by verification steps, and
+    # how many (request, step) verifications there were.
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0
+    spec_verifications: int = 0
+
+
+@dataclass(kw_only=True)
+class EngineStats(EngineCounters):
+    """A snapshot of the engine's load and counters (read by workers and metrics): the counters
+    as they stood, and the queues and KV pool at that moment."""
+
+    num_waiting: int
+    num_running: int
+    num_prefilled: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    num_preemptions: int
+    waiting_prefill_tokens: int
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens emitted per verification (accepted guesses + 1); 1.0 means guessing never paid."""
+        return self.spec_emitted_tokens / self.spec_verifications if self.spec_verifications else 0.0
