@@ -294,7 +294,8 @@ class _RouterThread:
     """The router on its own event loop thread, as it would run in its own process."""
 
     def __init__(self, controller) -> None:
-        from pdserve.router.server import RouterConfig, start_router
+        from pdserve.router.config import RouterConfig
+        from pdserve.router.server import start_router
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

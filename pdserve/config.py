@@ -7,8 +7,8 @@ the three cannot drift apart. Flags win over the environment, which wins over th
 wins over the defaults. Environment variables and flags are text: an empty value leaves an
 optional setting unset, and dict-valued settings take a JSON object (a mapping in YAML).
 Unknown keys, unknown `PDSERVE_*` variables and bad values are refused with the key's name and
-where it came from. This module imports neither torch nor Ray, so a bad configuration is
-refused before anything starts.
+where it came from. This module imports neither torch nor Ray (the router's defaults come from
+its light `pdserve.router.config`), so a bad configuration is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from pdserve.router.config import RouterConfig
+from pdserve.router.policies import POLICIES
+
 ENV_PREFIX = "PDSERVE_"
 CONFIG_ENV = "PDSERVE_CONFIG"  # the YAML file's path, when no --config is given
 # Variables the test suite reads (PDSERVE_TEST_REDIS_URL); a test run must be able to start
 # `pdserve up` with them set.
 RESERVED_ENV_PREFIX = "PDSERVE_TEST_"
-# Kept in step with pdserve.router.policies.POLICIES by a test (importing it here would pull
-# torch into every CLI start).
-Policy = Literal["round_robin", "least_load", "power_of_two", "cache_aware"]
+# The router owns its policies and defaults; both modules are light (no torch, Ray or gRPC).
+Policy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -73,8 +75,8 @@ class ClusterConfig(BaseModel):
     both: Int = Field(0, ge=0, description="colocated (prefill+decode) workers")
     host: str = Field("127.0.0.1", min_length=1, description="address every service binds")
     port: Int = Field(8000, ge=1, le=65535, description="HTTP gateway port")
-    router_port: Int = Field(50051, ge=1, le=65535, description="gRPC router port")
-    policy: Policy = Field("cache_aware", description="prefill placement policy")
+    router_port: Int = Field(RouterConfig.port, ge=1, le=65535, description="gRPC router port")
+    policy: Policy = Field(RouterConfig.policy, description="prefill placement policy")
     redis_url: str | None = Field(None, description="share the prefix index through this Redis")
     address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY'")

@@ -31,7 +31,7 @@ from pdserve.engine.engine_config import EngineConfig
 if TYPE_CHECKING:
     from pdserve.engine.served_model import ServedModel
     from pdserve.gateway.config import GatewayConfig
-    from pdserve.router.server import RouterConfig
+    from pdserve.router.config import RouterConfig
 
 NAMESPACE = "pdserve"
 
@@ -61,7 +61,7 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
 
 def router_config(c: ClusterConfig) -> RouterConfig:
     """The router's settings, from the cluster settings."""
-    from pdserve.router.server import RouterConfig
+    from pdserve.router.config import RouterConfig
 
     return RouterConfig(host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url)
 

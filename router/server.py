@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,39 +24,17 @@ from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.roles.messages import TokenChunk
 from pdserve.router.cluster_view import ClusterView
+from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.placement import NoWorkerError, RouterPlacement
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import make_prefix_index
-from pdserve.router.request_runner import NoRoomInTime, RequestRunner, RunnerConfig
+from pdserve.router.request_runner import NoRoomInTime, RequestRunner
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 _DONE = object()
-
-
-@dataclass
-class RouterConfig:
-    """How the router runs (the same names as `pdserve router` flags)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    policy: str = "cache_aware"
-    redis_url: str | None = None
-    max_in_flight: int = 1024
-    view_interval_s: float = 0.1
-    metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
-    runner: RunnerConfig | None = None
-
-    def __post_init__(self) -> None:
-        make_policy(self.policy)  # ValueError naming the allowed policies
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
-        if not self.metrics_timeout_s > 0:
-            raise ValueError(f"metrics_timeout_s must be > 0, got {self.metrics_timeout_s}")
 
 
 class InvalidRequest(ValueError):

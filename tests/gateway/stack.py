@@ -17,7 +17,7 @@ from pdserve.cluster.controller import ControllerConfig, start_controller
 from pdserve.engine import EngineConfig
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.gateway.app import GatewayConfig, create_app
-from pdserve.router.server import RouterConfig
+from pdserve.router.config import RouterConfig
 from tests.router.test_server import RouterThread, free_port
 
 # ERNIE 4.5's turn layout (begin-of-sentence, "User: "/"Assistant: ", thinking switch), small.

@@ -16,8 +16,9 @@ from pdserve.cluster.controller import ControllerConfig, start_controller
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.router.config import RouterConfig
 from pdserve.router.request_runner import RunnerConfig
-from pdserve.router.server import RouterConfig, start_router
+from pdserve.router.server import start_router
 from tests.prompts import prompts_of
 from tests.roles.test_worker import metric
 

@@ -1,0 +1,37 @@
+"""`RouterConfig`: how the router runs. Its defaults are the schema's (`pdserve.config` reads them).
+
+Torch-, Ray- and gRPC-free, so the command line's schema can take its defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pdserve.router.policies import DEFAULT_POLICY, make_policy
+
+if TYPE_CHECKING:
+    from pdserve.router.request_runner import RunnerConfig
+
+
+@dataclass
+class RouterConfig:
+    """How the router runs (the same names as `pdserve router` flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: str = DEFAULT_POLICY
+    redis_url: str | None = None
+    max_in_flight: int = 1024
+    view_interval_s: float = 0.1
+    metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
+    runner: RunnerConfig | None = None
+
+    def __post_init__(self) -> None:
+        make_policy(self.policy)  # ValueError naming the allowed policies
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if not self.metrics_timeout_s > 0:
+            raise ValueError(f"metrics_timeout_s must be > 0, got {self.metrics_timeout_s}")
