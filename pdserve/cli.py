@@ -323,8 +323,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class FlagError(ValueError):
+    """A flag argparse refused; `main` prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so a bad flag is one line and exit code 2 from `main`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise FlagError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
+    parser = _Parser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_cluster_commands(sub)
@@ -521,7 +532,11 @@ def _add_bench_serve(bench_sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except FlagError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
