@@ -54,9 +54,39 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
     )  # fmt: skip
 
 
-def controller_config(c: ClusterConfig) -> ControllerConfig:
+def controller_config(c: ClusterConfig, worker_num_cpus: float = 1.0) -> ControllerConfig:
     """The controller's settings; ValueError (nothing started yet) when they cannot work."""
-    return ControllerConfig(engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both)
+    return ControllerConfig(
+        engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, worker_num_cpus=worker_num_cpus
+    )
+
+
+# A worker's smallest CPU share: below it, engines on one core starve each other's steps.
+MIN_WORKER_CPUS = 0.25
+# How long `up` waits for every worker to load before it gives up with the reason.
+WORKER_READY_TIMEOUT_S = 300.0
+
+
+def worker_cpus(c: ClusterConfig, resources: dict[str, float], on_gpu: bool) -> float:
+    """Each worker's Ray CPU request, so that every worker fits the cluster at once.
+
+    Every worker asks Ray for a whole CPU where there are enough, else for an equal share (Ray
+    schedules fractions): asking for more than exists would leave workers waiting for ever.
+    Raises LaunchError naming the numbers and the flags when they cannot fit.
+    """
+    n = c.prefill + c.decode + c.both
+    if on_gpu and n > resources.get("GPU", 0):
+        raise LaunchError(
+            f"{n} GPU workers need {n} GPUs (one each) and the Ray cluster has {resources.get('GPU', 0):g}; "
+            "lower --prefill/--decode/--both or add GPU nodes"
+        )
+    cpus = resources.get("CPU", 0.0)
+    if cpus < n * MIN_WORKER_CPUS:
+        raise LaunchError(
+            f"{n} workers need at least {n * MIN_WORKER_CPUS:g} CPUs ({MIN_WORKER_CPUS:g} each) and the "
+            f"Ray cluster has {cpus:g}; lower --prefill/--decode/--both"
+        )
+    return min(1.0, cpus / n)
 
 
 def router_config(c: ClusterConfig) -> RouterConfig:
@@ -137,6 +167,9 @@ def up(config: ClusterConfig, echo=print) -> int:
     except Exception as e:
         raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
     try:
+        resources = ray.cluster_resources()
+        on_gpu = controllers.engine.device.startswith("cuda")
+        controllers = controller_config(config, worker_cpus(config, resources, on_gpu))
         return asyncio.run(_serve(config, controllers, source.name, echo))
     finally:
         _state_file(config.state_dir).unlink(missing_ok=True)
@@ -164,7 +197,12 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
     router = server = serving = None
     try:
         try:
-            await _with_progress(controller.start.remote(), "workers loading weights")
+            await _with_progress(controller.start.remote(), "workers loading weights", WORKER_READY_TIMEOUT_S)
+        except TimeoutError:
+            raise LaunchError(
+                f"the workers were not ready within {WORKER_READY_TIMEOUT_S:g} s (Ray could not place them, "
+                "or loading is stuck); see `ray status` and the workers' logs"
+            ) from None
         except ray.exceptions.RayTaskError as e:
             cause = _root_cause(e)
             raise LaunchError(f"the workers could not start: {type(cause).__name__}: {cause}") from e
@@ -207,12 +245,18 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             await controller.shutdown.remote()
 
 
-async def _with_progress(ref, what: str) -> None:
+async def _with_progress(ref, what: str, timeout_s: float) -> None:
+    """Awaits `ref` while a line shows the elapsed time; TimeoutError after `timeout_s`."""
     from tqdm import tqdm
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     with tqdm(desc=what, bar_format="{desc}: {elapsed}") as bar:
         task = asyncio.ensure_future(ref)
         while not task.done():
+            if loop.time() > deadline:
+                task.cancel()
+                raise TimeoutError(what)
             await asyncio.sleep(0.5)
             bar.update()
         task.result()

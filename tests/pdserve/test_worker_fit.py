@@ -1,0 +1,72 @@
+"""Workers fit the machine they are given: `pdserve up` starts, or refuses at once, never waits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdserve.config import ClusterConfig
+from pdserve.launcher import LaunchError, worker_cpus
+from tests.pdserve.test_launcher import PDSERVE, run
+from tests.router.test_server import free_port
+
+
+def test_each_worker_asks_for_its_share_of_the_cpus():
+    assert worker_cpus(ClusterConfig(prefill=1, decode=1), {"CPU": 2.0}, on_gpu=False) == 1.0
+    assert worker_cpus(ClusterConfig(prefill=2, decode=2), {"CPU": 2.0}, on_gpu=False) == 0.5
+    assert worker_cpus(ClusterConfig(prefill=0, decode=0, both=3), {"CPU": 16.0}, on_gpu=False) == 1.0
+
+
+def test_too_many_workers_are_refused_with_the_numbers_and_the_flag():
+    with pytest.raises(LaunchError) as err:
+        worker_cpus(ClusterConfig(prefill=5, decode=4), {"CPU": 2.0}, on_gpu=False)
+    assert "9 workers need at least 2.25 CPUs" in str(err.value) and "has 2" in str(err.value)
+    assert "--prefill/--decode/--both" in str(err.value)
+    with pytest.raises(LaunchError) as err:
+        worker_cpus(ClusterConfig(prefill=2, decode=1), {"CPU": 32.0, "GPU": 2.0}, on_gpu=True)
+    assert "3 GPU workers need 3 GPUs" in str(err.value) and "has 2" in str(err.value)
+
+
+def test_four_workers_start_on_a_two_core_machine(moe_checkpoint, tmp_path):
+    # README's own example (2 prefill + 2 decode) waited for ever when each worker asked Ray for
+    # a whole CPU and the machine had two.
+    port, state = free_port(), tmp_path / "state"
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (the process writes to it)
+    up = subprocess.Popen(
+        [*PDSERVE, "up", "--model", str(moe_checkpoint), "--prefill", "2", "--decode", "2",
+         "--kv-cache-blocks", "32", "--port", str(port), "--router-port", str(free_port()),
+         "--state-dir", str(state)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not httpx_ready(port):
+            assert up.poll() is None, Path(tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "pdserve up did not come up"
+            time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "def f():", "max_tokens": 3},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        status = run("status", "--state-dir", str(state))
+        workers = [
+            ln.split()[0] for ln in status.stdout.splitlines() if ln.startswith(("prefill-", "decode-"))
+        ]
+        assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
+        assert run("down", "--state-dir", str(state)).returncode == 0
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+
+
+def httpx_ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
