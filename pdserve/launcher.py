@@ -192,12 +192,18 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
     from pdserve.gateway.app import create_app
     from pdserve.router.server import start_router
 
+    # Ctrl-C / SIGTERM from here on stop everything this command started, also while loading.
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     controller = start_controller(controllers, name=CONTROLLER_NAME)
     echo(f"loading {model} on {config.prefill} prefill + {config.decode} decode + {config.both} both workers")
     router = server = serving = None
     try:
         try:
-            await _with_progress(controller.start.remote(), "workers loading weights", WORKER_READY_TIMEOUT_S)
+            await _with_progress(
+                controller.start.remote(), "workers loading weights", WORKER_READY_TIMEOUT_S, stop
+            )
         except TimeoutError:
             raise LaunchError(
                 f"the workers were not ready within {WORKER_READY_TIMEOUT_S:g} s (Ray could not place them, "
@@ -228,9 +234,6 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
         echo(f"try:  curl {state.gateway_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
              """-d '{"messages": [{"role": "user", "content": "Write a function that adds two numbers."}]}'""")  # fmt: skip
         echo("stop: Ctrl-C here, or `pdserve down`")
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
         echo("stopping")
         return 0
@@ -245,8 +248,9 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             await controller.shutdown.remote()
 
 
-async def _with_progress(ref, what: str, timeout_s: float) -> None:
-    """Awaits `ref` while a line shows the elapsed time; TimeoutError after `timeout_s`."""
+async def _with_progress(ref, what: str, timeout_s: float, stop: asyncio.Event) -> None:
+    """Awaits `ref` while a line shows the elapsed time; TimeoutError after `timeout_s`, and
+    LaunchError when `stop` is set meanwhile (Ctrl-C)."""
     from tqdm import tqdm
 
     loop = asyncio.get_running_loop()
@@ -254,6 +258,9 @@ async def _with_progress(ref, what: str, timeout_s: float) -> None:
     with tqdm(desc=what, bar_format="{desc}: {elapsed}") as bar:
         task = asyncio.ensure_future(ref)
         while not task.done():
+            if stop.is_set():
+                task.cancel()
+                raise LaunchError(f"interrupted ({what}); stopped everything it had started")
             if loop.time() > deadline:
                 task.cancel()
                 raise TimeoutError(what)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -70,3 +71,27 @@ def httpx_ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_ctrl_c_while_the_workers_load_exits_cleanly(tmp_path):
+    out = tmp_path / "up.log"
+    with open(out, "w") as log:
+        up = subprocess.Popen(
+            [*PDSERVE, "up", "--port", str(free_port()), "--router-port", str(free_port()),
+             "--state-dir", str(tmp_path / "state")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "workers loading weights" not in out.read_text():  # workers import torch: seconds
+                assert up.poll() is None and time.monotonic() < deadline, out.read_text()[-2000:]
+                time.sleep(0.05)
+            up.send_signal(signal.SIGINT)
+            assert up.wait(60) == 1
+        finally:
+            if up.poll() is None:
+                up.kill()
+    printed = out.read_text()
+    assert "pdserve up: error: interrupted (workers loading weights)" in printed
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed
+    assert not list((tmp_path / "state").glob("**/*.json"))  # nothing recorded as running
