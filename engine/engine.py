@@ -167,7 +167,7 @@ class Engine:
         if fmt == "dummy_required":
             raise ValueError(
                 f"model {source.name!r} has no weights (*.safetensors); pass load_format='dummy' "
-                "to run it with random weights"
+                "(--load-format dummy on the command line) to run it with random weights"
             )
         if fmt == "safetensors" and not source.has_weights:
             raise ValueError(f"load_format='safetensors' but {source.name!r} has no *.safetensors files")

@@ -158,6 +158,7 @@ def up(config: ClusterConfig, echo=print) -> int:
         if config.address:
             ray.init(address=config.address, namespace=NAMESPACE, log_to_driver=False)
         else:
+            _quiet_ray_auth_notice()
             ray.init(
                 _node_ip_address=config.host,
                 include_dashboard=False,
@@ -174,6 +175,20 @@ def up(config: ClusterConfig, echo=print) -> int:
     finally:
         _state_file(config.state_dir).unlink(missing_ok=True)
         ray.shutdown()
+
+
+def _quiet_ray_auth_notice() -> None:
+    """Drops Ray's notice that it turned token authentication on for a new local cluster.
+
+    Known and harmless (authentication stays on); it is the one warning of a normal start. Only
+    that message goes: Ray's other warnings are kept. (Setting RAY_AUTH_MODE=token instead makes
+    Ray 2.60 refuse to start its own cluster without a pre-made token.)
+    """
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage()
+    )
 
 
 def _root_cause(error: BaseException) -> BaseException:

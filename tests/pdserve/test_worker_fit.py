@@ -53,6 +53,8 @@ def test_four_workers_start_on_a_two_core_machine(moe_checkpoint, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "def f():", "max_tokens": 3},
                        timeout=60)  # fmt: skip
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        printed = Path(tmp_path / "up.log").read_text()
+        assert "WARNING" not in printed and "Warning" not in printed, printed  # a normal start is quiet
         status = run("status", "--state-dir", str(state))
         workers = [
             ln.split()[0] for ln in status.stdout.splitlines() if ln.startswith(("prefill-", "decode-"))
