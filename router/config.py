@@ -22,6 +22,9 @@ class RouterConfig:
     port: int = 50051
     policy: str = DEFAULT_POLICY
     redis_url: str | None = None
+    # The cluster this router serves: its Redis keys live under `pdserve:<cluster>:`, so clusters
+    # sharing one Redis never see each other's prefix entries (the launcher sets the cluster's name).
+    cluster: str = "pdserve"
     max_in_flight: int = 1024
     view_interval_s: float = 0.1
     metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.cluster_state import running
 from tests.router.test_server import free_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
@@ -39,12 +40,14 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (state / "cluster.json").is_file():
+        while not any(c.ready for c in running(state)):
             assert up.poll() is None, Path(tmp_path / "up.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "pdserve up did not come up"
             time.sleep(0.5)
         printed = Path(tmp_path / "up.log").read_text()
-        assert f"pdserve is up: http://127.0.0.1:{port}" in printed and "curl http://" in printed
+        assert f"pdserve pdserve-{port} is up: http://127.0.0.1:{port}" in printed
+        assert f"`pdserve down --name pdserve-{port}`" in printed
+        assert "curl http://" in printed
         assert f"router 127.0.0.1:{router_port})" in printed
 
         # A prompt that repeats itself, so n-gram lookup has something to guess from.
@@ -90,7 +93,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
         down = run("down", "--state-dir", str(state))
         assert down.returncode == 0 and "stopped" in down.stdout
         assert up.wait(30) == 0
-        assert not (state / "cluster.json").exists()
+        assert running(state) == [] and not list(state.glob("clusters/*.json"))
         try:
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
             raise AssertionError("the gateway still answers after pdserve down")
@@ -105,7 +108,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
 def test_clear_errors_and_nothing_left_running(tmp_path):
     bad = run("up", "--model", str(tmp_path / "nope"), "--state-dir", str(tmp_path))
     assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
-    assert not (tmp_path / "cluster.json").exists()
+    assert not list(tmp_path.glob("clusters/*.json"))
     assert run("status", "--state-dir", str(tmp_path)).returncode == 1
     assert "pdserve up" in run("down", "--state-dir", str(tmp_path)).stderr
 
@@ -125,4 +128,21 @@ def test_a_worker_that_cannot_load_is_one_line_and_leaves_nothing(tmp_path):
         "or 'ngram'"
     ]
     assert "Traceback" not in bad.stderr
-    assert not (tmp_path / "cluster.json").exists()
+    assert not list(tmp_path.glob("clusters/*.json"))
+
+
+def test_status_and_down_answer_fast_without_torch_or_ray(tmp_path):
+    # They only read records and ask a router: importing the launcher (torch, Ray) took 6-11 s.
+    for command in ("status", "down"):
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "pdserve.cli", command, "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        imported = {
+            ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")
+        }
+        assert proc.returncode == 1 and "no running cluster" in proc.stderr
+        assert not {"torch", "ray", "pdserve.launcher"} & imported, command
+        assert elapsed < 2.0, f"pdserve {command} took {elapsed:.1f} s"
