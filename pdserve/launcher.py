@@ -188,7 +188,7 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(serving, 10)  # lets uvicorn finish its lifespan cleanly
         if router is not None:
-            await router.stop()
+            await router.stop(clear_index=True)  # the cluster stops: its prefix entries go too
         with contextlib.suppress(Exception):
             await controller.shutdown.remote()
 

@@ -6,14 +6,17 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import redis
 
 from pdserve.cluster_state import running
 from tests.router.test_server import free_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+REDIS_URL = os.environ.get("PDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 def run(*args, **kw):
@@ -146,3 +149,76 @@ def test_status_and_down_answer_fast_without_torch_or_ray(tmp_path):
         assert proc.returncode == 1 and "no running cluster" in proc.stderr
         assert not {"torch", "ray", "pdserve.launcher"} & imported, command
         assert elapsed < 2.0, f"pdserve {command} took {elapsed:.1f} s"
+
+
+def _wait_ready(state: Path, names: set[str], procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    deadline = time.monotonic() + 150
+    while {c.name for c in running(state) if c.ready} != names:
+        for proc, log in zip(procs, logs, strict=True):
+            assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "pdserve up did not come up"
+        time.sleep(0.5)
+
+
+def test_two_clusters_on_one_machine_and_one_redis(moe_checkpoint, tmp_path):
+    state, tag = tmp_path / "state", uuid.uuid4().hex[:8]
+    names = {"a": f"a-{tag}", "b": f"b-{tag}"}
+    ports = {k: free_port() for k in names}
+    procs, logs = [], []
+    for k, name in names.items():
+        logs.append(tmp_path / f"{k}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(
+                [*PDSERVE, "up", "--model", str(moe_checkpoint), "--name", name, "--port", str(ports[k]),
+                 "--router-port", str(free_port()), "--kv-cache-blocks", "64", "--redis-url", REDIS_URL,
+                 "--state-dir", str(state)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ))  # fmt: skip
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        _wait_ready(state, set(names.values()), procs, logs)
+        assert f"`pdserve down --name {names['a']}`" in logs[0].read_text()
+        # The same prompt on both: identical block hashes, kept apart only by the cluster's name.
+        prompt = "def add(a, b):\n    return a + b\n" * 8
+        for port in ports.values():
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+
+        def keys(k: str) -> list[bytes]:
+            return list(client.scan_iter(match=f"pdserve:{names[k]}:*", count=1000))
+
+        deadline = time.monotonic() + 20
+        while not (keys("a") and keys("b")):  # the workers' cache events reach the routers
+            assert time.monotonic() < deadline, "no prefix entries in Redis"
+            time.sleep(0.3)
+
+        ambiguous = run("status", "--state-dir", str(state))
+        assert ambiguous.returncode == 1 and "--name" in ambiguous.stderr
+        for k, name in names.items():
+            assert name in ambiguous.stderr and f"http://127.0.0.1:{ports[k]}" in ambiguous.stderr
+        listed = run("status", "--all", "--state-dir", str(state))
+        assert listed.returncode == 0 and all(n in listed.stdout for n in names.values())
+        one = run("status", "--name", names["b"], "--state-dir", str(state))
+        assert one.returncode == 0 and f"cluster {names['b']}" in one.stdout and "decode-0" in one.stdout
+        started = time.monotonic()
+        again = run("up", "--model", str(moe_checkpoint), "--name", names["a"], "--state-dir", str(state))
+        assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+        assert time.monotonic() - started < 10  # refused before Ray starts
+
+        down = run("down", "--name", names["a"], "--state-dir", str(state))
+        assert down.returncode == 0 and names["a"] in down.stdout
+        assert procs[0].wait(30) == 0
+        assert keys("a") == [] and keys("b")
+        r = httpx.post(f"http://127.0.0.1:{ports['b']}/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200
+        assert [c.name for c in running(state)] == [names["b"]]
+        assert run("down", "--state-dir", str(state)).returncode == 0  # the only one left: no name needed
+        assert procs[1].wait(30) == 0
+        assert keys("b") == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        client.close()
