@@ -70,6 +70,9 @@ def claim(state_dir: Path, name: str, pid: int) -> None:
             return
         except FileExistsError:
             held = _read(path)
+            if held is None and _age_s(path) < 2.0:
+                time.sleep(0.05)  # another claim has created the file and is writing it: look again
+                continue
             if held is not None and _alive(held.pid):
                 where = f" at {held.gateway_url}" if held.gateway_url else " (starting)"
                 raise ClusterStateError(
@@ -132,6 +135,13 @@ def _read(path: Path) -> ClusterRecord | None:
         return ClusterRecord(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None  # gone meanwhile, or being written by a claim: not a running cluster to show
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0  # gone meanwhile: the next look sees that
 
 
 def _alive(pid: int) -> bool:

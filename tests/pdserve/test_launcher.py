@@ -10,9 +10,10 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
-from pdserve.cluster_state import running
+from pdserve.cluster_state import ClusterStateError, claim, remove_record, running
 from tests.router.test_server import free_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
@@ -222,3 +223,14 @@ def test_two_clusters_on_one_machine_and_one_redis(moe_checkpoint, tmp_path):
             if proc.poll() is None:
                 proc.kill()
         client.close()
+
+
+def test_a_live_name_is_refused_and_a_stale_record_replaced(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim(tmp_path, "x", dead.pid)  # nobody holds it
+    claim(tmp_path, "x", os.getpid())  # the record's process is gone: stale, replaced
+    with pytest.raises(ClusterStateError, match=r"'x' is already running .*pdserve down --name x"):
+        claim(tmp_path, "x", 1)
+    remove_record(tmp_path, "x", dead.pid)  # not its record any more: kept
+    assert [c.pid for c in running(tmp_path)] == [os.getpid()]
