@@ -43,6 +43,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pdserve.cluster_state import running
+
 WORKLOADS = ("chat", "shared-prefix")
 # `pdserve up` flags of the two layouts --compare-layouts runs.
 LAYOUTS: dict[str, list[str]] = {
@@ -469,7 +471,7 @@ def launched(
             with tqdm(
                 desc=f"bench serve: starting {layout}", bar_format="{desc}: {elapsed}", leave=False
             ) as bar:
-                while not (state / "cluster.json").is_file():
+                while not any(c.ready for c in running(state)):
                     if proc.poll() is not None:
                         raise RuntimeError(
                             f"`{' '.join(cmd)}` exited ({proc.returncode}):\n{log_path.read_text()[-2000:]}"

@@ -285,11 +285,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     # Checked before the launcher (and torch, Ray) is imported: a bad setting starts nothing.
     settings = load_config(flags_given(args), os.environ, args.config)
 
+    from pdserve.cluster_state import ClusterStateError
     from pdserve.launcher import LaunchError, up
 
     try:
         return up(settings)
-    except LaunchError as e:
+    except (LaunchError, ClusterStateError) as e:
         print(f"pdserve up: error: {e}", file=sys.stderr)
         return 1
 
@@ -302,22 +303,23 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from pdserve.launcher import LaunchError, down
+    # cluster_state, not the launcher: `down` must not pay for importing torch and Ray.
+    from pdserve.cluster_state import ClusterStateError, down
 
     try:
-        down(_state_dir(args))
-    except LaunchError as e:
+        down(_state_dir(args), args.name)
+    except ClusterStateError as e:
         print(f"pdserve down: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pdserve.launcher import LaunchError, status
+    from pdserve.cluster_state import ClusterStateError, listing, status
 
     try:
-        print(status(_state_dir(args)))
-    except LaunchError as e:
+        print(listing(_state_dir(args)) if args.all else status(_state_dir(args), args.name))
+    except ClusterStateError as e:
         print(f"pdserve status: {e}", file=sys.stderr)
         return 1
     return 0
@@ -381,7 +383,9 @@ def _add_cluster_commands(sub) -> None:
         p.add_argument(
             "--config", type=Path, default=None, metavar="FILE", help="the YAML file `up` was given"
         )
+        p.add_argument("--name", default=None, help="which cluster (default: the only one running)")
         p.set_defaults(func=func)
+    status_p.add_argument("--all", action="store_true", help="list every running cluster instead")
 
     router = sub.add_parser(
         "router",
@@ -389,7 +393,9 @@ def _add_cluster_commands(sub) -> None:
         description="Settings as for `up` (flags, PDSERVE_* variables, --config file); --port is --router-port.",
         allow_abbrev=False,
     )
-    add_flags(router, ("host", "router_port", "policy", "redis_url", "address"), {"router_port": "--port"})
+    add_flags(
+        router, ("name", "host", "router_port", "policy", "redis_url", "address"), {"router_port": "--port"}
+    )
     router.add_argument("--namespace", default="pdserve", help="Ray namespace the controller lives in")
     router.add_argument("--controller", default=None, help="controller actor name")
     router.add_argument(

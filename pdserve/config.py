@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -24,7 +25,15 @@ from typing import Annotated, Any, Literal, Union
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from pdserve.router.config import RouterConfig
@@ -58,6 +67,10 @@ class ClusterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    name: str | None = Field(
+        None,
+        description="this cluster's name (state file, `down --name`, Redis keys); unset: pdserve-<port>",
+    )
     model: str = Field("demo", min_length=1, description="checkpoint directory or bundled model name")
     load_format: Literal["auto", "safetensors", "dummy"] = Field("auto", description="how weights load")
     hf_overrides: dict[str, Any] = Field(
@@ -96,6 +109,21 @@ class ClusterConfig(BaseModel):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {value!r}")
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, value: str | None) -> str | None:
+        # The name becomes a file name and part of Redis keys: nothing that could escape either.
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+            raise ValueError(f"must be letters, digits, '-' or '_', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ClusterConfig:
+        # One cluster per gateway port on a machine, so the port names a cluster by default.
+        if self.name is None:
+            self.__dict__["name"] = f"pdserve-{self.port}"  # frozen model: set once, while validating
+        return self
 
     @field_validator("state_dir")
     @classmethod

@@ -2,9 +2,9 @@
 
 `up` starts a local Ray instance on loopback (or joins one with `--address`), the controller
 and its workers as Ray actors, and the router and the gateway in its own event loop; it serves
-in the foreground, like `vllm serve`, until Ctrl-C or `pdserve down` (SIGTERM to the pid in the
-state file), and then stops everything it started. `status` asks the router named in the state
-file. Every start-up error (port in use, bad model, unreachable Ray or Redis) is one line and a
+in the foreground, like `vllm serve`, until Ctrl-C or `pdserve down` (SIGTERM to the pid in its
+record, `pdserve.cluster_state`), and then stops everything it started. `status` and `down` live
+in `pdserve.cluster_state`, which imports none of this. Every start-up error (port in use, bad model, unreachable Ray or Redis) is one line and a
 non-zero exit, with whatever was started torn down again.
 
 (`ray start` was the first idea, so the cluster could outlive the command: in Ray 2.60 it
@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
+from pdserve.cluster_state import ClusterRecord, claim, remove_record, write_record
 from pdserve.config import ClusterConfig
 from pdserve.engine.engine_config import EngineConfig
 
@@ -93,7 +90,9 @@ def router_config(c: ClusterConfig) -> RouterConfig:
     """The router's settings, from the cluster settings."""
     from pdserve.router.config import RouterConfig
 
-    return RouterConfig(host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url)
+    return RouterConfig(
+        host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name
+    )
 
 
 def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> GatewayConfig:
@@ -109,16 +108,6 @@ def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> G
     )
 
 
-@dataclass
-class ClusterState:
-    """The running `pdserve up` (its state file), so `down` and `status` find it."""
-
-    pid: int
-    gateway_url: str
-    router_address: str
-    model: str
-
-
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -128,24 +117,22 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _state_file(state_dir: Path) -> Path:
-    return Path(state_dir) / "cluster.json"
-
-
-def read_state(state_dir: Path) -> ClusterState:
-    path = _state_file(state_dir)
-    if not path.is_file():
-        raise LaunchError(f"no running cluster recorded in {path}; start one with `pdserve up`")
-    return ClusterState(**json.loads(path.read_text()))
-
-
 def up(config: ClusterConfig, echo=print) -> int:
     """Starts the cluster and serves until SIGINT/SIGTERM; returns the exit code."""
+    controllers = controller_config(config)  # worker counts, speculative_config
+    # The name first: a second `up` of a running cluster hears that, not that its port is busy.
+    claim(config.state_dir, config.name, os.getpid())
+    try:
+        return _start(config, controllers, echo)
+    finally:
+        remove_record(config.state_dir, config.name, os.getpid())
+
+
+def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     import ray
 
     from pdserve.engine.model_source import resolve_model
 
-    controllers = controller_config(config)  # worker counts, speculative_config
     for port, flag in ((config.port, "--port"), (config.router_port, "--router-port")):
         if not _port_free(config.host, port):
             raise LaunchError(f"port {port} on {config.host} is in use; pick another with {flag}")
@@ -173,7 +160,6 @@ def up(config: ClusterConfig, echo=print) -> int:
         controllers = controller_config(config, worker_cpus(config, resources, on_gpu))
         return asyncio.run(_serve(config, controllers, source.name, echo))
     finally:
-        _state_file(config.state_dir).unlink(missing_ok=True)
         ray.shutdown()
 
 
@@ -239,16 +225,16 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             if serving.done():
                 raise LaunchError(f"the gateway could not listen on {config.host}:{config.port}")
             await asyncio.sleep(0.05)
-        state = ClusterState(os.getpid(), f"http://{config.host}:{config.port}", f"{config.host}:{router.port}",
-                             served.name)  # fmt: skip
-        path = _state_file(config.state_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(state), indent=2))
+        state = ClusterRecord(config.name, os.getpid(), f"http://{config.host}:{config.port}",
+                              f"{config.host}:{router.port}", served.name, ready=True)  # fmt: skip
+        write_record(config.state_dir, state)
         auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
-        echo(f"pdserve is up: {state.gateway_url} (model {state.model}, router {state.router_address})")
+        echo(
+            f"pdserve {state.name} is up: {state.gateway_url} (model {state.model}, router {state.router_address})"
+        )
         echo(f"try:  curl {state.gateway_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
              """-d '{"messages": [{"role": "user", "content": "Write a function that adds two numbers."}]}'""")  # fmt: skip
-        echo("stop: Ctrl-C here, or `pdserve down`")
+        echo(f"stop: Ctrl-C here, or `pdserve down --name {state.name}`")
         await stop.wait()
         echo("stopping")
         return 0
@@ -258,7 +244,7 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(serving, 10)  # lets uvicorn finish its lifespan cleanly
         if router is not None:
-            await router.stop()
+            await router.stop(clear_index=True)  # the cluster stops: its prefix entries go too
         with contextlib.suppress(Exception):
             await controller.shutdown.remote()
 
@@ -284,37 +270,6 @@ async def _with_progress(ref, what: str, timeout_s: float, stop: asyncio.Event) 
         task.result()
 
 
-def down(state_dir: Path, timeout_s: float = 60.0, echo=print) -> None:
-    """Stops the `pdserve up` recorded in the state file and waits until it has exited."""
-    import signal
-
-    state = read_state(state_dir)
-    try:
-        os.kill(state.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        _state_file(state_dir).unlink(missing_ok=True)
-        echo(f"pdserve (pid {state.pid}) was not running; cleared its state file")
-        return
-    deadline = time.monotonic() + timeout_s
-    while _alive(state.pid):
-        if time.monotonic() > deadline:
-            raise LaunchError(f"pdserve (pid {state.pid}) did not stop within {timeout_s} s")
-        time.sleep(0.2)
-    echo("pdserve stopped")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # An exited process whose parent has not reaped it yet still answers kill(0): a zombie is gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _check_redis(url: str) -> None:
     import redis
 
@@ -322,34 +277,3 @@ def _check_redis(url: str) -> None:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except Exception as e:
         raise LaunchError(f"Redis at {url} is unreachable ({e}); start it or drop --redis-url") from e
-
-
-def status(state_dir: Path) -> str:
-    """A table of the workers and the router, from the router's ClusterState."""
-    import grpc
-
-    from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
-
-    state = read_state(state_dir)
-    with grpc.insecure_channel(state.router_address) as channel:
-        try:
-            cs = pdserve_pb2_grpc.RouterStub(channel).ClusterState(
-                pdserve_pb2.ClusterStateRequest(), timeout=5
-            )
-        except grpc.RpcError as e:
-            raise LaunchError(f"router at {state.router_address} does not answer ({e.code().name})") from e
-    lines = [
-        f"model {cs.model}   gateway {state.gateway_url}   router {state.router_address} (policy {cs.policy})",
-        f"prefix index: {cs.index_backend}, {cs.index_entries} entries, "
-        f"{'available' if cs.index_available else 'UNAVAILABLE'}; {cs.requests_in_flight} requests in flight",
-        f"{'worker':<16} {'role':<8} {'alive':<5} {'running':>7} {'waiting':>7} {'KV used':>12} {'restarts':>8}"
-        f" {'spec accept':>11} {'tok/verify':>10}",
-    ]
-    for w in cs.workers:
-        used = f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
-        # Speculation columns stay blank on workers that have not verified a guess yet.
-        accept = f"{w.spec_acceptance_rate:.2f}" if w.spec_mean_accepted_length else "-"
-        length = f"{w.spec_mean_accepted_length:.2f}" if w.spec_mean_accepted_length else "-"
-        lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
-                     f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10}")  # fmt: skip
-    return "\n".join(lines)

@@ -22,6 +22,10 @@ class RouterConfig:
     port: int = 50051
     policy: str = DEFAULT_POLICY
     redis_url: str | None = None
+    # The cluster this router serves: its Redis keys live under `pdserve:<cluster>:`, so clusters
+    # sharing one Redis never see each other's prefix entries (the launcher sets the cluster's name).
+    cluster: str = "pdserve"
+    index_ttl_s: int = 30  # Redis index entries outlive a dead router this long at most
     max_in_flight: int = 1024
     view_interval_s: float = 0.1
     metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
@@ -33,5 +37,7 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.index_ttl_s < 1:
+            raise ValueError(f"index_ttl_s must be >= 1, got {self.index_ttl_s}")
         if not self.metrics_timeout_s > 0:
             raise ValueError(f"metrics_timeout_s must be > 0, got {self.metrics_timeout_s}")

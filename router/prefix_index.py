@@ -3,7 +3,7 @@
 Block hashes are the engine's chained 64-bit hashes (`pdserve.engine.block_hash`). The index only
 stores what workers report (stored/removed events, full snapshots); it never guesses a worker's
 state. Two backends behind one interface: in process (the embedded default) and Redis (shared by
-several router replicas). Every entry is namespaced by model, and `longest_prefix` only counts the
+several router replicas). Every entry is namespaced by cluster and model, and `longest_prefix` only counts the
 workers the caller names, so a dead worker's leftovers never attract traffic.
 """
 
@@ -53,6 +53,14 @@ class PrefixIndex(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Releases the backend's resources."""
+
+    @abc.abstractmethod
+    async def refresh(self) -> None:
+        """Keeps the entries from expiring; the router calls it every few seconds while alive."""
+
+    @abc.abstractmethod
+    async def clear(self) -> None:
+        """Deletes every entry of this cluster and model: the cluster is stopping."""
 
 
 class InProcessPrefixIndex(PrefixIndex):
@@ -111,7 +119,13 @@ class InProcessPrefixIndex(PrefixIndex):
     async def num_entries(self) -> int:
         return self._entries
 
+    async def refresh(self) -> None:
+        return None  # entries live and die with this process
+
     async def close(self) -> None:
+        await self.clear()
+
+    async def clear(self) -> None:
         self._holders.clear()
         self._blocks.clear()
         self._entries = 0
@@ -141,11 +155,14 @@ class InProcessPrefixIndex(PrefixIndex):
 # Replaces one worker's entries with a snapshot in one atomic round trip, so another router never
 # sees a half-replaced worker. Only the difference is written (snapshots mostly repeat what the
 # events already said). Redis deletes a set when its last member goes, so no empty keys linger.
+# Every key written gets the index's TTL, so a router that dies leaves nothing behind for long.
 # KEYS[1] worker key, KEYS[2] the model's worker registry; ARGV[1] block key prefix, ARGV[2] worker
-# id, ARGV[3..] the snapshot's hashes (strings: Lua numbers are doubles and would round 64-bit ints).
+# id, ARGV[3] TTL in seconds, ARGV[4..] the snapshot's hashes (strings: Lua numbers are doubles and
+# would round 64-bit ints).
 _REPLACE_WORKER = """
+local ttl = ARGV[3]
 local keep = {}
-for i = 3, #ARGV do keep[ARGV[i]] = true end
+for i = 4, #ARGV do keep[ARGV[i]] = true end
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if keep[h] then
     keep[h] = false
@@ -154,15 +171,22 @@ for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('SREM', KEYS[1], h)
   end
 end
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local h = ARGV[i]
   if keep[h] then
     keep[h] = false
     redis.call('SADD', ARGV[1] .. h, ARGV[2])
+    redis.call('EXPIRE', ARGV[1] .. h, ttl)
     redis.call('SADD', KEYS[1], h)
   end
 end
-if #ARGV > 2 then redis.call('SADD', KEYS[2], ARGV[2]) else redis.call('SREM', KEYS[2], ARGV[2]) end
+if #ARGV > 3 then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+else
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
 return 0
 """
 
@@ -205,24 +229,52 @@ end
 return total
 """
 
+# Every key of the index, found from the registry without scanning the keyspace: `refresh` gives
+# each the TTL again (one EXPIRE per (worker, block) pair, run inside Redis every few seconds),
+# `clear` deletes them. KEYS[1] the registry; ARGV[1] worker key prefix, ARGV[2] block key prefix,
+# ARGV[3] the TTL in seconds, or 0 to delete.
+_EXPIRE_ALL = """
+local ttl = tonumber(ARGV[3])
+local function touch(key)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) else redis.call('DEL', key) end
+end
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local wkey = ARGV[1] .. w
+  for _, h in ipairs(redis.call('SMEMBERS', wkey)) do touch(ARGV[2] .. h) end
+  touch(wkey)
+end
+touch(KEYS[1])
+return 0
+"""
+
 
 class RedisPrefixIndex(PrefixIndex):
     """The index in Redis, shared by router replicas.
 
-    Keys: `{prefix}:{model}:blk:{hash}` -> SET of worker ids holding that block,
-    `{prefix}:{model}:worker:{id}` -> SET of that worker's hashes (so it can be dropped), and
-    `{prefix}:{model}:workers` -> SET of worker ids with entries (so they can be counted without
-    scanning the keyspace). One round trip per call; `replace_worker`, `drop_worker`,
+    Keys: `{prefix}:{cluster}:{model}:blk:{hash}` -> SET of worker ids holding that block,
+    `...:worker:{id}` -> SET of that worker's hashes (so it can be dropped), and `...:workers` ->
+    SET of worker ids with entries (so they can be counted without scanning the keyspace). The
+    cluster's name keeps two clusters serving one model on one Redis apart. Every key expires
+    `ttl_s` after it was last written or refreshed: the router refreshes them while alive and
+    clears them when its cluster stops, so a cluster that dies leaves nothing behind for long. One round trip per call; `replace_worker`, `drop_worker`,
     `longest_prefix` and `num_entries` run as Lua scripts that derive block keys from their
     arguments, which a standalone Redis (not Redis Cluster) allows; Redis >= 6.2 (SMISMEMBER). Any Redis failure surfaces as
     `IndexUnavailable`; the connection pool reconnects on the next call.
     """
 
     def __init__(
-        self, url: str, model: str, *, socket_timeout_s: float = 0.5, key_prefix: str = "pdserve"
+        self,
+        url: str,
+        model: str,
+        *,
+        cluster: str = "pdserve",
+        ttl_s: int = 30,
+        socket_timeout_s: float = 0.5,
+        key_prefix: str = "pdserve",
     ) -> None:
         self.model = model
-        self._ns = f"{key_prefix}:{model}"
+        self.ttl_s = ttl_s
+        self._ns = f"{key_prefix}:{cluster}:{model}"
         self._blk = f"{self._ns}:blk:"
         self._worker = f"{self._ns}:worker:"
         self._registry = f"{self._ns}:workers"
@@ -241,6 +293,7 @@ class RedisPrefixIndex(PrefixIndex):
         self._replace_script = self._redis.register_script(_REPLACE_WORKER)
         self._entries_script = self._redis.register_script(_NUM_ENTRIES)
         self._prefix_script = self._redis.register_script(_LONGEST_PREFIX)
+        self._expire_script = self._redis.register_script(_EXPIRE_ALL)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -259,8 +312,11 @@ class RedisPrefixIndex(PrefixIndex):
                 if stored:
                     for h in stored:
                         pipe.sadd(f"{self._blk}{h}", worker_id)
+                        pipe.expire(f"{self._blk}{h}", self.ttl_s)
                     pipe.sadd(wkey, *stored)
                     pipe.sadd(self._registry, worker_id)
+                    pipe.expire(wkey, self.ttl_s)
+                    pipe.expire(self._registry, self.ttl_s)
                 if removed:
                     for h in removed:
                         pipe.srem(f"{self._blk}{h}", worker_id)
@@ -270,7 +326,8 @@ class RedisPrefixIndex(PrefixIndex):
     async def replace_worker(self, worker_id: str, hashes: list[int]) -> None:
         with self._guard():
             await self._replace_script(
-                keys=[self._worker + worker_id, self._registry], args=[self._blk, worker_id, *hashes]
+                keys=[self._worker + worker_id, self._registry],
+                args=[self._blk, worker_id, self.ttl_s, *hashes],
             )
 
     async def drop_worker(self, worker_id: str) -> None:
@@ -289,13 +346,24 @@ class RedisPrefixIndex(PrefixIndex):
         with self._guard():
             return int(await self._entries_script(keys=[self._registry], args=[self._worker]))
 
+    async def refresh(self) -> None:
+        with self._guard():
+            await self._expire_script(keys=[self._registry], args=[self._worker, self._blk, self.ttl_s])
+
+    async def clear(self) -> None:
+        with self._guard():
+            await self._expire_script(keys=[self._registry], args=[self._worker, self._blk, 0])
+
     async def close(self) -> None:
         with self._guard():
             await self._redis.aclose()
 
 
-def make_prefix_index(model: str, redis_url: str | None) -> PrefixIndex:
-    """The Redis index when a URL is given, the in-process one otherwise."""
+def make_prefix_index(
+    model: str, redis_url: str | None, cluster: str = "pdserve", ttl_s: int = 30
+) -> PrefixIndex:
+    """The Redis index (keys under the cluster's name, expiring after `ttl_s`) when a URL is
+    given, the in-process one otherwise."""
     if redis_url:
-        return RedisPrefixIndex(redis_url, model)
+        return RedisPrefixIndex(redis_url, model, cluster=cluster, ttl_s=ttl_s)
     return InProcessPrefixIndex(model)

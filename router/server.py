@@ -28,7 +28,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.placement import NoWorkerError, RouterPlacement
 from pdserve.router.policies import make_policy
-from pdserve.router.prefix_index import make_prefix_index
+from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex, make_prefix_index
 from pdserve.router.request_runner import NoRoomInTime, RequestRunner
 
 log = logging.getLogger(__name__)
@@ -274,23 +274,49 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
 class Router:
     """A running router: the gRPC server, its view of the cluster and its service."""
 
-    def __init__(self, server: grpc.aio.Server, view: ClusterView, service: RouterService, port: int) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        view: ClusterView,
+        service: RouterService,
+        port: int,
+        keep_alive: asyncio.Task[None],
+    ) -> None:
         self.server = server
         self.view = view
         self.service = service
         self.port = port
+        self._keep_alive = keep_alive
 
-    async def stop(self, grace_s: float = 1.0) -> None:
+    async def stop(self, grace_s: float = 1.0, clear_index: bool = False) -> None:
+        """Stops serving; `clear_index` also deletes the index's entries (the whole cluster is
+        stopping, so no other router of it still needs them)."""
         await self.server.stop(grace_s)
         await self.view.stop()
+        self._keep_alive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._keep_alive
+        if clear_index:
+            with contextlib.suppress(IndexUnavailable):  # a gone Redis lets the keys expire instead
+                await self.view.index.clear()
         await self.view.index.close()
+
+
+async def _keep_index_alive(index: PrefixIndex, interval_s: float) -> None:
+    """Refreshes the index's expiry while the router lives; a dead router's entries expire."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await index.refresh()
+        except IndexUnavailable as e:
+            log.warning("cannot refresh the prefix index's expiry: %s", e)
 
 
 async def start_router(controller, config: RouterConfig) -> Router:
     """Builds the router over a running controller and starts serving; returns once it listens."""
     served = await controller.served_model.remote()
     metrics = RouterMetrics()
-    index = make_prefix_index(served.name, config.redis_url)
+    index = make_prefix_index(served.name, config.redis_url, config.cluster, config.index_ttl_s)
     view = ClusterView(controller, index, config.view_interval_s)
     await view.start()
     placement = RouterPlacement(view, make_policy(config.policy), served.block_size, metrics)
@@ -311,4 +337,6 @@ async def start_router(controller, config: RouterConfig) -> Router:
         if asyncio.iscoroutine(result):
             await result
     log.info("router listening on %s:%d (policy %s)", config.host, port, config.policy)
-    return Router(server, view, service, port)
+    # Three refreshes per TTL: one missed (a slow Redis) still leaves the entries alive.
+    keep_alive = asyncio.get_running_loop().create_task(_keep_index_alive(index, config.index_ttl_s / 3))
+    return Router(server, view, service, port, keep_alive)

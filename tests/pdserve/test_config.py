@@ -16,6 +16,7 @@ from pdserve.config import FIELDS, ClusterConfig, ConfigError, env_name, flag_na
 # One valid, non-default value per setting: a new setting must add one here, and so is checked
 # in all three sources.
 SAMPLES: dict[str, Any] = {
+    "name": "team-a_1",
     "model": "/models/ernie",
     "load_format": "dummy",
     "hf_overrides": {"num_hidden_layers": 2},
@@ -178,7 +179,7 @@ def test_up_with_a_bad_config_file_starts_nothing(tmp_path):
         f"pdserve up: error: config file {bad}: unknown key 'redis_ur' (did you mean 'redis_url'?)"
     ]
     assert "pdserve.config" in imported and "ray" not in imported and "torch" not in imported
-    assert not (tmp_path / "cluster.json").exists()
+    assert not (tmp_path / "clusters").exists()
 
 
 def test_launch_settings_come_from_the_config():
@@ -259,3 +260,11 @@ def test_down_and_status_find_the_state_dir_the_way_up_does(tmp_path, monkeypatc
         main(["status", "--state-dir", str(from_flag)]) == 2
     )  # the file `up` would refuse is refused here too
     assert "modle" in capsys.readouterr().err
+
+
+def test_name_defaults_to_the_port_and_is_checked():
+    assert load_config({}, {}).name == "pdserve-8000"
+    assert load_config(flags_of(["--port", "8123"]), {}).name == "pdserve-8123"
+    assert load_config({}, {"PDSERVE_NAME": "a"}).name == "a"
+    with pytest.raises(ConfigError, match=r"--name: must be letters, digits"):
+        load_config(flags_of(["--name", "../x"]), {})

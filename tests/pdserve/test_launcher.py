@@ -6,13 +6,18 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import pytest
+import redis
 
+from pdserve.cluster_state import ClusterStateError, claim, remove_record, running
 from tests.router.test_server import free_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+REDIS_URL = os.environ.get("PDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 def run(*args, **kw):
@@ -39,12 +44,14 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (state / "cluster.json").is_file():
+        while not any(c.ready for c in running(state)):
             assert up.poll() is None, Path(tmp_path / "up.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "pdserve up did not come up"
             time.sleep(0.5)
         printed = Path(tmp_path / "up.log").read_text()
-        assert f"pdserve is up: http://127.0.0.1:{port}" in printed and "curl http://" in printed
+        assert f"pdserve pdserve-{port} is up: http://127.0.0.1:{port}" in printed
+        assert f"`pdserve down --name pdserve-{port}`" in printed
+        assert "curl http://" in printed
         assert f"router 127.0.0.1:{router_port})" in printed
 
         # A prompt that repeats itself, so n-gram lookup has something to guess from.
@@ -90,7 +97,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
         down = run("down", "--state-dir", str(state))
         assert down.returncode == 0 and "stopped" in down.stdout
         assert up.wait(30) == 0
-        assert not (state / "cluster.json").exists()
+        assert running(state) == [] and not list(state.glob("clusters/*.json"))
         try:
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
             raise AssertionError("the gateway still answers after pdserve down")
@@ -105,7 +112,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
 def test_clear_errors_and_nothing_left_running(tmp_path):
     bad = run("up", "--model", str(tmp_path / "nope"), "--state-dir", str(tmp_path))
     assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
-    assert not (tmp_path / "cluster.json").exists()
+    assert not list(tmp_path.glob("clusters/*.json"))
     assert run("status", "--state-dir", str(tmp_path)).returncode == 1
     assert "pdserve up" in run("down", "--state-dir", str(tmp_path)).stderr
 
@@ -125,4 +132,105 @@ def test_a_worker_that_cannot_load_is_one_line_and_leaves_nothing(tmp_path):
         "or 'ngram'"
     ]
     assert "Traceback" not in bad.stderr
-    assert not (tmp_path / "cluster.json").exists()
+    assert not list(tmp_path.glob("clusters/*.json"))
+
+
+def test_status_and_down_answer_fast_without_torch_or_ray(tmp_path):
+    # They only read records and ask a router: importing the launcher (torch, Ray) took 6-11 s.
+    for command in ("status", "down"):
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "pdserve.cli", command, "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        imported = {
+            ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")
+        }
+        assert proc.returncode == 1 and "no running cluster" in proc.stderr
+        assert not {"torch", "ray", "pdserve.launcher"} & imported, command
+        assert elapsed < 2.0, f"pdserve {command} took {elapsed:.1f} s"
+
+
+def _wait_ready(state: Path, names: set[str], procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    deadline = time.monotonic() + 150
+    while {c.name for c in running(state) if c.ready} != names:
+        for proc, log in zip(procs, logs, strict=True):
+            assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "pdserve up did not come up"
+        time.sleep(0.5)
+
+
+def test_two_clusters_on_one_machine_and_one_redis(moe_checkpoint, tmp_path):
+    state, tag = tmp_path / "state", uuid.uuid4().hex[:8]
+    names = {"a": f"a-{tag}", "b": f"b-{tag}"}
+    ports = {k: free_port() for k in names}
+    procs, logs = [], []
+    for k, name in names.items():
+        logs.append(tmp_path / f"{k}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(
+                [*PDSERVE, "up", "--model", str(moe_checkpoint), "--name", name, "--port", str(ports[k]),
+                 "--router-port", str(free_port()), "--kv-cache-blocks", "64", "--redis-url", REDIS_URL,
+                 "--state-dir", str(state)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ))  # fmt: skip
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        _wait_ready(state, set(names.values()), procs, logs)
+        assert f"`pdserve down --name {names['a']}`" in logs[0].read_text()
+        # The same prompt on both: identical block hashes, kept apart only by the cluster's name.
+        prompt = "def add(a, b):\n    return a + b\n" * 8
+        for port in ports.values():
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+
+        def keys(k: str) -> list[bytes]:
+            return list(client.scan_iter(match=f"pdserve:{names[k]}:*", count=1000))
+
+        deadline = time.monotonic() + 20
+        while not (keys("a") and keys("b")):  # the workers' cache events reach the routers
+            assert time.monotonic() < deadline, "no prefix entries in Redis"
+            time.sleep(0.3)
+
+        ambiguous = run("status", "--state-dir", str(state))
+        assert ambiguous.returncode == 1 and "--name" in ambiguous.stderr
+        for k, name in names.items():
+            assert name in ambiguous.stderr and f"http://127.0.0.1:{ports[k]}" in ambiguous.stderr
+        listed = run("status", "--all", "--state-dir", str(state))
+        assert listed.returncode == 0 and all(n in listed.stdout for n in names.values())
+        one = run("status", "--name", names["b"], "--state-dir", str(state))
+        assert one.returncode == 0 and f"cluster {names['b']}" in one.stdout and "decode-0" in one.stdout
+        started = time.monotonic()
+        again = run("up", "--model", str(moe_checkpoint), "--name", names["a"], "--state-dir", str(state))
+        assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+        assert time.monotonic() - started < 10  # refused before Ray starts
+
+        down = run("down", "--name", names["a"], "--state-dir", str(state))
+        assert down.returncode == 0 and names["a"] in down.stdout
+        assert procs[0].wait(30) == 0
+        assert keys("a") == [] and keys("b")
+        r = httpx.post(f"http://127.0.0.1:{ports['b']}/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200
+        assert [c.name for c in running(state)] == [names["b"]]
+        assert run("down", "--state-dir", str(state)).returncode == 0  # the only one left: no name needed
+        assert procs[1].wait(30) == 0
+        assert keys("b") == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        client.close()
+
+
+def test_a_live_name_is_refused_and_a_stale_record_replaced(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim(tmp_path, "x", dead.pid)  # nobody holds it
+    claim(tmp_path, "x", os.getpid())  # the record's process is gone: stale, replaced
+    with pytest.raises(ClusterStateError, match=r"'x' is already running .*pdserve down --name x"):
+        claim(tmp_path, "x", 1)
+    remove_record(tmp_path, "x", dead.pid)  # not its record any more: kept
+    assert [c.pid for c in running(tmp_path)] == [os.getpid()]

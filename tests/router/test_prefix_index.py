@@ -74,7 +74,7 @@ async def make_index(request: pytest.FixtureRequest) -> AsyncIterator[MakeIndex]
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             for index in made:
-                keys = [k async for k in client.scan_iter(match=f"pdserve:{index.model}:*", count=1000)]
+                keys = [k async for k in client.scan_iter(match=f"pdserve:*:{index.model}:*", count=1000)]
                 if keys:
                     await client.delete(*keys)
         finally:
@@ -184,6 +184,49 @@ async def test_make_prefix_index_picks_the_backend() -> None:
     index = make_prefix_index("m", "redis://127.0.0.1:1")  # no connection until first use
     assert isinstance(index, RedisPrefixIndex) and index.model == "m"
     await index.close()
+
+
+async def test_clear_forgets_everything(make_index: MakeIndex) -> None:
+    index = make_index()
+    await index.apply("w1", [1, 2], [])
+    await index.replace_worker("w2", [1])
+    await index.clear()
+    assert await index.num_entries() == 0
+    assert await index.longest_prefix([1, 2], ["w1", "w2"]) == {"w1": 0, "w2": 0}
+
+
+async def _keys(client: aioredis.Redis, pattern: str) -> dict[bytes, int]:
+    """Each matching key and its remaining TTL in seconds."""
+    return {k: await client.ttl(k) async for k in client.scan_iter(match=pattern, count=1000)}
+
+
+async def test_clusters_on_one_redis_are_apart_and_their_keys_expire() -> None:
+    # Two clusters serving the same model on one Redis: separate keys, all with a TTL that
+    # `refresh` renews, and `clear` deletes one cluster's keys only.
+    model = f"test-{uuid.uuid4().hex}"
+    a = RedisPrefixIndex(REDIS_URL, model, cluster="team-a", ttl_s=5)
+    b = RedisPrefixIndex(REDIS_URL, model, cluster="team-b", ttl_s=5)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await a.apply("prefill-0", [1, 2], [])
+        await a.replace_worker("prefill-1", [1])
+        await b.apply("prefill-0", [7], [])
+        assert await b.longest_prefix([1, 2], ["prefill-0", "prefill-1"]) == {"prefill-0": 0, "prefill-1": 0}
+        assert await a.longest_prefix([1, 2], ["prefill-0"]) == {"prefill-0": 2}
+        a_keys = await _keys(client, f"pdserve:team-a:{model}:*")
+        assert len(a_keys) == 5  # blk 1, blk 2, two worker sets, the registry
+        assert all(0 < ttl <= 5 for ttl in a_keys.values()), a_keys
+        await client.expire(f"pdserve:team-a:{model}:blk:2", 1)  # as if time passed since the write
+        await a.refresh()
+        assert all(ttl > 1 for ttl in (await _keys(client, f"pdserve:team-a:{model}:*")).values())
+        await a.clear()
+        assert await _keys(client, f"pdserve:team-a:{model}:*") == {}
+        assert await b.longest_prefix([7], ["prefill-0"]) == {"prefill-0": 1}
+    finally:
+        await b.clear()
+        for index in (a, b):
+            await index.close()
+        await client.aclose()
 
 
 # ---------------------------------------------------------------------------- Redis outage

@@ -1,0 +1,215 @@
+"""The running clusters' records, and `pdserve status / down`, which only need those records.
+
+Each `pdserve up` records itself in `<state_dir>/clusters/<name>.json` (its pid, URLs and
+model), so several clusters on one machine never overwrite each other's record. A record whose
+pid is gone is stale: it is ignored, and replaced or removed when next seen. `up` claims its
+name before anything starts (the record says `ready: false` until the gateway listens).
+
+This module is imported by `pdserve status` and `pdserve down`, which must answer in well under
+two seconds: it imports no torch, Ray or `pdserve.engine`, and `status` loads gRPC only when it
+asks a router.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class ClusterStateError(RuntimeError):
+    """No such cluster, or no single one; the message lists what is running."""
+
+
+@dataclass
+class ClusterRecord:
+    """One running `pdserve up`: what `status` and `down` need to find it."""
+
+    name: str
+    pid: int
+    gateway_url: str
+    router_address: str
+    model: str
+    ready: bool = False  # false while starting: the gateway and router may not answer yet
+
+
+def record_path(state_dir: Path, name: str) -> Path:
+    """Where the cluster called `name` keeps its record."""
+    return Path(state_dir) / "clusters" / f"{name}.json"
+
+
+def write_record(state_dir: Path, record: ClusterRecord) -> None:
+    """Writes (or rewrites) a cluster's record; readers never see half a file."""
+    path = record_path(state_dir, record.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=2))
+    tmp.replace(path)
+
+
+def remove_record(state_dir: Path, name: str, pid: int) -> None:
+    """Removes a cluster's record if it is still `pid`'s (a newer `up` may have replaced it)."""
+    path = record_path(state_dir, name)
+    record = _read(path)
+    if record is not None and record.pid == pid:
+        path.unlink(missing_ok=True)
+
+
+def claim(state_dir: Path, name: str, pid: int) -> None:
+    """Records `pid` as starting the cluster `name`; refuses when a live process holds that name."""
+    path = record_path(state_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = ClusterRecord(name, pid, gateway_url="", router_address="", model="")
+    while True:
+        try:
+            # O_EXCL: of two `up`s claiming the same name at once, exactly one wins.
+            with open(path, "x") as f:
+                f.write(json.dumps(asdict(record), indent=2))
+            return
+        except FileExistsError:
+            held = _read(path)
+            if held is None and _age_s(path) < 2.0:
+                time.sleep(0.05)  # another claim has created the file and is writing it: look again
+                continue
+            if held is not None and _alive(held.pid):
+                where = f" at {held.gateway_url}" if held.gateway_url else " (starting)"
+                raise ClusterStateError(
+                    f"a cluster named {name!r} is already running (pid {held.pid}){where}; "
+                    f"stop it with `pdserve down --name {name}` or pick another --name"
+                ) from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+
+
+def running(state_dir: Path) -> list[ClusterRecord]:
+    """The clusters whose process is alive, by name; stale records are removed on the way."""
+    found = []
+    for path in sorted((Path(state_dir) / "clusters").glob("*.json")):
+        record = _read(path)
+        if record is not None and _alive(record.pid):
+            found.append(record)
+        elif record is not None:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def select(state_dir: Path, name: str | None) -> ClusterRecord:
+    """The running cluster called `name`, or with no name the only running one."""
+    clusters = running(state_dir)
+    if name is not None:
+        for record in clusters:
+            if record.name == name:
+                return record
+        raise ClusterStateError(f"no running cluster named {name!r} in {state_dir}; {_listing(clusters)}")
+    if len(clusters) == 1:
+        return clusters[0]
+    if not clusters:
+        raise ClusterStateError(f"no running cluster recorded in {state_dir}; start one with `pdserve up`")
+    raise ClusterStateError(
+        f"{len(clusters)} clusters are running; pick one with --name: {_listing(clusters)}"
+    )
+
+
+def listing(state_dir: Path) -> str:
+    """One line per running cluster: name, gateway URL, model, pid (`pdserve status --all`)."""
+    clusters = running(state_dir)
+    if not clusters:
+        return f"no running cluster recorded in {state_dir}"
+    return "\n".join(_line(c) for c in clusters)
+
+
+def _line(c: ClusterRecord) -> str:
+    url = c.gateway_url if c.ready else "(starting)"
+    return f"{c.name:<20} {url:<28} model {c.model or '-'}   pid {c.pid}"
+
+
+def _listing(clusters: list[ClusterRecord]) -> str:
+    if not clusters:
+        return "none is running"
+    return "running: " + ", ".join(f"{c.name} ({c.gateway_url or 'starting'})" for c in clusters)
+
+
+def _read(path: Path) -> ClusterRecord | None:
+    try:
+        return ClusterRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # gone meanwhile, or being written by a claim: not a running cluster to show
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0  # gone meanwhile: the next look sees that
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    # An exited process whose parent has not reaped it yet still answers kill(0): a zombie is gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def down(state_dir: Path, name: str | None = None, timeout_s: float = 60.0, echo=print) -> None:
+    """Stops one recorded `pdserve up` (SIGTERM; it tears itself down) and waits until it has exited."""
+    import signal
+
+    record = select(state_dir, name)
+    try:
+        os.kill(record.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        remove_record(state_dir, record.name, record.pid)
+        echo(f"pdserve {record.name} (pid {record.pid}) was not running; cleared its record")
+        return
+    deadline = time.monotonic() + timeout_s
+    while _alive(record.pid):
+        if time.monotonic() > deadline:
+            raise ClusterStateError(
+                f"pdserve {record.name} (pid {record.pid}) did not stop within {timeout_s} s"
+            )
+        time.sleep(0.2)
+    echo(f"pdserve {record.name} stopped")
+
+
+def status(state_dir: Path, name: str | None = None) -> str:
+    """A table of one cluster's workers and router, from its router's ClusterState."""
+    import grpc
+
+    from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+
+    record = select(state_dir, name)
+    if not record.ready:
+        raise ClusterStateError(f"cluster {record.name!r} (pid {record.pid}) is still starting")
+    with grpc.insecure_channel(record.router_address) as channel:
+        try:
+            cs = pdserve_pb2_grpc.RouterStub(channel).ClusterState(
+                pdserve_pb2.ClusterStateRequest(), timeout=5
+            )
+        except grpc.RpcError as e:
+            raise ClusterStateError(
+                f"router at {record.router_address} does not answer ({e.code().name})"
+            ) from e
+    lines = [
+        f"cluster {record.name}   model {cs.model}   gateway {record.gateway_url}   "
+        f"router {record.router_address} (policy {cs.policy})",
+        f"prefix index: {cs.index_backend}, {cs.index_entries} entries, "
+        f"{'available' if cs.index_available else 'UNAVAILABLE'}; {cs.requests_in_flight} requests in flight",
+        f"{'worker':<16} {'role':<8} {'alive':<5} {'running':>7} {'waiting':>7} {'KV used':>12} {'restarts':>8}"
+        f" {'spec accept':>11} {'tok/verify':>10}",
+    ]
+    for w in cs.workers:
+        used = f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
+        # Speculation columns stay blank on workers that have not verified a guess yet.
+        accept = f"{w.spec_acceptance_rate:.2f}" if w.spec_mean_accepted_length else "-"
+        length = f"{w.spec_mean_accepted_length:.2f}" if w.spec_mean_accepted_length else "-"
+        lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
+                     f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10}")  # fmt: skip
+    return "\n".join(lines)
