@@ -43,8 +43,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pdserve.cluster_state import running
-
 WORKLOADS = ("chat", "shared-prefix")
 # `pdserve up` flags of the two layouts --compare-layouts runs.
 LAYOUTS: dict[str, list[str]] = {
@@ -450,6 +448,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serving(url: str) -> bool:
+    """Whether the gateway at `url` answers /health (it listens only once the workers are ready)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @contextlib.contextmanager
 def launched(
     layout: str, model: str, workdir: Path, api_key: str | None, timeout_s: float = 600
@@ -471,7 +479,7 @@ def launched(
             with tqdm(
                 desc=f"bench serve: starting {layout}", bar_format="{desc}: {elapsed}", leave=False
             ) as bar:
-                while not any(c.ready for c in running(state)):
+                while not _serving(f"http://127.0.0.1:{port}"):
                     if proc.poll() is not None:
                         raise RuntimeError(
                             f"`{' '.join(cmd)}` exited ({proc.returncode}):\n{log_path.read_text()[-2000:]}"
