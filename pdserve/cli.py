@@ -325,15 +325,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-class FlagError(ValueError):
-    """A flag argparse refused; `main` prints it as one line."""
+class FlagError(SystemExit):
+    """A flag argparse refused, already reported in one line; exit code 2."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so a bad flag is one line and exit code 2 from `main`."""
+    """argparse whose errors are one line (no usage dump), so `main` can return 2 instead of exiting."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise FlagError(f"{self.prog}: error: {message}")
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise FlagError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,8 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except FlagError as e:
-        print(e, file=sys.stderr)
+    except FlagError:
         return 2
     try:
         return args.func(args)
