@@ -79,6 +79,11 @@ class EngineConfig:
                 f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}"
             ) from e
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the engine runs on a CUDA device (its worker then takes a GPU and NCCL transfers)."""
+        return self.device.startswith("cuda")
+
     def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
         if self.dtype != "auto":
             return DTYPES[self.dtype]

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
@@ -51,11 +52,11 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
     )  # fmt: skip
 
 
-def controller_config(c: ClusterConfig, worker_num_cpus: float = 1.0) -> ControllerConfig:
-    """The controller's settings; ValueError (nothing started yet) when they cannot work."""
-    return ControllerConfig(
-        engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, worker_num_cpus=worker_num_cpus
-    )
+def controller_config(c: ClusterConfig) -> ControllerConfig:
+    """The controller's settings; ValueError (nothing started yet) when they cannot work.
+
+    Each worker's CPU share is set once Ray says what the cluster has (`worker_cpus`)."""
+    return ControllerConfig(engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both)
 
 
 # A worker's smallest CPU share: below it, engines on one core starve each other's steps.
@@ -155,10 +156,8 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     except Exception as e:
         raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
     try:
-        resources = ray.cluster_resources()
-        on_gpu = controllers.engine.device.startswith("cuda")
-        controllers = controller_config(config, worker_cpus(config, resources, on_gpu))
-        return asyncio.run(_serve(config, controllers, source.name, echo))
+        cpus = worker_cpus(config, ray.cluster_resources(), controllers.engine.on_gpu)
+        return asyncio.run(_serve(config, replace(controllers, worker_num_cpus=cpus), source.name, echo))
     finally:
         ray.shutdown()
 

@@ -124,8 +124,8 @@ class Worker:
         """Serves a whole request here (role `both`), streaming its chunks."""
         self._admit("both")
         loop = await self._engine()
-        chunks = self._stream(loop, request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
-        async with aclosing(chunks):
+        start = self._stream(loop, request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
+        async with aclosing(start) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -285,7 +285,7 @@ def start_worker(
     """Starts a `Worker` actor: one GPU when the engine runs on CUDA (and NCCL transfers), CPU otherwise."""
     import ray
 
-    on_gpu = engine_config.device.startswith("cuda")
+    on_gpu = engine_config.on_gpu
     backend = kv_backend or ("nccl" if on_gpu else "gloo")
     actor = ray.remote(Worker).options(
         num_cpus=num_cpus,
