@@ -23,6 +23,8 @@ from pdserve.roles.worker import start_worker
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "pdserve-controller"
+# How long startup_phases waits for one worker's answer before calling it "starting".
+STARTUP_PHASE_WAIT_S = 0.3
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Controller:
         self._heartbeat: asyncio.Task | None = None
         self._started = False
         self._served_model: ServedModel | None = None  # what the first ready worker reported
+        self._starting: dict[str, object] = {}  # worker id -> handle, until the worker is ready
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
@@ -100,6 +103,23 @@ class Controller:
         if self._served_model is None:
             raise RuntimeError("no worker is ready yet; call start() first")
         return self._served_model
+
+    async def startup_phases(self) -> dict[str, str]:
+        """What each worker that is not ready yet is doing, by worker id (for a progress line).
+
+        A worker whose process Ray has not started yet (or that is busy importing) cannot answer
+        in time and reads "starting".
+        """
+        starting = list(self._starting.items())
+
+        async def phase(handle) -> str:
+            try:
+                return await asyncio.wait_for(handle.startup_phase.remote(), STARTUP_PHASE_WAIT_S)
+            except Exception:  # not scheduled yet, still importing, or gone: the launch reports why
+                return "starting"
+
+        phases = await asyncio.gather(*(phase(handle) for _, handle in starting))
+        return {worker_id: p for (worker_id, _), p in zip(starting, phases, strict=True)}
 
     async def set_role(self, worker_id: str, role: str) -> str:
         """Switches a worker's role (after it drains)."""
@@ -137,8 +157,12 @@ class Controller:
         handle = start_worker(
             worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus
         )
-        endpoint = await handle.ready.remote()
-        served = await handle.served_model.remote()
+        self._starting[worker_id] = handle
+        try:
+            endpoint = await handle.ready.remote()
+            served = await handle.served_model.remote()
+        finally:
+            del self._starting[worker_id]
         if self._served_model is None:
             self._served_model = served
         elif served != self._served_model:  # every worker hosts the same engine config

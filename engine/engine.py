@@ -56,8 +56,12 @@ class Engine:
         self,
         config: EngineConfig,
         on_cache_event: Callable[[KVCacheEvent], None] | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_phase` hears what the constructor is doing ("loading weights 3/57", "allocating
+        KV cache (64 MiB)"), from the thread that builds the engine, for a start-up progress line."""
         self.config = config
+        self._on_phase = on_phase or (lambda phase: None)
         self.on_cache_event = on_cache_event
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
@@ -95,7 +99,8 @@ class Engine:
         block_bytes = KVCache.bytes_per_block(
             num_kv_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
         )
-        num_blocks = config.kv_cache_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
+        num_blocks = config.kv_pool_blocks(block_bytes, mc.max_position_embeddings)
+        self._on_phase(f"allocating KV cache ({num_blocks * block_bytes / 2**20:.0f} MiB)")
         self.kv_cache = KVCache(
             num_kv_layers,
             num_blocks,
@@ -174,12 +179,18 @@ class Engine:
         # Build without allocating or initialising (the weights are overwritten right away).
         with torch.device("meta"):
             model = Ernie45ForCausalLM(self.model_config, self.dtype)
-        model = model.to_empty(device=self.device)
+        _materialize(model, self.device)
         if fmt == "dummy":
             init_dummy_weights(model, seed=self.config.seed, dtype=self.dtype)
         else:
             assert source.path is not None
-            load_checkpoint(model, source.path, dtype=self.dtype, progress=self.config.progress)
+            load_checkpoint(
+                model,
+                source.path,
+                dtype=self.dtype,
+                progress=self.config.progress,
+                on_tensor=lambda done, total: self._on_phase(f"loading weights {done}/{total}"),
+            )
         model.pack_for_cpu(self.gemm)
         return model.eval()
 
@@ -498,3 +509,19 @@ class Engine:
     def cached_block_hashes(self) -> list[int]:
         """Hashes of every block in this engine's prefix cache (for rebuilding a router index)."""
         return self.kv.pool.cached_hashes()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give a meta-device model real, uninitialised storage on `device`.
+
+    `Module.to_empty` calls `empty_like` on meta tensors, whose Python decomposition imports
+    torch._refs and sympy: 0.5 s and ~50 MB per worker, for storage the loader overwrites.
+    """
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                empty = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(empty, requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)

@@ -12,6 +12,10 @@ from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# The default KV pool: max_num_seqs sequences of 1/KV_POOL_WINDOW_FRACTION of the context window,
+# capped at DEFAULT_KV_POOL_GIB (see EngineConfig.kv_pool_blocks).
+KV_POOL_WINDOW_FRACTION = 16
+DEFAULT_KV_POOL_GIB = 1.0
 
 
 @dataclass
@@ -28,8 +32,10 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    kv_cache_blocks: int | None = None  # default: as many as kv_cache_memory_gb holds
-    kv_cache_memory_gb: float = 1.0
+    # The KV pool: kv_cache_blocks, else as many blocks as kv_cache_memory_gb holds, else sized
+    # from the model (see kv_pool_tokens).
+    kv_cache_blocks: int | None = None
+    kv_cache_memory_gb: float | None = None
     max_model_len: int | None = None  # default: the model's, capped by the KV pool
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's setting
     device: str = "cpu"
@@ -68,7 +74,9 @@ class EngineConfig:
             positive(name, allow_none=True)
         if self.cpu_gemm not in ("auto", *CPU_GEMM_BACKENDS):
             raise ValueError(f"cpu_gemm must be 'auto' or one of {CPU_GEMM_BACKENDS}, got {self.cpu_gemm!r}")
-        if not self.kv_cache_memory_gb > 0:
+        if self.kv_cache_memory_gb is not None and not (
+            isinstance(self.kv_cache_memory_gb, int | float) and self.kv_cache_memory_gb > 0
+        ):
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
@@ -83,6 +91,23 @@ class EngineConfig:
     def on_gpu(self) -> bool:
         """Whether the engine runs on a CUDA device (its worker then takes a GPU and NCCL transfers)."""
         return self.device.startswith("cuda")
+
+    def kv_pool_blocks(self, block_bytes: int, model_max_len: int) -> int:
+        """How many KV blocks this engine allocates, given one block's bytes and the model's window.
+
+        Unless told (kv_cache_blocks, kv_cache_memory_gb), the pool holds max_num_seqs sequences of
+        a sixteenth of the context window each (at least one whole window), and at most
+        DEFAULT_KV_POOL_GIB: a fixed byte budget gave the 17 MB demo model a 1 GiB pool, most of
+        each worker's memory, that it never filled.
+        """
+        if self.kv_cache_blocks is not None:
+            return self.kv_cache_blocks
+        if self.kv_cache_memory_gb is not None:
+            return max(1, int(self.kv_cache_memory_gb * 2**30) // block_bytes)
+        window = min(self.max_model_len or model_max_len, model_max_len)
+        tokens = max(window, self.max_num_seqs * window // KV_POOL_WINDOW_FRACTION)
+        blocks = -(-tokens // self.block_size)
+        return max(1, min(blocks, int(DEFAULT_KV_POOL_GIB * 2**30) // block_bytes))
 
     def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
         if self.dtype != "auto":

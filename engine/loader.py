@@ -11,7 +11,7 @@ import json
 import re
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,13 +193,15 @@ def load_checkpoint(
     dtype: torch.dtype,
     progress: bool = True,
     allow_ignored: Sequence[str] = (),
+    on_tensor: Callable[[int, int], None] | None = None,
 ) -> LoadReport:
     """Copies every tensor of the checkpoint in directory `path` into `module`, in place.
 
     Each tensor keeps the dtype the module gave it (the router gate and its bias stay fp32 while
     `dtype` is the model's compute dtype), and is streamed from disk one at a time, so peak memory
     stays about one model. Checkpoint tensors the module lacks are an error unless they match an
-    `allow_ignored` prefix or regex (or are a tied `lm_head.weight`).
+    `allow_ignored` prefix or regex (or are a tied `lm_head.weight`). `on_tensor(done, total)`
+    hears each copied tensor (for a caller's own progress line).
     """
     del dtype  # the module's own tensors already carry the dtype each must be kept in
     start = time.perf_counter()
@@ -211,7 +213,7 @@ def load_checkpoint(
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(index[name].file, []).append(name)
-    num_bytes = 0
+    num_bytes = copied = 0
     with (
         torch.no_grad(),
         tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress) as bar,
@@ -225,6 +227,9 @@ def load_checkpoint(
                         target.copy_(tensor.reshape(target.shape))
                         num_bytes += tensor.numel() * tensor.element_size()
                         bar.update(1)
+                        copied += 1
+                        if on_tensor is not None:
+                            on_tensor(copied, len(expected))
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(
                     f"{file} could not be read ({e}); loading stopped part-way, re-download the file"

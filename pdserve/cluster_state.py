@@ -203,7 +203,7 @@ def status(state_dir: Path, name: str | None = None) -> str:
         f"prefix index: {cs.index_backend}, {cs.index_entries} entries, "
         f"{'available' if cs.index_available else 'UNAVAILABLE'}; {cs.requests_in_flight} requests in flight",
         f"{'worker':<16} {'role':<8} {'alive':<5} {'running':>7} {'waiting':>7} {'KV used':>12} {'restarts':>8}"
-        f" {'spec accept':>11} {'tok/verify':>10}",
+        f" {'spec accept':>11} {'tok/verify':>10} {'RSS MiB':>8} {'fds':>5} {'threads':>7}",
     ]
     for w in cs.workers:
         used = f"{w.kv_blocks_total - w.kv_blocks_free}/{w.kv_blocks_total}"
@@ -211,5 +211,6 @@ def status(state_dir: Path, name: str | None = None) -> str:
         accept = f"{w.spec_acceptance_rate:.2f}" if w.spec_mean_accepted_length else "-"
         length = f"{w.spec_mean_accepted_length:.2f}" if w.spec_mean_accepted_length else "-"
         lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
-                     f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10}")  # fmt: skip
+                     f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10} "
+                     f"{w.rss_bytes / 2**20:>8.0f} {w.open_fds:>5} {w.threads:>7}")  # fmt: skip
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,8 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
 MIN_WORKER_CPUS = 0.25
 # How long `up` waits for every worker to load before it gives up with the reason.
 WORKER_READY_TIMEOUT_S = 300.0
+# How often the start-up line asks the workers what they are doing.
+PROGRESS_INTERVAL_S = 0.5
 
 
 def worker_cpus(c: ClusterConfig, resources: dict[str, float], on_gpu: bool) -> float:
@@ -202,7 +205,11 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
     try:
         try:
             await _with_progress(
-                controller.start.remote(), "workers loading weights", WORKER_READY_TIMEOUT_S, stop
+                controller.start.remote(),
+                "starting workers",
+                WORKER_READY_TIMEOUT_S,
+                stop,
+                detail=lambda: controller.startup_phases.remote(),
             )
         except TimeoutError:
             raise LaunchError(
@@ -248,14 +255,17 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             await controller.shutdown.remote()
 
 
-async def _with_progress(ref, what: str, timeout_s: float, stop: asyncio.Event) -> None:
-    """Awaits `ref` while a line shows the elapsed time; TimeoutError after `timeout_s`, and
-    LaunchError when `stop` is set meanwhile (Ctrl-C)."""
+async def _with_progress(
+    ref, what: str, timeout_s: float, stop: asyncio.Event, detail: Callable[[], Awaitable[dict]] | None = None
+) -> None:
+    """Awaits `ref` while one line shows the elapsed time and, from `detail()`, what each part is
+    doing ("prefill-0 loading weights 40/57"); TimeoutError after `timeout_s`, and LaunchError when
+    `stop` is set meanwhile (Ctrl-C)."""
     from tqdm import tqdm
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    with tqdm(desc=what, bar_format="{desc}: {elapsed}") as bar:
+    with tqdm(desc=what, bar_format="{desc} {elapsed}") as bar:
         task = asyncio.ensure_future(ref)
         while not task.done():
             if stop.is_set():
@@ -264,9 +274,19 @@ async def _with_progress(ref, what: str, timeout_s: float, stop: asyncio.Event) 
             if loop.time() > deadline:
                 task.cancel()
                 raise TimeoutError(what)
-            await asyncio.sleep(0.5)
+            await asyncio.wait({task}, timeout=PROGRESS_INTERVAL_S)
+            if detail is not None and not task.done():
+                bar.set_description_str(f"{what}: {_phases_line(await detail())}", refresh=False)
             bar.update()
         task.result()
+
+
+def _phases_line(phases: dict[str, str]) -> str:
+    """ "decode-0 loading weights 3/57, prefill-0 starting": workers with the same phase share it."""
+    by_phase: dict[str, list[str]] = {}
+    for worker_id, phase in sorted(phases.items()):
+        by_phase.setdefault(phase, []).append(worker_id)
+    return ", ".join(f"{' '.join(ids)} {phase}" for phase, ids in by_phase.items()) or "connecting"
 
 
 def _check_redis(url: str) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pdserve.engine.outputs import RequestDelta, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.stats import EngineStats
+from pdserve.roles.process_usage import ProcessUsage
 
 ROLES = ("prefill", "decode", "both")
 
@@ -85,6 +86,9 @@ class WorkerLoad:
     draining: bool
     spec_acceptance_rate: float = 0.0  # speculative decoding, since start (0 when it is off)
     spec_mean_accepted_length: float = 0.0
+    rss_bytes: int = 0  # the worker process's footprint (ProcessUsage)
+    open_fds: int = 0
+    threads: int = 0
 
     @classmethod
     def from_stats(
@@ -96,6 +100,7 @@ class WorkerLoad:
         num_pending_sends: int,
         block_size: int,
         draining: bool,
+        usage: ProcessUsage | None = None,
     ) -> WorkerLoad:
         """The report of a worker whose engine gave `stats`; the rest is the worker's own state."""
         return cls(
@@ -112,4 +117,7 @@ class WorkerLoad:
             draining=draining,
             spec_acceptance_rate=stats.spec_acceptance_rate,
             spec_mean_accepted_length=stats.spec_mean_accepted_length,
+            rss_bytes=usage.rss_bytes if usage else 0,
+            open_fds=usage.open_fds if usage else 0,
+            threads=usage.threads if usage else 0,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pdserve.engine import EngineStats
+from pdserve.roles.process_usage import ProcessUsage
 
 # Transfers span ~1 ms (one block, same host) to seconds (long prompts, slow links).
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -100,10 +101,20 @@ class WorkerMetrics:
             registry=r,
         )
         self._spec_seen = (0, 0, 0)
+        self.resident_memory = Gauge(
+            "pdserve_worker_resident_memory_bytes", "The worker process's resident memory", ["worker"], registry=r
+        )
+        self.open_fds = Gauge(
+            "pdserve_worker_open_fds", "File descriptors the worker process holds open", ["worker"], registry=r
+        )
+        self.threads = Gauge("pdserve_worker_threads", "Threads of the worker process", ["worker"], registry=r)
 
-    def engine_stats(self, stats: EngineStats, pending_sends: int) -> None:
-        """Refreshes the queue, cache and speculation families from an engine snapshot."""
+    def engine_stats(self, stats: EngineStats, pending_sends: int, usage: ProcessUsage) -> None:
+        """Refreshes the queue, cache, speculation and process families from one snapshot."""
         w = self.worker_id
+        self.resident_memory.labels(w).set(usage.rss_bytes)
+        self.open_fds.labels(w).set(usage.open_fds)
+        self.threads.labels(w).set(usage.threads)
         self.requests_waiting.labels(w).set(stats.num_waiting)
         self.requests_running.labels(w).set(stats.num_running)
         self.pending_sends.labels(w).set(pending_sends)

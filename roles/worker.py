@@ -27,6 +27,7 @@ from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
 from pdserve.roles.messages import ROLES, Handoff, PrefillResult, TokenChunk, WorkerLoad
 from pdserve.roles.metrics import WorkerMetrics
+from pdserve.roles.process_usage import ProcessUsage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Worker:
         self._kv_backend = kv_backend
         self._host = host
         self._loop: EngineLoop | None = None
+        self._building: asyncio.Task[EngineLoop] | None = None
+        self._phase = "starting"
         self._transport = None
         self._outbox: dict[str, KVPayload] = {}
         self.metrics = WorkerMetrics(worker_id)
@@ -61,12 +64,30 @@ class Worker:
         self.metrics.set_role(None, role)
 
     async def _engine(self) -> EngineLoop:
-        # Built on first use, inside the actor's event loop that EngineLoop posts results to.
+        # Built once, on first use, by whichever call comes first; the others wait for the same build.
         if self._loop is None:
-            engine = Engine(self._engine_config, on_cache_event=self._cache_events.record)
-            self._loop = EngineLoop(engine, asyncio.get_running_loop())
-            self._transport = make_transport(self._kv_backend, self.worker_id, self._host)
+            if self._building is None:
+                self._building = asyncio.get_running_loop().create_task(self._build())
+            await asyncio.shield(self._building)
+        assert self._loop is not None
         return self._loop
+
+    async def _build(self) -> EngineLoop:
+        # In a thread, so the actor keeps answering (startup_phase) while weights load.
+        engine = await asyncio.to_thread(
+            Engine, self._engine_config, on_cache_event=self._cache_events.record, on_phase=self._set_phase
+        )
+        self._set_phase("opening the KV transport")
+        self._transport = await asyncio.to_thread(
+            make_transport, self._kv_backend, self.worker_id, self._host
+        )
+        # EngineLoop posts results to the actor's event loop, so it is made here, on it.
+        self._loop = EngineLoop(engine, asyncio.get_running_loop())
+        self._set_phase("ready")
+        return self._loop
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase  # a str assignment: safe from the building thread
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -75,6 +96,10 @@ class Worker:
         await self._engine()
         assert self._transport is not None
         return self._transport.endpoint
+
+    async def startup_phase(self) -> str:
+        """What the worker is doing while it starts ("loading weights 3/57", ...; "ready" once up)."""
+        return self._phase
 
     async def served_model(self) -> ServedModel:
         """What this worker's engine serves and its limits (loads the model if not yet)."""
@@ -85,6 +110,7 @@ class Worker:
         """Current load, for the controller and the router."""
         loop = await self._engine()
         stats = await loop.call(lambda e: e.stats())
+        usage = ProcessUsage.of_this_process()
         load = WorkerLoad.from_stats(
             stats,
             worker_id=self.worker_id,
@@ -92,8 +118,9 @@ class Worker:
             num_pending_sends=len(self._outbox),
             block_size=self._engine_config.block_size,
             draining=self._draining,
+            usage=usage,
         )
-        self.metrics.engine_stats(stats, load.num_pending_sends)
+        self.metrics.engine_stats(stats, load.num_pending_sends, usage)
         return load
 
     async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> str:

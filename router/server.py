@@ -239,6 +239,9 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                 last_step_seconds=w.load.last_step_seconds if w.load else 0.0,
                 spec_acceptance_rate=w.load.spec_acceptance_rate if w.load else 0.0,
                 spec_mean_accepted_length=w.load.spec_mean_accepted_length if w.load else 0.0,
+                rss_bytes=w.load.rss_bytes if w.load else 0,
+                open_fds=w.load.open_fds if w.load else 0,
+                threads=w.load.threads if w.load else 0,
             )
             for w in self.view.workers
         ]

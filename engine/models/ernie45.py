@@ -103,7 +103,11 @@ class Ernie45Model(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         h = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, h, dtype=dtype)
+        # Given its weight, nn.Embedding skips its random init, whose first use on the meta device
+        # imports torch._refs (1.3 s and ~90 MB per worker) for a tensor the loader overwrites.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, h, _weight=torch.empty(config.vocab_size, h, dtype=dtype), _freeze=True
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps, dtype)
         # ERNIE's multi-token-prediction head, loaded for speculative decoding (not run by forward).

@@ -75,7 +75,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
             and "policy cache_aware" in status.stdout
         )
         header = next(ln for ln in status.stdout.splitlines() if ln.startswith("worker"))
-        assert header.split()[-3:] == ["spec", "accept", "tok/verify"]
+        assert header.split()[-7:] == ["spec", "accept", "tok/verify", "RSS", "MiB", "fds", "threads"]
         # A longer answer gives the decode worker guesses to verify (a random model soon repeats
         # itself); status then shows its tokens per verification, once the router's view refreshes.
         long = {"prompt": prompt, "max_tokens": 32, "ignore_eos": True, "temperature": 0}
@@ -83,7 +83,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
         deadline = time.monotonic() + 20
         while True:
             rows = run("status", "--state-dir", str(state)).stdout.splitlines()
-            per_verify = next(ln for ln in rows if ln.startswith("decode-0")).split()[-1]
+            per_verify = next(ln for ln in rows if ln.startswith("decode-0")).split()[-4]
             if per_verify != "-" or time.monotonic() > deadline:
                 break
             time.sleep(1)

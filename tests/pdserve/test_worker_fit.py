@@ -85,7 +85,7 @@ def test_ctrl_c_while_the_workers_load_exits_cleanly(tmp_path):
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 60
-            while "workers loading weights" not in out.read_text():  # workers import torch: seconds
+            while "starting workers" not in out.read_text():  # workers import torch: seconds
                 assert up.poll() is None and time.monotonic() < deadline, out.read_text()[-2000:]
                 time.sleep(0.05)
             up.send_signal(signal.SIGINT)
@@ -94,6 +94,6 @@ def test_ctrl_c_while_the_workers_load_exits_cleanly(tmp_path):
             if up.poll() is None:
                 up.kill()
     printed = out.read_text()
-    assert "pdserve up: error: interrupted (workers loading weights)" in printed
+    assert "pdserve up: error: interrupted (starting workers)" in printed
     assert "Traceback" not in printed and "KeyboardInterrupt" not in printed
     assert not list((tmp_path / "state").glob("**/*.json"))  # nothing recorded as running

@@ -1,0 +1,110 @@
+"""Start-up as a user meets it: a line that says what each worker is doing, and workers that fit
+the model they serve (the demo's used to hold a fixed 1 GiB KV pool each: 1.5 GB per worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from pdserve.engine import EngineConfig
+from pdserve.launcher import _phases_line
+from pdserve.roles.process_usage import ProcessUsage
+from pdserve.roles.worker import Worker
+from tests.pdserve.test_launcher import PDSERVE, run
+from tests.pdserve.test_worker_fit import httpx_ready
+from tests.router.test_server import free_port
+
+DEMO_WORKER_RSS_LIMIT = 600 * 2**20
+
+
+def test_a_worker_reports_each_phase_while_it_builds_its_engine(moe_checkpoint):
+    worker = Worker("w-0", EngineConfig(model=str(moe_checkpoint), progress=False), role="both")
+    seen: list[str] = []
+    set_phase = worker._set_phase
+    worker._set_phase = lambda phase: (seen.append(phase), set_phase(phase))  # type: ignore[method-assign]
+
+    async def start() -> tuple[str, str]:
+        before = await worker.startup_phase()
+        await worker.ready()
+        return before, await worker.startup_phase()
+
+    before, after = asyncio.run(start())
+    assert (before, after) == ("starting", "ready")
+    loads = [p for p in seen if p.startswith("loading weights ")]
+    total = int(loads[-1].split("/")[1])
+    assert loads == [f"loading weights {i}/{total}" for i in range(1, total + 1)]
+    assert any(p.startswith("allocating KV cache (") and p.endswith(" MiB)") for p in seen)
+    assert seen.index(loads[-1]) < seen.index(next(p for p in seen if p.startswith("allocating")))
+    assert seen[-1] == "ready"
+
+
+def test_the_progress_line_groups_workers_by_phase():
+    line = _phases_line({"prefill-0": "starting", "decode-0": "loading weights 3/57", "decode-1": "starting"})
+    assert line == "decode-0 loading weights 3/57, decode-1 prefill-0 starting"
+    assert _phases_line({}) == "connecting"
+
+
+def test_the_default_kv_pool_is_sized_from_the_window_and_max_num_seqs():
+    block_bytes = 16 * 2048  # 16 tokens of 2 KiB (the demo model's fp32 K and V over its 4 layers)
+    # 256 sequences of a sixteenth of a 2048-token window: 32768 tokens, 2048 blocks (64 MiB).
+    assert EngineConfig(model="demo").kv_pool_blocks(block_bytes, 2048) == 2048
+    assert EngineConfig(model="demo", max_num_seqs=8).kv_pool_blocks(block_bytes, 2048) == 128  # one window
+    assert EngineConfig(model="demo", max_model_len=1024).kv_pool_blocks(block_bytes, 2048) == 1024
+    # A big model's window: capped at 1 GiB, as before.
+    big = EngineConfig(model="demo").kv_pool_blocks(28 * 2 * 16 * 4 * 128 * 4, 131072)
+    assert big == 2**30 // (28 * 2 * 16 * 4 * 128 * 4)
+    # Told: exactly what was asked.
+    assert (
+        EngineConfig(model="demo", kv_cache_memory_gb=0.5).kv_pool_blocks(block_bytes, 2048)
+        == 2**29 // block_bytes
+    )
+    assert EngineConfig(model="demo", kv_cache_blocks=7).kv_pool_blocks(block_bytes, 2048) == 7
+
+
+def test_process_usage_sees_a_new_file_descriptor():
+    before = ProcessUsage.of_this_process()
+    with open(__file__) as f:
+        during = ProcessUsage.of_this_process()
+        assert f.readable()
+    assert before.rss_bytes > 10 * 2**20 and before.threads >= 1
+    assert during.open_fds == before.open_fds + 1
+
+
+def test_the_demo_cluster_names_worker_phases_and_each_worker_fits_600_mb(tmp_path):
+    port, state, out = free_port(), tmp_path / "state", tmp_path / "up.log"
+    with open(out, "w") as log:
+        up = subprocess.Popen(
+            [*PDSERVE, "up", "--port", str(port), "--router-port", str(free_port()), "--state-dir", str(state)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while not httpx_ready(port):
+                assert up.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.5)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                           json={"prompt": "def add(a, b):", "max_tokens": 8}, timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+            status = run("status", "--state-dir", str(state))
+            assert status.returncode == 0, status.stderr
+            rows = [ln.split() for ln in status.stdout.splitlines() if ln.startswith(("prefill-", "decode-"))]
+            assert "RSS MiB" in status.stdout and status.stdout.split("\n")[2].split()[-3:] == [
+                "MiB",
+                "fds",
+                "threads",
+            ]
+            rss_mib = {row[0]: float(row[-3]) for row in rows}  # the last columns: RSS MiB, fds, threads
+            assert sorted(rss_mib) == ["decode-0", "prefill-0"]
+            assert all(0 < mib <= DEMO_WORKER_RSS_LIMIT / 2**20 for mib in rss_mib.values()), rss_mib
+            assert run("down", "--state-dir", str(state)).returncode == 0
+            assert up.wait(60) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+    printed = Path(out).read_text()
+    assert "starting workers" in printed
