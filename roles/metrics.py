@@ -102,12 +102,20 @@ class WorkerMetrics:
         )
         self._spec_seen = (0, 0, 0)
         self.resident_memory = Gauge(
-            "pdserve_worker_resident_memory_bytes", "The worker process's resident memory", ["worker"], registry=r
+            "pdserve_worker_resident_memory_bytes",
+            "The worker process's resident memory",
+            ["worker"],
+            registry=r,
         )
         self.open_fds = Gauge(
-            "pdserve_worker_open_fds", "File descriptors the worker process holds open", ["worker"], registry=r
+            "pdserve_worker_open_fds",
+            "File descriptors the worker process holds open",
+            ["worker"],
+            registry=r,
         )
-        self.threads = Gauge("pdserve_worker_threads", "Threads of the worker process", ["worker"], registry=r)
+        self.threads = Gauge(
+            "pdserve_worker_threads", "Threads of the worker process", ["worker"], registry=r
+        )
 
     def engine_stats(self, stats: EngineStats, pending_sends: int, usage: ProcessUsage) -> None:
         """Refreshes the queue, cache, speculation and process families from one snapshot."""
