@@ -138,10 +138,28 @@ class Scheduler:
                 continue
             break  # `req` preempted itself: nothing after it can run either
         # Admitting new work in a step that had to preempt would just thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        """Moves waiting requests into the batch, first come first served, while room lasts.
+
+        A request whose next uncached block another running request is computing right now (a
+        request's n choices, or a burst sharing a system prompt) waits for that block to be
+        cached instead of computing it a second time; the requests behind it go ahead.
+        """
+        if not self.waiting:
+            return
+        computing = self._blocks_being_computed()
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
             start = len(cached) * self.kv.block_size if cached else req.num_computed_tokens
+            if req.num_computed_tokens == 0 and self._next_block_is_computing(req, len(cached), computing):
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(req.num_tokens - start, budget)
             if not self.kv.allocate(req, start + n, cached):
                 break
@@ -155,7 +173,28 @@ class Scheduler:
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n
-        return batch
+            if computing is not None:
+                computing.update(req.block_hashes[len(cached) : req.num_prompt_tokens // self.kv.block_size])
+        self.waiting.extendleft(reversed(deferred))  # they keep their place at the head
+
+    def _blocks_being_computed(self) -> set[int] | None:
+        """Hashes of the prompt blocks running requests are computing and have not cached yet
+        (None without prefix caching: nothing could be shared)."""
+        if not self.kv.enable_prefix_caching:
+            return None
+        bs = self.kv.block_size
+        return {
+            h
+            for r in self.running
+            if r.num_computed_tokens < r.num_prompt_tokens
+            for h in r.block_hashes[r.num_cached_blocks : r.num_prompt_tokens // bs]
+        }
+
+    def _next_block_is_computing(self, req: Request, num_cached: int, computing: set[int] | None) -> bool:
+        # find_cached_prefix has hashed the request's full blocks; the last token always computes.
+        if not computing or num_cached >= (req.num_tokens - 1) // self.kv.block_size:
+            return False
+        return req.block_hashes[num_cached] in computing
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

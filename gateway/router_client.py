@@ -31,11 +31,13 @@ class RouterClient:
         prompt_token_ids: list[int],
         sampling: pdserve_pb2.SamplingParams,
         timeout_s: float | None,
+        prefill_group: str | None = None,
     ) -> AsyncIterator[pdserve_pb2.GenerateChunk]:
         """The request's chunk stream; cancelling the iteration cancels the call (and the request)."""
         request = pdserve_pb2.GenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling
-        )
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
+            prefill_group=prefill_group or "",
+        )  # fmt: skip
         return self._stub.Generate(request, timeout=timeout_s)
 
     async def abort(self, request_id: str) -> bool:

@@ -8,10 +8,12 @@ prompt is made and how a choice looks; the rest is shared here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,12 @@ class Generation:
     def choice_request_id(self, index: int) -> str:
         """The router's request id for choice `index` (the request's own when it has one choice)."""
         return f"{self.request_id}-{index}" if len(self.choices) > 1 else self.request_id
+
+    def choice_group(self, index: int) -> str | None:
+        """The router's prefill group of choice `index`: the n choices of one prompt prefill on one
+        worker, which computes their prompt once (None when the prompt has one choice)."""
+        n = getattr(self.body, "n", 1) or 1
+        return f"{self.request_id}/{index // n}" if n > 1 else None
 
     def split(self, text: str, splitter: ReasoningSplitter, final: bool) -> tuple[str, str]:
         """(reasoning, content) of generated `text`."""
@@ -124,17 +132,56 @@ class OpenAIServing:
         except SamplingParamsError as e:
             raise APIError(400, str(e), param=e.field) from e
 
-    async def generate(
-        self, request_id: str, prompt: list[int], sampling: pdserve_pb2.SamplingParams
-    ) -> AsyncIterator[pdserve_pb2.GenerateChunk]:
-        """The router's chunks for one choice; its gRPC errors become `APIError`s."""
-        stream = self.router.client().generate(request_id, prompt, sampling, self.config.request_timeout_s)
+    async def generate(self, gen: Generation, index: int) -> AsyncIterator[pdserve_pb2.GenerateChunk]:
+        """The router's chunks for choice `index`; its gRPC errors become `APIError`s."""
+        prompt, sampling = gen.choices[index]
+        stream = self.router.client().generate(
+            gen.choice_request_id(index),
+            prompt,
+            sampling,
+            self.config.request_timeout_s,
+            gen.choice_group(index),
+        )
         try:
             async for chunk in stream:
                 yield chunk
         except grpc.aio.AioRpcError as e:
             status, kind = HTTP_OF_GRPC.get(e.code(), (500, "internal_error"))
             raise APIError(status, e.details() or str(e.code()), kind) from e
+
+    async def choice_chunks(self, gen: Generation) -> AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]:
+        """(choice index, chunk) as they come, every choice running at once (the n choices of a
+        prompt share its prefill, see `Generation.choice_group`). The first error ends them all;
+        closing the iterator cancels the choices still running (and so their requests)."""
+        if len(gen.choices) == 1:
+            async for chunk in self.generate(gen, 0):
+                yield 0, chunk
+            return
+        arrivals: asyncio.Queue[tuple[int, pdserve_pb2.GenerateChunk | Exception | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for chunk in self.generate(gen, index):
+                    arrivals.put_nowait((index, chunk))
+                arrivals.put_nowait((index, None))
+            except Exception as e:  # APIError: reported by the reader, which stops the others
+                arrivals.put_nowait((index, e))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(gen.choices))]
+        try:
+            running = len(tasks)
+            while running:
+                index, item = await arrivals.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    running -= 1
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def logprobs(self, chunk: pdserve_pb2.GenerateChunk | None) -> Any:
         """The choice's `logprobs` for the tokens of `chunk` (None without any)."""
@@ -182,26 +229,28 @@ class OpenAIServing:
         return await self.full_generator(gen)
 
     async def stream_generator(self, gen: Generation) -> AsyncIterator[bytes]:
-        """Server-sent events: each choice's increments in turn, usage if asked for, `[DONE]`.
+        """Server-sent events: every choice's opening, then the choices' increments as they come
+        (the choices run at once), usage if asked for, `[DONE]`.
 
         The status line is already sent, so an error is the stream's last event (and the stream
         counts its own outcome: the middleware only sees the 200).
         """
         totals, cached, first = [0] * len(gen.choices), 0, True
+        splitters = [ReasoningSplitter(bool(gen.in_reasoning)) for _ in gen.choices]
         try:
-            for i, (prompt, sampling) in enumerate(gen.choices):
-                splitter = ReasoningSplitter(bool(gen.in_reasoning))
+            for i in range(len(gen.choices)):
                 opening = self.choice_start(gen, i)
                 if opening is not None:
                     yield sse(opening)
-                async for chunk in self.generate(gen.choice_request_id(i), prompt, sampling):
+            async with aclosing(self.choice_chunks(gen)) as chunks:
+                async for i, chunk in chunks:
                     if first:
                         self.metrics.first_token.observe(time.perf_counter() - gen.start)
                         first = False
                     totals[i] += len(chunk.token_ids)
                     if chunk.finished:
                         cached = max(cached, chunk.usage.cached_tokens)
-                    reasoning, text = gen.split(chunk.text, splitter, final=chunk.finished)
+                    reasoning, text = gen.split(chunk.text, splitters[i], final=chunk.finished)
                     finish = chunk.finish_reason or None if chunk.finished else None
                     if text or reasoning or finish or chunk.logprobs:
                         yield sse(
@@ -220,19 +269,24 @@ class OpenAIServing:
 
     async def full_generator(self, gen: Generation) -> JSONResponse:
         """One JSON body with every choice whole."""
-        choices, total, cached = [], 0, 0
-        for i, (prompt, sampling) in enumerate(gen.choices):
-            texts, lps, finish = [], [], None
-            async for chunk in self.generate(gen.choice_request_id(i), prompt, sampling):
-                texts.append(chunk.text)
-                lps.extend(chunk.logprobs)
+        n = len(gen.choices)
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[list[pdserve_pb2.TokenLogprob]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        total, cached = 0, 0
+        async with aclosing(self.choice_chunks(gen)) as chunks:
+            async for i, chunk in chunks:
+                texts[i].append(chunk.text)
+                lps[i].extend(chunk.logprobs)
                 total += len(chunk.token_ids)
                 if chunk.finished:
-                    finish = chunk.finish_reason
+                    finish[i] = chunk.finish_reason
                     cached = max(cached, chunk.usage.cached_tokens)
-            reasoning, content = gen.split("".join(texts), ReasoningSplitter(bool(gen.in_reasoning)), True)
-            merged = pdserve_pb2.GenerateChunk(logprobs=lps) if lps else None
-            choices.append(self.choice(gen, i, content, reasoning, finish, merged, False))
+        choices = []
+        for i in range(n):
+            reasoning, content = gen.split("".join(texts[i]), ReasoningSplitter(bool(gen.in_reasoning)), True)
+            merged = pdserve_pb2.GenerateChunk(logprobs=lps[i]) if lps[i] else None
+            choices.append(self.choice(gen, i, content, reasoning, finish[i], merged, False))
         self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
         return JSONResponse(
             {"id": self.response_id(gen), "object": self.object_kind, "created": gen.created,

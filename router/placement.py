@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from pdserve.cluster.controller import WorkerInfo
 
 
+# How long a request group's prefill worker is remembered, and how many groups at most.
+GROUP_TTL_S = 30.0
+MAX_GROUPS = 10_000
+
+
 class NoWorkerError(RuntimeError):
     """No live worker of a needed role."""
 
@@ -92,6 +97,29 @@ class PlacedSinceReport:
         self._blocks[wid] = max(0, self._blocks.get(wid, 0) - charge.blocks)
 
 
+class PrefillGroups:
+    """Which prefill worker each recent request group went to (see `Placement.choose`).
+
+    A group's requests arrive within milliseconds of each other, so an entry lives
+    `GROUP_TTL_S`; at most `MAX_GROUPS` are kept (the oldest go first).
+    """
+
+    def __init__(self) -> None:
+        self._worker: dict[str, tuple[str, float]] = {}  # group -> (worker id, expiry), oldest first
+
+    def worker_of(self, group: str | None, now: float) -> str | None:
+        entry = self._worker.get(group) if group else None
+        return entry[0] if entry is not None and entry[1] > now else None
+
+    def remember(self, group: str | None, worker_id: str, now: float) -> None:
+        if not group:
+            return
+        self._worker.pop(group, None)
+        self._worker[group] = (worker_id, now + GROUP_TTL_S)
+        while len(self._worker) > MAX_GROUPS or next(iter(self._worker.values()))[1] <= now:
+            del self._worker[next(iter(self._worker))]
+
+
 class RouterPlacement:
     """Chooses routes from the cluster view with a prefill policy."""
 
@@ -103,8 +131,9 @@ class RouterPlacement:
         self.block_size = block_size
         self.metrics = metrics
         self.placed = PlacedSinceReport()
+        self.groups = PrefillGroups()
 
-    async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
+    async def choose(self, prompt_token_ids: list[int], avoid: set[str], group: str | None = None) -> Route:
         start = time.perf_counter()
         workers = [w for w in self.view.workers if w.alive and not (w.load and w.load.draining)]
         prefills = prefer_not(avoid, [w for w in workers if w.role == "prefill"])
@@ -112,7 +141,7 @@ class RouterPlacement:
         boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
-            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids)
+            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids, group)
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes if w.load]
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
@@ -126,7 +155,7 @@ class RouterPlacement:
             self._observe(start, hit_tokens)
             return Route(prefill_w.ref(), decode_w.ref(), charges)
         if boths:
-            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids)
+            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids, group)
             charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
             self._observe(start, hit_tokens)
             return Route(None, both_w.ref(), charges)
@@ -140,19 +169,24 @@ class RouterPlacement:
             self.placed.settle(charge)
         route.charges = None  # settle once, however many chunks follow
 
-    async def _choose_cached(self, workers: list[WorkerInfo], prompt: list[int]) -> tuple[WorkerInfo, int]:
-        """The policy's pick among workers that compute prompts, and its cached prompt tokens."""
+    async def _choose_cached(
+        self, workers: list[WorkerInfo], prompt: list[int], group: str | None
+    ) -> tuple[WorkerInfo, int]:
+        """The worker that computes the prompt, and its cached prompt tokens: the group's worker
+        if it is among `workers`, else the policy's pick."""
         cached = await self._cached_blocks(prompt, [w.worker_id for w in workers])
-        chosen = self.policy.choose(
-            [
+        now = time.monotonic()
+        chosen_id = self.groups.worker_of(group, now)
+        if chosen_id not in {w.worker_id for w in workers if w.load}:
+            candidates = [
                 Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0))
                 for w in workers
                 if w.load
-            ],
-            len(prompt),
-        )
-        hit_tokens = min(cached.get(chosen.worker_id, 0) * self.block_size, len(prompt))
-        return _info(workers, chosen.worker_id), hit_tokens
+            ]
+            chosen_id = self.policy.choose(candidates, len(prompt)).worker_id
+        self.groups.remember(group, chosen_id, now)
+        hit_tokens = min(cached.get(chosen_id, 0) * self.block_size, len(prompt))
+        return _info(workers, chosen_id), hit_tokens
 
     def _observe(self, start: float, hit_tokens: int) -> None:
         self.metrics.decision_seconds.observe(time.perf_counter() - start)

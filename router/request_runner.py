@@ -43,8 +43,11 @@ class Route:
 class Placement(Protocol):
     """Chooses workers for a request (the router's policies implement this)."""
 
-    async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
-        """A route avoiding the worker ids in `avoid` where possible; raises when none is alive."""
+    async def choose(self, prompt_token_ids: list[int], avoid: set[str], group: str | None = None) -> Route:
+        """A route avoiding the worker ids in `avoid` where possible; raises when none is alive.
+
+        Requests of one `group` prefill where the group's first request did, while that worker lives.
+        """
         ...
 
     async def failed(self, worker_id: str) -> None:
@@ -76,9 +79,10 @@ class RequestRunner:
         self.after_prefill: Callable[[str], Awaitable[None]] | None = None
 
     async def run(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, group: str | None = None
     ) -> AsyncIterator[TokenChunk]:
-        """Yields the request's chunks, each token once, whatever fails underneath."""
+        """Yields the request's chunks, each token once, whatever fails underneath (`group`:
+        see `Placement.choose`)."""
         emitted: list[int] = []
         avoid: set[str] = set()
         cached: int | None = None
@@ -86,7 +90,7 @@ class RequestRunner:
             prompt = prompt_token_ids + emitted
             attempt_params = _remaining(params, len(emitted))
             engine_id = request_id if attempt == 0 else f"{request_id}~{attempt}"
-            route = await self._admit(engine_id, prompt, attempt_params, avoid)
+            route = await self._admit(engine_id, prompt, attempt_params, avoid, group)
             stream = self._attempt(route, engine_id, prompt, attempt_params)
             try:
                 async for chunk in stream:
@@ -140,12 +144,12 @@ class RequestRunner:
         )
 
     async def _admit(
-        self, engine_id: str, prompt: list[int], params: SamplingParams, avoid: set[str]
+        self, engine_id: str, prompt: list[int], params: SamplingParams, avoid: set[str], group: str | None
     ) -> Route:
         """A route whose decode side has room for the prompt; waits (bounded) while none has."""
         deadline = asyncio.get_running_loop().time() + self.config.admission_timeout_s
         while True:
-            route = await self.placement.choose(prompt, avoid)
+            route = await self.placement.choose(prompt, avoid, group)
             load = await route.decode.handle.load.remote()
             # Colocated runs allocate as they go; disaggregated ones need the prompt's blocks now.
             if route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1:

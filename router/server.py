@@ -37,6 +37,10 @@ SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 _DONE = object()
 
 
+# A prefill group names one API request's choices (its request id and a prompt index).
+MAX_PREFILL_GROUP_CHARS = 256
+
+
 class InvalidRequest(ValueError):
     """A request field is wrong; the message names it."""
 
@@ -112,6 +116,10 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             raise InvalidRequest(
                 f"prompt_token_ids has {len(prompt)} tokens; the context window is {self.served.max_model_len}"
             )
+        if len(request.prefill_group) > MAX_PREFILL_GROUP_CHARS:
+            raise InvalidRequest(
+                f"prefill_group has {len(request.prefill_group)} characters; at most {MAX_PREFILL_GROUP_CHARS}"
+            )
         params = to_sampling_params(request.sampling)
         if params.n != 1:
             raise InvalidRequest("sampling.n must be 1 per Generate call")
@@ -138,7 +146,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump() -> None:
-            chunks = self.runner.run(rid, prompt, params)
+            chunks = self.runner.run(rid, prompt, params, request.prefill_group or None)
             try:
                 async for chunk in chunks:
                     queue.put_nowait(chunk)

@@ -16,7 +16,7 @@ class ControllerPlacement:
     def __init__(self, controller) -> None:
         self.controller = controller  # ActorHandle of a Controller
 
-    async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
+    async def choose(self, prompt_token_ids: list[int], avoid: set[str], group: str | None = None) -> Route:
         workers = await self.controller.workers.remote()
         prefills = prefer_not(avoid, [w for w in workers if w.role == "prefill"])
         decodes = prefer_not(avoid, [w for w in workers if w.role == "decode"])

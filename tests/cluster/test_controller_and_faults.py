@@ -216,9 +216,9 @@ def test_a_request_the_engine_refuses_fails_once_without_migrating(ray_session, 
     choices = []
     choose = placement.choose
 
-    async def counted(prompt, avoid):
+    async def counted(prompt, avoid, group=None):
         choices.append(set(avoid))
-        return await choose(prompt, avoid)
+        return await choose(prompt, avoid, group)
 
     placement.choose = counted
     runner = RequestRunner(placement, RunnerConfig(max_migrations=3, transfer_timeout_s=3.0))

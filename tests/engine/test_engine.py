@@ -120,6 +120,22 @@ def test_seeded_sampling_reproducible_whatever_the_batch(llm):
     assert other_seed != alone
 
 
+def test_n_choices_compute_their_prompt_once(moe_checkpoint):
+    # LLM.generate runs n=4 as four requests of one prompt; the prompt's full blocks are computed
+    # by the first and shared by the other three (each computes only its last partial block).
+    prompt = prompts_of([42])[0]
+    llm = make_llm(moe_checkpoint, block_size=4)
+    sampled = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=11)
+    out = llm.generate([prompt], sampled)[0]
+    assert llm.engine.stats().prefix_cache_hit_tokens == 3 * 40  # 10 of the prompt's 11 blocks, 3 times
+    # Each choice is what the same seed gives alone, on an engine that computes everything itself.
+    plain = make_llm(moe_checkpoint, block_size=4, enable_prefix_caching=False)
+    for i, choice in enumerate(out.outputs):
+        alone = plain.generate([prompt], SamplingParams(temperature=1.0, max_tokens=8, seed=11 + i))[0]
+        assert choice.token_ids == alone.outputs[0].token_ids
+    assert_all_blocks_free(llm)
+
+
 def test_n_samples_use_distinct_seeds(llm):
     out = llm.generate(prompts_of([8]), SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=5))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]

@@ -84,3 +84,40 @@ def test_free_returns_every_block():
         s.remove(r)
         kv.free(r)
     assert kv.num_free_blocks == 16
+
+
+def test_a_prompt_being_computed_is_waited_for_not_computed_twice():
+    # Three copies of one 12-token prompt (a request's n=3 choices) arrive together: the first
+    # computes it; the others wait a step for its blocks instead of computing them again, while
+    # a request with another prompt behind them is admitted at once.
+    kv = KVCacheManager(64, 4, True)
+    s = Scheduler(kv, 8, 100)
+    a, b, c, other = req("a", 12, 0), req("b", 12, 1), req("c", 12, 2), req("o", 8, 3, start=50)
+    for r in (a, b, c, other):
+        s.add(r)
+    first = s.schedule()
+    assert [r.request_id for r in first.requests] == ["a", "o"]
+    assert [r.request_id for r in s.waiting] == ["b", "c"]  # still first in line
+    advance(first)
+    kv.cache_computed_blocks(a)  # what the engine does after the step
+    second = s.schedule()
+    assert [r.request_id for r in second.requests] == ["a", "o", "b", "c"]
+    assert b.num_cached_tokens == c.num_cached_tokens == 8  # 2 of 3 blocks shared; the last token computes
+    assert second.num_tokens[2:] == [4, 4]
+    assert kv.pool.ref_count(a.block_ids[0]) == 3
+
+
+def test_a_request_waits_only_for_blocks_someone_is_computing():
+    kv = KVCacheManager(64, 4, False)  # no prefix caching: nothing to share, nothing to wait for
+    s = Scheduler(kv, 8, 100)
+    s.add(req("a", 12, 0))
+    s.add(req("b", 12, 1))
+    assert len(s.schedule()) == 2
+    kv = KVCacheManager(64, 4, True)
+    s = Scheduler(kv, 8, 100)
+    a = req("a", 12, 0)
+    s.add(a)
+    advance(s.schedule())
+    kv.cache_computed_blocks(a)
+    s.add(req("b", 12, 1))  # a's prompt is computed and cached: b is admitted with its prefix
+    assert [r.request_id for r in s.schedule().requests] == ["a", "b"]

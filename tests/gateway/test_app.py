@@ -86,6 +86,45 @@ def test_n_choices_and_seeds(stack):
     assert a["usage"]["completion_tokens"] == 15
 
 
+def prefill_hit_tokens(stack) -> float:
+    prefill = next(w for w in stack.ray.get(stack.controller.workers.remote()) if w.role == "prefill")
+    text = stack.ray.get(prefill.handle.metrics_text.remote())
+    return next(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "pdserve_prefix_cache_hit_tokens"
+    )
+
+
+def test_n_choices_run_at_once_and_share_one_prefill(stack):
+    # n=4 used to run its choices one after another, each prefilling the prompt. Now they run at
+    # once as one prefill group: the prefill worker computes the prompt once, and the streamed
+    # choices interleave. Each choice is still exactly what its seed (seed + i) gives alone.
+    prompt = (
+        "def shared_prefill(a, b):\n    return a * b - a\n\n\ndef other(a, b):\n"  # no other test sends it
+    )
+    body = {"prompt": prompt, "max_tokens": 12, "n": 4, "temperature": 1.0, "seed": 21, "ignore_eos": True}
+    stack.wait_idle()
+    before = prefill_hit_tokens(stack)
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", stack.url + "/v1/completions", json=streamed, timeout=60) as r:
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    prompt_len = events[-1]["usage"]["prompt_tokens"]
+    # One choice computed the prompt's full blocks; the other three found them cached (each
+    # choice computes only the last, partial block). Computed four times, nothing would be hit.
+    full_blocks = (prompt_len - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert prefill_hit_tokens(stack) - before == 3 * full_blocks
+    order = [c["index"] for e in events for c in e["choices"] if c["text"]]
+    assert sorted(set(order)) == [0, 1, 2, 3]
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # choice 1 starts before 0 ends
+    texts = {i: "".join(c["text"] for e in events for c in e["choices"] if c["index"] == i) for i in range(4)}
+    for i in range(4):
+        alone = post(stack, "/v1/completions", {**body, "n": 1, "seed": 21 + i}).json()
+        assert alone["choices"][0]["text"] == texts[i]
+    stack.wait_idle()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle", "param"),
     [

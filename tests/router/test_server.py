@@ -381,3 +381,42 @@ def test_two_routers_share_one_redis_index(ray_session, controller, own_redis):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_prefill_group_prefills_on_one_worker_which_computes_the_prompt_once(
+    ray_session, router, controller
+):
+    # A request's n choices: the same prompt, sent at once, in one prefill group. Unlike the burst
+    # above (spread over both workers), they all land on one prefill worker, whose engine computes
+    # the shared blocks once: the other three find them cached.
+    prefills = ray_session.get(controller.workers.remote("prefill"))
+
+    def counted(name):
+        return {w.worker_id: metric(ray_session.get(w.handle.metrics_text.remote()), name) for w in prefills}
+
+    queried, hits = counted("pdserve_prefix_cache_queried_tokens"), counted("pdserve_prefix_cache_hit_tokens")
+    prompt = prompts_of([30], seed=61)[0]
+    streams = []
+    for i in range(4):
+        req = request(prompt, rid=f"group-{i}", max_tokens=2, temperature=1.0, seed=7 + i)
+        req.prefill_group = "one-request"
+        streams.append(router.stub.Generate(req, timeout=60))
+    outputs = [[t for c in s for t in c.token_ids] for s in streams]
+    queried_after, hits_after = (
+        counted("pdserve_prefix_cache_queried_tokens"),
+        counted("pdserve_prefix_cache_hit_tokens"),
+    )
+    assert sorted(queried_after[w] - queried[w] for w in queried) == [0, 4 * 30]
+    assert sorted(hits_after[w] - hits[w] for w in hits) == [0, 3 * 28]  # 7 full blocks of 4, three times
+    # Each choice is what its seed gives alone.
+    for i, out in enumerate(outputs):
+        assert out == generate(router.stub, prompt, max_tokens=2, temperature=1.0, seed=7 + i)[0]
+    wait_idle(ray_session, controller)
+
+
+def test_a_prefill_group_name_is_bounded(router):
+    req = request([1, 2, 3], max_tokens=1)
+    req.prefill_group = "g" * 257
+    with pytest.raises(grpc.RpcError) as err:
+        list(router.stub.Generate(req, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefill_group" in err.value.details()
