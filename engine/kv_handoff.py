@@ -1,9 +1,10 @@
-"""Prefill/decode disaggregation: a prefilled request's KV leaves one engine and enters another.
+"""Prefill/decode disaggregation: a request's KV leaves one engine and enters another.
 
 The prefill side parks a `prefill_only` request once its first token is out; `export_kv`
 copies its blocks and state into a `KVPayload` and `release_exported` frees them. The decode
 side `reserve_kv`s blocks before the transfer starts and `import_kv`s the payload into them,
-after which the request decodes like any other.
+after which the request decodes like any other. A decoding request leaves the same way (live
+migration: a decode worker switching role hands its running requests to other decode workers).
 """
 
 from __future__ import annotations
@@ -81,10 +82,20 @@ class KVHandoff:
     # ------------------------------------------------------------------ prefill side
 
     def export_kv(self, request_id: str) -> KVPayload:
-        """The KV blocks and state of a prefilled (prefill_only) request, as a plain payload."""
+        """The KV blocks and state of a prefilled (prefill_only) request, or of a running one whose
+        prompt is computed (it is decoding), as a plain payload; KeyError for any other.
+
+        Called between steps, so the payload is the request exactly as the last step left it;
+        guesses not yet verified are dropped (the importing engine proposes its own).
+        """
         req = self.scheduler.requests.get(request_id)
-        if req is None or req.status is not RequestStatus.PREFILLED:
-            raise KeyError(f"request {request_id!r} is not a prefilled request waiting for export")
+        if req is None or not (
+            req.status is RequestStatus.PREFILLED
+            or (req.status is RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens)
+        ):
+            raise KeyError(
+                f"request {request_id!r} is neither prefilled nor decoding here; it cannot be exported"
+            )
         n_blocks = -(-req.num_computed_tokens // self.kv.block_size)
         return KVPayload(
             request_id=request_id,

@@ -309,6 +309,65 @@ def test_prefill_export_import_equals_single_engine(moe_checkpoint, params):
         assert engine.kv.num_free_blocks == 64
 
 
+@pytest.mark.parametrize(
+    ("params", "spec"),
+    [
+        (SamplingParams(temperature=0, max_tokens=24, min_tokens=24), None),
+        (SamplingParams(temperature=1.0, top_k=20, max_tokens=24, seed=7), None),
+        (
+            SamplingParams(temperature=0, max_tokens=24, min_tokens=24),
+            {"method": "mtp", "num_speculative_tokens": 2},
+        ),
+        (
+            SamplingParams(temperature=1.0, max_tokens=24, seed=3),
+            {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
+        ),
+    ],
+    ids=["greedy", "seeded", "greedy-mtp", "seeded-ngram"],
+)
+def test_a_decoding_request_moves_to_another_engine_and_continues_exactly(params, spec):
+    # Live migration: after some decode steps, a running request's KV and state leave one engine
+    # and enter another, which continues it to exactly the tokens one engine alone produces. (The
+    # bundled demo model: it has the MTP layer.)
+    cfg = dict(model="demo", dtype="float32", progress=False, block_size=4, kv_cache_blocks=64,
+               speculative_config=spec)  # fmt: skip
+    single, source, target = (Engine(EngineConfig(**cfg)) for _ in range(3))
+    prompts = prompts_of([9, 22], seed=5)
+
+    def drain(engine, out):
+        while engine.has_unfinished():
+            for d in engine.step():
+                out.setdefault(d.request_id, []).extend(d.new_token_ids)
+        return out
+
+    for i, p in enumerate(prompts):
+        single.add_request(str(i), p, params)
+        source.add_request(str(i), p, params)
+    expected = drain(single, {})
+    got: dict[str, list[int]] = {}
+    while min((len(got.get(str(i), [])) for i in range(2)), default=0) < 6:  # a few tokens in each
+        for d in source.step():
+            got.setdefault(d.request_id, []).extend(d.new_token_ids)
+    for rid in ("0", "1"):
+        payload = source.export_kv(rid)
+        assert payload.output_token_ids == got[rid]
+        source.release_exported(rid)
+        target.import_kv(payload)
+    assert not source.has_unfinished()
+    assert drain(target, got) == expected
+    for engine in (single, source, target):
+        assert engine.kv.num_free_blocks == 64
+
+
+def test_a_request_still_in_prefill_cannot_be_exported(moe_checkpoint):
+    engine = make_llm(moe_checkpoint, block_size=4, kv_cache_blocks=32, max_num_batched_tokens=4).engine
+    engine.add_request("long", prompts_of([20])[0], GREEDY)
+    engine.step()  # 4 of 20 prompt tokens computed
+    with pytest.raises(KeyError, match="neither prefilled nor decoding"):
+        engine.export_kv("long")
+    engine.abort("long")
+
+
 def test_reserved_blocks_are_held_used_by_import_and_returned_on_cancel(moe_checkpoint):
     prefill = make_llm(moe_checkpoint, block_size=4, kv_cache_blocks=32).engine
     decode = make_llm(moe_checkpoint, block_size=4, kv_cache_blocks=32).engine
