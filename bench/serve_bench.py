@@ -43,7 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-WORKLOADS = ("chat", "shared-prefix")
+WORKLOADS = ("chat", "shared-prefix", "shifting")  # shifting: see bench/shifting_bench.py
 # `pdserve up` flags of the two layouts --compare-layouts runs.
 LAYOUTS: dict[str, list[str]] = {
     "1P+1D": ["--prefill", "1", "--decode", "1", "--both", "0"],
@@ -460,12 +460,14 @@ def _serving(url: str) -> bool:
 
 @contextlib.contextmanager
 def launched(
-    layout: str, model: str, workdir: Path, api_key: str | None, timeout_s: float = 600
-) -> Iterator[str]:
-    """`pdserve up` with `layout`'s workers in a subprocess; yields its URL, stops it after."""
+    layout: str, model: str, workdir: Path, api_key: str | None, timeout_s: float = 600,
+    flags: list[str] | None = None,
+) -> Iterator[str]:  # fmt: skip
+    """`pdserve up` with `layout`'s workers (or `flags`) in a subprocess; yields its URL, stops it after."""
     port, router_port = _free_port(), _free_port()
     state = workdir / layout.replace(" ", "-").replace("+", "")
-    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", model, *LAYOUTS[layout], "--port", str(port),
+    flags = LAYOUTS[layout] if flags is None else flags
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", model, *flags, "--port", str(port),
            "--router-port", str(router_port), "--state-dir", str(state)]  # fmt: skip
     if api_key:
         cmd += ["--api-key", api_key]
@@ -620,7 +622,14 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
 
 
 def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[str, Any]:
-    """Runs the levels (against `args.url`, or each layout with --compare-layouts); prints, writes JSON + PNG."""
+    """Runs the levels (against `args.url`, or each layout with --compare-layouts); prints, writes JSON + PNG.
+
+    The shifting workload is its own comparison (bench/shifting_bench.py).
+    """
+    if args.workload == "shifting":
+        from pdserve.bench.shifting_bench import ShiftingArgs, run_shifting_bench
+
+        return run_shifting_bench(ShiftingArgs.from_serve(args), output)
     probes = probe_prompts(args) if args.model and args.overhead_probes else []
     # Before any cluster starts: the engine alone, without workers competing for the cores.
     engine_s = engine_ttft(args.model, probes, warmup_prompt(args)) if probes else []

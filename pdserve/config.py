@@ -119,6 +119,28 @@ class ClusterConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _workers_and_ports(self) -> ClusterConfig:
+        # `--both N` alone means N colocated workers, not N more beside the default 1P+1D.
+        if self.both and not {"prefill", "decode"} & self.model_fields_set:
+            self.__dict__.update(prefill=0, decode=0)  # frozen model: set once, while validating
+        if not self.prefill + self.decode + self.both:
+            raise PydanticCustomError("no_workers", "no workers: set prefill and decode, or both, above 0")
+        if not self.both and (not self.prefill or not self.decode):
+            raise PydanticCustomError(
+                "half_pair",
+                "{prefill} prefill and {decode} decode workers cannot serve a request: a prompt needs "
+                "both kinds, or set both for colocated workers",
+                {"prefill": self.prefill, "decode": self.decode},
+            )
+        if self.port == self.router_port:
+            raise PydanticCustomError(
+                "same_ports",
+                "port and router_port are both {port}; the gateway and the router need a port each",
+                {"port": self.port},
+            )
+        return self
+
+    @model_validator(mode="after")
     def _default_name(self) -> ClusterConfig:
         # One cluster per gateway port on a machine, so the port names a cluster by default.
         if self.name is None:
@@ -251,6 +273,9 @@ def load_config(
     except ValidationError as e:
         problems = []
         for err in e.errors():
+            if not err["loc"]:  # a rule across settings (_workers_and_ports): its message names them
+                problems.append(err["msg"])
+                continue
             name, inner = str(err["loc"][0]), err["loc"][1:]
             if err["type"] == "value_error":  # our own validators say what they want
                 problems.append(f"{where[name]}: {err['ctx']['error']}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -121,19 +122,66 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM before the serving loop has its own handlers (a BaseException, so that
+    no `except Exception` on the way mistakes it for the step's own failure)."""
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def up(config: ClusterConfig, echo=print) -> int:
     """Starts the cluster and serves until SIGINT/SIGTERM; returns the exit code."""
     controllers = controller_config(config)  # worker counts, speculative_config
+    _check_host(config)
     # The name first: a second `up` of a running cluster hears that, not that its port is busy.
-    claim(config.state_dir, config.name, os.getpid())
+    try:
+        claim(config.state_dir, config.name, os.getpid())
+    except OSError as e:
+        raise LaunchError(
+            f"state_dir {config.state_dir}: cannot record the cluster there ({e.strerror}); "
+            "pick a writable directory with --state-dir"
+        ) from None
+    # Until the serving loop installs its own: a signal while Ray starts stops cleanly too.
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _start(config, controllers, echo)
+    except _Stopped as e:
+        raise LaunchError(f"interrupted ({e} while starting); stopped everything it had started") from None
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         remove_record(config.state_dir, config.name, os.getpid())
 
 
+def _check_host(config: ClusterConfig) -> None:
+    """A --host that is not an address of this machine, said as such (not as a busy port)."""
+    try:
+        infos = socket.getaddrinfo(config.host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise LaunchError(
+            f"--host {config.host}: not an address ({e.strerror}); use 127.0.0.1 or 0.0.0.0"
+        ) from None
+    with socket.socket(infos[0][0]) as s:
+        try:
+            s.bind((config.host, 0))
+        except OSError as e:
+            raise LaunchError(
+                f"--host {config.host}: not an address of this machine ({e.strerror}); use 127.0.0.1 or 0.0.0.0"
+            ) from None
+
+
 def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
-    import ray
+    # Ray's C++ failure handler would answer a SIGTERM during start-up with a stack dump and an
+    # abrupt exit (leaving Ray's agents behind); this process handles its signals itself. Set
+    # only while `ray` is imported (its constants are read then), so Ray's own processes keep it.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    try:
+        import ray
+    finally:
+        if os.environ.get("RAY_DISABLE_FAILURE_SIGNAL_HANDLER") == "1":
+            del os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"]
 
     from pdserve.engine.model_source import resolve_model
 
@@ -146,19 +194,23 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     if config.redis_url:
         _check_redis(config.redis_url)
     try:
-        if config.address:
-            ray.init(address=config.address, namespace=NAMESPACE, log_to_driver=False)
-        else:
-            _quiet_ray_auth_notice()
-            ray.init(
-                _node_ip_address=config.host,
-                include_dashboard=False,
-                namespace=NAMESPACE,
-                log_to_driver=False,
-            )
-    except Exception as e:
-        raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
-    try:
+        try:
+            if config.address:
+                ray.init(address=config.address, namespace=NAMESPACE, log_to_driver=False)
+            else:
+                _quiet_ray_auth_notice()
+                ray.init(
+                    _node_ip_address=config.host,
+                    include_dashboard=False,
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                )
+        except Exception as e:
+            raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e
+        except SystemExit:  # Ray's own SIGTERM handler, installed while it starts, exits this way
+            raise _Stopped("SIGTERM") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ours again, in place of Ray's
+            signal.signal(sig, _stop_on_signal)
         cpus = worker_cpus(config, ray.cluster_resources(), controllers.engine.on_gpu)
         return asyncio.run(_serve(config, replace(controllers, worker_num_cpus=cpus), source.name, echo))
     finally:
@@ -187,8 +239,6 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: str, echo) -> int:
-    import signal
-
     import ray
     import uvicorn
 

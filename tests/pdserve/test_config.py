@@ -268,3 +268,23 @@ def test_name_defaults_to_the_port_and_is_checked():
     assert load_config({}, {"PDSERVE_NAME": "a"}).name == "a"
     with pytest.raises(ConfigError, match=r"--name: must be letters, digits"):
         load_config(flags_of(["--name", "../x"]), {})
+
+
+def test_both_alone_means_that_many_colocated_workers():
+    assert (load_config({"both": "2"}, {}).prefill, load_config({"both": "2"}, {}).decode) == (0, 0)
+    mixed = load_config({"both": "2", "prefill": "1"}, {})  # a role named: the others keep their defaults
+    assert (mixed.prefill, mixed.decode, mixed.both) == (1, 1, 2)
+    assert load_config({}, {"PDSERVE_BOTH": "3"}).prefill == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"port": "8100", "router_port": "8100"}, "port and router_port are both 8100"),
+        ({"prefill": "0", "decode": "0"}, "no workers"),
+        ({"decode": "0"}, "1 prefill and 0 decode workers cannot serve a request"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags, {})

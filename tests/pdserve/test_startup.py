@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from pdserve.engine import EngineConfig
 from pdserve.launcher import _phases_line
@@ -108,3 +110,64 @@ def test_the_demo_cluster_names_worker_phases_and_each_worker_fits_600_mb(tmp_pa
                 up.kill()
     printed = Path(out).read_text()
     assert "starting workers" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address"),
+        (["--host", "10.255.255.254"], "--host 10.255.255.254: not an address of this machine"),
+        (
+            ["--state-dir", "/proc/pdserve-cannot-write-here"],
+            "state_dir /proc/pdserve-cannot-write-here: cannot",
+        ),
+        (["--port", "8150", "--router-port", "8150"], "port and router_port are both 8150"),
+    ],
+)
+def test_a_setting_that_cannot_work_is_one_line_before_anything_starts(args, message, tmp_path):
+    # Each used to surface late: a bad host as "port in use", equal ports after 45 s with a
+    # 70-line traceback, an unwritable state directory only once everything had started.
+    cmd = [
+        "up",
+        "--port",
+        str(free_port()),
+        "--router-port",
+        str(free_port()),
+        "--state-dir",
+        str(tmp_path),
+        *args,
+    ]
+    done = run(*cmd)
+    assert done.returncode in (1, 2) and message in done.stderr, done.stderr
+    assert (
+        len(done.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in done.stderr + done.stdout
+    )
+
+
+def test_sigterm_while_starting_stops_cleanly_and_leaves_no_ray_process(tmp_path):
+    # Ray's failure handler used to answer with a C stack dump and leave its agents running.
+    out = tmp_path / "up.log"
+    with open(out, "w") as log:
+        up = subprocess.Popen(
+            [*PDSERVE, "up", "--port", str(free_port()), "--router-port", str(free_port()),
+             "--state-dir", str(tmp_path / "state")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while "starting workers" not in out.read_text():  # Ray is up, the workers are loading
+                assert up.poll() is None and time.monotonic() < deadline, out.read_text()[-2000:]
+                time.sleep(0.05)
+            up.send_signal(signal.SIGTERM)
+            assert up.wait(60) == 1
+        finally:
+            if up.poll() is None:
+                up.kill()
+    printed = out.read_text()
+    assert "pdserve up: error: interrupted (starting workers)" in printed
+    assert "SIGTERM received" not in printed and "Traceback" not in printed
+    # Ray names its session after the driver's pid: nothing of that session may be left running.
+    left = subprocess.run(
+        ["pgrep", "-f", f"session_[0-9_-]*_{up.pid}( |/|$)"], capture_output=True, text=True
+    )
+    assert left.stdout == "", left.stdout
