@@ -509,7 +509,13 @@ def _add_bench_serve(bench_sub) -> None:
         "--url", default="http://127.0.0.1:8000", help="the gateway (ignored with --compare-layouts)"
     )
     sb.add_argument("--concurrency", type=_int_list("--concurrency"), default=[1, 4, 16])
-    sb.add_argument("--workload", choices=["chat", "shared-prefix"], default="chat")
+    sb.add_argument(
+        "--workload",
+        choices=["chat", "shared-prefix", "shifting"],
+        default="chat",
+        help="shifting: prefill-heavy, decode-heavy, then mixed load against static splits of 4 workers "
+        "and the role planner (needs --model; starts its own clusters)",
+    )
     sb.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
     sb.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (EOS ignored)")
     sb.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT at most this")
