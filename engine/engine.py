@@ -501,6 +501,7 @@ class Engine:
             kv_blocks_total=self.kv.num_blocks,
             kv_blocks_free=self.kv.num_free_blocks,
             kv_blocks_cached=self.kv.pool.num_cached,
+            kv_blocks_reserved=self.kv_handoff.num_reserved_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             waiting_prefill_tokens=waiting_prefill,
             **asdict(self.counters),

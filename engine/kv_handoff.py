@@ -137,6 +137,11 @@ class KVHandoff:
         self._reservations[request_id] = holder
         return True
 
+    @property
+    def num_reserved_blocks(self) -> int:
+        """Blocks held for KV that has not arrived yet."""
+        return sum(len(holder.block_ids) for holder in self._reservations.values())
+
     def cancel_reservation(self, request_id: str) -> bool:
         """Returns a reservation's blocks to the pool; False if there was none."""
         holder = self._reservations.pop(request_id, None)

@@ -34,6 +34,7 @@ class EngineStats(EngineCounters):
     kv_blocks_total: int
     kv_blocks_free: int
     kv_blocks_cached: int
+    kv_blocks_reserved: int  # set aside for KV on its way here (PD hand-offs not yet arrived)
     num_preemptions: int
     waiting_prefill_tokens: int
 

@@ -86,6 +86,8 @@ class WorkerLoad:
     draining: bool
     spec_acceptance_rate: float = 0.0  # speculative decoding, since start (0 when it is off)
     spec_mean_accepted_length: float = 0.0
+    kv_blocks_reserved: int = 0  # held for KV on its way here (prompts not computed yet)
+    kv_blocks_cached: int = 0  # the prefix cache's blocks (free ones included: reusable prefixes)
     rss_bytes: int = 0  # the worker process's footprint (ProcessUsage)
     open_fds: int = 0
     threads: int = 0
@@ -117,6 +119,8 @@ class WorkerLoad:
             draining=draining,
             spec_acceptance_rate=stats.spec_acceptance_rate,
             spec_mean_accepted_length=stats.spec_mean_accepted_length,
+            kv_blocks_reserved=stats.kv_blocks_reserved,
+            kv_blocks_cached=stats.kv_blocks_cached,
             rss_bytes=usage.rss_bytes if usage else 0,
             open_fds=usage.open_fds if usage else 0,
             threads=usage.threads if usage else 0,
