@@ -181,7 +181,8 @@ def add_cluster_routes(
         except grpc.RpcError as e:
             # gRPC's details name addresses and library internals: the log keeps them, not the answer.
             log.warning("request %s: the router does not answer: %s", request.state.request_id, e.details())
-            raise APIError(503, f"the router does not answer ({e.code().name})", "service_unavailable") from e
+            message = f"the router is unavailable to the gateway ({e.code().name})"
+            raise APIError(503, message, "service_unavailable") from e
         alive = sum(w.alive for w in state.workers)
         return {"status": "ok" if alive else "no_workers", "workers": alive, "model": config.model_name}
 

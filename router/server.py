@@ -226,7 +226,13 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             self.metrics.requests.labels(self.config.policy, "invalid").inc()
         else:  # the details stay here, under the request id the caller was given
             expected = isinstance(error, (NoWorkerError, RequestFailed))
-            log.warning("request %s failed: %r", rid, error, exc_info=None if expected else error)
+            log.warning(
+                "request %s failed: %s: %s",
+                rid,
+                type(error).__name__,
+                error,
+                exc_info=None if expected else error,
+            )
         await context.abort(code, message)
         return "error"
 
