@@ -12,6 +12,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.config import ClusterConfig
+from pdserve.gateway.config import GatewayConfig
 from pdserve.proto import pdserve_pb2
 from pdserve.proto.bearer import call_metadata
 from pdserve.router.config import RouterConfig
@@ -130,3 +132,16 @@ def test_only_the_credential_that_started_a_request_can_abort_it(
     rest = list(stream)
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
     stack.wait_idle()
+
+
+def test_settings_never_show_the_key():
+    shown = [
+        repr(ClusterConfig(api_key=KEY)),
+        repr(RouterConfig(api_key=KEY)),
+        repr(
+            GatewayConfig(
+                router_address="r:1", model_name="m", tokenizer_path="t", max_model_len=8, api_key=KEY
+            )
+        ),
+    ]
+    assert not [text for text in shown if KEY in text]
