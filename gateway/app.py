@@ -180,7 +180,7 @@ def add_cluster_routes(
             state = await router.client().cluster_state()
         except grpc.RpcError as e:
             # gRPC's details name addresses and library internals: the log keeps them, not the answer.
-            log.warning("request %s: the router does not answer: %s", request.state.request_id, e.details())
+            log.warning("request %s: the router is unavailable: %s", request.state.request_id, e.details())
             message = f"the router is unavailable to the gateway ({e.code().name})"
             raise APIError(503, message, "service_unavailable") from e
         alive = sum(w.alive for w in state.workers)

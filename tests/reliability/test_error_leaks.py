@@ -16,8 +16,10 @@ import httpx
 import pytest
 
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.gateway.app import create_app
 from pdserve.router.config import RouterConfig
 from pdserve.router.server import client_error
+from tests.gateway.stack import served
 from tests.reliability.gateways import gateway
 from tests.router.test_server import RouterThread, request
 
@@ -127,3 +129,36 @@ def test_an_unforeseen_router_error_is_a_plain_500_from_the_gateway(stack, faili
         "type": "internal_error", "param": None, "code": 500,
     }  # fmt: skip
     assert any("unknown-1" in rec.getMessage() and "max() arg" in rec.getMessage() for rec in caplog.records)
+
+
+class BrokenTokenizer:
+    """The stack's tokenizer, except that tokenizing raises (as a tokenizer used from two threads
+    with changing truncation settings does: "Already borrowed")."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("Already borrowed (tokenizer at 0x7f00deadbeef)")
+
+
+def test_an_exception_in_the_gateway_is_an_openai_shaped_500_not_plain_text(stack, caplog):
+    config = stack.config
+    with (
+        caplog.at_level(logging.ERROR, logger="pdserve.gateway"),
+        served(create_app(config, tokenizer=BrokenTokenizer(stack.tok)), config) as url,
+    ):
+        r = httpx.post(url + "/v1/completions", json={"prompt": "def f"}, headers={"X-Request-Id": "boom-1"},
+                       timeout=60)  # fmt: skip
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+    assert (
+        r.json()["error"]["message"]
+        == "the server could not answer request boom-1; it is logged under that id"
+    )
+    assert "Already borrowed" not in r.text and "RuntimeError" not in r.text
+    assert any(
+        "boom-1" in rec.getMessage() and "Already borrowed" in (rec.exc_text or "") for rec in caplog.records
+    )
