@@ -1,13 +1,17 @@
 """The OpenAI-compatible FastAPI app: the app factory, its middleware and its routes.
 
-Stateless: it tokenizes (chat template included), calls the router's `Generate` over gRPC,
-and turns the token stream into OpenAI responses or server-sent events (gateway/serving.py).
-A client that hangs up mid-stream cancels the gRPC call, which aborts the request on its workers.
+Stateless: it tokenizes (chat template included) in its own thread pool, calls the router's
+`Generate` over gRPC, and turns the token stream into OpenAI responses or server-sent events
+(gateway/serving.py). A client that hangs up mid-stream cancels the gRPC call, which aborts the
+request on its workers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from fastapi import FastAPI, Request
@@ -19,11 +23,17 @@ from starlette.exceptions import HTTPException
 from pdserve.gateway.config import GatewayConfig
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
-from pdserve.gateway.protocol import PROMPT_KINDS, ChatCompletionRequest, CompletionRequest
+from pdserve.gateway.metrics_cache import SharedFetch
+from pdserve.gateway.prompt_tokenizer import PromptTokenizer
+from pdserve.gateway.protocol import LONE_SURROGATE, PROMPT_KINDS, ChatCompletionRequest, CompletionRequest
+from pdserve.gateway.request_body import RequestBodyLimits
 from pdserve.gateway.router_client import RouterClient, RouterConnection
 from pdserve.gateway.serving import OpenAIServingChat, OpenAIServingCompletion
+from pdserve.proto.bearer import matches
 
 __all__ = ["APIError", "GatewayConfig", "create_app"]
+
+log = logging.getLogger("pdserve.gateway")
 
 # The `endpoint` label of the request counter: a route's name, "other" for any unknown path (so
 # that a scan of random paths cannot grow the label set).
@@ -54,49 +64,58 @@ def create_app(
     """
     from pdserve.engine.tokenizer import load_tokenizer
 
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
-    connection = RouterConnection(config.router_address, router)
+    pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="pdserve-tokenizer")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    connection = RouterConnection(config.router_address, config.api_key, router)
     tok = tokenizer or load_tokenizer(config.tokenizer_path)
     metrics = app.state.metrics = GatewayMetrics()
+    prompts = PromptTokenizer(tok, pool, config, metrics)
+    # Added first, so it runs inside the request checks: an unauthorized body is never read.
+    app.add_middleware(RequestBodyLimits, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     add_request_checks(app, config, metrics)
     add_error_handlers(app)
     add_cluster_routes(app, config, connection, metrics, registries)
     add_generation_routes(
         app,
-        OpenAIServingCompletion(config, connection, tok, metrics),
-        OpenAIServingChat(config, connection, tok, metrics),
+        OpenAIServingCompletion(config, connection, tok, metrics, prompts),
+        OpenAIServingChat(config, connection, tok, metrics, prompts),
     )
     return app
 
 
 def add_request_checks(app: FastAPI, config: GatewayConfig, metrics: GatewayMetrics) -> None:
-    """Middleware: a request id on every response, the API key, the body size limit, and every
-    response counted by status (a stream counts its own outcome: its status line is always 200)."""
+    """Middleware: a request id on every response, the API key, every response counted by status
+    (a stream counts its own outcome: its status line is always 200), and an OpenAI-shaped 500
+    for anything unforeseen (the log keeps its details under the request id)."""
 
-    def rejection(request: Request) -> APIError | None:
-        authorized = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
-        if config.api_key and request.url.path.startswith("/v1/") and not authorized:
-            return APIError(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
-            )
-        length = request.headers.get("content-length")
-        if length and int(length) > config.max_body_bytes:
-            return APIError(413, f"request body is {length} bytes; the limit is {config.max_body_bytes}")
-        return None
+    def unauthorized(request: Request) -> bool:
+        if not config.api_key or not request.url.path.startswith("/v1/"):
+            return False
+        return not matches(request.headers.get("authorization", ""), config.api_key)
 
     @app.middleware("http")
-    async def request_id_auth_size_and_count(request: Request, call_next):
+    async def request_id_auth_and_count(request: Request, call_next):
         rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
         request.state.request_id = rid
         endpoint = endpoint_of(request.url.path)
-        if error := rejection(request):
-            metrics.requests.labels(endpoint, str(error.status)).inc()
-            return error.response(rid)
+        if unauthorized(request):
+            metrics.requests.labels(endpoint, "401").inc()
+            return APIError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
+            ).response(rid)
         try:
             response = await call_next(request)
         except Exception:
+            log.exception("request %s: %s %s failed", rid, request.method, request.url.path)
             metrics.requests.labels(endpoint, "500").inc()
-            raise
+            message = f"the server could not answer request {rid}; it is logged under that id"
+            return APIError(500, message, "internal_error").response(rid)
         response.headers["X-Request-Id"] = rid
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -132,6 +151,8 @@ def add_error_handlers(app: FastAPI) -> None:
 def validation_api_error(err: dict) -> APIError:
     """A 400 for pydantic's first complaint about the body, `param` naming the field."""
     loc = [str(p) for p in err.get("loc", ()) if p != "body" and p not in PROMPT_KINDS]
+    if err.get("type") == LONE_SURROGATE:  # found anywhere in the body: its path is in the context
+        return APIError(400, err["msg"], param=err["ctx"]["param"])
     if err.get("type") == "json_invalid":
         reason = (err.get("ctx") or {}).get("error", "cannot be parsed")
         at = f" (at character {loc[0]})" if loc else ""
@@ -154,23 +175,31 @@ def add_cluster_routes(
     """/health, /metrics and /v1/models."""
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         try:
             state = await router.client().cluster_state()
         except grpc.RpcError as e:
-            raise APIError(503, f"router unreachable at {config.router_address}: {e.details()}",
-                           "service_unavailable") from e  # fmt: skip
+            # gRPC's details name addresses and library internals: the log keeps them, not the answer.
+            log.warning("request %s: the router is unavailable: %s", request.state.request_id, e.details())
+            message = f"the router is unavailable to the gateway ({e.code().name})"
+            raise APIError(503, message, "service_unavailable") from e
         alive = sum(w.alive for w in state.workers)
         return {"status": "ok" if alive else "no_workers", "workers": alive, "model": config.model_name}
 
+    async def fetch_worker_metrics() -> str:
+        workers = await router.client().worker_metrics(config.metrics_timeout_s)
+        if workers.unreachable:
+            return workers.text + f"# pdserve: no metrics from workers {', '.join(workers.unreachable)}\n"
+        return workers.text
+
+    worker_metrics = SharedFetch(fetch_worker_metrics, config.metrics_cache_s)
+
     @app.get("/metrics")
     async def prometheus():
+        # The gateway's and router's own metrics are read fresh; only the workers' fan-out is shared.
         text = "".join(generate_latest(r).decode() for r in (metrics.registry, *registries))
         try:
-            workers = await router.client().worker_metrics(config.metrics_timeout_s)
-            text += workers.text
-            if workers.unreachable:
-                text += f"# pdserve: no metrics from workers {', '.join(workers.unreachable)}\n"
+            text += await worker_metrics.get()
         except grpc.RpcError as e:
             # The gateway's own metrics matter most when the router is down: serve them regardless.
             text += (

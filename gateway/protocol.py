@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2
@@ -53,6 +54,47 @@ Prompt = Annotated[
 PROMPT_KINDS = frozenset({"text", "token_ids", "texts", "token_id_lists"})
 
 
+# The validation error type of a string holding a lone surrogate; its context names the field.
+LONE_SURROGATE = "lone_surrogate"
+
+
+def _escaped(key: str) -> str:
+    # A key is part of the error's text, which must itself be valid UTF-8.
+    return key.encode("utf-8", "backslashreplace").decode()
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The path ("messages.0.content") of the first string in a parsed JSON value that holds a lone
+    surrogate, else None.
+
+    JSON may escape half of a UTF-16 pair ("\\ud800"); Python's parser keeps it, and it is not
+    text: the tokenizer cannot encode it, and neither can a response that echoes it.
+    """
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{_escaped(str(key))}" if path else _escaped(str(key))
+            if lone_surrogate_at(str(key), here) is not None:
+                return here
+            if (found := lone_surrogate_at(item, here)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (
+                isinstance(item, (str, dict, list))
+                and (found := lone_surrogate_at(item, f"{path}.{i}")) is not None
+            ):
+                return found
+    return None
+
+
 # Wire sampling fields each endpoint decides itself: max_tokens from the context window, logprobs
 # from its own form of the option (a count in completions, a switch and a count in chat).
 ENDPOINT_SAMPLING_FIELDS = ("max_tokens", "logprobs")
@@ -94,6 +136,19 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """Refuses a body with a lone surrogate in any string, naming where (see `lone_surrogate_at`)."""
+        if isinstance(data, dict) and (param := lone_surrogate_at(data)) is not None:
+            raise PydanticCustomError(
+                LONE_SURROGATE,
+                "{param} contains a lone UTF-16 surrogate (half of a \\ud800-\\udfff pair), which is not "
+                "text; send valid Unicode",
+                {"param": param},
+            )
+        return data
 
     def sampling_values(self, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
         """The sampling fields this request sets, by their wire names (unset ones left out).

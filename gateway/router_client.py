@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.proto.bearer import call_metadata
 
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_OF_GRPC = {
@@ -18,12 +19,16 @@ HTTP_OF_GRPC = {
 
 
 class RouterClient:
-    """A channel to one router (several gateways may share it; each keeps its own channel)."""
+    """A channel to one router (several gateways may share it; each keeps its own channel).
 
-    def __init__(self, address: str) -> None:
+    Every call presents `api_key` (when set) as `authorization: Bearer KEY` metadata.
+    """
+
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = pdserve_pb2_grpc.RouterStub(self._channel)
+        self._metadata = call_metadata(api_key)
 
     def generate(
         self,
@@ -38,17 +43,22 @@ class RouterClient:
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
             prefill_group=prefill_group or "",
         )  # fmt: skip
-        return self._stub.Generate(request, timeout=timeout_s)
+        return self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
 
     async def abort(self, request_id: str) -> bool:
-        return (await self._stub.Abort(pdserve_pb2.AbortRequest(request_id=request_id))).found
+        """Cancels a request this client started; False if none such is in flight."""
+        request = pdserve_pb2.AbortRequest(request_id=request_id)
+        return (await self._stub.Abort(request, metadata=self._metadata)).found
 
     async def cluster_state(self) -> pdserve_pb2.ClusterStateResponse:
-        return await self._stub.ClusterState(pdserve_pb2.ClusterStateRequest(), timeout=5)
+        request = pdserve_pb2.ClusterStateRequest()
+        return await self._stub.ClusterState(request, timeout=5, metadata=self._metadata)
 
     async def worker_metrics(self, timeout_s: float) -> pdserve_pb2.MetricsResponse:
         """The workers' Prometheus text, merged by the router."""
-        return await self._stub.Metrics(pdserve_pb2.MetricsRequest(), timeout=timeout_s)
+        return await self._stub.Metrics(
+            pdserve_pb2.MetricsRequest(), timeout=timeout_s, metadata=self._metadata
+        )
 
     async def close(self) -> None:
         await self._channel.close()
@@ -58,12 +68,12 @@ class RouterConnection:
     """The gateway's `RouterClient`, made on first use: a grpc.aio channel belongs to the event loop
     that creates it, and the app is built before uvicorn starts its loop."""
 
-    def __init__(self, address: str, client: RouterClient | None = None) -> None:
-        self.address = address
+    def __init__(self, address: str, api_key: str | None = None, client: RouterClient | None = None) -> None:
+        self.address, self.api_key = address, api_key
         self._client = client
 
     def client(self) -> RouterClient:
         """The client (made now if this is its first use)."""
         if self._client is None:
-            self._client = RouterClient(self.address)
+            self._client = RouterClient(self.address, self.api_key)
         return self._client

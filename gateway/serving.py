@@ -24,6 +24,7 @@ from pdserve.engine.sampling_params import SamplingParamsError
 from pdserve.gateway.config import GatewayConfig
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.prompt_tokenizer import PromptTokenizer
 from pdserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from pdserve.gateway.reasoning import THINK_START, ReasoningSplitter
 from pdserve.gateway.router_client import HTTP_OF_GRPC, RouterConnection
@@ -99,9 +100,11 @@ class OpenAIServing:
     id_prefix: str
 
     def __init__(
-        self, config: GatewayConfig, router: RouterConnection, tokenizer: Any, metrics: GatewayMetrics
-    ) -> None:
+        self, config: GatewayConfig, router: RouterConnection, tokenizer: Any, metrics: GatewayMetrics,
+        prompts: PromptTokenizer,
+    ) -> None:  # fmt: skip
         self.config, self.router, self.tokenizer, self.metrics = config, router, tokenizer, metrics
+        self.prompts = prompts  # tokenizes and renders off the event loop
 
     def check_model(self, body: SamplingFields) -> None:
         """404 unless the body names this server's model (or none)."""
@@ -135,8 +138,9 @@ class OpenAIServing:
     async def generate(self, gen: Generation, index: int) -> AsyncIterator[pdserve_pb2.GenerateChunk]:
         """The router's chunks for choice `index`; its gRPC errors become `APIError`s."""
         prompt, sampling = gen.choices[index]
+        request_id = gen.choice_request_id(index)
         stream = self.router.client().generate(
-            gen.choice_request_id(index),
+            request_id,
             prompt,
             sampling,
             self.config.request_timeout_s,
@@ -146,8 +150,13 @@ class OpenAIServing:
             async for chunk in stream:
                 yield chunk
         except grpc.aio.AioRpcError as e:
-            status, kind = HTTP_OF_GRPC.get(e.code(), (500, "internal_error"))
-            raise APIError(status, e.details() or str(e.code()), kind) from e
+            if e.code() in HTTP_OF_GRPC:  # the router's own message for callers
+                status, kind = HTTP_OF_GRPC[e.code()]
+                raise APIError(status, e.details() or e.code().name, kind) from e
+            # Anything else (UNKNOWN carries a Python exception's class and text): the log keeps it.
+            log.error("request %s: the router answered %s: %s", request_id, e.code().name, e.details())
+            message = f"request {request_id} failed inside the server; it is logged under that id"
+            raise APIError(500, message, "internal_error") from e
 
     async def choice_chunks(self, gen: Generation) -> AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]:
         """(choice index, chunk) as they come, every choice running at once (the n choices of a
@@ -313,7 +322,9 @@ class OpenAIServingCompletion(OpenAIServing):
         for k, text_or_ids in enumerate(body.prompts()):
             param = f"prompt.{k}" if body.is_batch else "prompt"
             prompt = (
-                text_or_ids if isinstance(text_or_ids, list) else self.tokenizer(text_or_ids)["input_ids"]
+                text_or_ids
+                if isinstance(text_or_ids, list)
+                else await self.prompts.encode(text_or_ids, param)
             )
             if not prompt:
                 raise APIError(400, f"{param} is empty", param=param)
@@ -343,8 +354,11 @@ class OpenAIServingChat(OpenAIServing):
         """The response to a validated chat body."""
         self.check_model(body)
         thinking = body.enable_thinking()
-        text = self.render(body, thinking)
-        prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = await self.render(body, thinking)
+        # The template adds text around each message: many short messages can make a long prompt.
+        prompt = await self.prompts.encode(
+            text, "messages", False, "the prompt the chat template made of messages"
+        )
         log.info("request %s: chat, %d prompt tokens", request_id, len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -356,7 +370,7 @@ class OpenAIServingChat(OpenAIServing):
         gen = Generation(request_id, body, len(prompt), choices, in_reasoning if split else None)
         return await self.respond(gen)
 
-    def render(self, body: ChatCompletionRequest, thinking: bool | None) -> str:
+    async def render(self, body: ChatCompletionRequest, thinking: bool | None) -> str:
         """The prompt text: the messages through the model's chat template."""
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model {self.config.model_name!r} has no chat template; use /v1/completions")
@@ -368,14 +382,7 @@ class OpenAIServingChat(OpenAIServing):
         kwargs = {} if thinking is None else {"enable_thinking": thinking}
         kwargs.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"})
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **kwargs
-            )
-        except Exception as e:  # jinja errors: a message the template cannot render
-            raise APIError(
-                400, f"messages cannot be rendered by the chat template: {e}", param="messages"
-            ) from e
+        return await self.prompts.render_chat(messages, kwargs)
 
     def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
         return {"content": items}

@@ -295,11 +295,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
 
 
-def _state_dir(args: argparse.Namespace) -> Path:
-    """Where `up` recorded what it started, found the way `up` finds it: --state-dir, else
-    PDSERVE_STATE_DIR, else `state_dir` in the --config / PDSERVE_CONFIG file, else ~/.pdserve."""
+def _up_settings(args: argparse.Namespace):
+    """The settings `up` was started with, found the way `up` finds them: the state dir from
+    --state-dir, else PDSERVE_STATE_DIR, else `state_dir` in the --config / PDSERVE_CONFIG file,
+    else ~/.pdserve; the API key from PDSERVE_API_KEY or the file."""
     flags = {} if args.state_dir is None else {"state_dir": args.state_dir}
-    return load_config(flags, os.environ, args.config).state_dir
+    return load_config(flags, os.environ, args.config)
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -307,7 +308,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
     from pdserve.cluster_state import ClusterStateError, down
 
     try:
-        down(_state_dir(args), args.name)
+        down(_up_settings(args).state_dir, args.name)
     except ClusterStateError as e:
         print(f"pdserve down: {e}", file=sys.stderr)
         return 1
@@ -317,8 +318,13 @@ def _cmd_down(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pdserve.cluster_state import ClusterStateError, listing, status
 
+    settings = _up_settings(args)
     try:
-        print(listing(_state_dir(args)) if args.all else status(_state_dir(args), args.name))
+        print(
+            listing(settings.state_dir)
+            if args.all
+            else status(settings.state_dir, args.name, settings.api_key)
+        )
     except ClusterStateError as e:
         print(f"pdserve status: {e}", file=sys.stderr)
         return 1
@@ -398,7 +404,9 @@ def _add_cluster_commands(sub) -> None:
         allow_abbrev=False,
     )
     add_flags(
-        router, ("name", "host", "router_port", "policy", "redis_url", "address"), {"router_port": "--port"}
+        router,
+        ("name", "host", "router_port", "policy", "redis_url", "address", "api_key"),
+        {"router_port": "--port"},
     )
     router.add_argument("--namespace", default="pdserve", help="Ray namespace the controller lives in")
     router.add_argument("--controller", default=None, help="controller actor name")

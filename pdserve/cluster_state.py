@@ -179,11 +179,13 @@ def down(state_dir: Path, name: str | None = None, timeout_s: float = 60.0, echo
     echo(f"pdserve {record.name} stopped")
 
 
-def status(state_dir: Path, name: str | None = None) -> str:
-    """A table of one cluster's workers and router, from its router's ClusterState."""
+def status(state_dir: Path, name: str | None = None, api_key: str | None = None) -> str:
+    """A table of one cluster's workers and router, from its router's ClusterState (presenting
+    `api_key`, the cluster's key, when the cluster has one)."""
     import grpc
 
     from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+    from pdserve.proto.bearer import call_metadata
 
     record = select(state_dir, name)
     if not record.ready:
@@ -191,9 +193,14 @@ def status(state_dir: Path, name: str | None = None) -> str:
     with grpc.insecure_channel(record.router_address) as channel:
         try:
             cs = pdserve_pb2_grpc.RouterStub(channel).ClusterState(
-                pdserve_pb2.ClusterStateRequest(), timeout=5
+                pdserve_pb2.ClusterStateRequest(), timeout=5, metadata=call_metadata(api_key)
             )
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ClusterStateError(
+                    f"router at {record.router_address} wants the cluster's API key: set PDSERVE_API_KEY "
+                    "(or api_key in the --config file) to the key `up` was given"
+                ) from e
             raise ClusterStateError(
                 f"router at {record.router_address} does not answer ({e.code().name})"
             ) from e

@@ -7,8 +7,9 @@ the three cannot drift apart. Flags win over the environment, which wins over th
 wins over the defaults. Environment variables and flags are text: an empty value leaves an
 optional setting unset, and dict-valued settings take a JSON object (a mapping in YAML).
 Unknown keys, unknown `PDSERVE_*` variables and bad values are refused with the key's name and
-where it came from. This module imports neither torch nor Ray (the router's defaults come from
-its light `pdserve.router.config`), so a bad configuration is refused before anything starts.
+where it came from. This module imports neither torch nor Ray (the router's and the gateway's
+defaults come from their light `pdserve.router.config` and `pdserve.gateway.config`), so a bad
+configuration is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pdserve.gateway.config import GatewayConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.policies import POLICIES
 
@@ -60,6 +62,7 @@ def _not_bool(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class ClusterConfig(BaseModel):
@@ -92,7 +95,42 @@ class ClusterConfig(BaseModel):
     policy: Policy = Field(RouterConfig.policy, description="prefill placement policy")
     redis_url: str | None = Field(None, description="share the prefix index through this Redis")
     address: str | None = Field(None, description="join this Ray cluster instead of starting one")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY'")
+    api_key: str | None = Field(
+        None,
+        repr=False,
+        description="require 'Authorization: Bearer KEY' on the gateway's /v1 routes and on every router call",
+    )
+    max_body_bytes: Int = Field(
+        GatewayConfig.max_body_bytes, ge=1024, description="largest request body, counted as it is read"
+    )
+    body_timeout_s: Float = Field(
+        GatewayConfig.body_timeout_s,
+        gt=0,
+        description="seconds to receive a request's body once its headers are in",
+    )
+    header_timeout_s: Float = Field(
+        GatewayConfig.header_timeout_s,
+        gt=0,
+        description="seconds to receive a request's headers, from the connection's start or previous response",
+    )
+    keep_alive_timeout_s: Float = Field(
+        GatewayConfig.keep_alive_timeout_s, gt=0, description="seconds an idle connection stays open"
+    )
+    tokenizer_threads: Int = Field(
+        GatewayConfig.tokenizer_threads,
+        ge=1,
+        description="gateway threads that render chat templates and tokenize",
+    )
+    max_chars_per_token: Int = Field(
+        GatewayConfig.max_chars_per_token,
+        ge=1,
+        description="a prompt over the context window times this many characters is refused untokenized",
+    )
+    metrics_cache_s: Float = Field(
+        GatewayConfig.metrics_cache_s,
+        ge=0,
+        description="seconds /metrics reuses the workers' metrics (concurrent scrapes share one fetch)",
+    )
     kv_cache_blocks: Int | None = Field(None, ge=1, description="KV blocks per worker")
     state_dir: Path = Field(
         default_factory=lambda: Path.home() / ".pdserve", description="where up records what it started"
@@ -108,6 +146,14 @@ class ClusterConfig(BaseModel):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_chars(cls, value: str | None) -> str | None:
+        # It travels in an HTTP header and gRPC metadata, which carry printable ASCII only.
+        if value is not None and not re.fullmatch(r"[!-~]+", value):
+            raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
         return value
 
     @field_validator("name")
@@ -192,6 +238,10 @@ def _expected(name: str) -> str:
         lo = next((m.ge for m in FIELDS[name].metadata if isinstance(m, annotated_types.Ge)), None)
         hi = next((m.le for m in FIELDS[name].metadata if isinstance(m, annotated_types.Le)), None)
         what = "an integer" + (f" in {lo}..{hi}" if hi is not None else f" >= {lo}" if lo is not None else "")
+    elif base is float:
+        gt = next((m.gt for m in FIELDS[name].metadata if isinstance(m, annotated_types.Gt)), None)
+        ge = next((m.ge for m in FIELDS[name].metadata if isinstance(m, annotated_types.Ge)), None)
+        what = "a number" + (f" > {gt:g}" if gt is not None else f" >= {ge:g}" if ge is not None else "")
     elif _is_dict(name):
         what = "a JSON object (a mapping in YAML)"
     else:

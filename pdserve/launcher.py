@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
 from pdserve.cluster_state import ClusterRecord, claim, remove_record, write_record
-from pdserve.config import ClusterConfig
+from pdserve.config import ClusterConfig, env_name
 from pdserve.engine.engine_config import EngineConfig
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pdserve.router.config import RouterConfig
 
 NAMESPACE = "pdserve"
+KEY_ENV = env_name("api_key")  # PDSERVE_API_KEY: what the start-up lines show instead of the key
 
 
 class LaunchError(RuntimeError):
@@ -96,8 +97,9 @@ def router_config(c: ClusterConfig) -> RouterConfig:
     from pdserve.router.config import RouterConfig
 
     return RouterConfig(
-        host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name
-    )
+        host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name,
+        api_key=c.api_key,
+    )  # fmt: skip
 
 
 def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> GatewayConfig:
@@ -110,6 +112,13 @@ def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> G
         tokenizer_path=served.tokenizer_path or "",
         max_model_len=served.max_model_len,
         api_key=c.api_key,
+        max_body_bytes=c.max_body_bytes,
+        body_timeout_s=c.body_timeout_s,
+        header_timeout_s=c.header_timeout_s,
+        keep_alive_timeout_s=c.keep_alive_timeout_s,
+        tokenizer_threads=c.tokenizer_threads,
+        max_chars_per_token=c.max_chars_per_token,
+        metrics_cache_s=c.metrics_cache_s,
     )
 
 
@@ -243,6 +252,7 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
     import uvicorn
 
     from pdserve.gateway.app import create_app
+    from pdserve.gateway.http_server import server_config
     from pdserve.router.server import start_router
 
     # Ctrl-C / SIGTERM from here on stop everything this command started, also while loading.
@@ -271,10 +281,9 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             raise LaunchError(f"the workers could not start: {type(cause).__name__}: {cause}") from e
         served = await controller.served_model.remote()
         router = await start_router(controller, router_config(config))
-        app = create_app(
-            gateway_config(config, served, router.port), registries=(router.service.metrics.registry,)
-        )
-        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+        gateway = gateway_config(config, served, router.port)
+        app = create_app(gateway, registries=(router.service.metrics.registry,))
+        server = uvicorn.Server(server_config(app, gateway, config.host, config.port))
         server.install_signal_handlers = lambda: None  # ours below stop everything, not just uvicorn
         serving = asyncio.get_running_loop().create_task(server.serve())
         while not server.started:
@@ -284,12 +293,15 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
         state = ClusterRecord(config.name, os.getpid(), f"http://{config.host}:{config.port}",
                               f"{config.host}:{router.port}", served.name, ready=True)  # fmt: skip
         write_record(config.state_dir, state)
-        auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+        # The key itself is never printed (terminals and CI logs are kept); the shell fills it in.
+        auth = f' -H "Authorization: Bearer ${KEY_ENV}"' if config.api_key else ""
         echo(
             f"pdserve {state.name} is up: {state.gateway_url} (model {state.model}, router {state.router_address})"
         )
         echo(f"try:  curl {state.gateway_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
              """-d '{"messages": [{"role": "user", "content": "Write a function that adds two numbers."}]}'""")  # fmt: skip
+        if config.api_key:
+            echo(f"auth: /v1 and `pdserve status` need the api_key: export {KEY_ENV}=<it> where you run them")
         echo(f"stop: Ctrl-C here, or `pdserve down --name {state.name}`")
         await stop.wait()
         echo("stopping")

@@ -5,7 +5,7 @@ Torch-, Ray- and gRPC-free, so the command line's schema can take its defaults f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pdserve.router.policies import DEFAULT_POLICY, make_policy
@@ -29,6 +29,8 @@ class RouterConfig:
     max_in_flight: int = 1024
     view_interval_s: float = 0.1
     metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
+    # When set, every call but the health service's must carry `authorization: Bearer KEY` (router/auth.py).
+    api_key: str | None = field(default=None, repr=False)
     runner: RunnerConfig | None = None
 
     def __post_init__(self) -> None:

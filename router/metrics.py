@@ -28,6 +28,9 @@ class RouterMetrics:
             "pdserve_prefix_index_blocks", "(worker, block) entries in the index", registry=r
         )
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being served", registry=r)
+        self.metrics_fanouts = Counter(
+            "pdserve_router_metrics_fanouts", "Metrics calls (each asks every live worker)", registry=r
+        )
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

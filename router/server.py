@@ -23,13 +23,14 @@ from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.roles.messages import TokenChunk
+from pdserve.router.auth import KeyCheck, caller, same_caller
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.placement import NoWorkerError, RouterPlacement
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex, make_prefix_index
-from pdserve.router.request_runner import NoRoomInTime, RequestRunner
+from pdserve.router.request_runner import NoRoomInTime, RequestFailed, RequestRunner
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,23 @@ def _first_line(error: Exception) -> str:
     return (str(cause if isinstance(cause, BaseException) else error).splitlines() or [""])[0]
 
 
+def client_error(error: Exception, rid: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failed request's caller gets.
+
+    Only messages the router and the engine write for callers pass through (a refused input, no
+    worker, no room, attempts exhausted). Anything else (a Ray error names actor ids, pids, node
+    addresses and library functions) becomes one plain line with the request id; the router's log
+    keeps the error itself under that id.
+    """
+    if isinstance(error, InvalidRequestError):  # the engine refused the request as given
+        return grpc.StatusCode.INVALID_ARGUMENT, _first_line(error)
+    if isinstance(error, NoRoomInTime):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, (NoWorkerError, RequestFailed)):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    return grpc.StatusCode.UNAVAILABLE, f"request {rid} failed inside the cluster; retry it (logged as {rid})"
+
+
 class RouterService(pdserve_pb2_grpc.RouterServicer):
     """Generate / Abort / ClusterState / Metrics over a `RequestRunner` and a `ClusterView`."""
 
@@ -102,6 +120,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self.config = config
         self.served = served
         self._in_flight: dict[str, asyncio.Task] = {}
+        self._owners: dict[str, bytes] = {}  # request id -> its Generate call's `caller`
 
     def _validate(self, request: pdserve_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
@@ -160,7 +179,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                 await chunks.aclose()  # releases the request on its workers now, not at garbage collection
 
         task = asyncio.get_running_loop().create_task(pump())
-        self._in_flight[rid] = task
+        self._in_flight[rid], self._owners[rid] = task, caller(context)
         self.metrics.in_flight.set(len(self._in_flight))
         emitted, cached, outcome = 0, 0, "error"
         try:
@@ -205,24 +224,31 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._in_flight.pop(rid, None)
+            self._owners.pop(rid, None)
             self.metrics.in_flight.set(len(self._in_flight))
             self.metrics.requests.labels(policy, outcome).inc()
 
     async def _fail(self, error: Exception, rid: str, context) -> str:
-        if isinstance(error, InvalidRequestError):  # the engine refused the request as given
+        code, message = client_error(error, rid)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
             self.metrics.requests.labels(self.config.policy, "invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _first_line(error))
-        if isinstance(error, NoWorkerError):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        if isinstance(error, NoRoomInTime):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        log.warning("request %s failed: %s", rid, error)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rid} failed: {error}")
+        else:  # the details stay here, under the request id the caller was given
+            expected = isinstance(error, (NoWorkerError, RequestFailed))
+            log.warning(
+                "request %s failed: %s: %s",
+                rid,
+                type(error).__name__,
+                error,
+                exc_info=None if expected else error,
+            )
+        await context.abort(code, message)
         return "error"
 
     async def Abort(self, request, context):
-        task = self._in_flight.get(request.request_id)
-        if task is None or task.done():
+        """Cancels a request in flight, if the caller owns it (another caller's looks not found)."""
+        rid = request.request_id
+        task, owner = self._in_flight.get(rid), self._owners.get(rid)
+        if task is None or task.done() or owner is None or not same_caller(owner, caller(context)):
             return pdserve_pb2.AbortResponse(found=False)
         task.cancel()
         return pdserve_pb2.AbortResponse(found=True)
@@ -265,6 +291,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
 
     async def Metrics(self, request, context):
         """Every live worker's Prometheus metrics (its `metrics_text`), merged into one exposition."""
+        self.metrics.metrics_fanouts.inc()
         live = [w for w in self.view.workers if w.alive]
         texts = await asyncio.gather(
             *(asyncio.wait_for(w.handle.metrics_text.remote(), self.config.metrics_timeout_s) for w in live),
@@ -334,7 +361,7 @@ async def start_router(controller, config: RouterConfig) -> Router:
     runner = RequestRunner(placement, config.runner)
     service = RouterService(runner, view, metrics, config, served)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[KeyCheck(config.api_key)] if config.api_key else None)
     pdserve_pb2_grpc.add_RouterServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

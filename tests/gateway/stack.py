@@ -17,6 +17,7 @@ from pdserve.cluster.controller import ControllerConfig, start_controller
 from pdserve.engine import EngineConfig
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.gateway.app import GatewayConfig, create_app
+from pdserve.gateway.http_server import server_config
 from pdserve.router.config import RouterConfig
 from tests.router.test_server import RouterThread, free_port
 
@@ -40,6 +41,7 @@ class GatewayStack:
     ray: Any  # the ray module, initialised
     blocks: int  # KV blocks per worker
     router_metrics: CollectorRegistry  # the router's own registry (not on this gateway's /metrics)
+    config: GatewayConfig  # the gateway's (its router_address reaches the stack's router)
 
     def worker_ids(self) -> list[str]:
         return [w.worker_id for w in self.ray.get(self.controller.workers.remote())]
@@ -57,10 +59,12 @@ class GatewayStack:
 
 
 @contextmanager
-def served(app: Any) -> Iterator[str]:
-    """Serves `app` under uvicorn on a free loopback port; yields its base URL."""
+def served(app: Any, config: GatewayConfig | None = None) -> Iterator[str]:
+    """Serves `app` under uvicorn on a free loopback port, with the connection limits of `config`
+    (`GatewayConfig`'s defaults when None) as `pdserve up` does; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    limits = config or GatewayConfig(router_address="", model_name="", tokenizer_path="", max_model_len=1)
+    server = uvicorn.Server(server_config(app, limits, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -101,8 +105,10 @@ def gateway_stack(
             **{"router_address": f"127.0.0.1:{router.router.port}", "model_name": "tiny",
                "tokenizer_path": str(checkpoint), "max_model_len": limits.max_model_len, **gateway}
         )  # fmt: skip
-        with served(create_app(config, tokenizer=tok)) as url:
-            yield GatewayStack(url, controller, tok, ray, blocks, router.router.service.metrics.registry)
+        with served(create_app(config, tokenizer=tok), config) as url:
+            yield GatewayStack(
+                url, controller, tok, ray, blocks, router.router.service.metrics.registry, config
+            )
     finally:
         if router is not None:
             router.stop()

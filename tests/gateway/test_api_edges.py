@@ -153,6 +153,6 @@ def test_the_request_counter_counts_every_response_by_status(stack):
 def test_the_request_counter_counts_refused_api_keys(stack, moe_checkpoint):
     config = GatewayConfig(router_address="127.0.0.1:1", model_name="tiny", tokenizer_path=str(moe_checkpoint),
                            max_model_len=256, api_key="sekret", metrics_timeout_s=1.0)  # fmt: skip
-    with served(create_app(config, tokenizer=stack.tok)) as url:
+    with served(create_app(config, tokenizer=stack.tok), config) as url:
         assert_openai_error(post(url, "/v1/completions", {"prompt": "x"}), 401, None)
         assert requests_counted(url)[("completions", "401")] == 1
