@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -77,6 +78,27 @@ def transfer_counts(ray, ref: WorkerRef) -> dict[str, float]:
     }
 
 
+def settled_transfer_counts(ray, workers, timeout_s: float = SETTLE_S) -> list[dict[str, float]]:
+    """Both workers' transfer counts once every send has been counted as received too (a
+    transfer's two ends count it a moment apart)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = [transfer_counts(ray, r) for r in workers]
+        if counts[0]["sends"] == counts[1]["receives"] or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+def assert_cancelled_where_meant(moment: tuple, reads: list[int]) -> None:
+    """Each stream was cancelled where `moment` says: after exactly its chunks when it has no
+    delay (nothing can arrive in between), at or after them when it waits a little first."""
+    _, after_chunks, delay_s, _ = moment
+    if delay_s == 0:
+        assert set(reads) == {after_chunks}, (moment, reads)
+    else:
+        assert min(reads) >= after_chunks, (moment, reads)
+
+
 def assert_exact_after(runner, reference, seed: int) -> None:
     """A request after the cancels still streams exactly what one engine produces."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -106,12 +128,13 @@ def test_cancelled_streams_leave_no_descriptors_threads_channels_or_blocks(ray_s
     counts, settle_s, after = asyncio.run(run())
     # Every moment of the handoff was reached, as many times as the others.
     assert {len(reads) for reads in counts.values()} == {20}
-    assert {m[0]: {m[1]} for m in MOMENTS} == {name: set(reads) for name, reads in counts.items()}
+    for moment in MOMENTS:
+        assert_cancelled_where_meant(moment, counts[moment[0]])
     assert all(u.idle for u in after), (after, settle_s)
     for b, a in zip(before, after):
         assert a.open_fds <= b.open_fds + FD_SLACK, (before, after)
         assert a.threads <= b.threads + POOL_THREADS, (before, after)
-    after_transfers = [transfer_counts(ray_session, r) for r in workers]
+    after_transfers = settled_transfer_counts(ray_session, workers)
     for b, a in zip(before_transfers, after_transfers):
         # No new channel was built for a cancel, and no transfer failed or was left half-done.
         assert a["channels"] == b["channels"] == 1, (b, a)
@@ -135,7 +158,7 @@ def test_a_cancel_at_any_moment_of_the_handoff_frees_both_workers_at_once(ray_se
         return reads, await wait_idle([prefill, decode], SETTLE_S)
 
     reads, (settle_s, after) = asyncio.run(run())
-    assert set(reads) == {moment[1]}  # each stream was cancelled exactly where this case says
+    assert_cancelled_where_meant(moment, reads)
     # Nothing decodes without a reader, nothing waits to be sent, every block is back.
     assert all(u.idle for u in after), (after, settle_s)
 
