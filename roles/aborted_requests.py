@@ -32,6 +32,3 @@ class AbortedRequests:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)

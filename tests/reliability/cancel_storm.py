@@ -78,6 +78,7 @@ class Usage:
 
 
 async def usage(ref: WorkerRef) -> Usage:
+    """A worker's footprint and queues now, from its load report."""
     load = await ref.handle.load.remote()
     return Usage(
         load.open_fds,
@@ -170,10 +171,12 @@ async def warm_up(runner: RequestRunner, concurrency: int = 8) -> None:
 
 
 def runner_over(prefill: WorkerRef, decode: WorkerRef) -> RequestRunner:
+    """The router's request path over one fixed prefill/decode pair."""
     return RequestRunner(FixedPlacement(prefill, decode), RunnerConfig(transfer_timeout_s=10.0))
 
 
 async def measure(n: int, checkpoint: str) -> None:
+    """Starts a prefill and a decode worker, cancels `n` streams, prints the footprints."""
     from pdserve.engine import EngineConfig
     from pdserve.roles.worker import start_worker
 
@@ -208,7 +211,9 @@ async def measure(n: int, checkpoint: str) -> None:
 
 
 def main() -> None:
+    """`python -m tests.reliability.cancel_storm [N]`: the storm on a fresh tiny checkpoint."""
     import tempfile
+    from pathlib import Path
 
     import ray
 
@@ -217,7 +222,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 500
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = make_checkpoint(__import__("pathlib").Path(tmp), moe=True, tokenizer=True)
+        checkpoint = make_checkpoint(Path(tmp), moe=True, tokenizer=True)
         asyncio.run(measure(n, str(checkpoint)))
     ray.shutdown()
 
