@@ -46,6 +46,7 @@ class ChannelGenerations:
         self._watched: set[asyncio.Task] = set()
 
     def channel(self, sender: WorkerRef, receiver: WorkerRef) -> Channel:
+        """The channel that transfers from `sender` to `receiver` use now."""
         key = (sender.worker_id, receiver.worker_id)
         return Channel(sender.endpoint, receiver.endpoint, self._generation.get(key, 0))
 
