@@ -2,8 +2,11 @@
 
 It starts the configured workers, polls each one's load every `heartbeat_interval_s` (the poll
 is the heartbeat), declares a worker dead when it errors or misses `heartbeat_timeout_s`, kills
-what is left of it and starts a replacement under a new worker id, so KV channels and prefix
-index entries of the old incarnation are never mistaken for the new one's.
+what is left of it, has the live workers close their KV channels with it, and starts a
+replacement under a new worker id, so KV channels and prefix index entries of the old
+incarnation are never mistaken for the new one's. A replacement loads in the background: the
+dead worker leaves `workers()` at once, nobody (the heartbeat, a router reporting a failure)
+waits for the replacement, and it joins `workers()` with its first load report.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 
 from pdserve.engine import EngineConfig
@@ -82,6 +86,7 @@ class Controller:
         self._started = False
         self._served_model: ServedModel | None = None  # what the first ready worker reported
         self._starting: dict[str, object] = {}  # worker id -> handle, until the worker is ready
+        self._restarting: dict[str, asyncio.Task] = {}  # slot -> handling its death (see _after_death)
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
@@ -89,13 +94,12 @@ class Controller:
             slots = [(f"{role}-{i}", role) for role in ROLES for i in range(getattr(self.config, role))]
             infos = await asyncio.gather(*(self._launch(slot, role, 0) for slot, role in slots))
             self._workers = {info.slot: info for info in infos}
-            await asyncio.gather(*(self._check(w) for w in infos))  # so the first answer has loads
             self._started = True
             self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         return await self.workers()
 
     async def workers(self, role: str | None = None) -> list[WorkerInfo]:
-        """Live workers (optionally of one role) with their latest load."""
+        """Live workers (optionally of one role) with their latest load (never None)."""
         return [w for w in self._workers.values() if w.alive and (role is None or w.role == role)]
 
     async def served_model(self) -> ServedModel:
@@ -128,11 +132,15 @@ class Controller:
         info.role = role
         return role
 
-    async def report_failure(self, worker_id: str) -> None:
-        """The router saw a call to this worker fail: check it now instead of at the next beat."""
+    async def report_failure(self, worker_id: str) -> bool:
+        """The router saw a call to this worker fail: check it now instead of at the next beat.
+
+        Returns whether it is alive, once that is known; it never waits for a replacement.
+        """
         info = next((w for w in self._workers.values() if w.worker_id == worker_id), None)
         if info is not None and info.alive:
             await self._check(info)
+        return info is not None and info.alive
 
     async def shutdown(self) -> None:
         """Stops the heartbeat and kills every worker."""
@@ -140,6 +148,10 @@ class Controller:
 
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for task in list(self._restarting.values()):
+            task.cancel()
+        for handle in list(self._starting.values()):  # replacements still loading
+            ray.kill(handle)
         for info in self._workers.values():
             ray.kill(info.handle)
             info.alive = False
@@ -161,6 +173,7 @@ class Controller:
         try:
             endpoint = await handle.ready.remote()
             served = await handle.served_model.remote()
+            load = await handle.load.remote()  # listed with a load, so placement can weigh it at once
         finally:
             del self._starting[worker_id]
         if self._served_model is None:
@@ -168,11 +181,15 @@ class Controller:
         elif served != self._served_model:  # every worker hosts the same engine config
             raise RuntimeError(f"worker {worker_id} serves {served}, unlike the others' {self._served_model}")
         log.info("worker %s up as %s", worker_id, role)
-        return WorkerInfo(worker_id, slot, role, handle, endpoint, restarts=restarts)
+        return WorkerInfo(worker_id, slot, role, handle, endpoint, load=load, restarts=restarts)
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self._check(w) for w in list(self._workers.values()) if w.alive))
+            workers = list(self._workers.values())
+            await asyncio.gather(*(self._check(w) for w in workers if w.alive))
+            for dead in workers:  # a replacement whose launch failed is tried again
+                if not dead.alive and self.config.restart_dead and dead.slot not in self._restarting:
+                    self._in_background(dead.slot, self._replace(dead))
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     async def _check(self, info: WorkerInfo) -> None:
@@ -188,19 +205,32 @@ class Controller:
             return
         info.alive = False
         log.warning("worker %s is dead (%s)", info.worker_id, why)
-        await self._replace(info)
+        self._in_background(info.slot, self._after_death(info))
 
-    async def _replace(self, dead: WorkerInfo) -> None:
+    def _in_background(self, slot: str, work: Coroutine[object, object, None]) -> None:
+        """Runs a dead slot's handling without anyone (heartbeat, a router's report) waiting on it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._restarting[slot] = task
+        task.add_done_callback(lambda _: self._restarting.pop(slot, None))
+
+    async def _after_death(self, dead: WorkerInfo) -> None:
+        """Kills what is left of a dead worker, closes the live ones' KV channels with it, replaces it."""
         import ray
 
         ray.kill(dead.handle)  # a hung worker must not come back half-alive
-        if not self.config.restart_dead:
-            return
+        live = [w for w in self._workers.values() if w.alive]
+        await asyncio.gather(
+            *(w.handle.close_peer.remote(dead.worker_id) for w in live), return_exceptions=True
+        )
+        if self.config.restart_dead:
+            await self._replace(dead)
+
+    async def _replace(self, dead: WorkerInfo) -> None:
         try:
             fresh = await self._launch(dead.slot, dead.role, dead.restarts + 1)
         except Exception:
             log.exception("restarting %s failed; will retry at the next heartbeat", dead.slot)
-            self._workers[dead.slot] = replace(dead, alive=True, restarts=dead.restarts + 1)
+            self._workers[dead.slot] = replace(dead, alive=False, restarts=dead.restarts + 1)
             return
         self._workers[dead.slot] = fresh
 

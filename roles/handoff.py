@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from pdserve.engine import SamplingParams
-from pdserve.roles.kv_channel import Channel, Endpoint
+from pdserve.roles.kv_channel import Channel, Endpoint, TransferError
 from pdserve.roles.messages import TokenChunk
 
 
@@ -31,18 +31,50 @@ class WorkerRef:
 
 
 class ChannelGenerations:
-    """Hands out a fresh channel generation per (sender, receiver) after each failed transfer."""
+    """The router's KV channels: one per (sender, receiver), a new generation after each failure.
+
+    A failed transfer may leave either end's communicator half-way through a message, so the
+    pair moves to the next generation and both ends close the failed one (`failed`). A client's
+    cancel is not a failure and changes nothing here; a send left behind by a cancelled or
+    failed request is followed to its end (`watch`), so a failure it meets still retires the
+    channel, and its error is read (Ray logs errors nobody reads).
+    """
 
     def __init__(self) -> None:
         self._generation: dict[tuple[str, str], int] = {}
         self._counter = itertools.count(1)
+        self._watched: set[asyncio.Task] = set()
 
     def channel(self, sender: WorkerRef, receiver: WorkerRef) -> Channel:
+        """The channel that transfers from `sender` to `receiver` use now."""
         key = (sender.worker_id, receiver.worker_id)
         return Channel(sender.endpoint, receiver.endpoint, self._generation.get(key, 0))
 
-    def failed(self, channel: Channel) -> None:
-        self._generation[(channel.sender.worker_id, channel.receiver.worker_id)] = next(self._counter)
+    async def failed(self, channel: Channel, sender: WorkerRef, receiver: WorkerRef) -> None:
+        """A transfer on `channel` failed: later ones get a new generation, and both ends close it."""
+        key = (channel.sender.worker_id, channel.receiver.worker_id)
+        if self._generation.get(key, 0) != channel.generation:
+            return  # an earlier failure on it retired it already
+        self._generation[key] = next(self._counter)
+        refs = [w.handle.close_channel.remote(channel) for w in (sender, receiver)]
+        for ref in refs:
+            with contextlib.suppress(Exception):  # a dead end has nothing left to close
+                await ref
+
+    def watch(self, sent, channel: Channel, sender: WorkerRef, receiver: WorkerRef) -> None:
+        """Follows a send (`Worker.send_kv`'s ref) whose request no longer waits for it."""
+
+        async def settle() -> None:
+            try:
+                await sent
+            except TransferError:
+                await self.failed(channel, sender, receiver)
+            except Exception:
+                pass  # the sender died: the controller closes every channel with it
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._watched.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._watched.discard)
 
 
 async def generate_disaggregated(
@@ -61,8 +93,19 @@ async def generate_disaggregated(
     transfer's error (after releasing both sides) when the KV does not arrive.
     `after_prefill(request_id)` runs between the prefill and the transfer (an observer hook;
     the fault tests use it to kill a worker at exactly that moment).
+
+    Cancelled or closed at any moment, it leaves nothing behind: until the transfer starts
+    both workers are told to abort the request; once `send_kv` and `decode` are called only
+    the decode worker is, because `send_kv` then owns the prefill side's copy and always sends
+    it (a receive waiting for KV that never comes would hold its channel until the timeout),
+    and the decode worker drops KV that arrives for an aborted request.
     """
-    if not await decode.handle.reserve.remote(request_id, len(prompt_token_ids)):
+    try:
+        reserved = await decode.handle.reserve.remote(request_id, len(prompt_token_ids))
+    except BaseException:
+        await release(request_id, decode)  # a reservation may still land after we stop waiting
+        raise
+    if not reserved:
         raise NoRoomError(f"decode worker {decode.worker_id} has no room for request {request_id}")
     try:
         result = await prefill.handle.prefill.remote(request_id, prompt_token_ids, params)
@@ -73,9 +116,13 @@ async def generate_disaggregated(
         await release(request_id, decode)
         yield result.first
         return
-    yield result.first
-    if after_prefill is not None:
-        await after_prefill(request_id)
+    try:
+        yield result.first
+        if after_prefill is not None:
+            await after_prefill(request_id)
+    except BaseException:  # the reader left before the transfer began: both sides hold it
+        await release(request_id, decode, prefill)
+        raise
     channel = channels.channel(prefill, decode)
     sent = prefill.handle.send_kv.remote(request_id, channel, transfer_timeout_s)
     stream = decode.handle.decode.remote(request_id, result.handoff, channel, transfer_timeout_s)
@@ -86,15 +133,12 @@ async def generate_disaggregated(
             finished = chunk.finished
             yield chunk
         await sent
-    except (Exception, asyncio.CancelledError):
-        channels.failed(channel)
-        await release(request_id, prefill, decode)
-        raise
-    except GeneratorExit:
-        # The consumer stopped reading; after the last chunk there is nothing left to free.
+    except BaseException as e:
+        channels.watch(sent, channel, prefill, decode)
+        if isinstance(e, TransferError):  # the decode side's receive failed
+            await channels.failed(channel, prefill, decode)
         if not finished:
-            for worker in (prefill, decode):
-                worker.handle.abort.remote(request_id)
+            await release(request_id, decode)
         raise
 
 

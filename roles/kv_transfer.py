@@ -1,12 +1,18 @@
 """Moving a request's KV blocks from a prefill worker to a decode worker, directly.
 
 One interface, two backends. Each transfer names a *channel* (sender, receiver, generation):
-both ends build the channel's communicator lazily on first use and drop it after a failure,
-so the next attempt (under a new generation) starts from a fresh one.
+both ends build the channel's communicator lazily on first use, and many transfers share it
+(told apart by tags). A transfer that fails closes the channel on its end for good: no new
+transfer uses it, its communicator (sockets, threads) goes as soon as the transfers still on it
+end, and the name is never built again (its rendezvous keys are spent). The router then moves
+the pair to the next generation and closes the old one on both ends (`close_channel`); the
+controller closes every channel with a dead worker (`close_peer`). A client's cancel is not a
+transfer failure and closes nothing.
 
 - `gloo`: a two-rank torch `ProcessGroupGloo` per channel, rendezvousing through a TCPStore
-  that the sending worker hosts. Not `ray.util.collective`'s GLOO backend: that one binds the
-  process's single default torch process group to the first group it joins, so a worker
+  that the sending worker hosts, all on one Gloo device (one listening socket and event loop
+  thread per worker, not per channel). Not `ray.util.collective`'s GLOO backend: that one binds
+  the process's single default torch process group to the first group it joins, so a worker
   could never talk to a second peer (see DESIGN.md, Decisions).
 - `nccl`: `ray.util.collective` NCCL groups (CuPy), one per channel, when both ends hold GPUs.
 """
@@ -17,6 +23,7 @@ import abc
 import contextlib
 import datetime
 import threading
+import traceback
 
 import torch
 
@@ -27,18 +34,31 @@ BACKENDS = ("gloo", "nccl")
 
 
 class KVTransport(abc.ABC):
-    """Sends and receives KV tensors over per-channel communicators; one per worker."""
+    """Sends and receives KV tensors over per-channel communicators; one per worker.
+
+    The base class keeps the books: the open channels and their communicators (`_open`), and
+    the names closed for good (`_closed`); a backend builds, uses and releases communicators.
+    """
 
     backend: str
 
     def __init__(self, worker_id: str, host: str = "127.0.0.1") -> None:
         self.worker_id = worker_id
         self.host = host
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[Channel, object]] = {}
+        self._closed: set[str] = set()
 
     @property
     @abc.abstractmethod
     def endpoint(self) -> Endpoint:
         """What peers need to open a channel with this worker."""
+
+    @property
+    def open_channels(self) -> int:
+        """Channels with a communicator on this end (each holds sockets and threads)."""
+        with self._lock:
+            return len(self._open)
 
     def send(self, channel: Channel, tensor: torch.Tensor, timeout_s: float, tag: int = 0) -> None:
         """Blocks until `tensor` has been handed to the receiver; raises TransferError.
@@ -60,8 +80,47 @@ class KVTransport(abc.ABC):
             self._run(channel, rank, tensor, timeout_s, tag)
         except Exception as e:
             # The communicator may be half-way through a message: never reuse it.
-            self._drop(channel)
+            self.close_channel(channel)
+            # The failed attempt's frames hold the communicator: let it go now, not with the error.
+            traceback.clear_frames(e.__traceback__)
             raise TransferError(f"{'send' if rank == 0 else 'recv'} on {channel.name} failed: {e}") from e
+
+    def close_channel(self, channel: Channel) -> None:
+        """Closes `channel` on this end for good: it is never built again (use a new generation)."""
+        with self._lock:
+            self._closed.add(channel.name)
+            entry = self._open.pop(channel.name, None)
+        self._release(channel, None if entry is None else entry[1])
+
+    def close_peer(self, worker_id: str) -> int:
+        """Closes every channel whose other end is `worker_id` (a dead worker); returns how many."""
+        with self._lock:
+            gone = [
+                c for c, _ in self._open.values() if worker_id in (c.sender.worker_id, c.receiver.worker_id)
+            ]
+        for channel in gone:
+            self.close_channel(channel)
+        return len(gone)
+
+    def close(self) -> None:
+        """Releases every communicator."""
+        with self._lock:
+            entries = list(self._open.values())
+        for channel, _ in entries:
+            self.close_channel(channel)
+
+    def _check_open(self, channel: Channel) -> None:
+        """Raises when `channel` was closed; call with `_lock` held."""
+        if channel.name in self._closed:
+            raise TransferError(f"{channel.name} was closed after a failed transfer; use the next generation")
+
+    def _register(self, channel: Channel, communicator: object) -> bool:
+        """Records a communicator just built; False (and nothing kept) when the channel closed meanwhile."""
+        with self._lock:
+            if channel.name in self._closed:
+                return False
+            self._open[channel.name] = (channel, communicator)
+            return True
 
     @abc.abstractmethod
     def _check_tensor(self, tensor: torch.Tensor) -> None:
@@ -72,12 +131,8 @@ class KVTransport(abc.ABC):
         """One transfer as sender (rank 0) or receiver (rank 1); raises whatever went wrong."""
 
     @abc.abstractmethod
-    def _drop(self, channel: Channel) -> None:
-        """Forgets a channel's communicator after a failure; the next transfer builds a new one."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Releases every communicator."""
+    def _release(self, channel: Channel, communicator: object | None) -> None:
+        """Frees a closed channel's communicator (None: it was never built, or only half)."""
 
 
 class GlooTransport(KVTransport):
@@ -94,8 +149,9 @@ class GlooTransport(KVTransport):
         self._store = dist.TCPStore(
             host, 0, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
         )
-        self._groups: dict[str, object] = {}
-        self._lock = threading.Lock()
+        # One device for every channel: a device is a listening socket and an event loop thread.
+        # Bound to the address we were given, not whatever the hostname resolves to.
+        self._device = dist.ProcessGroupGloo.create_device(hostname=host)
         self._creating: dict[str, threading.Lock] = {}
 
     @property
@@ -104,15 +160,18 @@ class GlooTransport(KVTransport):
 
     def _group(self, channel: Channel, rank: int, timeout_s: float):
         with self._lock:
+            self._check_open(channel)
             creating = self._creating.setdefault(channel.name, threading.Lock())
         # One rendezvous per channel and side, however many transfers start on it at once.
         with creating:
             with self._lock:
-                group = self._groups.get(channel.name)
-            if group is None:
-                group = self._create(channel, rank, timeout_s)
-                with self._lock:
-                    self._groups[channel.name] = group
+                self._check_open(channel)
+                entry = self._open.get(channel.name)
+            if entry is not None:
+                return entry[1]
+            group = self._create(channel, rank, timeout_s)
+            if not self._register(channel, group):
+                raise TransferError(f"{channel.name} was closed while it was being built")
             return group
 
     def _create(self, channel: Channel, rank: int, timeout_s: float):
@@ -126,8 +185,9 @@ class GlooTransport(KVTransport):
             )
         options = dist.ProcessGroupGloo._Options()
         options._timeout = timeout
-        # Bind to the address we were given, not whatever the hostname resolves to.
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+        options._devices = [self._device]
+        # send/recv run on the caller's thread; the group's own thread pool only serves collectives.
+        options._threads = 1
         return dist.ProcessGroupGloo(dist.PrefixStore(channel.name, store), rank, 2, options)
 
     def _check_tensor(self, tensor: torch.Tensor) -> None:
@@ -139,13 +199,11 @@ class GlooTransport(KVTransport):
         work = group.send([tensor], 1, tag) if rank == 0 else group.recv([tensor], 0, tag)
         work.wait(datetime.timedelta(seconds=timeout_s))
 
-    def _drop(self, channel: Channel) -> None:
+    def _release(self, channel: Channel, communicator: object | None) -> None:
+        # Dropping the last reference destroys the group (its pair's socket and its thread); a
+        # transfer still on it holds one until it ends.
         with self._lock:
-            self._groups.pop(channel.name, None)
-
-    def close(self) -> None:
-        with self._lock:
-            self._groups.clear()
+            self._creating.pop(channel.name, None)
 
 
 class NcclTransport(KVTransport):
@@ -166,8 +224,6 @@ class NcclTransport(KVTransport):
 
         super().__init__(worker_id, host)
         self._col = collective
-        self._groups: set[str] = set()
-        self._lock = threading.Lock()
         self._channel_locks: dict[str, threading.Lock] = {}
         self._parked: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -181,11 +237,14 @@ class NcclTransport(KVTransport):
 
     def _ensure(self, channel: Channel, rank: int) -> None:
         with self._lock:
-            if channel.name in self._groups:
+            self._check_open(channel)
+            if channel.name in self._open:
                 return
         self._col.init_collective_group(2, rank, backend="nccl", group_name=channel.name)
-        with self._lock:
-            self._groups.add(channel.name)
+        if not self._register(channel, channel.name):
+            with contextlib.suppress(Exception):
+                self._col.destroy_collective_group(channel.name)
+            raise TransferError(f"{channel.name} was closed while it was being built")
 
     def _send_locked(self, channel: Channel, tensor: torch.Tensor, tag: int) -> None:
         header = torch.tensor([tag, tensor.numel()], dtype=torch.int64, device=tensor.device)
@@ -235,23 +294,15 @@ class NcclTransport(KVTransport):
         if error:
             raise error[0]
 
-    def _drop(self, channel: Channel) -> None:
+    def _release(self, channel: Channel, communicator: object | None) -> None:
         with self._lock:
-            if channel.name not in self._groups:
-                return
-            self._groups.discard(channel.name)
-        # The group may be half-built; there is nothing more to release then.
-        with contextlib.suppress(Exception):
-            self._col.destroy_collective_group(channel.name)
-        with self._lock:
+            self._channel_locks.pop(channel.name, None)
             for key in [k for k in self._parked if k[0] == channel.name]:
                 del self._parked[key]
-
-    def close(self) -> None:
-        for name in list(self._groups):
-            with contextlib.suppress(Exception):
-                self._col.destroy_collective_group(name)
-        self._groups.clear()
+        if communicator is None:  # never built, or half-built: there is nothing more to release
+            return
+        with contextlib.suppress(Exception):
+            self._col.destroy_collective_group(channel.name)
 
 
 def make_transport(backend: str, worker_id: str, host: str = "127.0.0.1") -> KVTransport:

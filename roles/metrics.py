@@ -116,6 +116,12 @@ class WorkerMetrics:
         self.threads = Gauge(
             "pdserve_worker_threads", "Threads of the worker process", ["worker"], registry=r
         )
+        self.kv_channels_open = Gauge(
+            "pdserve_kv_channels_open",
+            "KV transfer channels with a communicator (sockets, a thread) on this worker",
+            ["worker"],
+            registry=r,
+        )
 
     def engine_stats(self, stats: EngineStats, pending_sends: int, usage: ProcessUsage) -> None:
         """Refreshes the queue, cache, speculation and process families from one snapshot."""
@@ -139,6 +145,9 @@ class WorkerMetrics:
         self._spec_seen = now
         self.spec_acceptance_rate.labels(w).set(stats.spec_acceptance_rate)
         self.spec_mean_accepted_length.labels(w).set(stats.spec_mean_accepted_length)
+
+    def kv_channels(self, open_channels: int) -> None:
+        self.kv_channels_open.labels(self.worker_id).set(open_channels)
 
     def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
         self.kv_transfer_bytes.labels(self.worker_id, direction).inc(nbytes)

@@ -16,12 +16,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
 from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
 from pdserve.engine.served_model import ServedModel
+from pdserve.roles.aborted_requests import AbortedRequests
 from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
@@ -59,6 +60,7 @@ class Worker:
         self._phase = "starting"
         self._transport = None
         self._outbox: dict[str, KVPayload] = {}
+        self._aborted = AbortedRequests()
         self.metrics = WorkerMetrics(worker_id)
         self._cache_events = CacheEventLog(worker_id)
         self.metrics.set_role(None, role)
@@ -121,6 +123,7 @@ class Worker:
             usage=usage,
         )
         self.metrics.engine_stats(stats, load.num_pending_sends, usage)
+        self.metrics.kv_channels(self._transport.open_channels if self._transport else 0)
         return load
 
     async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> str:
@@ -162,11 +165,14 @@ class Worker:
         """Starts a request in the engine (`start`) and streams its chunks until it finishes.
 
         A caller that goes away before the end (cancelled, or the router gave up) frees the
-        request's blocks now, not when the engine would have finished it.
+        request's blocks now, not when the engine would have finished it. A request aborted
+        before it starts here never starts: nobody would read it.
         """
         stream = loop.open_stream(request_id)
         finished = False
         try:
+            if request_id in self._aborted:
+                return
             await loop.call(start)
             while not finished:
                 delta = await stream.get()
@@ -182,9 +188,17 @@ class Worker:
     async def prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> PrefillResult:
-        """Computes the prompt's KV and first token; the KV then waits in the outbox for `send_kv`."""
+        """Computes the prompt's KV and first token; the KV then waits in the outbox for `send_kv`.
+
+        A request aborted before its KV reaches the outbox returns its first chunk marked
+        finished ("abort") with no handoff, and holds nothing here.
+        """
         self._admit("prefill")
         loop = await self._engine()
+        if request_id in self._aborted:
+            return PrefillResult(
+                TokenChunk(request_id, [], "", True, "abort", None, len(prompt_token_ids), 0), None
+            )
         stream = loop.open_stream(request_id)
         try:
             await loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True))
@@ -195,8 +209,11 @@ class Worker:
         finally:
             loop.close_stream(request_id)
         first = TokenChunk.from_delta(delta)
-        if delta.finished:  # finished on its first token: nothing to hand over
+        if delta.finished:  # finished on its first token (or aborted): nothing to hand over
             return PrefillResult(first, None)
+        if request_id in self._aborted:  # aborted after its first token: free the parked request
+            await loop.call(lambda e: e.release_exported(request_id))
+            return PrefillResult(replace(first, finished=True, finish_reason="abort"), None)
 
         def export(engine: Engine) -> KVPayload:
             try:
@@ -206,12 +223,19 @@ class Worker:
                 engine.release_exported(request_id)
 
         payload = await loop.call(export)
+        if request_id in self._aborted:  # aborted while its KV was copied out: drop the copy
+            return PrefillResult(replace(first, finished=True, finish_reason="abort"), None)
         self._outbox[request_id] = payload
         state = {f.name: getattr(payload, f.name) for f in fields(payload) if f.name != "kv"}
         return PrefillResult(first, Handoff(**state, num_blocks=payload.num_blocks))
 
     async def send_kv(self, request_id: str, channel: Channel, timeout_s: float) -> int:
-        """Ships a prefilled request's KV to the decode worker; returns the bytes sent."""
+        """Ships a prefilled request's KV to the decode worker; returns the bytes sent.
+
+        The decode side is receiving by now, so once called this sends whatever happens to the
+        request meanwhile (the router never aborts a request here after calling it); the
+        receiver drops KV that arrives for an aborted request.
+        """
         payload = self._outbox.pop(request_id, None)
         if payload is None:
             raise KeyError(f"no prefilled KV for request {request_id!r} on worker {self.worker_id}")
@@ -230,15 +254,21 @@ class Worker:
     # ------------------------------------------------------------------ decode
 
     async def reserve(self, request_id: str, num_tokens: int) -> bool:
-        """Sets aside blocks for a request's incoming KV; False when there is no room."""
+        """Sets aside blocks for a request's incoming KV; False when there is no room (or it was aborted)."""
         self._admit("decode")
         loop = await self._engine()
+        if request_id in self._aborted:
+            return False
         return await loop.call(lambda e: e.reserve_kv(request_id, num_tokens))
 
     async def decode(
         self, request_id: str, handoff: Handoff, channel: Channel, timeout_s: float
     ) -> AsyncIterator[TokenChunk]:
-        """Receives the request's KV from the prefill worker, then streams the tokens after the first."""
+        """Receives the request's KV from the prefill worker, then streams the tokens after the first.
+
+        The KV is received even for a request aborted meanwhile: the sender is sending it, and a
+        receive left unposted would hold the sender until its timeout. It is then dropped.
+        """
         self._admit("decode")
         loop = await self._engine()
         assert self._transport is not None
@@ -280,12 +310,28 @@ class Worker:
         return self.metrics.exposition()
 
     async def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its blocks, its reservation or its outbox entry."""
+        """Stops a request and frees its blocks, its reservation or its outbox entry.
+
+        Calls for the request still on their way here (or half-way through) then hold nothing
+        either: each checks `_aborted` before it would start holding something.
+        """
+        self._aborted.add(request_id)
         dropped = self._outbox.pop(request_id, None) is not None
         loop = await self._engine()
         found = await loop.call(lambda e: e.abort(request_id))
         loop.end_stream(request_id)  # a stream still open on it ends instead of waiting forever
         return found or dropped
+
+    async def close_channel(self, channel: Channel) -> None:
+        """Closes a KV channel that failed (the router moved the pair to a new generation)."""
+        if self._transport is not None:
+            await asyncio.to_thread(self._transport.close_channel, channel)
+
+    async def close_peer(self, worker_id: str) -> int:
+        """Closes every KV channel with a worker that died; returns how many there were."""
+        if self._transport is None:
+            return 0
+        return await asyncio.to_thread(self._transport.close_peer, worker_id)
 
     def _admit(self, needed: str) -> None:
         if self._draining:

@@ -132,17 +132,25 @@ class RouterPlacement:
         self.metrics = metrics
         self.placed = PlacedSinceReport()
         self.groups = PrefillGroups()
+        # Workers a request found dead: skipped until the view drops them (ids are never reused)
+        # or the controller finds them alive, so requests arriving meanwhile do not try them.
+        self._dead: set[str] = set()
 
     async def choose(self, prompt_token_ids: list[int], avoid: set[str], group: str | None = None) -> Route:
         start = time.perf_counter()
-        workers = [w for w in self.view.workers if w.alive and not (w.load and w.load.draining)]
+        listed = self.view.workers
+        self._dead &= {w.worker_id for w in listed}
+        # Only workers with a load report: placement weighs loads (a worker still registering has none).
+        workers = [
+            w for w in listed if w.alive and w.load and not w.load.draining and w.worker_id not in self._dead
+        ]
         prefills = prefer_not(avoid, [w for w in workers if w.role == "prefill"])
         decodes = prefer_not(avoid, [w for w in workers if w.role == "decode"])
         boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
             prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids, group)
-            decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes if w.load]
+            decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes]
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
                 decode_candidates, key=lambda c: c.load.kv_blocks_free
@@ -162,7 +170,10 @@ class RouterPlacement:
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
 
     async def failed(self, worker_id: str) -> None:
-        await self.view.controller.report_failure.remote(worker_id)
+        """A worker a request found dead: not chosen again, and the controller checks it now."""
+        self._dead.add(worker_id)
+        if await self.view.controller.report_failure.remote(worker_id):
+            self._dead.discard(worker_id)  # it answered the controller after all
 
     def settled(self, route: Route) -> None:
         for charge in route.charges or ():
@@ -177,11 +188,9 @@ class RouterPlacement:
         cached = await self._cached_blocks(prompt, [w.worker_id for w in workers])
         now = time.monotonic()
         chosen_id = self.groups.worker_of(group, now)
-        if chosen_id not in {w.worker_id for w in workers if w.load}:
+        if chosen_id not in {w.worker_id for w in workers}:
             candidates = [
-                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0))
-                for w in workers
-                if w.load
+                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0)) for w in workers
             ]
             chosen_id = self.policy.choose(candidates, len(prompt)).worker_id
         self.groups.remember(group, chosen_id, now)

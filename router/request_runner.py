@@ -146,20 +146,33 @@ class RequestRunner:
     async def _admit(
         self, engine_id: str, prompt: list[int], params: SamplingParams, avoid: set[str], group: str | None
     ) -> Route:
-        """A route whose decode side has room for the prompt; waits (bounded) while none has."""
+        """A route whose decode side has room for the prompt; waits (bounded) while none has.
+
+        A decode worker that died a moment ago may still be listed: asking it for its load
+        fails, and it joins `avoid` (and the placement hears of it) before choosing again.
+        """
         deadline = asyncio.get_running_loop().time() + self.config.admission_timeout_s
         while True:
             route = await self.placement.choose(prompt, avoid, group)
-            load = await route.decode.handle.load.remote()
+            try:
+                load = await route.decode.handle.load.remote()
+            except Exception:
+                load = None
+                avoid.add(route.decode.worker_id)
+                await self.placement.failed(route.decode.worker_id)
             # Colocated runs allocate as they go; disaggregated ones need the prompt's blocks now.
-            if route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1:
+            if load is not None and (
+                route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1
+            ):
                 return route
+            self.placement.settled(route)  # not placed after all
             if asyncio.get_running_loop().time() > deadline:
                 raise NoRoomInTime(
                     f"request {engine_id}: no decode worker had room for {len(prompt)} prompt tokens within "
                     f"{self.config.admission_timeout_s} s; retry later or add decode workers"
                 )
-            await asyncio.sleep(self.config.admission_poll_s)
+            if load is not None:  # no room yet (after a dead worker, another is chosen at once)
+                await asyncio.sleep(self.config.admission_poll_s)
 
     async def _failed_workers(self, route: Route) -> set[str]:
         """Which of the route's workers no longer answer (and tells the placement about them)."""

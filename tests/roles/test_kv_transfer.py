@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pdserve.roles.kv_transfer import Channel, TransferError, make_transport, transfer_tag
+from pdserve.roles.process_usage import ProcessUsage
 
 
 def exchange(sender, receiver, channel, tensor, out, timeout_s=10.0):
@@ -38,10 +39,36 @@ def test_gloo_moves_kv_blocks_exactly_and_recovers_after_a_timeout():
         lonely = Channel(a.endpoint, b.endpoint, generation=1)
         with pytest.raises(TransferError, match="send on kv:a->b#1 failed"):
             a.send(lonely, kv, 1.0)
+        assert a.open_channels == 1  # the failed one is closed; generation 0 stays
+        with pytest.raises(TransferError, match="closed"):
+            a.send(lonely, kv, 1.0)  # and never built again
         # The next generation builds fresh communicators and works.
         out.zero_()
         exchange(a, b, Channel(a.endpoint, b.endpoint, generation=2), kv * 2, out)
         assert torch.equal(out, kv * 2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_gloo_closed_channels_release_their_sockets_and_threads():
+    a, b = make_transport("gloo", "a"), make_transport("gloo", "b")
+    kv, out = torch.randn(3, 64), torch.zeros(3, 64)
+    try:
+        exchange(a, b, Channel(a.endpoint, b.endpoint), kv, out)
+        start = ProcessUsage.of_this_process()
+        for generation in range(1, 11):
+            channel = Channel(a.endpoint, b.endpoint, generation)
+            exchange(a, b, channel, kv, out)
+            assert a.open_channels == b.open_channels == 2
+            a.close_channel(channel)
+            b.close_channel(channel)
+        end = ProcessUsage.of_this_process()
+        # Each channel held a socket per end, a connection to the store and a thread per end
+        # (x10 here); closed, they are gone.
+        assert end.open_fds <= start.open_fds + 1 and end.threads <= start.threads + 1, (start, end)
+        assert a.close_peer("b") == 1 and b.close_peer("a") == 1
+        assert a.open_channels == b.open_channels == 0
     finally:
         a.close()
         b.close()
