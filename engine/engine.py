@@ -318,6 +318,14 @@ class Engine:
         self._publish_events()
         return True
 
+    def unstarted_request_ids(self) -> list[str]:
+        """Waiting requests not one token of which has been computed (they can go elsewhere whole)."""
+        return [r.request_id for r in self.scheduler.waiting if not r.scheduled_once]
+
+    def request_ids(self) -> list[str]:
+        """Every request this engine holds (waiting, running or parked after prefill)."""
+        return list(self.scheduler.requests)
+
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 

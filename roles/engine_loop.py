@@ -50,6 +50,13 @@ class EngineLoop:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
+    def push(self, request_id: str, item: object) -> None:
+        """Puts `item` on an open stream after the deltas already delivered (a worker's marker:
+        the request moved to another worker, or was handed back to the router)."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)  # type: ignore[arg-type]
+
     def end_stream(self, request_id: str) -> None:
         """Ends an open stream with an "abort" delta (the request was aborted, so no more come)."""
         stream = self._streams.get(request_id)

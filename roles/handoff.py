@@ -10,11 +10,16 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from pdserve.engine import SamplingParams
+from pdserve.roles.errors import MoveFailed
 from pdserve.roles.kv_channel import Channel, Endpoint, TransferError
-from pdserve.roles.messages import TokenChunk
+from pdserve.roles.messages import Handoff, TokenChunk
+
+# Picks a decode worker with room for `num_tokens` tokens of KV, avoiding some ids (or None).
+MoveTarget = Callable[[int, set[str]], Awaitable["WorkerRef | None"]]
 
 
 class NoRoomError(RuntimeError):
@@ -86,8 +91,10 @@ async def generate_disaggregated(
     channels: ChannelGenerations,
     transfer_timeout_s: float = 30.0,
     after_prefill: Callable[[str], Awaitable[None]] | None = None,
+    move_target: MoveTarget | None = None,
 ) -> AsyncIterator[TokenChunk]:
-    """Streams a request prefilled on `prefill` and decoded on `decode`.
+    """Streams a request prefilled on `prefill` and decoded on `decode`, and on any decode worker
+    it is moved to later (`move_target(num_tokens, avoid)` picks one with room, or None).
 
     Raises NoRoomError before any work when `decode` cannot reserve the blocks, and the
     transfer's error (after releasing both sides) when the KV does not arrive.
@@ -123,23 +130,83 @@ async def generate_disaggregated(
     except BaseException:  # the reader left before the transfer began: both sides hold it
         await release(request_id, decode, prefill)
         raise
-    channel = channels.channel(prefill, decode)
-    sent = prefill.handle.send_kv.remote(request_id, channel, transfer_timeout_s)
-    stream = decode.handle.decode.remote(request_id, result.handoff, channel, transfer_timeout_s)
-    finished = False
+    async with aclosing(
+        _transfer_and_stream(
+            prefill, decode, request_id, result.handoff, channels, transfer_timeout_s, move_target
+        )
+    ) as chunks:
+        async for chunk in chunks:
+            yield chunk
+
+
+async def _transfer_and_stream(
+    sender: WorkerRef,
+    receiver: WorkerRef,
+    request_id: str,
+    handoff: Handoff,
+    channels: ChannelGenerations,
+    transfer_timeout_s: float,
+    move_target: MoveTarget | None,
+) -> AsyncIterator[TokenChunk]:
+    """Ships the request's KV from `sender` to `receiver` (which reserved room for it) and streams
+    the receiver's chunks; follows the request on when the receiver moves it (`TokenChunk.moved`)."""
+    channel = channels.channel(sender, receiver)
+    sent = sender.handle.send_kv.remote(request_id, channel, transfer_timeout_s)
+    stream = receiver.handle.decode.remote(request_id, handoff, channel, transfer_timeout_s)
+    finished, moved = False, None
     try:
         async for ref in stream:
             chunk = await ref
+            if chunk.moved is not None:  # the receiver's last chunk: it handed the request on
+                moved = chunk.moved
+                break
             finished = chunk.finished
             yield chunk
         await sent
     except BaseException as e:
-        channels.watch(sent, channel, prefill, decode)
-        if isinstance(e, TransferError):  # the decode side's receive failed
-            await channels.failed(channel, prefill, decode)
+        channels.watch(sent, channel, sender, receiver)
+        if isinstance(e, TransferError):  # the receiving side's receive failed
+            await channels.failed(channel, sender, receiver)
         if not finished:
-            await release(request_id, decode)
+            await release(request_id, receiver)
         raise
+    if moved is not None:
+        async with aclosing(
+            _move(receiver, request_id, moved, channels, transfer_timeout_s, move_target)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
+async def _move(
+    source: WorkerRef,
+    request_id: str,
+    handoff: Handoff,
+    channels: ChannelGenerations,
+    transfer_timeout_s: float,
+    move_target: MoveTarget | None,
+) -> AsyncIterator[TokenChunk]:
+    """Continues a request its decode worker moved off (live migration) on another decode worker;
+    MoveFailed (the source dropping its copy) when no worker can take it now."""
+    target = await move_target(handoff.num_computed_tokens, {source.worker_id}) if move_target else None
+    try:
+        reserved = target is not None and await target.handle.reserve.remote(
+            request_id, handoff.num_computed_tokens
+        )
+    except BaseException:
+        await release(request_id, source, *([target] if target is not None else []))
+        raise
+    if not reserved:
+        await release(request_id, source)
+        raise MoveFailed(
+            f"no decode worker could take request {request_id} from {source.worker_id}", source.worker_id
+        )
+    assert target is not None
+    async with aclosing(
+        _transfer_and_stream(source, target, request_id, handoff, channels, transfer_timeout_s, move_target)
+    ) as chunks:
+        async for chunk in chunks:
+            yield chunk
 
 
 async def release(request_id: str, *workers: WorkerRef) -> None:

@@ -5,7 +5,7 @@ No torch here: the controller and the router read these without loading it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pdserve.engine.outputs import RequestDelta, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
@@ -28,6 +28,9 @@ class TokenChunk:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] | None = None
+    # Set on the last chunk a worker sends for a request it hands to another worker (live
+    # migration): no tokens, and the state the next worker continues from (its KV follows).
+    moved: Handoff | None = None
 
     @classmethod
     def from_delta(cls, delta: RequestDelta) -> TokenChunk:
@@ -46,7 +49,8 @@ class TokenChunk:
 
 @dataclass
 class Handoff:
-    """A prefilled request's state minus its KV tensor: what the decode side needs to continue."""
+    """A prefilled (or decoding) request's state minus its KV tensor: what the receiving side needs
+    to continue."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -59,6 +63,25 @@ class Handoff:
     generator_state: object | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     mtp_hidden: object | None = None  # torch.Tensor [H] when the engines speculate with MTP
+
+    @classmethod
+    def of(cls, payload: object) -> Handoff:
+        """The handoff of an engine's `KVPayload`: everything but the KV tensor."""
+        state = {f.name: getattr(payload, f.name) for f in fields(cls) if f.name != "num_blocks"}
+        return cls(**state, num_blocks=payload.num_blocks)  # type: ignore[attr-defined]
+
+
+@dataclass
+class RoleSwitch:
+    """What one worker's role switch did: how long it took, requests moved live to other decode
+    workers (decode -> prefill) and prompts handed back to the router (prefill -> decode)."""
+
+    worker_id: str
+    from_role: str
+    to_role: str
+    seconds: float
+    moved: int = 0
+    handed_back: int = 0
 
 
 @dataclass

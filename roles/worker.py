@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -25,16 +25,25 @@ from pdserve.engine.served_model import ServedModel
 from pdserve.roles.aborted_requests import AbortedRequests
 from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.engine_loop import EngineLoop
+from pdserve.roles.errors import RoleError
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
-from pdserve.roles.messages import ROLES, Handoff, PrefillResult, TokenChunk, WorkerLoad
+from pdserve.roles.messages import ROLES, Handoff, PrefillResult, RoleSwitch, TokenChunk, WorkerLoad
 from pdserve.roles.metrics import WorkerMetrics
 from pdserve.roles.process_usage import ProcessUsage
 
 log = logging.getLogger(__name__)
 
 
-class RoleError(RuntimeError):
-    """A call this worker's current role does not serve (or a role switch is under way)."""
+@dataclass
+class _Moved:
+    """Stream marker: the request left for another worker; its KV waits in the outbox."""
+
+    handoff: Handoff
+
+
+@dataclass
+class _HandedBack:
+    """Stream marker: the request was given back to the router before it started here."""
 
 
 class Worker:
@@ -126,25 +135,81 @@ class Worker:
         self.metrics.kv_channels(self._transport.open_channels if self._transport else 0)
         return load
 
-    async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> str:
-        """Switches role once in-flight work has drained; new work of the old role is refused meanwhile."""
+    async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> RoleSwitch:
+        """Switches role in place: the weights and the prefix cache stay.
+
+        New work of the old role is refused at once (RoleError: the router sends it elsewhere). A
+        prefill worker hands the prompts it has not started back to the router and ships the KV
+        of those it computed; a decode worker moves its running requests, KV and all, to other
+        decode workers (the router continues each stream there: live migration). RoleError if
+        that takes longer than `drain_timeout_s`.
+        """
         _check_role(role)
         if role == self.role:
-            return role
+            return RoleSwitch(self.worker_id, role, role, 0.0)
+        if self._draining:
+            raise RoleError(f"worker {self.worker_id} is already switching role", self.worker_id)
         loop = await self._engine()
+        start = time.perf_counter()
+        old, moved, handed_back = self.role, 0, 0
         self._draining = True
         try:
+            if old == "prefill":
+                handed_back = await self._hand_back_unstarted(loop)
             deadline = asyncio.get_running_loop().time() + drain_timeout_s
-            while self._outbox or await loop.call(lambda e: e.has_unfinished()):
+            while True:
+                if old == "decode":  # arrivals of KV reserved before the switch move on too
+                    moved += await self._move_running(loop)
+                if not self._outbox and not await loop.call(_holds_work):
+                    break
                 if asyncio.get_running_loop().time() > deadline:
-                    raise RoleError(f"worker {self.worker_id} did not drain within {drain_timeout_s} s")
+                    raise RoleError(
+                        f"worker {self.worker_id} did not drain within {drain_timeout_s} s", self.worker_id
+                    )
                 await asyncio.sleep(0.02)
-            log.info("worker %s: role %s -> %s", self.worker_id, self.role, role)
-            self.metrics.set_role(self.role, role)
+            self.metrics.set_role(old, role)
             self.role = role
         finally:
             self._draining = False
-        return role
+        switch = RoleSwitch(self.worker_id, old, role, time.perf_counter() - start, moved, handed_back)
+        log.info("worker %s: role %s -> %s in %.2f s (%d moved, %d handed back)", self.worker_id, old, role,
+                 switch.seconds, moved, handed_back)  # fmt: skip
+        return switch
+
+    async def _move_running(self, loop: EngineLoop) -> int:
+        """Takes every decoding request out of the engine at a step boundary, its KV into the
+        outbox, and ends its stream with the handoff (the router moves it to another worker)."""
+
+        def take(engine: Engine) -> list[KVPayload]:
+            payloads = []
+            for request_id in engine.request_ids():
+                try:
+                    payload = engine.export_kv(request_id)
+                except KeyError:  # still computing its prompt (or preempted): moved on a later round
+                    continue
+                engine.release_exported(request_id)
+                payloads.append(payload)
+            return payloads
+
+        payloads = await loop.call(take)
+        for payload in payloads:
+            self._outbox[payload.request_id] = payload
+            loop.push(payload.request_id, _Moved(Handoff.of(payload)))
+        return len(payloads)
+
+    async def _hand_back_unstarted(self, loop: EngineLoop) -> int:
+        """Gives the router back every prompt not started here (it places them on another worker)."""
+
+        def take(engine: Engine) -> list[str]:
+            ids = engine.unstarted_request_ids()
+            for request_id in ids:
+                engine.abort(request_id)
+            return ids
+
+        ids = await loop.call(take)
+        for request_id in ids:
+            loop.push(request_id, _HandedBack())
+        return len(ids)
 
     # ------------------------------------------------------------------ both
 
@@ -175,9 +240,13 @@ class Worker:
                 return
             await loop.call(start)
             while not finished:
-                delta = await stream.get()
-                finished = delta.finished
-                yield TokenChunk.from_delta(delta)
+                item = await stream.get()
+                if isinstance(item, _Moved):  # the request continues elsewhere: nothing to free here
+                    finished = True
+                    yield TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=item.handoff)
+                    return
+                finished = item.finished
+                yield TokenChunk.from_delta(item)
         finally:
             loop.close_stream(request_id)
             if not finished:
@@ -208,6 +277,10 @@ class Worker:
             raise
         finally:
             loop.close_stream(request_id)
+        if isinstance(delta, _HandedBack):  # the worker is leaving the prefill role
+            raise RoleError(
+                f"worker {self.worker_id} handed the prompt back: it is switching role", self.worker_id
+            )
         first = TokenChunk.from_delta(delta)
         if delta.finished:  # finished on its first token (or aborted): nothing to hand over
             return PrefillResult(first, None)
@@ -226,8 +299,7 @@ class Worker:
         if request_id in self._aborted:  # aborted while its KV was copied out: drop the copy
             return PrefillResult(replace(first, finished=True, finish_reason="abort"), None)
         self._outbox[request_id] = payload
-        state = {f.name: getattr(payload, f.name) for f in fields(payload) if f.name != "kv"}
-        return PrefillResult(first, Handoff(**state, num_blocks=payload.num_blocks))
+        return PrefillResult(first, Handoff.of(payload))
 
     async def send_kv(self, request_id: str, channel: Channel, timeout_s: float) -> int:
         """Ships a prefilled request's KV to the decode worker; returns the bytes sent.
@@ -264,12 +336,15 @@ class Worker:
     async def decode(
         self, request_id: str, handoff: Handoff, channel: Channel, timeout_s: float
     ) -> AsyncIterator[TokenChunk]:
-        """Receives the request's KV from the prefill worker, then streams the tokens after the first.
+        """Receives the request's KV from the prefill worker (or from a decode worker that moved the
+        request), then streams the tokens after the ones already sent.
 
         The KV is received even for a request aborted meanwhile: the sender is sending it, and a
-        receive left unposted would hold the sender until its timeout. It is then dropped.
+        receive left unposted would hold the sender until its timeout. It is then dropped. Also
+        while this worker switches away from decode: the request was reserved before, and moves
+        on from here.
         """
-        self._admit("decode")
+        self._admit("decode", switching_ok=True)
         loop = await self._engine()
         assert self._transport is not None
         block_shape = loop.engine.kv_block_shape
@@ -333,12 +408,19 @@ class Worker:
             return 0
         return await asyncio.to_thread(self._transport.close_peer, worker_id)
 
-    def _admit(self, needed: str) -> None:
-        if self._draining:
-            raise RoleError(f"worker {self.worker_id} is switching role; send the request elsewhere")
+    def _admit(self, needed: str, switching_ok: bool = False) -> None:
+        if self._draining and not switching_ok:
+            raise RoleError(
+                f"worker {self.worker_id} is switching role; send the request elsewhere", self.worker_id
+            )
         allowed = {"both": ("both",), "prefill": ("prefill", "both"), "decode": ("decode", "both")}[needed]
         if self.role not in allowed:
-            raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}")
+            raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}", self.worker_id)
+
+
+def _holds_work(engine: Engine) -> bool:
+    """Whether the engine still runs requests or waits for KV it reserved room for."""
+    return engine.has_unfinished() or engine.stats().kv_blocks_reserved > 0
 
 
 def _check_role(role: str) -> None:

@@ -28,6 +28,13 @@ class RouterMetrics:
             "pdserve_prefix_index_blocks", "(worker, block) entries in the index", registry=r
         )
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being served", registry=r)
+        self.live_migrations = Counter(
+            "pdserve_live_migrations",
+            "Requests a decode worker moved off (role switch), by outcome: moved to another decode "
+            "worker with their KV, or no_room (then recomputed elsewhere)",
+            ["outcome"],
+            registry=r,
+        )
         self.metrics_fanouts = Counter(
             "pdserve_router_metrics_fanouts", "Metrics calls (each asks every live worker)", registry=r
         )

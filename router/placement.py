@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pdserve.engine.block_hash import hash_blocks
+from pdserve.roles.handoff import WorkerRef
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Candidate, PrefillPolicy, choose_decode
@@ -168,6 +169,17 @@ class RouterPlacement:
             self._observe(start, hit_tokens)
             return Route(None, both_w.ref(), charges)
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
+
+    async def decode_target(self, num_tokens: int, avoid: set[str]) -> WorkerRef | None:
+        """A serving decode worker, not in `avoid`, with room for `num_tokens` tokens of KV (or None)."""
+        decodes = [
+            w
+            for w in self.view.workers
+            if w.role == "decode" and w.alive and w.load and not w.load.draining
+            and w.worker_id not in avoid | self._dead
+        ]  # fmt: skip
+        chosen = choose_decode([Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes], num_tokens)
+        return None if chosen is None else _info(decodes, chosen.worker_id).ref()
 
     async def failed(self, worker_id: str) -> None:
         """A worker a request found dead: not chosen again, and the controller checks it now."""

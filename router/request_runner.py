@@ -17,10 +17,21 @@ from typing import Protocol
 
 from pdserve.engine import SamplingParams
 from pdserve.engine.errors import InvalidRequestError
-from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated, release
+from pdserve.roles.errors import MoveFailed, RoleError
+from pdserve.roles.handoff import (
+    ChannelGenerations,
+    NoRoomError,
+    WorkerRef,
+    generate_disaggregated,
+    release,
+)
 from pdserve.roles.messages import TokenChunk
+from pdserve.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
+
+# Times one request may be sent around switching workers before that counts as failures.
+MAX_REDIRECTS = 8
 
 
 class RequestFailed(RuntimeError):
@@ -58,6 +69,10 @@ class Placement(Protocol):
         """The route's prefill is over (first token out, or the attempt ended): stop counting it."""
         ...
 
+    async def decode_target(self, num_tokens: int, avoid: set[str]) -> WorkerRef | None:
+        """A serving decode worker, not in `avoid`, with room for `num_tokens` tokens of KV (or None)."""
+        ...
+
 
 @dataclass
 class RunnerConfig:
@@ -72,9 +87,12 @@ class RunnerConfig:
 class RequestRunner:
     """Streams requests through the cluster, continuing them elsewhere when workers fail."""
 
-    def __init__(self, placement: Placement, config: RunnerConfig | None = None) -> None:
+    def __init__(
+        self, placement: Placement, config: RunnerConfig | None = None, metrics: RouterMetrics | None = None
+    ) -> None:
         self.placement = placement
         self.config = config or RunnerConfig()
+        self.metrics = metrics
         self.channels = ChannelGenerations()
         self.after_prefill: Callable[[str], Awaitable[None]] | None = None
 
@@ -86,10 +104,12 @@ class RequestRunner:
         emitted: list[int] = []
         avoid: set[str] = set()
         cached: int | None = None
-        for attempt in range(self.config.max_migrations + 1):
+        attempt = failures = redirects = 0
+        while failures <= self.config.max_migrations:
             prompt = prompt_token_ids + emitted
             attempt_params = _remaining(params, len(emitted))
             engine_id = request_id if attempt == 0 else f"{request_id}~{attempt}"
+            attempt += 1
             route = await self._admit(engine_id, prompt, attempt_params, avoid, group)
             stream = self._attempt(route, engine_id, prompt, attempt_params)
             try:
@@ -111,6 +131,18 @@ class RequestRunner:
             except InvalidRequestError:
                 raise  # the request itself is wrong: another worker would refuse it too
             except Exception as e:
+                switching = _switching_worker(e)
+                if switching is not None and redirects < MAX_REDIRECTS:
+                    # A worker switching role refused it, or none could take a request moved off
+                    # one: not a failure, so it does not use up a migration; the next goes elsewhere.
+                    redirects += 1
+                    avoid.add(switching)
+                    log.info(
+                        "request %s goes around %s (%s)", request_id, switching, str(e).splitlines()[0][:200]
+                    )
+                    await asyncio.sleep(self.config.admission_poll_s * (redirects > 1))
+                    continue
+                failures += 1
                 failed = await self._failed_workers(route)
                 avoid |= failed or {route.decode.worker_id}
                 log.warning(
@@ -141,7 +173,15 @@ class RequestRunner:
             self.channels,
             self.config.transfer_timeout_s,
             self.after_prefill,
+            self._move_target,
         )
+
+    async def _move_target(self, num_tokens: int, avoid: set[str]) -> WorkerRef | None:
+        """Where a request moved off a decode worker continues (see roles.handoff)."""
+        target = await self.placement.decode_target(num_tokens, avoid)
+        if self.metrics is not None:
+            self.metrics.live_migrations.labels("moved" if target is not None else "no_room").inc()
+        return target
 
     async def _admit(
         self, engine_id: str, prompt: list[int], params: SamplingParams, avoid: set[str], group: str | None
@@ -198,6 +238,15 @@ async def _colocated(worker: WorkerRef, engine_id: str, prompt: list[int], param
     finally:
         if not finished:  # cancelled or failed: free what the worker holds
             await release(engine_id, worker)
+
+
+def _switching_worker(error: BaseException) -> str | None:
+    """The worker to go around when `error` says it is switching role (RoleError, through Ray's
+    wrapper) or a request moved off it found no taker (MoveFailed); None for real failures."""
+    for e in (error, getattr(error, "cause", None)):
+        if isinstance(e, RoleError | MoveFailed) and e.worker_id:
+            return e.worker_id
+    return None
 
 
 def _remaining(params: SamplingParams, done: int) -> SamplingParams:

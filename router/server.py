@@ -358,7 +358,7 @@ async def start_router(controller, config: RouterConfig) -> Router:
     view = ClusterView(controller, index, config.view_interval_s)
     await view.start()
     placement = RouterPlacement(view, make_policy(config.policy), served.block_size, metrics)
-    runner = RequestRunner(placement, config.runner)
+    runner = RequestRunner(placement, config.runner, metrics)
     service = RouterService(runner, view, metrics, config, served)
 
     server = grpc.aio.server(interceptors=[KeyCheck(config.api_key)] if config.api_key else None)

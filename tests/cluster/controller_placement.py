@@ -32,6 +32,17 @@ class ControllerPlacement:
             return Route(None, b.ref())
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker; check `pdserve status`")
 
+    async def decode_target(self, num_tokens: int, avoid: set[str]):
+        """The serving decode worker with the most free blocks outside `avoid`, if it has room."""
+        workers = await self.controller.workers.remote()
+        decodes = [w for w in workers if w.role == "decode" and w.worker_id not in avoid and w.load]
+        decodes = [
+            w
+            for w in decodes
+            if not w.load.draining and w.load.kv_blocks_free * w.load.block_size > num_tokens
+        ]
+        return max(decodes, key=lambda w: (w.load.kv_blocks_free, w.worker_id)).ref() if decodes else None
+
     async def failed(self, worker_id: str) -> None:
         await self.controller.report_failure.remote(worker_id)
 
