@@ -4,10 +4,21 @@ A pressure is a ratio to the side's latency target: 1.0 means the side is just m
 
 - Prefill: the expected queueing delay of the prompt tokens queued on prefill workers, at the
   measured prefill rate (tokens/s per worker), against `ttft_target`.
-- Decode: the largest of four terms, each against what the side can take: the mean step time
-  of busy decode workers against `itl_target` (a step is one token for every running request),
-  the KV pool's use against `KV_HIGH_WATER`, requests waiting for a batch slot, and the router's
-  observed ITL p50 against `itl_target`.
+- Decode, the largest of:
+  - step: the mean step time of busy decode workers against `itl_target` (a step is one token
+    for every running request);
+  - kv: the KV that decoding requests hold, plus what the requests the router holds for decode
+    room would take, against `KV_HIGH_WATER` of the pools;
+  - slots: requests waiting in an engine for a batch slot, as demand over what runs;
+  - itl: the router's observed ITL p50 against `itl_target`.
+
+A request reserves its decode blocks before its prompt is computed. So blocks reserved for KV
+that has not arrived are the prefill side's backlog, not decode load: when prefill is short they
+fill the decode pools and requests wait in the router for room while the decode workers idle.
+The kv term leaves them out, and counts the router's waiting requests only in the share of the
+used decode KV that decoding requests hold, each at the mean size of a decoding request. When
+decode is short the queue forms in the router too, where no heartbeat sees it, while step times
+still look fine: that is why the router's count is an input.
 
 Each term is summed over the workers that hold the side's load now (including one that is
 switching away: its queue or running requests move to the others) and divided by the workers
@@ -45,6 +56,7 @@ class WorkerSnapshot:
     kv_blocks_free: int  # free, evictable cached blocks included
     kv_blocks_total: int
     last_step_s: float
+    kv_blocks_reserved: int = 0  # set aside for KV on its way here (prompts not computed yet)
     kv_blocks_cached: int = 0  # blocks the prefix cache holds (reusable prompt prefixes)
     switching_to: str | None = None  # set while a switch is under way
     restarting: bool = False
@@ -56,8 +68,9 @@ class WorkerSnapshot:
         return self.switching_to is None and not self.restarting
 
     @property
-    def kv_blocks_used(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_free
+    def kv_blocks_decoding(self) -> int:
+        """Blocks that requests decoding here hold (in use, less those reserved for arrivals)."""
+        return max(0, self.kv_blocks_total - self.kv_blocks_free - self.kv_blocks_reserved)
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class RouterSignals:
     itl_p50_ms: float | None = None
     itl_p99_ms: float | None = None
     prefill_tokens_per_s: float | None = None  # one prefill worker's measured rate
+    waiting_for_decode: int = 0  # requests the router holds until a decode worker has room
     switch_cost_s: float | None = None  # the measured duration of recent switches
 
 
@@ -87,7 +101,7 @@ class SidePressure:
 
     side: str
     value: float
-    driver: str  # "queue" (prefill), or "step", "kv", "waiting", "itl" (decode)
+    driver: str  # "queue" (prefill), or "step", "kv", "slots", "itl" (decode)
     carriers: int  # workers that will carry the load: serving now plus switching in
     serving: int  # workers serving this role now
 
@@ -130,17 +144,24 @@ def prefill_pressure(snapshot: PlannerSnapshot, ttft_target_s: float) -> SidePre
 
 
 def decode_pressure(snapshot: PlannerSnapshot, itl_target_s: float) -> SidePressure:
-    """The largest of the step-time, KV, waiting and observed-ITL terms (see the module doc)."""
+    """The largest of the step, kv, slots and itl terms (see the module doc)."""
     holding, serving, carriers = _counts(snapshot, "decode")
-    step = sum(w.last_step_s for w in holding if w.running > 0) / itl_target_s
-    kv = sum(w.kv_blocks_used / w.kv_blocks_total for w in holding if w.kv_blocks_total) / KV_HIGH_WATER
-    # A request waiting for a batch slot means the worker already has more work than it runs.
-    waiting = sum(1 + w.waiting / max(w.running, 1) for w in holding if w.waiting > 0)
+    running = sum(w.running for w in holding)
+    decoding = sum(w.kv_blocks_decoding for w in holding)
+    used = sum(w.kv_blocks_total - w.kv_blocks_free for w in holding)
+    pool = sum(w.kv_blocks_total for w in holding) / len(holding) if holding else 0
+    # The router's waiting requests, in the share decode itself is short for, at a decoding
+    # request's mean size.
+    waiting_blocks = snapshot.signals.waiting_for_decode * (decoding / used if used else 1.0)
+    waiting_blocks *= decoding / running if running else 0.0
+    slots_waiting = sum(w.waiting for w in holding)
     itl_ms = snapshot.signals.itl_p50_ms
     terms = {
-        "step": _spread(step, carriers),
-        "kv": _spread(kv, carriers),
-        "waiting": _spread(waiting, carriers),
+        "step": _spread(sum(w.last_step_s for w in holding if w.running > 0) / itl_target_s, carriers),
+        "kv": _spread((decoding + waiting_blocks) / (pool * KV_HIGH_WATER) if pool else 0.0, carriers),
+        "slots": _spread(
+            (running + slots_waiting) / max(running, 1) * len(holding) if slots_waiting else 0.0, carriers
+        ),
         "itl": itl_ms / 1e3 / itl_target_s if itl_ms is not None else 0.0,
     }
     driver = max(terms, key=lambda k: terms[k])

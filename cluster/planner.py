@@ -16,16 +16,17 @@ The pressures come from `cluster/load_pressure.py`. A switch happens only when e
 5. Some worker of the giving side is serving (not switching, not restarting) and outside its
    `cooldown_s`.
 6. The expected gain beats the cost. The gain is the time the moved worker will serve the
-   pressed side: how long the imbalance is expected to last from now, less the switch itself.
-   The cost is the measured switch time twice (there, and back when the load returns), plus,
-   when the imbalance is expected to end within the worker's `cooldown_s`, the rest of that
-   cooldown, which it would spend on the side that needs it less. How long an imbalance lasts is
-   read from the last ones: the mean of what those that lived at least as long as the current one
-   had left at its age. With no such history (none yet, or the current one has outlived them all)
-   it is taken to last as long again as it already has; for prefill, at least as long as the
-   queued prompts take to drain. So an oscillating load teaches the planner that its imbalances
-   end within a cooldown, and it stops switching for them, while a load that shifts for good
-   outlives that history and is followed.
+   pressed side: how long the load is expected to keep wanting this direction, less the switch
+   itself. The cost is the measured switch time twice (there, and back when the load turns), plus,
+   when the load is expected to turn within the worker's `cooldown_s`, the rest of that cooldown,
+   which it would spend on the side that needs it less. How long the load keeps one direction is
+   read from its last `LoadRegimes` (a regime lasts from the first imbalance one way to the first
+   the other way): the mean of what those that lived at least as long as the current one had left
+   at its age. With no such history (none yet, or the current one has outlived them all) it is
+   taken to last as long again as it already has; for prefill, at least as long as the queued
+   prompts take to drain. So an oscillating load teaches the planner that it turns within a
+   cooldown, and it stops switching for it, while a load that shifts for good outlives that
+   history and is followed.
 
 Of the workers that may go, it picks the cheapest to move: fewest requests to hand over (running
 requests migrated off a decode worker, prompts handed back by a prefill worker), then the most
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pdserve.cluster.load_pressure import (
     PLANNED_ROLES,
@@ -58,8 +59,8 @@ IMBALANCE_MARGIN = 1.25
 # ~0.25 s (the router sees the new role within its 0.1 s refresh) plus ~20 ms per live-migrated
 # request, so ~1.5 s for a decode worker with 60 running requests (docs/DECISIONS.md, 2026-12-05).
 DEFAULT_SWITCH_COST_S = 1.5
-# How many past imbalances' lifetimes rule 6 remembers: enough to see a period, short enough to
-# forget an old regime within minutes.
+# How many past load regimes' lifetimes rule 6 remembers: enough to see a period, few enough to
+# forget an old pattern after a few turns of the load.
 LIFETIME_MEMORY = 8
 # Calls closer than this share of an interval after a switch are extra calls, not a new interval.
 SAME_INTERVAL_SHARE = 0.5
@@ -87,13 +88,15 @@ class RolePlannerConfig:
     The defaults suit the demo model (one CPU core per worker; docs/DECISIONS.md, 2026-12-05):
     `ttft_target_ms` 500 is ~4,000 queued prompt tokens per prefill worker at its ~8,000 tok/s;
     `itl_target_ms` 50 is a decode step at batch ~140 (2.4 ms + 0.33 ms per request);
-    `interval_s` 2 is two controller heartbeats, so every decision reads fresh loads; `hysteresis`
-    3 reacts to an imbalance after 6 s; `cooldown_s` 30 keeps a moved worker in its new role for
-    many intervals; at least one worker of each role keeps both paths alive.
+    `interval_s` 1 is one controller heartbeat (every decision reads fresh loads; with one switch
+    per interval, 64 workers rebalance in about a minute, 2 s took two); `hysteresis` 3 ignores
+    imbalances shorter than 3 s (a fresh one with the default switch cost waits 5 s for rule 6);
+    `cooldown_s` 30 keeps a moved worker in its new role for many intervals and sets which swings
+    are too short to follow; one worker of each role at least keeps both paths alive.
     """
 
     enabled: bool = True
-    interval_s: float = 2.0
+    interval_s: float = 1.0
     ttft_target_ms: float = 500.0
     itl_target_ms: float = 50.0
     min_prefill: int = 1
@@ -150,10 +153,41 @@ class Hold:
 
 @dataclass
 class _Streak:
-    """How long one imbalance (a direction: giver -> receiver) has held."""
+    """How many consecutive intervals one imbalance (a direction: giver -> receiver) has held."""
 
     direction: tuple[str, str] | None = None
     intervals: int = 0
+
+
+@dataclass
+class LoadRegimes:
+    """Since when every imbalance has pointed the same way (balanced intervals in between do not
+    end a regime, the opposite imbalance does), and how long the last regimes lasted.
+
+    Rule 6 asks how long the load will keep wanting the current direction. A regime, not an
+    imbalance, is the measure: an imbalance also ends when a switch fixes it, so its length says
+    more about the planner than about the load, while a regime ends only when the load turns.
+    """
+
+    direction: tuple[str, str] | None = None
+    started_at: float = 0.0
+    lifetimes: deque[float] = field(default_factory=lambda: deque(maxlen=LIFETIME_MEMORY))
+
+    def observe(self, direction: tuple[str, str] | None, now: float, interval_s: float) -> None:
+        """Notes this interval's imbalance (None: balanced, or nothing a switch would help)."""
+        if direction is None or direction == self.direction:
+            return
+        start = now - interval_s  # the interval that saw it counts whole
+        if self.direction is not None:
+            self.lifetimes.append(start - self.started_at)
+        self.direction, self.started_at = direction, start
+
+    def expected_remaining_s(self, age_s: float) -> tuple[float, bool]:
+        """How much longer a regime of age `age_s` should last, and whether that was learned from
+        past regimes (the mean of what those that lived at least as long had left at that age);
+        with none, as long again as it has lasted (False)."""
+        left = [lifetime - age_s for lifetime in self.lifetimes if lifetime >= age_s]
+        return (sum(left) / len(left), True) if left else (age_s, False)
 
 
 class RolePlanner:
@@ -162,7 +196,7 @@ class RolePlanner:
     def __init__(self, config: RolePlannerConfig | None = None) -> None:
         self.config = config or RolePlannerConfig()
         self._streak = _Streak()
-        self._lifetimes: deque[float] = deque(maxlen=LIFETIME_MEMORY)  # seconds past imbalances held
+        self.regimes = LoadRegimes()
         self._last_switch_at: float | None = None
 
     def plan(self, snapshot: PlannerSnapshot) -> Decision | Hold:
@@ -187,7 +221,9 @@ class RolePlanner:
     ) -> Decision | Hold:
         receiver, giver = (prefill, decode) if prefill.value >= decode.value else (decode, prefill)
         not_wanted = _not_wanted(receiver, giver)
-        self._count(None if not_wanted else (giver.side, receiver.side))
+        direction = None if not_wanted else (giver.side, receiver.side)
+        self._count(direction)
+        self.regimes.observe(direction, snapshot.now, self.config.interval_s)
         minimum = self.config.min_prefill if giver.side == "prefill" else self.config.min_decode
         hold = not_wanted or _cannot_give(receiver, giver, minimum)
         if hold is not None:
@@ -201,22 +237,14 @@ class RolePlanner:
         candidate = self._candidate(snapshot, giver.side)
         if isinstance(candidate, tuple):
             return Hold(*candidate, prefill, decode)
-        return self._weigh(candidate, receiver, giver, snapshot.signals.switch_cost_s, prefill, decode)
+        return self._weigh(candidate, receiver, giver, snapshot, prefill, decode)
 
     def _count(self, direction: tuple[str, str] | None) -> None:
-        """Extends the current imbalance's streak, or ends it (remembering how long it held)."""
+        """Extends the current imbalance's streak, or starts another."""
         if direction != self._streak.direction:
-            if self._streak.direction is not None:
-                self._lifetimes.append(self._streak.intervals * self.config.interval_s)
             self._streak = _Streak(direction)
         if direction is not None:
             self._streak.intervals += 1
-
-    def expected_remaining_s(self, held_s: float) -> tuple[float, bool]:
-        """How much longer an imbalance that has held `held_s` should last, and whether that was
-        learned from past imbalances (False: as long again as it has held; rule 6)."""
-        left = [lifetime - held_s for lifetime in self._lifetimes if lifetime >= held_s]
-        return (sum(left) / len(left), True) if left else (held_s, False)
 
     def _candidate(self, snapshot: PlannerSnapshot, role: str) -> WorkerSnapshot | tuple[str, str]:
         """The cheapest worker of `role` that may switch, or (hold reason, detail)."""
@@ -236,14 +264,14 @@ class RolePlanner:
         worker: WorkerSnapshot,
         receiver: SidePressure,
         giver: SidePressure,
-        measured_cost_s: float | None,
+        snapshot: PlannerSnapshot,
         prefill: SidePressure,
         decode: SidePressure,
     ) -> Decision | Hold:
         """Rule 6: switch only when the moved worker's useful time beats the switch's whole cost."""
-        switch_s = measured_cost_s or DEFAULT_SWITCH_COST_S
-        held_s = self._streak.intervals * self.config.interval_s
-        remaining, learned = self.expected_remaining_s(held_s)
+        switch_s = snapshot.signals.switch_cost_s or DEFAULT_SWITCH_COST_S
+        held_s = snapshot.now - self.regimes.started_at
+        remaining, learned = self.regimes.expected_remaining_s(held_s)
         if receiver.side == "prefill":  # the queued prompts need the worker at least this long
             remaining = max(remaining, receiver.value * self.config.ttft_target_ms / 1e3)
         gain = remaining - switch_s
@@ -292,7 +320,7 @@ def _cannot_give(receiver: SidePressure, giver: SidePressure, minimum: int) -> t
 def _switch_cost_key(w: WorkerSnapshot) -> tuple:
     """Cheapest first: fewest requests to hand over, then the most useful prefix cache, then the lightest."""
     if w.role == "decode":  # to prefill: its cached prompts are prefixes a prefill worker reuses
-        return (w.running + w.waiting, -w.kv_blocks_cached, w.kv_blocks_used, w.worker_id)
+        return (w.running + w.waiting, -w.kv_blocks_cached, w.kv_blocks_decoding, w.worker_id)
     return (w.running + w.waiting, w.queued_prefill_tokens, w.kv_blocks_cached, w.worker_id)
 
 

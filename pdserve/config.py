@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import annotated_types
 import yaml
@@ -47,6 +47,7 @@ CONFIG_ENV = "PDSERVE_CONFIG"  # the YAML file's path, when no --config is given
 # Variables the test suite reads (PDSERVE_TEST_REDIS_URL); a test run must be able to start
 # `pdserve up` with them set.
 RESERVED_ENV_PREFIX = "PDSERVE_TEST_"
+T = TypeVar("T")
 # The router owns its policies and defaults, the planner its settings; all three modules are light
 # (no torch, Ray or gRPC).
 Policy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
@@ -66,25 +67,27 @@ def _not_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 
 
-def _settings_group(cls: type) -> Any:
+def settings_group(cls: type[T], value: Any) -> T:
     """A mapping-valued setting read into its owner's frozen dataclass `cls`, which checks the values.
 
     Keys are checked here, so an unknown one is named with a suggestion; a partial mapping keeps
-    the owner's defaults for the keys it leaves out.
+    the owner's defaults for the keys it leaves out. Raises ValueError (without the setting's name,
+    which the caller adds: the schema adds the key and its source).
     """
-    keys = [f.name for f in dataclasses.fields(cls)]
+    if isinstance(value, cls):
+        return value
+    keys = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object (a mapping in YAML) of {', '.join(keys)}, got {value!r}")
+    for key in value:
+        if key not in keys:
+            raise ValueError(f"unknown key {key!r}{_suggest(str(key), keys)}; keys are {', '.join(keys)}")
+    return cls(**value)  # its __post_init__ raises ValueError naming the key
 
-    def build(value: Any) -> Any:
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a JSON object (a mapping in YAML) of {', '.join(keys)}, got {value!r}")
-        for key in value:
-            if key not in keys:
-                raise ValueError(f"unknown key {key!r}{_suggest(str(key), keys)}; keys are {', '.join(keys)}")
-        return cls(**value)  # its __post_init__ raises ValueError naming the key
 
-    return Annotated[InstanceOf[cls], BeforeValidator(build)]
+def _settings_group(cls: type) -> Any:
+    """The field type of a `settings_group` setting."""
+    return Annotated[InstanceOf[cls], BeforeValidator(lambda value: settings_group(cls, value))]
 
 
 class ClusterConfig(BaseModel):

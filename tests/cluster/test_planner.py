@@ -4,6 +4,7 @@ roles follow the planner's decisions, one interval at a time; no Ray, no clock.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,14 @@ from pdserve.cluster.planner_metrics import RolePlannerMetrics
 RATE = 8000.0  # prefill tokens/s per worker (the demo model on one core)
 CONFIG = RolePlannerConfig()  # interval 2 s, TTFT 500 ms, ITL 50 ms, hysteresis 3, cooldown 30 s
 BLOCKS = 2048
+S = CONFIG.interval_s
+# The first interval (from 0) at which the defaults switch for a fresh, lasting imbalance: once it
+# has held `hysteresis` intervals and (rule 6, no history yet) held > 3x the default switch cost.
+FIRST = max(CONFIG.hysteresis, math.floor(3 * rp.DEFAULT_SWITCH_COST_S / S) + 1) - 1
+
+
+def intervals(seconds: float) -> int:
+    return round(seconds / S)
 
 
 def step_s(running: int) -> float:
@@ -103,9 +112,9 @@ def test_sustained_prefill_load_moves_the_cheapest_decode_worker_to_prefill():
     cluster = ToyCluster.of(2, 2)
     cluster.run(RolePlanner(), [prefill_heavy(3.0)] * 20)
     [(i, d)] = cluster.switches
-    # Decided once the imbalance held `hysteresis` intervals; decode-0 holds 10 running, so does
-    # decode-1, and the tie goes to the lower id (fewest running requests first).
-    assert i == CONFIG.hysteresis - 1
+    # Decided as soon as the rules allow; decode-0 holds 10 running, so does decode-1, and the tie
+    # goes to the lower id (fewest running requests first).
+    assert i == FIRST
     assert (d.worker_id, d.from_role, d.to_role, d.reason) == (
         "decode-0",
         "decode",
@@ -125,7 +134,7 @@ def test_sustained_decode_load_moves_a_prefill_worker_to_decode():
     cluster = ToyCluster.of(2, 2)
     cluster.run(RolePlanner(), [Load(queued=2000, running=600)] * 20)  # steps of 101 ms at 300 each
     [(i, d)] = cluster.switches
-    assert i == CONFIG.hysteresis - 1
+    assert i == FIRST
     assert (d.from_role, d.to_role, d.reason) == ("prefill", "decode", "decode_step")
     assert d.decode.value == pytest.approx(step_s(300) / 0.05, rel=1e-3)
     assert cluster.count("decode") == 3
@@ -174,39 +183,42 @@ def oscillating(half: int, intervals: int, first: Load = PROMPTS, then: Load = A
     return [first if (i // half) % 2 == 0 else then for i in range(intervals)]
 
 
-@pytest.mark.parametrize("half", [CONFIG.hysteresis + 1, 5, 7, 10])
-def test_an_oscillating_load_does_not_flap(half):
-    """Load swings between prompt-heavy and decode-heavy every `half` intervals (8-20 s) for 20
-    minutes: each swing passes hysteresis, none lasts a cooldown (30 s)."""
+@pytest.mark.parametrize("swing_s", [4, 8, 10, 14, 20])
+def test_an_oscillating_load_does_not_flap(swing_s):
+    """Load swings between prompt-heavy and decode-heavy every `swing_s` for 20 minutes: each
+    swing from 8 s on passes hysteresis and the first gain test, none lasts a cooldown (30 s)."""
+    half = intervals(swing_s)
     cluster = ToyCluster.of(4, 4)
-    cluster.run(RolePlanner(), oscillating(half, 600))
-    # Before it has seen an imbalance end it follows the first, as it would a lasting shift;
-    # from then on it knows they end within a cooldown and holds, saying why.
-    assert cluster.switches and all(i < half for i, _ in cluster.switches), cluster.switches
+    cluster.run(RolePlanner(), oscillating(half, intervals(1200)))
+    # Before it has seen the load turn it follows the first swing, as it would a lasting shift;
+    # from then on it knows the load turns within a cooldown and holds, saying why.
+    assert all(i < half for i, _ in cluster.switches), cluster.switches
     assert cluster.holds()[rp.GAIN_BELOW_COST] > 100
-    assert all(w in cluster.roles for w in ("prefill-0", "decode-0"))
 
 
 def test_swings_longer_than_a_cooldown_are_followed():
+    half = intervals(50)
     cluster = ToyCluster.of(4, 4)
-    cluster.run(RolePlanner(), oscillating(25, 300))  # 50 s swings
-    directions = [(i // 25, d.to_role) for i, d in cluster.switches]
+    cluster.run(RolePlanner(), oscillating(half, 12 * half))
+    directions = [(i // half, d.to_role) for i, d in cluster.switches]
     # Every swing after the first is answered, in its direction, within its first 10 s.
     for swing in range(1, 12):
         wanted = "prefill" if swing % 2 == 0 else "decode"
-        answered = [i for i, d in cluster.switches if i // 25 == swing]
-        assert answered and min(answered) - swing * 25 < 5, (swing, directions)
-        assert all(d.to_role == wanted for i, d in cluster.switches if i // 25 == swing)
+        answered = [i for i, d in cluster.switches if i // half == swing]
+        assert answered and min(answered) - swing * half < intervals(10), (swing, directions)
+        assert all(d.to_role == wanted for i, d in cluster.switches if i // half == swing)
 
 
 def test_after_oscillating_a_lasting_shift_is_still_followed():
-    trace = oscillating(5, 95, first=ANSWERS, then=PROMPTS) + [PROMPTS] * 40
+    half = intervals(10)
+    shift = 19 * half  # after 19 swings of 10 s, the last decode-heavy, prompts for good
+    trace = oscillating(half, shift, first=ANSWERS, then=PROMPTS) + [PROMPTS] * intervals(60)
     cluster = ToyCluster.of(4, 4)
     cluster.run(RolePlanner(), trace)
-    late = [(i, d) for i, d in cluster.switches if i >= 95]
+    late = [(i, d) for i, d in cluster.switches if i >= shift]
     assert late and all(d.to_role == "prefill" for _, d in late)
     # As soon as the shift has outlived the swings it remembers (10 s), not before.
-    assert late[0][0] == 95 + 5
+    assert late[0][0] == shift + half
 
 
 def test_minimums_are_kept():
@@ -221,9 +233,9 @@ def test_minimums_are_kept():
 def test_a_worker_inside_its_cooldown_is_not_moved():
     cluster = ToyCluster.of(2, 3)
     cluster.since_switch = {"decode-0": 0.0, "decode-1": 0.0, "decode-2": 0.0}  # all just switched
-    cluster.run(RolePlanner(), [prefill_heavy(4.0)] * 30)
+    cluster.run(RolePlanner(), [prefill_heavy(4.0)] * intervals(CONFIG.cooldown_s + 10))
     first = cluster.switches[0][0]
-    # Cooldown 30 s = 15 intervals from the start: no decode worker may go before then.
+    # No decode worker may go before the cooldown has passed.
     assert first * CONFIG.interval_s >= CONFIG.cooldown_s
     assert {o.reason for o in cluster.outcomes[CONFIG.hysteresis - 1 : first]} == {rp.COOLDOWN}
     # 20 running over three: decode-0 and decode-1 have 7, decode-2 has 6 and is the cheapest,
@@ -231,7 +243,7 @@ def test_a_worker_inside_its_cooldown_is_not_moved():
     for since, chosen in ((None, "decode-2"), (CONFIG.cooldown_s - 10, "decode-0")):
         cluster = ToyCluster.of(2, 3)
         cluster.since_switch = {} if since is None else {"decode-2": since}
-        cluster.run(RolePlanner(), [Load(prefill_heavy(4.0).queued, 20)] * CONFIG.hysteresis)
+        cluster.run(RolePlanner(), [Load(prefill_heavy(4.0).queued, 20)] * (FIRST + 1))
         assert [d.worker_id for _, d in cluster.switches] == [chosen]
 
 
@@ -239,11 +251,11 @@ def test_one_switch_per_interval_even_if_called_again():
     planner = RolePlanner()
     cluster = ToyCluster.of(4, 4)
     load = prefill_heavy(4.0, prefill_workers=4)
-    outcomes = [planner.plan(cluster.snapshot(t * 2.0, load)) for t in range(3)]
+    outcomes = [planner.plan(cluster.snapshot(t * S, load)) for t in range(FIRST + 1)]
     assert isinstance(outcomes[-1], Decision)
-    again = planner.plan(cluster.snapshot(4.0 + 0.2, load))  # an extra call inside the interval
+    again = planner.plan(cluster.snapshot((FIRST + 0.2) * S, load))  # an extra call inside the interval
     assert isinstance(again, Hold) and again.reason == rp.SAME_INTERVAL
-    assert isinstance(planner.plan(cluster.snapshot(6.0, load)), Decision)  # the next interval may
+    assert isinstance(planner.plan(cluster.snapshot((FIRST + 1) * S, load)), Decision)  # the next may
 
 
 def test_never_picks_a_switching_or_restarting_worker_and_picks_the_cheapest():
@@ -260,8 +272,8 @@ def test_never_picks_a_switching_or_restarting_worker_and_picks_the_cheapest():
     }
     planner = RolePlanner()
     decision = None
-    for t in range(CONFIG.hysteresis):
-        snap = cluster.snapshot(t * 2.0, load)
+    for t in range(FIRST + 1):
+        snap = cluster.snapshot(t * S, load)
         workers = tuple(
             replace(w, **base, **overrides.get(w.worker_id, {})) if w.role == "decode" else w
             for w in snap.workers
@@ -271,8 +283,8 @@ def test_never_picks_a_switching_or_restarting_worker_and_picks_the_cheapest():
     # With fewer running requests a worker wins over cache.
     overrides["decode-2"]["running"] = 4
     planner = RolePlanner()
-    for t in range(CONFIG.hysteresis):
-        snap = cluster.snapshot(t * 2.0, load)
+    for t in range(FIRST + 1):
+        snap = cluster.snapshot(t * S, load)
         workers = tuple(
             replace(w, **base, **overrides.get(w.worker_id, {})) if w.role == "decode" else w
             for w in snap.workers
@@ -302,14 +314,15 @@ def test_an_expensive_switch_waits_until_the_imbalance_has_lasted():
     planner = RolePlanner()
     load = Load(queued=2000, running=600)  # decode-heavy, no prefill backlog to speak of
     outcomes = []
-    for t in range(20):
-        snap = cluster.snapshot(t * 2.0, load)
+    for t in range(intervals(60)):
+        snap = cluster.snapshot(t * S, load)
         outcomes.append(planner.plan(replace(snap, signals=replace(snap.signals, switch_cost_s=5.0))))
         if isinstance(outcomes[-1], Decision):
             break
-    # Held 2 s per interval; it pays when (held - 5 s) > 2 x 5 s, i.e. from 16 s (8 intervals).
-    assert [o.reason for o in outcomes[3:7]] == [rp.GAIN_BELOW_COST] * 4
-    assert isinstance(outcomes[-1], Decision) and len(outcomes) == 8
+    # It pays once (held - 5 s) > 2 x 5 s: held > 15 s.
+    paid = math.floor(15 / S) + 1
+    assert {o.reason for o in outcomes[CONFIG.hysteresis : paid - 1]} == {rp.GAIN_BELOW_COST}
+    assert isinstance(outcomes[-1], Decision) and len(outcomes) == paid
 
 
 def test_queued_prompts_without_a_measured_rate_hold():
@@ -330,7 +343,7 @@ def test_metrics_and_the_decision_log_record_every_outcome():
     registry = CollectorRegistry()
     metrics = RolePlannerMetrics(registry)
     cluster = ToyCluster.of(2, 2)
-    cluster.run(RolePlanner(), [prefill_heavy(3.0)] * 6)
+    cluster.run(RolePlanner(), [prefill_heavy(3.0)] * (FIRST + 4))
     for outcome in cluster.outcomes:
         metrics.observe(outcome)
     value = registry.get_sample_value
@@ -338,7 +351,9 @@ def test_metrics_and_the_decision_log_record_every_outcome():
         value("pdserve_role_switches_total", {"from": "decode", "to": "prefill", "reason": "prefill_queue"})
         == 1
     )
-    assert value("pdserve_role_planner_holds_total", {"reason": rp.HYSTERESIS}) == 2
+    assert value("pdserve_role_planner_holds_total", {"reason": rp.HYSTERESIS}) == CONFIG.hysteresis - 1
+    gains = FIRST - CONFIG.hysteresis + 1
+    assert (value("pdserve_role_planner_holds_total", {"reason": rp.GAIN_BELOW_COST}) or 0) == gains
     assert value("pdserve_role_planner_holds_total", {"reason": rp.AT_MINIMUM}) == 3
     assert value("pdserve_role_planner_pressure", {"side": "prefill"}) == pytest.approx(2.0, rel=1e-3)
 
