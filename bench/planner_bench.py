@@ -157,7 +157,8 @@ def _print(doc: dict[str, Any]) -> None:
     for run in doc["runs"]:
         print(
             f"\n{run['workers']} workers (simulated, demo cost model), {a['phase_s']:g} s per phase at "
-            f"{a['load']:.0%} of the best static split; SLO TTFT {a['slo_ttft_ms']:g} ms, ITL {a['slo_itl_ms']:g} ms"
+            f"{a['load']:.0%} of the best static split; "
+            f"SLO TTFT {a['slo_ttft_ms']:g} ms, ITL {a['slo_itl_ms']:g} ms"
         )
         header = f"{'phase':<28} {'system':<10} {'goodput':>8} {'good':>6} {'TTFT p50/p99 ms':>17} "
         print(header + f"{'ITL p50/p99 ms':>15} {'switches':>9} {'switch s p50/max':>17}")
@@ -178,8 +179,8 @@ def _row(phase: str, system: str, row: dict[str, Any]) -> str:
     share = f"{row['good'] / row['requests']:.0%}" if row["requests"] else "-"
     ttft, itl, took = row["ttft_ms"], row["itl_ms"], row["switch_s"]
     return (
-        f"{phase[:28]:<28} {system:<10} {row['goodput_rps']:>8.2f} {share:>6} {pair(ttft['p50'], ttft['p99']):>17} "
-        f"{pair(itl['p50'], itl['p99']):>15} {row['switches']:>9} "
+        f"{phase[:28]:<28} {system:<10} {row['goodput_rps']:>8.2f} {share:>6} "
+        f"{pair(ttft['p50'], ttft['p99']):>17} {pair(itl['p50'], itl['p99']):>15} {row['switches']:>9} "
         f"{pair(took['p50'], took['max']) if row['switches'] else '-':>17}"
     )
 

@@ -144,8 +144,10 @@ class SimWorker:
     busy_until: float = 0.0  # when the prompt in progress is done
     last_step_s: float = 0.0
     kv_used: int = 0
-    reserved: set[SimRequest] = field(default_factory=set)  # requests holding blocks here
-    arriving: set[SimRequest] = field(default_factory=set)  # of those, the ones not decoding yet
+    # Requests holding blocks here, and of those the ones not decoding yet; dicts, not sets, so
+    # that iterating them follows arrival order and a seeded run repeats exactly.
+    reserved: dict[SimRequest, None] = field(default_factory=dict)
+    arriving: dict[SimRequest, None] = field(default_factory=dict)
     running: list[tuple[int, int, SimRequest]] = field(default_factory=list)  # heap by finish step
     pending: list[SimRequest] = field(default_factory=list)  # arrived, join the next step
     steps: int = 0
@@ -153,7 +155,7 @@ class SimWorker:
     switch_log: dict[str, object] | None = None  # the recorder's entry of its switch under way
 
     @property
-    def serving(self) -> str | None:
+    def serving_role(self) -> str | None:
         """The role it takes work for now (None while switching)."""
         return None if self.switching_to else self.role
 
@@ -249,7 +251,7 @@ class Simulation:
         room = [
             w
             for w in self.workers
-            if w.serving == "decode"
+            if w.serving_role == "decode"
             and w.kv_used + req.kv_tokens <= self.cost.kv_tokens
             and len(w.reserved) < self.cost.max_num_seqs
         ]
@@ -257,20 +259,20 @@ class Simulation:
 
     def _reserve(self, w: SimWorker, req: SimRequest) -> None:
         w.kv_used += req.kv_tokens
-        w.reserved.add(req)
-        w.arriving.add(req)
+        w.reserved[req] = None
+        w.arriving[req] = None
         req.decode = w
 
     def _release(self, req: SimRequest) -> None:
         w = req.decode
         if w is not None and req in w.reserved:
-            w.reserved.discard(req)
-            w.arriving.discard(req)
+            del w.reserved[req]
+            w.arriving.pop(req, None)
             w.kv_used -= req.kv_tokens
         req.decode = None
 
     def _place_prefill(self, req: SimRequest) -> None:
-        ready = [w for w in self.workers if w.serving == "prefill"]
+        ready = [w for w in self.workers if w.serving_role == "prefill"]
         if not ready:
             self.unplaced.append(req)
             return
@@ -315,7 +317,7 @@ class Simulation:
             self.admission.appendleft(req)
             self._admit()
             return
-        w.arriving.discard(req)
+        w.arriving.pop(req, None)
         w.pending.append(req)
         if not w.stepping:
             self._start_step(w)
@@ -430,19 +432,25 @@ class Simulation:
 
     def snapshot(self) -> PlannerSnapshot:
         """What a controller would hand the planner now."""
-        blocks = self.cost.kv_tokens // self.cost.block_size
-        workers = tuple(
-            WorkerSnapshot(
-                worker_id=w.id, role=w.role, running=w.decoding if w.role == "decode" else int(w.current is not None),
-                waiting=len(w.queue), queued_prefill_tokens=w.queued_tokens,
-                kv_blocks_free=blocks - w.kv_used // self.cost.block_size, kv_blocks_total=blocks,
-                kv_blocks_reserved=sum(r.kv_tokens for r in w.arriving) // self.cost.block_size,
-                last_step_s=w.last_step_s, switching_to=w.switching_to,
-                since_switch_s=None if w.switched_at is None else self.now - w.switched_at,
-            )
-            for w in self.workers
-        )  # fmt: skip
+        workers = tuple(self._worker_snapshot(w) for w in self.workers)
         return PlannerSnapshot(self.now, workers, self._signals())
+
+    def _worker_snapshot(self, w: SimWorker) -> WorkerSnapshot:
+        per_block = self.cost.block_size
+        blocks = self.cost.kv_tokens // per_block
+        return WorkerSnapshot(
+            worker_id=w.id,
+            role=w.role,
+            running=w.decoding if w.role == "decode" else int(w.current is not None),
+            waiting=len(w.queue),
+            queued_prefill_tokens=w.queued_tokens,
+            kv_blocks_free=blocks - w.kv_used // per_block,
+            kv_blocks_total=blocks,
+            kv_blocks_reserved=sum(r.kv_tokens for r in w.arriving) // per_block,
+            last_step_s=w.last_step_s,
+            switching_to=w.switching_to,
+            since_switch_s=None if w.switched_at is None else self.now - w.switched_at,
+        )
 
     def _signals(self) -> RouterSignals:
         tokens, busy = self._window_prefill

@@ -143,25 +143,31 @@ def prefill_pressure(snapshot: PlannerSnapshot, ttft_target_s: float) -> SidePre
     return SidePressure("prefill", delay_s / ttft_target_s, "queue", carriers, serving)
 
 
+def _router_waiting_blocks(holding: list[WorkerSnapshot], waiting: int) -> float:
+    """The blocks the router's waiting requests would take, in the share decode itself is short
+    for (the used KV that decoding requests hold), at a decoding request's mean size."""
+    decoding = sum(w.kv_blocks_decoding for w in holding)
+    used = sum(w.kv_blocks_total - w.kv_blocks_free for w in holding)
+    running = sum(w.running for w in holding)
+    if not (waiting and used and running):
+        return 0.0
+    return waiting * (decoding / used) * (decoding / running)
+
+
 def decode_pressure(snapshot: PlannerSnapshot, itl_target_s: float) -> SidePressure:
     """The largest of the step, kv, slots and itl terms (see the module doc)."""
     holding, serving, carriers = _counts(snapshot, "decode")
     running = sum(w.running for w in holding)
-    decoding = sum(w.kv_blocks_decoding for w in holding)
-    used = sum(w.kv_blocks_total - w.kv_blocks_free for w in holding)
+    kv_blocks = sum(w.kv_blocks_decoding for w in holding)
+    kv_blocks += _router_waiting_blocks(holding, snapshot.signals.waiting_for_decode)
     pool = sum(w.kv_blocks_total for w in holding) / len(holding) if holding else 0
-    # The router's waiting requests, in the share decode itself is short for, at a decoding
-    # request's mean size.
-    waiting_blocks = snapshot.signals.waiting_for_decode * (decoding / used if used else 1.0)
-    waiting_blocks *= decoding / running if running else 0.0
     slots_waiting = sum(w.waiting for w in holding)
+    slots = (running + slots_waiting) / max(running, 1) * len(holding) if slots_waiting else 0.0
     itl_ms = snapshot.signals.itl_p50_ms
     terms = {
         "step": _spread(sum(w.last_step_s for w in holding if w.running > 0) / itl_target_s, carriers),
-        "kv": _spread((decoding + waiting_blocks) / (pool * KV_HIGH_WATER) if pool else 0.0, carriers),
-        "slots": _spread(
-            (running + slots_waiting) / max(running, 1) * len(holding) if slots_waiting else 0.0, carriers
-        ),
+        "kv": _spread(kv_blocks / (pool * KV_HIGH_WATER) if pool else 0.0, carriers),
+        "slots": _spread(slots, carriers),
         "itl": itl_ms / 1e3 / itl_target_s if itl_ms is not None else 0.0,
     }
     driver = max(terms, key=lambda k: terms[k])

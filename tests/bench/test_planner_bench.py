@@ -83,3 +83,8 @@ def test_bench_planner_refuses_what_it_cannot_do(capsys: pytest.CaptureFixture[s
     assert main(["bench", "planner", "--simulate", "--role-planner", '{"intervl_s": 1}']) == 2
     assert "--role-planner: unknown key 'intervl_s' (did you mean 'interval_s'?)" in capsys.readouterr().err
     assert main(["bench", "planner", "--simulate", "--workers", "1"]) == 2
+
+
+def test_a_seeded_simulation_repeats_exactly():
+    args = PlannerBenchArgs(workers=(4,), phase_s=20.0, seed=3)
+    assert run_size(args, 4) == run_size(args, 4)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.cluster import planner as rp
-from pdserve.cluster.load_pressure import PlannerSnapshot, RouterSignals, WorkerSnapshot
+from pdserve.cluster.load_pressure import PlannerSnapshot, RouterSignals, WorkerSnapshot, decode_pressure
 from pdserve.cluster.planner import Decision, DecisionRecord, Hold, RolePlanner, RolePlannerConfig
 from pdserve.cluster.planner_metrics import RolePlannerMetrics
 
@@ -323,6 +323,53 @@ def test_an_expensive_switch_waits_until_the_imbalance_has_lasted():
     paid = math.floor(15 / S) + 1
     assert {o.reason for o in outcomes[CONFIG.hysteresis : paid - 1]} == {rp.GAIN_BELOW_COST}
     assert isinstance(outcomes[-1], Decision) and len(outcomes) == paid
+
+
+def _decode_workers(snap: PlannerSnapshot, **fields) -> PlannerSnapshot:
+    """`snap` with every decode worker's snapshot changed by `fields`."""
+    workers = tuple(replace(w, **fields) if w.role == "decode" else w for w in snap.workers)
+    return replace(snap, workers=workers)
+
+
+def test_blocks_reserved_for_prompts_not_computed_are_the_prefill_backlog():
+    # Prefill is short: the decode pools are full of reservations for queued prompts, the router
+    # holds 500 more requests for room, and the decode workers have almost nothing to decode.
+    cluster = ToyCluster.of(2, 2)
+    snap = cluster.snapshot(0.0, prefill_heavy(3.0))
+    snap = _decode_workers(snap, running=2, kv_blocks_free=40, kv_blocks_reserved=1900, last_step_s=0.003)
+    snap = replace(snap, signals=replace(snap.signals, waiting_for_decode=500))
+    decode = decode_pressure(snap, CONFIG.itl_target_ms / 1e3)
+    assert decode.value < 0.5, decode  # 0.45: the decoding share (5%) of the waiting requests
+    # With the reservations counted as decode load, the same snapshot would read as decode-short.
+    assert decode_pressure(_decode_workers(snap, kv_blocks_reserved=0), CONFIG.itl_target_ms / 1e3).value > 3
+    planner = RolePlanner()
+    outcomes = [planner.plan(replace(snap, now=t * S)) for t in range(FIRST + 1)]
+    assert isinstance(outcomes[-1], Decision) and outcomes[-1].to_role == "prefill"
+
+
+def test_requests_waiting_in_the_router_for_decode_room_press_decode():
+    # Decode is short: its pools are full of decoding requests (fast steps, no reservations), and
+    # the router holds requests for room, which no worker heartbeat shows.
+    cluster = ToyCluster.of(2, 2)
+    snap = cluster.snapshot(0.0, Load(queued=1000, running=100))
+    snap = _decode_workers(snap, running=50, kv_blocks_free=50, last_step_s=0.02)
+    target = CONFIG.itl_target_ms / 1e3
+    alone = decode_pressure(snap, target)
+    assert alone.driver == "kv" and 1.0 < alone.value < 1.1
+    waiting = replace(snap, signals=replace(snap.signals, waiting_for_decode=100))
+    pressed = decode_pressure(waiting, target)
+    # 100 waiting requests at a decoding request's mean size (~40 blocks) over two 2048-block pools.
+    assert pressed.driver == "kv" and pressed.value == pytest.approx(alone.value * 2, rel=0.05)
+    planner = RolePlanner()
+    outcomes = [planner.plan(replace(waiting, now=t * S)) for t in range(FIRST + 1)]
+    assert isinstance(outcomes[-1], Decision) and outcomes[-1].reason == "decode_kv"
+
+
+def test_requests_waiting_for_a_batch_slot_press_decode():
+    cluster = ToyCluster.of(2, 2)
+    snap = _decode_workers(cluster.snapshot(0.0, Load(1000, 200)), running=100, waiting=50)
+    pressure = decode_pressure(snap, CONFIG.itl_target_ms / 1e3)
+    assert (pressure.driver, pressure.value) == ("slots", pytest.approx(1.5))
 
 
 def test_queued_prompts_without_a_measured_rate_hold():
