@@ -52,8 +52,8 @@ from pdserve.cluster.load_pressure import (
 )
 
 # Rule 2: after a switch the receiving side must stay this much more pressed than the giver.
-# 1.25 leaves room for the measurement noise of one interval (the demo's step times vary ~10%
-# between heartbeats) without blocking a switch that a 2x imbalance clearly calls for.
+# 1.25 leaves room for one interval's measurement noise without blocking a switch that a 2x
+# imbalance clearly calls for.
 IMBALANCE_MARGIN = 1.25
 # Until a switch has been measured it is taken to cost this: on the demo model a flip takes
 # ~0.25 s (the router sees the new role within its 0.1 s refresh) plus ~20 ms per live-migrated
