@@ -17,6 +17,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 
+from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.engine import EngineConfig
 from pdserve.engine.served_model import ServedModel
 from pdserve.roles.handoff import WorkerRef
@@ -44,6 +45,8 @@ class ControllerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0  # a step of a big batch must not look like death
     restart_dead: bool = True
+    # Carried for the role planner (cluster/planner.py); the controller does not run it yet.
+    role_planner: RolePlannerConfig = field(default_factory=RolePlannerConfig)
 
     def __post_init__(self) -> None:
         for role in ROLES:

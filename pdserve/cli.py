@@ -239,6 +239,35 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_planner(args: argparse.Namespace) -> int:
+    if not args.simulate:
+        print(
+            "pdserve bench planner: only --simulate exists so far (the planner is not wired into "
+            "`pdserve up` yet); add --simulate",
+            file=sys.stderr,
+        )
+        return 2
+    from pdserve.bench.planner_bench import PlannerBenchArgs, run_planner_bench
+    from pdserve.cluster.planner import RolePlannerConfig
+    from pdserve.config import settings_group
+
+    try:
+        planner = settings_group(RolePlannerConfig, args.role_planner)
+    except ValueError as e:
+        raise ValueError(f"--role-planner: {e}") from None
+    bench_args = PlannerBenchArgs(
+        workers=tuple(args.workers),
+        phase_s=args.phase_s,
+        load=args.load,
+        seed=args.seed,
+        planner=planner,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_itl_ms=args.slo_itl_ms,
+    )
+    run_planner_bench(bench_args, _bench_output(args, "planner"))
+    return 0
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     # The same settings as `up` (flags, PDSERVE_* variables, --config file), checked before Ray loads.
     settings = load_config(flags_given(args), os.environ, args.config)
@@ -353,7 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
-    for add in (_add_bench_engine, _add_bench_kv_transfer, _add_bench_router, _add_bench_serve):
+    for add in (
+        _add_bench_engine,
+        _add_bench_kv_transfer,
+        _add_bench_router,
+        _add_bench_serve,
+        _add_bench_planner,
+    ):
         add(bench_sub)
     return parser
 
@@ -552,6 +587,42 @@ def _add_bench_serve(bench_sub) -> None:
         help="JSON path, PNG beside it (default bench-results/serve-*.json)",
     )
     sb.set_defaults(func=_cmd_bench_serve)
+
+
+def _add_bench_planner(bench_sub) -> None:
+    pb = bench_sub.add_parser(
+        "planner",
+        help="the role planner against static prefill/decode splits on a shifting workload (--simulate)",
+        description="Simulates the shifting workload (long prompts, short answers; short prompts, long "
+        "answers; mixed) with a cost model measured on the demo model: static splits of a quarter, "
+        "half and three quarters prefill workers, and the planner from half and half.",
+    )
+    pb.add_argument("--simulate", action="store_true", help="run the discrete-event simulation")
+    pb.add_argument(
+        "--workers", type=_int_list("--workers", 2), default=[64, 4], help="cluster sizes to simulate"
+    )
+    pb.add_argument("--phase-s", type=_positive_float("--phase-s"), default=120.0, help="seconds per phase")
+    pb.add_argument(
+        "--load",
+        type=_positive_float("--load"),
+        default=0.75,
+        help="each phase's arrival rate, as a share of what its best static split sustains",
+    )
+    pb.add_argument("--seed", type=int, default=0, help="workload seed")
+    pb.add_argument(
+        "--role-planner",
+        type=_json_dict("--role-planner"),
+        default={},
+        help="planner settings as for `pdserve up --role-planner`, e.g. '{\"interval_s\": 2}'",
+    )
+    pb.add_argument(
+        "--slo-ttft-ms", type=float, default=None, help="goodput's TTFT (default: ttft_target_ms)"
+    )
+    pb.add_argument("--slo-itl-ms", type=float, default=None, help="goodput's ITL (default: itl_target_ms)")
+    pb.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/planner-*.json)"
+    )
+    pb.set_defaults(func=_cmd_bench_planner)
 
 
 def main(argv: list[str] | None = None) -> int:

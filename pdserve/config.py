@@ -15,6 +15,7 @@ configuration is refused before anything starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import re
@@ -22,7 +23,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import annotated_types
 import yaml
@@ -31,12 +32,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    InstanceOf,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.gateway.config import GatewayConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.policies import POLICIES
@@ -46,7 +49,9 @@ CONFIG_ENV = "PDSERVE_CONFIG"  # the YAML file's path, when no --config is given
 # Variables the test suite reads (PDSERVE_TEST_REDIS_URL); a test run must be able to start
 # `pdserve up` with them set.
 RESERVED_ENV_PREFIX = "PDSERVE_TEST_"
-# The router owns its policies and defaults; both modules are light (no torch, Ray or gRPC).
+T = TypeVar("T")
+# The router owns its policies and defaults, the planner its settings; all three modules are light
+# (no torch, Ray or gRPC).
 Policy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
 
 
@@ -63,6 +68,29 @@ def _not_bool(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+def settings_group(cls: type[T], value: Any) -> T:
+    """A mapping-valued setting read into its owner's frozen dataclass `cls`, which checks the values.
+
+    Keys are checked here, so an unknown one is named with a suggestion; a partial mapping keeps
+    the owner's defaults for the keys it leaves out. Raises ValueError (without the setting's name,
+    which the caller adds: the schema adds the key and its source).
+    """
+    if isinstance(value, cls):
+        return value
+    keys = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object (a mapping in YAML) of {', '.join(keys)}, got {value!r}")
+    for key in value:
+        if key not in keys:
+            raise ValueError(f"unknown key {key!r}{_suggest(str(key), keys)}; keys are {', '.join(keys)}")
+    return cls(**value)  # its __post_init__ raises ValueError naming the key
+
+
+def _settings_group(cls: type) -> Any:
+    """The field type of a `settings_group` setting."""
+    return Annotated[InstanceOf[cls], BeforeValidator(lambda value: settings_group(cls, value))]
 
 
 class ClusterConfig(BaseModel):
@@ -139,6 +167,12 @@ class ClusterConfig(BaseModel):
         None,
         description="speculative decoding, passed to every worker's engine (requests are guessed for "
         'where they decode), e.g. {"method": "ngram", "num_speculative_tokens": 4}',
+    )
+    role_planner: _settings_group(RolePlannerConfig) = Field(  # type: ignore[valid-type]
+        default_factory=RolePlannerConfig,
+        description="the planner that moves workers between prefill and decode by load; keys "
+        + ", ".join(f.name for f in dataclasses.fields(RolePlannerConfig))
+        + ', e.g. {"ttft_target_ms": 800}; keys left out keep their defaults',
     )
 
     @field_validator("redis_url")
@@ -223,8 +257,9 @@ def _base_type(name: str) -> tuple[Any, bool]:
 
 
 def _is_dict(name: str) -> bool:
+    """Whether the setting takes a mapping (JSON in variables and flags)."""
     base, _ = _base_type(name)
-    return typing.get_origin(base) is dict or base is dict
+    return typing.get_origin(base) is dict or base is dict or dataclasses.is_dataclass(base)
 
 
 def _expected(name: str) -> str:
@@ -340,6 +375,8 @@ def _shown(default: Any) -> str:
     """A default as a user would type it."""
     if default is None:
         return "unset"
+    if dataclasses.is_dataclass(default):
+        default = dataclasses.asdict(default)
     return json.dumps(default) if isinstance(default, dict) else str(default)
 
 

@@ -59,7 +59,9 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
     """The controller's settings; ValueError (nothing started yet) when they cannot work.
 
     Each worker's CPU share is set once Ray says what the cluster has (`worker_cpus`)."""
-    return ControllerConfig(engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both)
+    return ControllerConfig(
+        engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, role_planner=c.role_planner
+    )
 
 
 # A worker's smallest CPU share: below it, engines on one core starve each other's steps.

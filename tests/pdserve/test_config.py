@@ -44,6 +44,7 @@ SAMPLES: dict[str, Any] = {
     "kv_cache_blocks": 64,
     "state_dir": Path("/var/run/pdserve"),
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
+    "role_planner": {"enabled": False, "ttft_target_ms": 800, "hysteresis": 2},
 }
 
 
@@ -120,6 +121,12 @@ def test_dict_settings_from_yaml_mapping_env_json_and_flag_json(tmp_path):
         ({}, {}, "hf_overrides: [1, 2]\n", "config file {file}: hf_overrides: must be a JSON object"),
         ({}, {}, "model: 3\n", "config file {file}: model: must be a non-empty string, got 3"),
         ({}, {}, "- port\n", "config file {file}: must be a mapping of settings, got list"),
+        ({}, {"PDSERVE_ROLE_PLANNER": '{"ttft_target": 800}'}, None, "PDSERVE_ROLE_PLANNER: unknown key 'ttft_target' (did you mean 'ttft_target_ms'?); keys are enabled, interval_s,"),
+        ({"role_planner": '{"interval_s": 0}'}, {}, None, "--role-planner: interval_s must be > 0, got 0"),
+        ({}, {}, "role_planner:\n  min_decode: true\n", "config file {file}: role_planner: min_decode must be an integer >= 1, got True"),
+        ({}, {}, "role_planner:\n  cooldown_s: soon\n", "config file {file}: role_planner: cooldown_s must be a number, got 'soon'"),
+        ({}, {}, "role_planner: on\n", "config file {file}: role_planner: must be a JSON object (a mapping in YAML) of enabled,"),
+        ({"role_planner": "{enabled: true}"}, {}, None, "--role-planner: must be a JSON object"),
         ({}, {}, "port: [\n", "config file {file}: not valid YAML at line 2"),
     ],
 )  # fmt: skip
@@ -208,6 +215,29 @@ def test_launch_settings_come_from_the_config():
     assert cc.engine.speculative_config is not None and cc.engine.speculative_config.method == "ngram"
     with pytest.raises(ValueError, match="speculative_config"):  # refused before anything starts
         launcher.engine_config(ClusterConfig(model="demo", speculative_config={"method": "guess"}))
+
+
+def test_role_planner_settings_keep_defaults_for_missing_keys_and_reach_the_controller(tmp_path):
+    from pdserve import launcher  # imports Ray: only the controller part needs it
+    from pdserve.cluster.planner import RolePlannerConfig
+
+    assert load_config({}, {}).role_planner == RolePlannerConfig()
+    file = write_yaml(tmp_path / "c.yaml", "role_planner:\n  cooldown_s: 0\n  min_decode: 2\n")
+    planner = load_config({}, {}, file).role_planner
+    assert (planner.cooldown_s, planner.min_decode, planner.interval_s) == (
+        0.0,
+        2,
+        RolePlannerConfig.interval_s,
+    )
+    # A variable replaces the file's mapping as a whole, as for every mapping-valued setting.
+    planner = load_config({}, {"PDSERVE_ROLE_PLANNER": '{"itl_target_ms": 80}'}, file).role_planner
+    assert (planner.itl_target_ms, planner.min_decode) == (80.0, 1)
+    config = load_config(flags_of(["--role-planner", '{"enabled": false, "hysteresis": 4}']), {})
+    cc = launcher.controller_config(config)
+    assert cc.role_planner == RolePlannerConfig(enabled=False, hysteresis=4)
+    up = next(a for a in build_parser()._actions if a.dest == "command").choices["up"]
+    flag = next(a for a in up._actions if a.dest == "role_planner")
+    assert flag.metavar == "JSON" and '"ttft_target_ms": 500.0' in flag.help  # defaults shown as JSON
 
 
 def test_the_gateway_takes_its_limits_from_the_served_model():

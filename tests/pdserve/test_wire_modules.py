@@ -17,6 +17,9 @@ WIRE_MODULES = (
     "pdserve.roles.cache_events",
     "pdserve.roles.kv_channel",
     "pdserve.roles.handoff",  # the router drives disaggregated requests through it
+    "pdserve.cluster.load_pressure",  # the planner's inputs and outputs, read by `pdserve status`
+    "pdserve.cluster.planner",
+    "pdserve.cluster.planner_metrics",
 )
 
 

@@ -217,7 +217,12 @@ def test_set_role_switches_without_reloading(ray_session, moe_checkpoint, refere
         with pytest.raises(RoleError):
             await colocated(ref, "r0", prompt, params)
         switch = await ref.handle.set_role.remote("both")
-        assert (switch.from_role, switch.to_role, switch.moved, switch.handed_back) == ("prefill", "both", 0, 0)
+        assert (switch.from_role, switch.to_role, switch.moved, switch.handed_back) == (
+            "prefill",
+            "both",
+            0,
+            0,
+        )
         out = tokens(await colocated(ref, "r1", prompt, params))
         load = await ref.handle.load.remote()
         ray_session.kill(ref.handle)
