@@ -99,6 +99,15 @@ class IsolatedNode:
             return subprocess.Popen(self._enter(argv), env=self.env(env), cwd=self.home,
                                     stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
+    @staticmethod
+    def terminate(process: subprocess.Popen) -> None:
+        """SIGTERM to a spawned command itself (as Kubernetes stops a container), not to the
+        `nsenter` that started it, which would die without passing the signal on."""
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+
     def http(self, method: str, url: str, body: dict | None = None, headers: dict | None = None):
         """(status, text) of one HTTP request made on the node; status 0 when nothing answers."""
         script = (
