@@ -108,6 +108,11 @@ class ClusterConfig(BaseModel):
         default_factory=dict, description='config.json keys to override, e.g. {"num_hidden_layers": 2}'
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weight dtype")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="where each worker's engine runs; cuda: one GPU per worker, which Ray places on a node "
+        "with a free GPU, and KV moves over NCCL",
+    )
     seed: Int = Field(0, description="engine seed")
     threads: Int | None = Field(None, ge=1, description="torch threads per worker, 1 when unset")
     cpu_gemm: Literal["auto", "torch", "openblas"] = Field(

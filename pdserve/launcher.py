@@ -48,7 +48,7 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
     # (a prefill worker feeds it while computing prompts; only decoding guesses).
     return EngineConfig(
         model=c.model, load_format=c.load_format, hf_overrides=dict(c.hf_overrides), dtype=c.dtype,
-        seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
+        device=c.device, seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
         num_threads=c.threads or 1,  # several workers share the machine's cores
         cpu_gemm=c.cpu_gemm,
         speculative_config=c.speculative_config,

@@ -23,6 +23,7 @@ SAMPLES: dict[str, Any] = {
     "dtype": "bfloat16",
     "seed": 7,
     "threads": 2,
+    "device": "cuda",
     "cpu_gemm": "openblas",
     "prefill": 3,
     "decode": 2,
