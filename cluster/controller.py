@@ -17,7 +17,11 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 
+from prometheus_client import CollectorRegistry, generate_latest
+
+from pdserve.cluster.load_pressure import RouterSignals
 from pdserve.cluster.planner import RolePlannerConfig
+from pdserve.cluster.role_switching import PlannerState, RoleSwitcher, SwitchRecord, SwitchRefused
 from pdserve.engine import EngineConfig
 from pdserve.engine.served_model import ServedModel
 from pdserve.roles.handoff import WorkerRef
@@ -45,7 +49,7 @@ class ControllerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0  # a step of a big batch must not look like death
     restart_dead: bool = True
-    # Carried for the role planner (cluster/planner.py); the controller does not run it yet.
+    # The role planner's settings (cluster/planner.py); the controller runs it (role_switching.py).
     role_planner: RolePlannerConfig = field(default_factory=RolePlannerConfig)
 
     def __post_init__(self) -> None:
@@ -90,6 +94,9 @@ class Controller:
         self._served_model: ServedModel | None = None  # what the first ready worker reported
         self._starting: dict[str, object] = {}  # worker id -> handle, until the worker is ready
         self._restarting: dict[str, asyncio.Task] = {}  # slot -> handling its death (see _after_death)
+        self.registry = CollectorRegistry()  # the controller's own metrics (the role switches')
+        self.switcher = RoleSwitcher(lambda: list(self._workers.values()), config.role_planner, self.registry)
+        self._planner: asyncio.Task | None = None
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
@@ -99,6 +106,7 @@ class Controller:
             self._workers = {info.slot: info for info in infos}
             self._started = True
             self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+            self._planner = asyncio.get_running_loop().create_task(self.switcher.run())
         return await self.workers()
 
     async def workers(self, role: str | None = None) -> list[WorkerInfo]:
@@ -128,12 +136,26 @@ class Controller:
         phases = await asyncio.gather(*(phase(handle) for _, handle in starting))
         return {worker_id: p for (worker_id, _), p in zip(starting, phases, strict=True)}
 
-    async def set_role(self, worker_id: str, role: str) -> str:
-        """Switches a worker's role (after it drains)."""
-        info = self._by_id(worker_id)
-        await info.handle.set_role.remote(role)
-        info.role = role
-        return role
+    async def set_role(self, worker_id: str, role: str, reason: str = "manual") -> SwitchRecord:
+        """Switches a worker's role in place (see `RoleSwitcher.switch`); SwitchRefused says why not."""
+        return await self.switcher.switch(worker_id, role, reason)
+
+    async def planner(self, action: str = "status") -> PlannerState:
+        """Pauses ("pause") or resumes ("resume") the role planner; its state either way."""
+        if action not in ("pause", "resume", "status"):
+            raise SwitchRefused(f"planner action must be pause, resume or status, got {action!r}")
+        if action != "status":
+            self.switcher.running = action == "resume"
+            log.info("role planner %s", "resumed" if self.switcher.running else "paused")
+        return self.switcher.state()
+
+    async def report_router_signals(self, signals: RouterSignals) -> None:
+        """The router's recent latencies and requests waiting for decode room (the planner reads them)."""
+        self.switcher.signals = signals
+
+    async def metrics_text(self) -> str:
+        """The controller's Prometheus metrics (role switches and the planner), text exposition."""
+        return generate_latest(self.registry).decode()
 
     async def report_failure(self, worker_id: str) -> bool:
         """The router saw a call to this worker fail: check it now instead of at the next beat.
@@ -149,8 +171,9 @@ class Controller:
         """Stops the heartbeat and kills every worker."""
         import ray
 
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._planner):
+            if task is not None:
+                task.cancel()
         for task in list(self._restarting.values()):
             task.cancel()
         for handle in list(self._starting.values()):  # replacements still loading

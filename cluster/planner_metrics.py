@@ -12,9 +12,10 @@ class RolePlannerMetrics:
     """Switches by direction and reason, holds by reason, and each side's pressure."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.switches = Counter(
-            "pdserve_role_switches",
-            "Role switches the cluster made, by direction and reason",
+        self.decisions = Counter(
+            "pdserve_role_planner_decisions",
+            "Switches the planner decided, by direction and reason (pdserve_role_switches_total counts "
+            "those carried out, manual ones included)",
             ["from", "to", "reason"],
             registry=registry,
         )
@@ -38,6 +39,6 @@ class RolePlannerMetrics:
             if pressure is not None:
                 self.pressure.labels(side).set(pressure.value)
         if isinstance(outcome, Decision):
-            self.switches.labels(outcome.from_role, outcome.to_role, outcome.reason).inc()
+            self.decisions.labels(outcome.from_role, outcome.to_role, outcome.reason).inc()
         else:
             self.holds.labels(outcome.reason).inc()

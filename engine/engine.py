@@ -355,6 +355,7 @@ class Engine:
         deltas = self.scheduler.postprocess(batch, num_logits, emitted)
         self.counters.num_steps += 1
         self.counters.last_step_seconds = time.perf_counter() - started
+        self.counters.step_seconds_total += self.counters.last_step_seconds
         self._publish_events()
         return deltas
 

@@ -15,6 +15,7 @@ class EngineCounters:
     generation_tokens_total: int = 0
     num_steps: int = 0
     last_step_seconds: float = 0.0
+    step_seconds_total: float = 0.0  # time spent in steps (busy time; a rate's denominator)
     # Speculative decoding: guesses made and accepted, tokens emitted by verification steps, and
     # how many (request, step) verifications there were.
     spec_proposed_tokens: int = 0

@@ -109,6 +109,8 @@ class WorkerLoad:
     draining: bool
     spec_acceptance_rate: float = 0.0  # speculative decoding, since start (0 when it is off)
     spec_mean_accepted_length: float = 0.0
+    prompt_tokens_computed: int = 0  # prompt tokens computed (not cached) since start, and the
+    step_seconds_total: float = 0.0  # time steps took: between two reports, the prefill rate
     kv_blocks_reserved: int = 0  # held for KV on its way here (prompts not computed yet)
     kv_blocks_cached: int = 0  # the prefix cache's blocks (free ones included: reusable prefixes)
     rss_bytes: int = 0  # the worker process's footprint (ProcessUsage)
@@ -142,6 +144,8 @@ class WorkerLoad:
             draining=draining,
             spec_acceptance_rate=stats.spec_acceptance_rate,
             spec_mean_accepted_length=stats.spec_mean_accepted_length,
+            prompt_tokens_computed=stats.prompt_tokens_total - stats.prefix_cache_hit_tokens,
+            step_seconds_total=stats.step_seconds_total,
             kv_blocks_reserved=stats.kv_blocks_reserved,
             kv_blocks_cached=stats.kv_blocks_cached,
             rss_bytes=usage.rss_bytes if usage else 0,

@@ -39,8 +39,8 @@ class WorkerMetrics:
             registry=r,
         )
         self.role_switches = Counter(
-            "pdserve_role_switches",
-            "Role changes of this worker",
+            "pdserve_worker_role_switches",
+            "Role changes of this worker (the controller's pdserve_role_switches_total has their reasons)",
             ["worker", "from_role", "to_role"],
             registry=r,
         )

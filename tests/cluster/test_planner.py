@@ -395,7 +395,10 @@ def test_metrics_and_the_decision_log_record_every_outcome():
         metrics.observe(outcome)
     value = registry.get_sample_value
     assert (
-        value("pdserve_role_switches_total", {"from": "decode", "to": "prefill", "reason": "prefill_queue"})
+        value(
+            "pdserve_role_planner_decisions_total",
+            {"from": "decode", "to": "prefill", "reason": "prefill_queue"},
+        )
         == 1
     )
     assert value("pdserve_role_planner_holds_total", {"reason": rp.HYSTERESIS}) == CONFIG.hysteresis - 1
