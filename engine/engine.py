@@ -326,6 +326,10 @@ class Engine:
         """Every request this engine holds (waiting, running or parked after prefill)."""
         return list(self.scheduler.requests)
 
+    def has_reservation(self, request_id: str) -> bool:
+        """Whether blocks are reserved here for the request's incoming KV."""
+        return self.kv_handoff.has_reservation(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 

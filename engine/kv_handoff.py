@@ -137,6 +137,9 @@ class KVHandoff:
         self._reservations[request_id] = holder
         return True
 
+    def has_reservation(self, request_id: str) -> bool:
+        return request_id in self._reservations
+
     @property
     def num_reserved_blocks(self) -> int:
         """Blocks held for KV that has not arrived yet."""

@@ -20,6 +20,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
+from pdserve.gateway.admin import add_admin_routes
 from pdserve.gateway.config import GatewayConfig
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
@@ -48,6 +49,8 @@ ENDPOINT_OF_PATH = {
 
 def endpoint_of(path: str) -> str:
     """The request counter's `endpoint` label for `path`."""
+    if path.startswith("/admin/"):
+        return "admin"
     return "models" if path.startswith("/v1/models/") else ENDPOINT_OF_PATH.get(path, "other")
 
 
@@ -81,6 +84,7 @@ def create_app(
     add_request_checks(app, config, metrics)
     add_error_handlers(app)
     add_cluster_routes(app, config, connection, metrics, registries)
+    add_admin_routes(app, config, connection)
     add_generation_routes(
         app,
         OpenAIServingCompletion(config, connection, tok, metrics, prompts),

@@ -15,6 +15,7 @@ class GatewayConfig:
     max_model_len: int
     # The cluster's key: HTTP clients must send it, and the gateway presents it to the router.
     api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)  # /admin routes; off without it
     max_body_bytes: int = 4 * 1024 * 1024  # counted as the body is read, whatever its transfer encoding
     max_tokens_limit: int = 32768
     default_max_tokens: int = 256

@@ -18,6 +18,10 @@ HTTP_OF_GRPC = {
 }
 
 
+# A role switch waits for the worker's running requests to move (the controller's drain timeout).
+SWITCH_TIMEOUT_S = 150.0
+
+
 class RouterClient:
     """A channel to one router (several gateways may share it; each keeps its own channel).
 
@@ -58,6 +62,18 @@ class RouterClient:
         """The workers' Prometheus text, merged by the router."""
         return await self._stub.Metrics(
             pdserve_pb2.MetricsRequest(), timeout=timeout_s, metadata=self._metadata
+        )
+
+    async def set_role(self, worker_id: str, role: str, admin_key: str) -> pdserve_pb2.RoleSwitch:
+        """Switches a worker's role (an operator call: it presents the admin key)."""
+        request = pdserve_pb2.SetRoleRequest(worker_id=worker_id, role=role)
+        return await self._stub.SetRole(request, timeout=SWITCH_TIMEOUT_S, metadata=call_metadata(admin_key))
+
+    async def planner(self, action: str, admin_key: str | None) -> pdserve_pb2.PlannerResponse:
+        """Pauses, resumes or reads the role planner (pause and resume present the admin key)."""
+        metadata = call_metadata(admin_key) if admin_key else self._metadata
+        return await self._stub.Planner(
+            pdserve_pb2.PlannerRequest(action=action), timeout=10, metadata=metadata
         )
 
     async def close(self) -> None:

@@ -360,6 +360,38 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_role(args: argparse.Namespace) -> int:
+    from pdserve.cluster_state import ClusterStateError, set_role
+
+    settings = _up_settings(args)
+    try:
+        print(
+            set_role(
+                settings.state_dir,
+                args.name,
+                args.worker_id,
+                args.role,
+                settings.admin_key or settings.api_key,
+            )
+        )
+    except ClusterStateError as e:
+        print(f"pdserve role: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_planner(args: argparse.Namespace) -> int:
+    from pdserve.cluster_state import ClusterStateError, planner
+
+    settings = _up_settings(args)
+    try:
+        print(planner(settings.state_dir, args.name, args.action, settings.admin_key or settings.api_key))
+    except ClusterStateError as e:
+        print(f"pdserve planner: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 class FlagError(SystemExit):
     """A flag argparse refused, already reported in one line; exit code 2."""
 
@@ -422,7 +454,20 @@ def _add_cluster_commands(sub) -> None:
     up_p.set_defaults(func=_cmd_up)
     down_p = sub.add_parser("down", help="stop what `pdserve up` started")
     status_p = sub.add_parser("status", help="workers, roles, load and KV use of the running cluster")
-    for p, func in ((down_p, _cmd_down), (status_p, _cmd_status)):
+    role_p = sub.add_parser(
+        "role",
+        help="switch a worker's role in place (its running requests move live to other workers)",
+    )
+    role_p.add_argument("worker_id", help="a worker id from `pdserve status`")
+    role_p.add_argument("role", choices=["prefill", "decode", "both"])
+    planner_p = sub.add_parser("planner", help="pause, resume or show the role planner")
+    planner_p.add_argument("action", choices=["pause", "resume", "status"])
+    for p, func in (
+        (down_p, _cmd_down),
+        (status_p, _cmd_status),
+        (role_p, _cmd_role),
+        (planner_p, _cmd_planner),
+    ):
         # The settings `up` was started with say where it keeps its state.
         p.add_argument("--state-dir", default=None, help="where `up` recorded what it started")
         p.add_argument(

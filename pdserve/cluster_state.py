@@ -35,6 +35,10 @@ class ClusterRecord:
     ready: bool = False  # false while starting: the gateway and router may not answer yet
 
 
+# A switch waits for the worker's running requests to move: up to the controller's drain timeout.
+DRAIN_WAIT_S = 150.0
+
+
 def record_path(state_dir: Path, name: str) -> Path:
     """Where the cluster called `name` keeps its record."""
     return Path(state_dir) / "clusters" / f"{name}.json"
@@ -179,12 +183,11 @@ def down(state_dir: Path, name: str | None = None, timeout_s: float = 60.0, echo
     echo(f"pdserve {record.name} stopped")
 
 
-def status(state_dir: Path, name: str | None = None, api_key: str | None = None) -> str:
-    """A table of one cluster's workers and router, from its router's ClusterState (presenting
-    `api_key`, the cluster's key, when the cluster has one)."""
+def _call(state_dir: Path, name: str | None, key: str | None, method: str, request):
+    """One call to the cluster's router, presenting `key`; ClusterStateError says what went wrong."""
     import grpc
 
-    from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+    from pdserve.proto import pdserve_pb2_grpc
     from pdserve.proto.bearer import call_metadata
 
     record = select(state_dir, name)
@@ -192,8 +195,8 @@ def status(state_dir: Path, name: str | None = None, api_key: str | None = None)
         raise ClusterStateError(f"cluster {record.name!r} (pid {record.pid}) is still starting")
     with grpc.insecure_channel(record.router_address) as channel:
         try:
-            cs = pdserve_pb2_grpc.RouterStub(channel).ClusterState(
-                pdserve_pb2.ClusterStateRequest(), timeout=5, metadata=call_metadata(api_key)
+            return record, getattr(pdserve_pb2_grpc.RouterStub(channel), method)(
+                request, timeout=DRAIN_WAIT_S if method == "SetRole" else 5, metadata=call_metadata(key)
             )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -201,9 +204,64 @@ def status(state_dir: Path, name: str | None = None, api_key: str | None = None)
                     f"router at {record.router_address} wants the cluster's API key: set PDSERVE_API_KEY "
                     "(or api_key in the --config file) to the key `up` was given"
                 ) from e
+            if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise ClusterStateError(
+                    "this needs the cluster's admin key: set PDSERVE_ADMIN_KEY (or admin_key in the --config file)"
+                ) from e
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.ABORTED):  # fmt: skip
+                raise ClusterStateError(e.details()) from e
             raise ClusterStateError(
                 f"router at {record.router_address} does not answer ({e.code().name})"
             ) from e
+
+
+def set_role(state_dir: Path, name: str | None, worker_id: str, role: str, key: str | None = None) -> str:
+    """Switches a worker's role in place (`pdserve role`); one line saying what it did."""
+    from pdserve.proto import pdserve_pb2
+
+    _, done = _call(
+        state_dir, name, key, "SetRole", pdserve_pb2.SetRoleRequest(worker_id=worker_id, role=role)
+    )
+    return (
+        f"{done.worker_id}: {done.from_role} -> {done.to_role} in {done.seconds:.2f} s "
+        f"({done.moved} requests moved live, {done.handed_back} prompts handed back)"
+    )
+
+
+def planner(state_dir: Path, name: str | None, action: str, key: str | None = None) -> str:
+    """Pauses, resumes or shows the role planner (`pdserve planner`): its state and last switches."""
+    from pdserve.proto import pdserve_pb2
+
+    _, state = _call(state_dir, name, key, "Planner", pdserve_pb2.PlannerRequest(action=action))
+    return "\n".join(_planner_lines(state))
+
+
+def _planner_lines(state) -> list[str]:
+    lines = [f"role planner: {'running' if state.running else 'paused'}   settings {state.config_json}"]
+    lines += (
+        ["last role switches:"] + [f"  {_switch_line(s)}" for s in state.switches[-10:]]
+        if state.switches
+        else []
+    )
+    lines += ["last planner decisions:"] + [f"  {d}" for d in state.decisions[-5:]] if state.decisions else []
+    return lines
+
+
+def _switch_line(s) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(s.at))
+    took = "under way" if s.seconds < 0 else f"{s.seconds:.2f} s"
+    outcome = f"failed: {s.error}" if s.error else f"{s.moved} moved, {s.handed_back} handed back"
+    return f"{when} {s.worker_id} {s.from_role}->{s.to_role} ({s.reason}) {took}, {outcome}"
+
+
+def status(state_dir: Path, name: str | None = None, api_key: str | None = None) -> str:
+    """A table of one cluster's workers and router, from its router's ClusterState (presenting
+    `api_key`, the cluster's key, when the cluster has one)."""
+    from pdserve.proto import pdserve_pb2
+
+    record, cs = _call(state_dir, name, api_key, "ClusterState", pdserve_pb2.ClusterStateRequest())
+    _, planner_state = _call(state_dir, name, api_key, "Planner", pdserve_pb2.PlannerRequest(action="status"))
     lines = [
         f"cluster {record.name}   model {cs.model}   gateway {record.gateway_url}   "
         f"router {record.router_address} (policy {cs.policy})",
@@ -220,4 +278,4 @@ def status(state_dir: Path, name: str | None = None, api_key: str | None = None)
         lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
                      f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10} "
                      f"{w.rss_bytes / 2**20:>8.0f} {w.open_fds:>5} {w.threads:>7}")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(lines + _planner_lines(planner_state))

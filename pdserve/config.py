@@ -133,6 +133,12 @@ class ClusterConfig(BaseModel):
         repr=False,
         description="require 'Authorization: Bearer KEY' on the gateway's /v1 routes and on every router call",
     )
+    admin_key: str | None = Field(
+        None,
+        repr=False,
+        description="the key operator actions need (role switches, pausing the planner): the gateway's "
+        "/admin routes are off without it",
+    )
     max_body_bytes: Int = Field(
         GatewayConfig.max_body_bytes, ge=1024, description="largest request body, counted as it is read"
     )
@@ -187,7 +193,7 @@ class ClusterConfig(BaseModel):
             raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {value!r}")
         return value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _key_chars(cls, value: str | None) -> str | None:
         # It travels in an HTTP header and gRPC metadata, which carry printable ASCII only.

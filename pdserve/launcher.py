@@ -100,7 +100,7 @@ def router_config(c: ClusterConfig) -> RouterConfig:
 
     return RouterConfig(
         host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name,
-        api_key=c.api_key,
+        api_key=c.api_key, admin_key=c.admin_key,
     )  # fmt: skip
 
 
@@ -114,6 +114,7 @@ def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> G
         tokenizer_path=served.tokenizer_path or "",
         max_model_len=served.max_model_len,
         api_key=c.api_key,
+        admin_key=c.admin_key,
         max_body_bytes=c.max_body_bytes,
         body_timeout_s=c.body_timeout_s,
         header_timeout_s=c.header_timeout_s,

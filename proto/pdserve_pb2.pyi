@@ -187,3 +187,51 @@ class MetricsResponse(_message.Message):
     text: str
     unreachable: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, text: _Optional[str] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RoleSwitch(_message.Message):
+    __slots__ = ("worker_id", "from_role", "to_role", "reason", "at", "seconds", "moved", "handed_back", "error")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TO_ROLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    from_role: str
+    to_role: str
+    reason: str
+    at: float
+    seconds: float
+    moved: int
+    handed_back: int
+    error: str
+    def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[str] = ..., to_role: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[float] = ..., seconds: _Optional[float] = ..., moved: _Optional[int] = ..., handed_back: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("worker_id", "role")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class PlannerRequest(_message.Message):
+    __slots__ = ("action",)
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    def __init__(self, action: _Optional[str] = ...) -> None: ...
+
+class PlannerResponse(_message.Message):
+    __slots__ = ("running", "config_json", "switches", "decisions")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    config_json: str
+    switches: _containers.RepeatedCompositeFieldContainer[RoleSwitch]
+    decisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, running: _Optional[bool] = ..., config_json: _Optional[str] = ..., switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., decisions: _Optional[_Iterable[str]] = ...) -> None: ...

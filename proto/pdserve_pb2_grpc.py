@@ -54,6 +54,16 @@ class RouterStub:
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsResponse.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/pdserve.v1.Router/SetRole',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.RoleSwitch.FromString,
+                _registered_method=True)
+        self.Planner = channel.unary_unary(
+                '/pdserve.v1.Router/Planner',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -83,6 +93,20 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Switches a worker's role in place (the same path the planner takes); FAILED_PRECONDITION or
+        INVALID_ARGUMENT with the reason when it may not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Planner(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +129,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.MetricsResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.SetRoleRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.RoleSwitch.SerializeToString,
+            ),
+            'Planner': grpc.unary_unary_rpc_method_handler(
+                    servicer.Planner,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +249,60 @@ class Router:
             '/pdserve.v1.Router/Metrics',
             pdserve_dot_proto_dot_pdserve__pb2.MetricsRequest.SerializeToString,
             pdserve_dot_proto_dot_pdserve__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/SetRole',
+            pdserve_dot_proto_dot_pdserve__pb2.SetRoleRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.RoleSwitch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Planner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/Planner',
+            pdserve_dot_proto_dot_pdserve__pb2.PlannerRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.PlannerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -158,9 +158,11 @@ class Worker:
                 handed_back = await self._hand_back_unstarted(loop)
             deadline = asyncio.get_running_loop().time() + drain_timeout_s
             while True:
-                if old == "decode":  # arrivals of KV reserved before the switch move on too
+                if old == "decode":  # KV arriving meanwhile (reserved before) moves on too
                     moved += await self._move_running(loop)
-                if not self._outbox and not await loop.call(_holds_work):
+                # Reservations whose prompts are still being computed elsewhere are not waited
+                # for: their KV arrives here later and moves on at once (see `decode`).
+                if not self._outbox and not await loop.call(lambda e: e.has_unfinished()):
                     break
                 if asyncio.get_running_loop().time() > deadline:
                     raise RoleError(
@@ -176,13 +178,14 @@ class Worker:
                  switch.seconds, moved, handed_back)  # fmt: skip
         return switch
 
-    async def _move_running(self, loop: EngineLoop) -> int:
-        """Takes every decoding request out of the engine at a step boundary, its KV into the
-        outbox, and ends its stream with the handoff (the router moves it to another worker)."""
+    async def _move_running(self, loop: EngineLoop, request_ids: list[str] | None = None) -> int:
+        """Takes every decoding request (or those of `request_ids`) out of the engine at a step
+        boundary, its KV into the outbox, and ends its stream with the handoff (the router moves
+        it to another worker)."""
 
         def take(engine: Engine) -> list[KVPayload]:
             payloads = []
-            for request_id in engine.request_ids():
+            for request_id in engine.request_ids() if request_ids is None else request_ids:
                 try:
                     payload = engine.export_kv(request_id)
                 except KeyError:  # still computing its prompt (or preempted): moved on a later round
@@ -344,8 +347,12 @@ class Worker:
         while this worker switches away from decode: the request was reserved before, and moves
         on from here.
         """
-        self._admit("decode", switching_ok=True)
         loop = await self._engine()
+        # A request reserved here before the worker left the decode role still lands here, and
+        # moves on at once (its prefill worker is sending; refusing would waste its prefill).
+        moving_on = self._draining or self.role not in ("decode", "both")
+        if moving_on and not await loop.call(lambda e: e.has_reservation(request_id)):
+            self._admit("decode")
         assert self._transport is not None
         block_shape = loop.engine.kv_block_shape
         shape = (*block_shape[:2], handoff.num_blocks, *block_shape[2:])
@@ -362,6 +369,12 @@ class Worker:
         self.metrics.transfer("recv", buffer.numel() * buffer.element_size(), time.perf_counter() - start)
         state = {f.name: getattr(handoff, f.name) for f in fields(handoff) if f.name != "num_blocks"}
         payload = KVPayload(**state, kv=buffer)
+        if moving_on:  # passed on as received: into the outbox, and the router moves it
+            await loop.call(lambda e: e.cancel_reservation(request_id))
+            if request_id not in self._aborted:
+                self._outbox[request_id] = payload
+                yield TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=handoff)
+            return
         async with aclosing(self._stream(loop, request_id, lambda e: e.import_kv(payload))) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -416,11 +429,6 @@ class Worker:
         allowed = {"both": ("both",), "prefill": ("prefill", "both"), "decode": ("decode", "both")}[needed]
         if self.role not in allowed:
             raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}", self.worker_id)
-
-
-def _holds_work(engine: Engine) -> bool:
-    """Whether the engine still runs requests or waits for KV it reserved room for."""
-    return engine.has_unfinished() or engine.stats().kv_blocks_reserved > 0
 
 
 def _check_role(role: str) -> None:

@@ -13,10 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 
+from pdserve.cluster.load_pressure import RouterSignals
 from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex
 
 log = logging.getLogger(__name__)
+
+# How often the router tells the controller's role planner its latencies (the planner's interval
+# is 1 s by default).
+SIGNALS_EVERY_S = 0.5
 
 
 class ClusterView:
@@ -30,6 +37,9 @@ class ClusterView:
         self.index_available = True
         self._seen: dict[str, int] = {}  # worker id -> last cache event applied
         self._task: asyncio.Task | None = None
+        # What the router measured, sent to the controller's role planner every SIGNALS_EVERY_S.
+        self.signals: Callable[[], RouterSignals] | None = None
+        self._signalled = 0.0
 
     async def start(self) -> None:
         await self.refresh()
@@ -76,5 +86,13 @@ class ClusterView:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.refresh()
+                await self._send_signals()
             except Exception:
                 log.exception("refreshing the cluster view failed; retrying")
+
+    async def _send_signals(self) -> None:
+        now = time.monotonic()
+        if self.signals is None or now - self._signalled < SIGNALS_EVERY_S:
+            return
+        self._signalled = now
+        await self.controller.report_router_signals.remote(self.signals())

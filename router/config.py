@@ -31,6 +31,7 @@ class RouterConfig:
     metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
     # When set, every call but the health service's must carry `authorization: Bearer KEY` (router/auth.py).
     api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)  # SetRole and Planner pause/resume need it
     runner: RunnerConfig | None = None
 
     def __post_init__(self) -> None:

@@ -93,6 +93,7 @@ class RequestRunner:
         self.placement = placement
         self.config = config or RunnerConfig()
         self.metrics = metrics
+        self.waiting_for_room = 0  # requests in admission, waiting for a decode worker with room
         self.channels = ChannelGenerations()
         self.after_prefill: Callable[[str], Awaitable[None]] | None = None
 
@@ -212,7 +213,11 @@ class RequestRunner:
                     f"{self.config.admission_timeout_s} s; retry later or add decode workers"
                 )
             if load is not None:  # no room yet (after a dead worker, another is chosen at once)
-                await asyncio.sleep(self.config.admission_poll_s)
+                self.waiting_for_room += 1
+                try:
+                    await asyncio.sleep(self.config.admission_poll_s)
+                finally:
+                    self.waiting_for_room -= 1
 
     async def _failed_workers(self, route: Route) -> set[str]:
         """Which of the route's workers no longer answer (and tells the placement about them)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -18,10 +19,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.cluster.planner import DecisionRecord
+from pdserve.cluster.role_switching import SwitchRecord, SwitchRefused
 from pdserve.engine import SamplingParams
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.proto.bearer import matches, presented
 from pdserve.roles.messages import TokenChunk
 from pdserve.router.auth import KeyCheck, caller, same_caller
 from pdserve.router.cluster_view import ClusterView
@@ -30,6 +34,7 @@ from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.placement import NoWorkerError, RouterPlacement
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex, make_prefix_index
+from pdserve.router.recent_latencies import RecentLatencies
 from pdserve.router.request_runner import NoRoomInTime, RequestFailed, RequestRunner
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,11 @@ _DONE = object()
 
 # A prefill group names one API request's choices (its request id and a prompt index).
 MAX_PREFILL_GROUP_CHARS = 256
+
+
+ADMIN_REFUSAL = (
+    "this is an operator action: present the admin key (metadata 'authorization: Bearer <admin_key>')"
+)
 
 
 class InvalidRequest(ValueError):
@@ -121,6 +131,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self.served = served
         self._in_flight: dict[str, asyncio.Task] = {}
         self._owners: dict[str, bytes] = {}  # request id -> its Generate call's `caller`
+        self.latencies = RecentLatencies()
 
     def _validate(self, request: pdserve_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
@@ -182,6 +193,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self._in_flight[rid], self._owners[rid] = task, caller(context)
         self.metrics.in_flight.set(len(self._in_flight))
         emitted, cached, outcome = 0, 0, "error"
+        started = last = time.monotonic()
         try:
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -206,6 +218,12 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                     outcome = await self._fail(item, rid, context)
                     return
                 msg = to_chunk(item)
+                now = time.monotonic()
+                if item.token_ids:
+                    (self.latencies.gap if emitted else self.latencies.first_token)(
+                        now - (last if emitted else started)
+                    )
+                    last = now
                 emitted += len(item.token_ids)
                 cached = item.num_cached_tokens
                 if item.finished:
@@ -297,7 +315,13 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             *(asyncio.wait_for(w.handle.metrics_text.remote(), self.config.metrics_timeout_s) for w in live),
             return_exceptions=True,
         )
-        answered = [t for t in texts if isinstance(t, str)]
+        try:  # the controller's own: role switches and the planner
+            controller_text = await asyncio.wait_for(
+                self.view.controller.metrics_text.remote(), self.config.metrics_timeout_s
+            )
+        except Exception:
+            controller_text = None
+        answered = [t for t in texts if isinstance(t, str)] + ([controller_text] if controller_text else [])
         unreachable = [w.worker_id for w, t in zip(live, texts) if not isinstance(t, str)]
         if unreachable:
             log.warning("metrics: no answer from workers %s", unreachable)
@@ -307,6 +331,52 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             log.warning("metrics: cannot merge the workers' expositions (%s); concatenating them", e)
             text = "".join(answered)
         return pdserve_pb2.MetricsResponse(text=text, unreachable=unreachable)
+
+    async def SetRole(self, request, context):
+        """Switches a worker's role in place, through the controller (as the planner does)."""
+        await self._check_admin(context)
+        try:
+            record = await self.view.controller.set_role.remote(request.worker_id, request.role)
+        except Exception as e:
+            cause = getattr(e, "cause", e)
+            if isinstance(cause, SwitchRefused):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(cause))
+            await context.abort(
+                grpc.StatusCode.ABORTED, f"the switch failed: {str(cause).splitlines()[0][:300]}"
+            )
+        return switch_proto(record)
+
+    async def Planner(self, request, context):
+        """Pauses or resumes the role planner (admin), or reports its state."""
+        if request.action not in ("pause", "resume", "status"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"action must be pause, resume or status, got {request.action!r}",
+            )
+        if request.action != "status":
+            await self._check_admin(context)
+        state = await self.view.controller.planner.remote(request.action)
+        return pdserve_pb2.PlannerResponse(
+            running=state.running,
+            config_json=json.dumps(state.config),
+            switches=[switch_proto(s) for s in state.switches],
+            decisions=[DecisionRecord(**d).line() for d in state.decisions],
+        )
+
+    async def _check_admin(self, context) -> None:
+        """Operator calls present the admin key when the cluster has one."""
+        key = self.config.admin_key
+        if key and not matches(presented(context.invocation_metadata()), key):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, ADMIN_REFUSAL)
+
+
+def switch_proto(record: SwitchRecord) -> pdserve_pb2.RoleSwitch:
+    """A controller's SwitchRecord on the wire."""
+    return pdserve_pb2.RoleSwitch(
+        worker_id=record.worker_id, from_role=record.from_role, to_role=record.to_role, reason=record.reason,
+        at=record.at, seconds=-1.0 if record.seconds is None else record.seconds, moved=record.moved,
+        handed_back=record.handed_back, error=record.error or "",
+    )  # fmt: skip
 
 
 class Router:
@@ -360,8 +430,11 @@ async def start_router(controller, config: RouterConfig) -> Router:
     placement = RouterPlacement(view, make_policy(config.policy), served.block_size, metrics)
     runner = RequestRunner(placement, config.runner, metrics)
     service = RouterService(runner, view, metrics, config, served)
+    view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner
 
-    server = grpc.aio.server(interceptors=[KeyCheck(config.api_key)] if config.api_key else None)
+    server = grpc.aio.server(
+        interceptors=[KeyCheck(config.api_key, config.admin_key)] if config.api_key else None
+    )
     pdserve_pb2_grpc.add_RouterServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -69,14 +69,14 @@ def test_rendered_head_and_worker_pods_serve_a_chat_completion(tmp_path):
     objects = render(VALUES)
     services = [o["metadata"]["name"] for o in objects if o["kind"] == "Service"]
     node = IsolatedNode(tmp_path / "node", hosts={name: "127.0.0.1" for name in services})
-    pods = []
+    pods, envs = [], {}
     try:
         for deployment in (f"{RELEASE}-head", f"{RELEASE}-prefill", f"{RELEASE}-decode"):
             spec = find(objects, "Deployment", deployment)["spec"]
             pod = spec["template"]["spec"]
             (container,) = pod["containers"]
             mounts = mount_configmaps(pod, container, objects, tmp_path / deployment)
-            env = container_env(container, objects, mounts)
+            env = envs[deployment] = container_env(container, objects, mounts)
             for replica in range(spec["replicas"]):
                 log = tmp_path / f"{deployment}-{replica}.log"
                 pods.append((deployment, node.spawn(container["command"], log, env), log))
@@ -115,8 +115,8 @@ def test_rendered_head_and_worker_pods_serve_a_chat_completion(tmp_path):
         }
         assert charted <= exported, charted - exported
 
-        # `kubectl exec deploy/pdserve-head -- pdserve status`
-        shown = node.run("pdserve status")
+        # `kubectl exec deploy/pdserve-head -- pdserve status` (exec runs with the container's env)
+        shown = node.run("pdserve status", envs[f"{RELEASE}-head"])
         assert shown.returncode == 0, shown.stderr
         assert re.search(r"^prefill-0 +prefill +yes", shown.stdout, re.M), shown.stdout
         assert re.search(r"^decode-0 +decode +yes", shown.stdout, re.M), shown.stdout

@@ -18,7 +18,14 @@ def test_service_shape():
     from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 
     service = pdserve_pb2.DESCRIPTOR.services_by_name["Router"]
-    assert {m.name for m in service.methods} == {"Generate", "Abort", "ClusterState", "Metrics"}
+    assert {m.name for m in service.methods} == {
+        "Generate",
+        "Abort",
+        "ClusterState",
+        "Metrics",
+        "SetRole",
+        "Planner",
+    }
     assert service.methods_by_name["Generate"].server_streaming
     assert hasattr(pdserve_pb2_grpc, "RouterServicer")
     assert Path(pdserve_pb2.__file__).parent == HERE

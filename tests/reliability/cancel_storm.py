@@ -48,8 +48,12 @@ class FixedPlacement:
         self.prefill = prefill
         self.decode = decode
 
-    async def choose(self, prompt_token_ids: list[int], avoid: set[str]) -> Route:
+    async def choose(self, prompt_token_ids: list[int], avoid: set[str], group: str | None = None) -> Route:
         return Route(self.prefill, self.decode)
+
+    async def decode_target(self, num_tokens: int, avoid: set[str]) -> WorkerRef | None:
+        """No other decode worker: a request moved off (not in these tests) would be recomputed."""
+        return None
 
     async def failed(self, worker_id: str) -> None:
         """Nothing to tell: no controller here."""

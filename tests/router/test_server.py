@@ -318,6 +318,9 @@ def test_no_live_worker_is_unavailable(ray_session, moe_checkpoint):
         async def report_failure(self, worker_id):
             return None
 
+        async def report_router_signals(self, signals):
+            return None
+
     served = ServedModel("tiny", None, max_model_len=256, vocab_size=1000, block_size=BLOCK, num_kv_blocks=64,
                          dtype="float32")  # fmt: skip
     empty = EmptyController.remote(served)
