@@ -37,10 +37,11 @@ from pdserve.bench.serve_bench import (
 )
 
 # The static splits and the planner's layout, as `pdserve up` flags (4 workers).
+_STATIC = ["--role-planner", '{"enabled": false}']
 SHIFTING_LAYOUTS: dict[str, list[str]] = {
-    "1P+3D": ["--prefill", "1", "--decode", "3", "--both", "0"],
-    "2P+2D": ["--prefill", "2", "--decode", "2", "--both", "0"],
-    "3P+1D": ["--prefill", "3", "--decode", "1", "--both", "0"],
+    "1P+3D": ["--prefill", "1", "--decode", "3", "--both", "0", *_STATIC],
+    "2P+2D": ["--prefill", "2", "--decode", "2", "--both", "0", *_STATIC],
+    "3P+1D": ["--prefill", "3", "--decode", "1", "--both", "0", *_STATIC],
     "planner": ["--prefill", "2", "--decode", "2", "--both", "0", "--role-planner", '{"enabled": true}'],
 }
 _WORDS = (
@@ -71,9 +72,9 @@ class ShiftingArgs:
     seed: int = 0
     phase_s: float = 40.0
     prefill_heavy_rate: float = 3.0
-    decode_heavy_rate: float = 3.0
+    decode_heavy_rate: float = 8.0
     long_prompt_words: int = 500
-    long_answer_tokens: int = 128
+    long_answer_tokens: int = 192
     slo_ttft_ms: float = 1500.0
     slo_tpot_ms: float = 100.0
     api_key: str | None = None
