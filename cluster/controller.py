@@ -49,6 +49,9 @@ class ControllerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0  # a step of a big batch must not look like death
     restart_dead: bool = True
+    # Where workers' KV transports listen: loopback for a cluster on one machine, None (each
+    # worker's node address) when `up` joins a Ray cluster that may span machines.
+    kv_host: str | None = "127.0.0.1"
     # The role planner's settings (cluster/planner.py); the controller runs it (role_switching.py).
     role_planner: RolePlannerConfig = field(default_factory=RolePlannerConfig)
 
@@ -193,8 +196,9 @@ class Controller:
     async def _launch(self, slot: str, role: str, restarts: int) -> WorkerInfo:
         worker_id = slot if restarts == 0 else f"{slot}.r{restarts}"
         handle = start_worker(
-            worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus
-        )
+            worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus,
+            host=self.config.kv_host,
+        )  # fmt: skip
         self._starting[worker_id] = handle
         try:
             endpoint = await handle.ready.remote()

@@ -60,8 +60,10 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
 
     Each worker's CPU share is set once Ray says what the cluster has (`worker_cpus`)."""
     return ControllerConfig(
-        engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, role_planner=c.role_planner
-    )
+        engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, role_planner=c.role_planner,
+        # Joined to a Ray cluster, workers may be on other machines: each listens on its node's address.
+        kv_host=None if c.address else "127.0.0.1",
+    )  # fmt: skip
 
 
 # A worker's smallest CPU share: below it, engines on one core starve each other's steps.

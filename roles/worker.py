@@ -55,8 +55,10 @@ class Worker:
         engine_config: EngineConfig,
         role: str = "both",
         kv_backend: str = "gloo",
-        host: str = "127.0.0.1",
+        host: str | None = "127.0.0.1",
     ) -> None:
+        """`host`: the address its KV transport listens on; None: this node's address as Ray
+        knows it (workers on other machines must reach it)."""
         _check_role(role)
         self.worker_id = worker_id
         self.role = role
@@ -90,7 +92,7 @@ class Worker:
         )
         self._set_phase("opening the KV transport")
         self._transport = await asyncio.to_thread(
-            make_transport, self._kv_backend, self.worker_id, self._host
+            make_transport, self._kv_backend, self.worker_id, self._host or _node_address()
         )
         # EngineLoop posts results to the actor's event loop, so it is made here, on it.
         self._loop = EngineLoop(engine, asyncio.get_running_loop())
@@ -431,6 +433,12 @@ class Worker:
             raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}", self.worker_id)
 
 
+def _node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 def _check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -444,8 +452,11 @@ def start_worker(
     *,
     num_cpus: float = 1,
     name: str | None = None,
+    host: str | None = "127.0.0.1",
 ):
-    """Starts a `Worker` actor: one GPU when the engine runs on CUDA (and NCCL transfers), CPU otherwise."""
+    """Starts a `Worker` actor: one GPU when the engine runs on CUDA (and NCCL transfers), CPU otherwise.
+
+    `host`: where its KV transport listens (None: its node's address, for multi-node clusters)."""
     import ray
 
     on_gpu = engine_config.on_gpu
@@ -456,4 +467,4 @@ def start_worker(
         name=name,
         max_concurrency=1000,  # an async actor: many streams at once
     )
-    return actor.remote(worker_id, engine_config, role, backend)
+    return actor.remote(worker_id, engine_config, role, backend, host)

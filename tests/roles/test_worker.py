@@ -279,3 +279,16 @@ def test_transfers_and_failures_show_in_metrics(ray_session, workers):
     assert metric(sent_text, "pdserve_kv_transfer_failures_total", direction="send") == before_failed
     assert metric(recv_text, "pdserve_worker_role", role="decode") == 1
     assert metric(recv_text, "pdserve_kv_blocks_total") == BLOCKS
+
+
+def test_a_worker_of_a_multi_node_cluster_listens_on_its_nodes_address(ray_session, moe_checkpoint):
+    # Joined to a Ray cluster (`up --address`), workers on other machines must reach its KV
+    # transport: with no host given it listens on the node's address as Ray knows it.
+    engine = EngineConfig(model=str(moe_checkpoint), dtype="float32", block_size=4, num_threads=1,
+                          progress=False, kv_cache_blocks=16)  # fmt: skip
+    handle = start_worker("w-node", engine, "both", host=None)
+    try:
+        endpoint = ray_session.get(handle.ready.remote())
+        assert endpoint.host == ray_session.util.get_node_ip_address()
+    finally:
+        ray_session.kill(handle)
