@@ -29,6 +29,10 @@ OPERATIONS = [
     ("GET", "/v1/models", 3),
     ("GET", "/health", 3),
     ("GET", "/metrics", 3),
+    # The operator's routes (off in this stack: no admin_key; fuzzed for 5xx all the same).
+    ("POST", "/admin/workers/{worker_id}/role", 10),
+    ("POST", "/admin/planner/{action}", 5),
+    ("GET", "/admin/planner", 3),
 ]
 
 

@@ -35,6 +35,7 @@ SAMPLES: dict[str, Any] = {
     "redis_url": "redis://10.0.0.5:6379/0",
     "address": "10.0.0.1:6379",
     "api_key": "sk-test",
+    "admin_key": "adm-test",
     "max_body_bytes": 8 * 2**20,
     "body_timeout_s": 12.5,
     "header_timeout_s": 4.0,
