@@ -332,64 +332,56 @@ def _up_settings(args: argparse.Namespace):
     return load_config(flags, os.environ, args.config)
 
 
-def _cmd_down(args: argparse.Namespace) -> int:
-    # cluster_state, not the launcher: `down` must not pay for importing torch and Ray.
-    from pdserve.cluster_state import ClusterStateError, down
+def _on_cluster(command: str, args: argparse.Namespace, act) -> int:
+    """Runs `act(settings)` against a running cluster (settings found as `up` finds them), prints
+    what it returns, and turns a ClusterStateError into one line on stderr and exit code 1.
+
+    cluster_state, not the launcher: these commands must not pay for importing torch and Ray."""
+    from pdserve.cluster_state import ClusterStateError
 
     try:
-        down(_up_settings(args).state_dir, args.name)
+        shown = act(_up_settings(args))
     except ClusterStateError as e:
-        print(f"pdserve down: {e}", file=sys.stderr)
+        print(f"pdserve {command}: {e}", file=sys.stderr)
         return 1
+    if shown is not None:
+        print(shown)
     return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from pdserve.cluster_state import down
+
+    return _on_cluster("down", args, lambda settings: down(settings.state_dir, args.name))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pdserve.cluster_state import ClusterStateError, listing, status
+    from pdserve.cluster_state import listing, status
 
-    settings = _up_settings(args)
-    try:
-        print(
-            listing(settings.state_dir)
-            if args.all
-            else status(settings.state_dir, args.name, settings.api_key)
-        )
-    except ClusterStateError as e:
-        print(f"pdserve status: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def show(settings) -> str:
+        if args.all:
+            return listing(settings.state_dir)
+        return status(settings.state_dir, args.name, settings.api_key)
+
+    return _on_cluster("status", args, show)
 
 
 def _cmd_role(args: argparse.Namespace) -> int:
-    from pdserve.cluster_state import ClusterStateError, set_role
+    from pdserve.cluster_state import set_role
 
-    settings = _up_settings(args)
-    try:
-        print(
-            set_role(
-                settings.state_dir,
-                args.name,
-                args.worker_id,
-                args.role,
-                settings.admin_key or settings.api_key,
-            )
-        )
-    except ClusterStateError as e:
-        print(f"pdserve role: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _on_cluster(
+        "role",
+        args,
+        lambda s: set_role(s.state_dir, args.name, args.worker_id, args.role, s.admin_key or s.api_key),
+    )
 
 
 def _cmd_planner(args: argparse.Namespace) -> int:
-    from pdserve.cluster_state import ClusterStateError, planner
+    from pdserve.cluster_state import planner
 
-    settings = _up_settings(args)
-    try:
-        print(planner(settings.state_dir, args.name, args.action, settings.admin_key or settings.api_key))
-    except ClusterStateError as e:
-        print(f"pdserve planner: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _on_cluster(
+        "planner", args, lambda s: planner(s.state_dir, args.name, args.action, s.admin_key or s.api_key)
+    )
 
 
 class FlagError(SystemExit):

@@ -249,10 +249,14 @@ def _planner_lines(state) -> list[str]:
 
 
 def _switch_line(s) -> str:
-    when = time.strftime("%H:%M:%S", time.localtime(s.at))
-    took = "under way" if s.seconds < 0 else f"{s.seconds:.2f} s"
-    outcome = f"failed: {s.error}" if s.error else f"{s.moved} moved, {s.handed_back} handed back"
-    return f"{when} {s.worker_id} {s.from_role}->{s.to_role} ({s.reason}) {took}, {outcome}"
+    """One switch from the wire, as the controller logs it (`SwitchRecord.line`)."""
+    from pdserve.cluster.role_switching import SwitchRecord
+
+    record = SwitchRecord(
+        s.worker_id, s.from_role, s.to_role, s.reason, s.at, None if s.seconds < 0 else s.seconds,
+        s.moved, s.handed_back, s.error or None,
+    )  # fmt: skip
+    return record.line()
 
 
 def status(state_dir: Path, name: str | None = None, api_key: str | None = None) -> str:

@@ -19,21 +19,27 @@ BLOCKS = 96
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
 
 
-@pytest.fixture(scope="module")
-def controller(ray_session, moe_checkpoint):
+def switch_controller(ray, checkpoint, name: str, decode: int, speculative_config=None):
+    """A controller with 1 prefill and `decode` decode workers, its planner off (the switches in
+    these tests are the tests' own); yields its handle and shuts it down after."""
     engine = EngineConfig(
-        model=str(moe_checkpoint), dtype="float32", block_size=4, num_threads=1, progress=False,
-        kv_cache_blocks=BLOCKS, speculative_config=NGRAM,
+        model=str(checkpoint), dtype="float32", block_size=4, num_threads=1, progress=False,
+        kv_cache_blocks=BLOCKS, speculative_config=speculative_config,
     )  # fmt: skip
     config = ControllerConfig(
-        engine, prefill=1, decode=2, heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0,
-        role_planner=RolePlannerConfig(enabled=False),  # switches here are the tests' own
+        engine, prefill=1, decode=decode, heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0,
+        role_planner=RolePlannerConfig(enabled=False),
     )  # fmt: skip
-    handle = start_controller(config, name="pdserve-controller-switch-test")
-    ray_session.get(handle.start.remote())
+    handle = start_controller(config, name=name)
+    ray.get(handle.start.remote())
     yield handle
-    ray_session.get(handle.shutdown.remote())
-    ray_session.kill(handle)
+    ray.get(handle.shutdown.remote())
+    ray.kill(handle)
+
+
+@pytest.fixture(scope="module")
+def controller(ray_session, moe_checkpoint):
+    yield from switch_controller(ray_session, moe_checkpoint, "pdserve-controller-switch-test", 2, NGRAM)
 
 
 @pytest.fixture(scope="module")

@@ -9,33 +9,19 @@ import time
 
 import pytest
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
-from pdserve.cluster.planner import RolePlannerConfig
-from pdserve.engine import LLM, EngineConfig, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from pdserve.router.request_runner import RequestRunner, RunnerConfig
 from tests.cluster.controller_placement import ControllerPlacement
 from tests.cluster.test_controller_and_faults import wait_until_all_released
+from tests.cluster.test_role_switch import switch_controller
 from tests.prompts import prompts_of
 
-BLOCKS = 96  # as wait_until_all_released expects
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def controller(ray_session, moe_checkpoint):
-    engine = EngineConfig(
-        model=str(moe_checkpoint), dtype="float32", block_size=4, num_threads=1, progress=False,
-        kv_cache_blocks=BLOCKS,
-    )  # fmt: skip
-    config = ControllerConfig(
-        engine, prefill=1, decode=3, heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0,
-        role_planner=RolePlannerConfig(enabled=False),
-    )  # fmt: skip
-    handle = start_controller(config, name="pdserve-controller-switch-faults")
-    ray_session.get(handle.start.remote())
-    yield handle
-    ray_session.get(handle.shutdown.remote())
-    ray_session.kill(handle)
+    yield from switch_controller(ray_session, moe_checkpoint, "pdserve-controller-switch-faults", 3)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +67,7 @@ async def switch_under_load(ray, controller, prompts, at_move):
     return outputs
 
 
-def kill_once(ray, pick):
+def kill_once(ray, controller, pick):
     """An `at_move` hook that kills one worker (chosen by `pick(avoid, target)`) the first time."""
     killed = []
 
@@ -89,13 +75,10 @@ def kill_once(ray, pick):
         if not killed:
             victim = pick(avoid, target)
             killed.append(victim)
-            workers = await asyncio.to_thread(ray.get, CONTROLLER[0].workers.remote())
+            workers = await controller.workers.remote()
             ray.kill(next(w.handle for w in workers if w.worker_id == victim))
 
     return at_move, killed
-
-
-CONTROLLER: list = []  # the module's controller, for the hooks
 
 
 def check_exact_and_released(ray, controller, reference, prompts, outputs):
@@ -116,9 +99,10 @@ def restore(ray, controller, timeout_s: float = 120.0):
 
 
 def test_the_switching_worker_dies_mid_migration(ray_session, controller, reference):
-    CONTROLLER[:] = [controller]
     prompts = prompts_of([10, 13, 8, 15], seed=41)
-    at_move, killed = kill_once(ray_session, lambda avoid, target: next(iter(avoid)))  # the source
+    at_move, killed = kill_once(
+        ray_session, controller, lambda avoid, target: next(iter(avoid))
+    )  # the source
     outputs = asyncio.run(switch_under_load(ray_session, controller, prompts, at_move))
     assert killed, "no request was moved"
     check_exact_and_released(ray_session, controller, reference, prompts, outputs)
@@ -126,9 +110,8 @@ def test_the_switching_worker_dies_mid_migration(ray_session, controller, refere
 
 
 def test_the_migration_target_dies_while_receiving(ray_session, controller, reference):
-    CONTROLLER[:] = [controller]
     prompts = prompts_of([12, 9, 14, 11], seed=43)
-    at_move, killed = kill_once(ray_session, lambda avoid, target: target.worker_id)
+    at_move, killed = kill_once(ray_session, controller, lambda avoid, target: target.worker_id)
     outputs = asyncio.run(switch_under_load(ray_session, controller, prompts, at_move))
     assert killed, "no request was moved"
     check_exact_and_released(ray_session, controller, reference, prompts, outputs)
