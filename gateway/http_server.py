@@ -60,8 +60,12 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
-def server_config(app: Any, config: GatewayConfig, host: str, port: int) -> uvicorn.Config:
-    """uvicorn's settings for serving the gateway `app` on host:port under `config`'s limits."""
+def server_config(
+    app: Any, config: GatewayConfig, host: str, port: int, drain_timeout_s: float | None = None
+) -> uvicorn.Config:
+    """uvicorn's settings for serving the gateway `app` on host:port under `config`'s limits;
+    when it is told to exit, responses in flight get `drain_timeout_s` (unset: as long as they
+    take) before they are cut."""
     return uvicorn.Config(
         app,
         host=host,
@@ -70,4 +74,5 @@ def server_config(app: Any, config: GatewayConfig, host: str, port: int) -> uvic
         http=functools.partial(HeaderDeadlineProtocol, header_timeout_s=config.header_timeout_s),  # type: ignore[arg-type]
         timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=config.max_header_bytes,
+        timeout_graceful_shutdown=drain_timeout_s,  # type: ignore[arg-type]
     )

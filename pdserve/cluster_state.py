@@ -33,6 +33,10 @@ class ClusterRecord:
     router_address: str
     model: str
     ready: bool = False  # false while starting: the gateway and router may not answer yet
+    # The Ray instance `up` started itself (empty when it joined one): what a killed `up` leaves
+    # running is found through it (pdserve.ray_leftovers).
+    ray_session_dir: str = ""
+    drain_timeout_s: float = 0.0  # how long `up` lets streams finish when stopped: `down` waits that too
 
 
 # A switch waits for the worker's running requests to move: up to the controller's drain timeout.
@@ -83,24 +87,42 @@ def claim(state_dir: Path, name: str, pid: int) -> None:
                     f"a cluster named {name!r} is already running (pid {held.pid}){where}; "
                     f"stop it with `pdserve down --name {name}` or pick another --name"
                 ) from None
+            if held is not None:
+                forget_stale(path, held)
             path.unlink(missing_ok=True)  # stale: its process is gone
 
 
-def running(state_dir: Path) -> list[ClusterRecord]:
-    """The clusters whose process is alive, by name; stale records are removed on the way."""
+def running(state_dir: Path, echo=None) -> list[ClusterRecord]:
+    """The clusters whose process is alive, by name. Stale records are removed on the way, with
+    what their dead `up` left running (each told to `echo` when given)."""
     found = []
     for path in sorted((Path(state_dir) / "clusters").glob("*.json")):
         record = _read(path)
         if record is not None and _alive(record.pid):
             found.append(record)
         elif record is not None:
-            path.unlink(missing_ok=True)
+            said = forget_stale(path, record)
+            if said and echo is not None:
+                echo(said)
     return found
 
 
-def select(state_dir: Path, name: str | None) -> ClusterRecord:
-    """The running cluster called `name`, or with no name the only running one."""
-    clusters = running(state_dir)
+def forget_stale(path: Path, record: ClusterRecord) -> str | None:
+    """Stops what the dead `up` of `record` left of its Ray and removes its record; says what it
+    stopped, if anything."""
+    from pdserve.ray_leftovers import stop_leftovers
+
+    stopped = stop_leftovers(record.ray_session_dir)
+    path.unlink(missing_ok=True)
+    if not stopped:
+        return None
+    return f"pdserve {record.name} (pid {record.pid}) had exited; stopped the {stopped} Ray processes it left"
+
+
+def select(state_dir: Path, name: str | None, echo=None) -> ClusterRecord:
+    """The running cluster called `name`, or with no name the only running one (stale records
+    met on the way are cleaned up and, with `echo`, reported)."""
+    clusters = running(state_dir, echo)
     if name is not None:
         for record in clusters:
             if record.name == name:
@@ -163,17 +185,30 @@ def _alive(pid: int) -> bool:
 
 
 def down(state_dir: Path, name: str | None = None, timeout_s: float = 60.0, echo=print) -> None:
-    """Stops one recorded `pdserve up` (SIGTERM; it tears itself down) and waits until it has exited."""
+    """Stops one recorded `pdserve up` (SIGTERM; it tears itself down) and waits until it has
+    exited: `timeout_s` beyond the time it gives streams in flight to finish. A dead `up`'s
+    leftovers are stopped on the way (and that alone is a successful `down`)."""
     import signal
 
-    record = select(state_dir, name)
+    cleaned: list[str] = []
+
+    def tell(said: str) -> None:
+        cleaned.append(said)
+        echo(said)
+
+    try:
+        record = select(state_dir, name, echo=tell)
+    except ClusterStateError:
+        if cleaned and (name is None or any(f"pdserve {name} " in said for said in cleaned)):
+            return
+        raise
     try:
         os.kill(record.pid, signal.SIGTERM)
     except ProcessLookupError:
-        remove_record(state_dir, record.name, record.pid)
+        forget_stale(record_path(state_dir, record.name), record)
         echo(f"pdserve {record.name} (pid {record.pid}) was not running; cleared its record")
         return
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + record.drain_timeout_s + timeout_s
     while _alive(record.pid):
         if time.monotonic() > deadline:
             raise ClusterStateError(

@@ -122,9 +122,25 @@ class ClusterConfig(BaseModel):
     prefill: Int = Field(1, ge=0, description="prefill workers")
     decode: Int = Field(1, ge=0, description="decode workers")
     both: Int = Field(0, ge=0, description="colocated (prefill+decode) workers")
-    host: str = Field("127.0.0.1", min_length=1, description="address every service binds")
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="address the HTTP gateway binds (0.0.0.0: every interface); Ray, the workers and the "
+        "router stay on loopback unless joined to a Ray cluster (--address) or given --router-host",
+    )
     port: Int = Field(8000, ge=1, le=65535, description="HTTP gateway port")
+    router_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="address the gRPC router binds; 0.0.0.0 serves gRPC clients on other machines",
+    )
     router_port: Int = Field(RouterConfig.port, ge=1, le=65535, description="gRPC router port")
+    drain_timeout_s: Float = Field(
+        30.0,
+        ge=0,
+        description="on Ctrl-C, SIGTERM or `down`: new requests are refused at once and streams in "
+        "flight get this many seconds to finish before the cluster stops",
+    )
     policy: Policy = Field(RouterConfig.policy, description="prefill placement policy")
     redis_url: str | None = Field(None, description="share the prefix index through this Redis")
     address: str | None = Field(None, description="join this Ray cluster instead of starting one")

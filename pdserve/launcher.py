@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
-from pdserve.cluster_state import ClusterRecord, claim, remove_record, write_record
+from pdserve.cluster_state import ClusterRecord, claim, remove_record, running, write_record
 from pdserve.config import ClusterConfig, env_name
 from pdserve.engine.engine_config import EngineConfig
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from pdserve.router.config import RouterConfig
 
 NAMESPACE = "pdserve"
+# What a single-machine cluster's own parts bind and dial: Ray, the workers' KV transfer, the router.
+LOOPBACK = "127.0.0.1"
 KEY_ENV = env_name("api_key")  # PDSERVE_API_KEY: what the start-up lines show instead of the key
 
 
@@ -62,7 +64,7 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
     return ControllerConfig(
         engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, role_planner=c.role_planner,
         # Joined to a Ray cluster, workers may be on other machines: each listens on its node's address.
-        kv_host=None if c.address else "127.0.0.1",
+        kv_host=None if c.address else LOOPBACK,
     )  # fmt: skip
 
 
@@ -101,9 +103,15 @@ def router_config(c: ClusterConfig) -> RouterConfig:
     from pdserve.router.config import RouterConfig
 
     return RouterConfig(
-        host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name,
+        host=c.router_host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name,
         api_key=c.api_key, admin_key=c.admin_key,
     )  # fmt: skip
+
+
+def router_address(c: ClusterConfig, port: int) -> str:
+    """Where clients on this machine (the gateway, `pdserve status`) reach the router."""
+    host = LOOPBACK if c.router_host in ("0.0.0.0", "::") else c.router_host
+    return f"{host}:{port}"
 
 
 def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> GatewayConfig:
@@ -111,7 +119,7 @@ def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> G
     from pdserve.gateway.config import GatewayConfig
 
     return GatewayConfig(
-        router_address=f"{c.host}:{router_port}",
+        router_address=router_address(c, router_port),
         model_name=served.name,
         tokenizer_path=served.tokenizer_path or "",
         max_model_len=served.max_model_len,
@@ -129,6 +137,8 @@ def gateway_config(c: ClusterConfig, served: ServedModel, router_port: int) -> G
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As uvicorn and gRPC bind: connections of a cluster just stopped (TIME_WAIT) do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -149,6 +159,7 @@ def up(config: ClusterConfig, echo=print) -> int:
     """Starts the cluster and serves until SIGINT/SIGTERM; returns the exit code."""
     controllers = controller_config(config)  # worker counts, speculative_config
     _check_host(config)
+    running(config.state_dir, echo)  # what killed `up`s left behind goes first
     # The name first: a second `up` of a running cluster hears that, not that its port is busy.
     try:
         claim(config.state_dir, config.name, os.getpid())
@@ -191,6 +202,12 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     # abrupt exit (leaving Ray's agents behind); this process handles its signals itself. Set
     # only while `ray` is imported (its constants are read then), so Ray's own processes keep it.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    if not config.address:
+        # A Ray of our own serves this machine only: its node address is loopback, so that GCS,
+        # raylet, agents and every worker listen on loopback alone. (Ray turns a 127.0.0.1 node
+        # address into the machine's external one unless it is told not to form multi-machine
+        # clusters; the variable is read when `ray` is imported, and Ray's processes inherit it.)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
     finally:
@@ -199,9 +216,12 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
 
     from pdserve.engine.model_source import resolve_model
 
-    for port, flag in ((config.port, "--port"), (config.router_port, "--router-port")):
-        if not _port_free(config.host, port):
-            raise LaunchError(f"port {port} on {config.host} is in use; pick another with {flag}")
+    for host, port, flag in (
+        (config.host, config.port, "--port"),
+        (config.router_host, config.router_port, "--router-port"),
+    ):
+        if not _port_free(host, port):
+            raise LaunchError(f"port {port} on {host} is in use; pick another with {flag}")
     source = resolve_model(config.model)  # ValueError names a bad model right away
     if not source.has_tokenizer:
         raise LaunchError(f"model {source.name!r} has no tokenizer files; the HTTP gateway needs one")
@@ -214,7 +234,7 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
             else:
                 _quiet_ray_auth_notice()
                 ray.init(
-                    _node_ip_address=config.host,
+                    _node_ip_address=LOOPBACK,
                     include_dashboard=False,
                     namespace=NAMESPACE,
                     log_to_driver=False,
@@ -225,10 +245,24 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
             raise _Stopped("SIGTERM") from None
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again, in place of Ray's
             signal.signal(sig, _stop_on_signal)
+        record = ClusterRecord(config.name, os.getpid(), "", "", "", ray_session_dir=_own_ray_session(config))
+        write_record(config.state_dir, record)  # from here a kill -9 leaves something to clean up
         cpus = worker_cpus(config, ray.cluster_resources(), controllers.engine.on_gpu)
-        return asyncio.run(_serve(config, replace(controllers, worker_num_cpus=cpus), source.name, echo))
+        return asyncio.run(
+            _serve(config, replace(controllers, worker_num_cpus=cpus), record, source.name, echo)
+        )
     finally:
         ray.shutdown()
+
+
+def _own_ray_session(config: ClusterConfig) -> str:
+    """The session directory of the Ray this `up` started; empty when it joined a cluster (whose
+    processes are not ours to stop)."""
+    if config.address:
+        return ""
+    from ray._private import worker  # no public accessor for the session directory in Ray 2.60
+
+    return worker._global_node.get_session_dir_path()
 
 
 def _quiet_ray_auth_notice() -> None:
@@ -252,7 +286,9 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: str, echo) -> int:
+async def _serve(
+    config: ClusterConfig, controllers: ControllerConfig, record: ClusterRecord, model: str, echo
+) -> int:
     import ray
     import uvicorn
 
@@ -288,15 +324,17 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
         router = await start_router(controller, router_config(config))
         gateway = gateway_config(config, served, router.port)
         app = create_app(gateway, registries=(router.service.metrics.registry,))
-        server = uvicorn.Server(server_config(app, gateway, config.host, config.port))
+        server = uvicorn.Server(server_config(app, gateway, config.host, config.port, config.drain_timeout_s))
         server.install_signal_handlers = lambda: None  # ours below stop everything, not just uvicorn
         serving = asyncio.get_running_loop().create_task(server.serve())
         while not server.started:
             if serving.done():
                 raise LaunchError(f"the gateway could not listen on {config.host}:{config.port}")
             await asyncio.sleep(0.05)
-        state = ClusterRecord(config.name, os.getpid(), f"http://{config.host}:{config.port}",
-                              f"{config.host}:{router.port}", served.name, ready=True)  # fmt: skip
+        state = replace(
+            record, gateway_url=f"http://{config.host}:{config.port}", router_address=router_address(config, router.port),
+            model=served.name, ready=True, drain_timeout_s=config.drain_timeout_s,
+        )  # fmt: skip
         write_record(config.state_dir, state)
         # The key itself is never printed (terminals and CI logs are kept); the shell fills it in.
         auth = f' -H "Authorization: Bearer ${KEY_ENV}"' if config.api_key else ""
@@ -309,17 +347,43 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             echo(f"auth: /v1 and `pdserve status` need the api_key: export {KEY_ENV}=<it> where you run them")
         echo(f"stop: Ctrl-C here, or `pdserve down --name {state.name}`")
         await stop.wait()
-        echo("stopping")
+        echo(
+            f"stopping: new requests are refused; requests in flight get up to {config.drain_timeout_s:g} s "
+            "to finish (Ctrl-C again: stop now)"
+        )
         return 0
     finally:
-        if server is not None:
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(serving, 10)  # lets uvicorn finish its lifespan cleanly
-        if router is not None:
-            await router.stop(clear_index=True)  # the cluster stops: its prefix entries go too
+        stop.clear()  # from here, a second Ctrl-C / SIGTERM cuts the drain short
+        await _drain(server, serving, router, config.drain_timeout_s, stop)
         with contextlib.suppress(Exception):
             await controller.shutdown.remote()
+
+
+async def _drain(server, serving, router, drain_timeout_s: float, cut: asyncio.Event) -> None:
+    """Stops admitting at once and lets requests in flight finish, up to `drain_timeout_s`.
+
+    The gateway stops listening and closes its idle connections (uvicorn's graceful shutdown,
+    bounded by the same timeout in its config); the router refuses new calls while its calls in
+    flight go on (gRPC's grace). Both drain side by side. `cut` being set ends the wait early."""
+    draining = []
+    if server is not None:
+        server.should_exit = True
+        draining.append(asyncio.ensure_future(asyncio.wait_for(serving, drain_timeout_s + 5)))
+    if router is not None:  # the cluster stops: its prefix entries go too
+        draining.append(asyncio.ensure_future(router.stop(grace_s=drain_timeout_s, clear_index=True)))
+    if not draining:
+        return
+    every = asyncio.ensure_future(asyncio.gather(*draining, return_exceptions=True))
+    cut_short = asyncio.ensure_future(cut.wait())
+    await asyncio.wait([every, cut_short], return_when=asyncio.FIRST_COMPLETED)
+    cut_short.cancel()
+    if not every.done():
+        if server is not None:
+            server.force_exit = True
+        if router is not None:
+            await router.server.stop(0)  # its stop() goes on to close the view and the index
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(every, 5)
 
 
 async def _with_progress(

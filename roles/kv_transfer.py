@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import socket
 import threading
 import traceback
 
@@ -145,10 +146,13 @@ class GlooTransport(KVTransport):
 
         super().__init__(worker_id, host)
         self._dist = dist
-        # Port 0: the OS picks a free port; peers learn it from `endpoint`.
+        # The store's server would listen on every interface whatever `host` says: it gets a
+        # socket we bound to `host` instead. Port 0: the OS picks; peers learn it from `endpoint`.
+        self._listener = _listening_socket(host)
         self._store = dist.TCPStore(
-            host, 0, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
-        )
+            host, self._listener.getsockname()[1], None, True, timeout=datetime.timedelta(seconds=30),
+            wait_for_workers=False, master_listen_fd=self._listener.fileno(),
+        )  # fmt: skip
         # One device for every channel: a device is a listening socket and an event loop thread.
         # Bound to the address we were given, not whatever the hostname resolves to.
         self._device = dist.ProcessGroupGloo.create_device(hostname=host)
@@ -303,6 +307,16 @@ class NcclTransport(KVTransport):
             return
         with contextlib.suppress(Exception):
             self._col.destroy_collective_group(channel.name)
+
+
+def _listening_socket(host: str) -> socket.socket:
+    """A TCP socket listening on `host` alone, on a port the OS picks."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, 0))
+    listener.listen(128)
+    return listener
 
 
 def make_transport(backend: str, worker_id: str, host: str = "127.0.0.1") -> KVTransport:

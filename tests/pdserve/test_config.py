@@ -43,6 +43,8 @@ SAMPLES: dict[str, Any] = {
     "tokenizer_threads": 4,
     "max_chars_per_token": 48,
     "metrics_cache_s": 0.5,
+    "router_host": "0.0.0.0",
+    "drain_timeout_s": 45.0,
     "kv_cache_blocks": 64,
     "state_dir": Path("/var/run/pdserve"),
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
@@ -254,7 +256,8 @@ def test_the_gateway_takes_its_limits_from_the_served_model():
         "/models/tiny",
         2048,
     )
-    assert (gateway.router_address, gateway.api_key) == (f"{SAMPLES['host']}:9001", "sk-test")
+    # The router binds every interface (router_host 0.0.0.0); the gateway beside it dials loopback.
+    assert (gateway.router_address, gateway.api_key) == ("127.0.0.1:9001", "sk-test")
 
 
 def test_engine_settings_reach_every_workers_engine_config():

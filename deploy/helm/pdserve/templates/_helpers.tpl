@@ -71,6 +71,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "address" "auto"
   "host" "0.0.0.0"
   "port" (int .Values.gateway.port)
+  "router_host" "0.0.0.0"
   "router_port" (int .Values.gateway.routerPort)
   "model" .Values.pdserve.model
   "policy" .Values.pdserve.policy
