@@ -242,8 +242,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 def _cmd_bench_planner(args: argparse.Namespace) -> int:
     if not args.simulate:
         print(
-            "pdserve bench planner: only --simulate exists so far (the planner is not wired into "
-            "`pdserve up` yet); add --simulate",
+            "pdserve bench planner: this suite simulates (add --simulate); the planner of a running "
+            "cluster is measured by `pdserve bench serve --workload shifting`",
             file=sys.stderr,
         )
         return 2
@@ -412,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench_router,
         _add_bench_serve,
         _add_bench_planner,
+        _add_bench_chaos,
     ):
         add(bench_sub)
     return parser
@@ -660,6 +661,47 @@ def _add_bench_planner(bench_sub) -> None:
         "--output", type=Path, default=None, help="JSON path (default bench-results/planner-*.json)"
     )
     pb.set_defaults(func=_cmd_bench_planner)
+
+
+def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from pdserve.bench.chaos_bench import ChaosArgs, run_chaos_bench
+
+    bench_args = ChaosArgs(
+        model=args.model, duration_s=args.duration_s, concurrency=args.concurrency,
+        max_tokens=args.max_tokens, prompts=args.prompts, cancels=args.cancels, seed=args.seed,
+    )  # fmt: skip
+    report = run_chaos_bench(bench_args, _bench_output(args, "chaos"))
+    clean = not report.failed_by_status and report.exact_passed == report.exact_checked
+    return 0 if clean and not any(report.leaked_blocks.values()) else 1
+
+
+def _add_bench_chaos(bench_sub) -> None:
+    pc = bench_sub.add_parser(
+        "chaos",
+        help="a bounded load while workers are killed and Redis restarts, then cancelled streams",
+        description="Starts 2 prefill + 2 decode workers with a private Redis, runs greedy completions "
+        "while killing a decode worker, a prefill worker, stopping and starting Redis and killing a "
+        "decode worker again; checks every answer against the fault-free one; then cancels streams. "
+        "Reports failures by status, recovery times, fds/threads per worker and leaked KV blocks; "
+        "exits 1 if any request failed, any answer differed or any block leaked.",
+    )
+    pc.add_argument("--model", default="demo", help="checkpoint directory or bundled model name")
+    pc.add_argument(
+        "--duration-s", type=_positive_float("--duration-s"), default=60.0, help="seconds of load"
+    )
+    pc.add_argument("--concurrency", type=_int_at_least("--concurrency", 1), default=6, help="clients")
+    pc.add_argument(
+        "--max-tokens", type=_int_at_least("--max-tokens", 1), default=32, help="tokens per answer"
+    )
+    pc.add_argument("--prompts", type=_int_at_least("--prompts", 1), default=12, help="distinct prompts")
+    pc.add_argument(
+        "--cancels", type=_int_at_least("--cancels", 0), default=500, help="streams cancelled after the load"
+    )
+    pc.add_argument("--seed", type=int, default=0, help="prompt and victim seed")
+    pc.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/chaos-*.json)"
+    )
+    pc.set_defaults(func=_cmd_bench_chaos)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,7 +125,7 @@ class ClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker_id", "role", "alive", "num_waiting", "num_running", "kv_blocks_total", "kv_blocks_free", "waiting_prefill_tokens", "last_step_seconds", "restarts", "spec_acceptance_rate", "spec_mean_accepted_length", "rss_bytes", "open_fds", "threads")
+    __slots__ = ("worker_id", "role", "alive", "num_waiting", "num_running", "kv_blocks_total", "kv_blocks_free", "waiting_prefill_tokens", "last_step_seconds", "restarts", "spec_acceptance_rate", "spec_mean_accepted_length", "rss_bytes", "open_fds", "threads", "pid")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class WorkerState(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     alive: bool
@@ -156,7 +157,8 @@ class WorkerState(_message.Message):
     rss_bytes: int
     open_fds: int
     threads: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    pid: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ClusterStateResponse(_message.Message):
     __slots__ = ("model", "policy", "workers", "index_entries", "index_backend", "index_available", "requests_in_flight")

@@ -116,6 +116,7 @@ class WorkerLoad:
     rss_bytes: int = 0  # the worker process's footprint (ProcessUsage)
     open_fds: int = 0
     threads: int = 0
+    pid: int = 0
 
     @classmethod
     def from_stats(
@@ -151,4 +152,5 @@ class WorkerLoad:
             rss_bytes=usage.rss_bytes if usage else 0,
             open_fds=usage.open_fds if usage else 0,
             threads=usage.threads if usage else 0,
+            pid=usage.pid if usage else 0,
         )

@@ -19,6 +19,7 @@ class ProcessUsage:
     rss_bytes: int = 0
     open_fds: int = 0
     threads: int = 0
+    pid: int = 0  # what an operator (or `bench chaos`) signals to stop this very worker
 
     @classmethod
     def of_this_process(cls) -> ProcessUsage:
@@ -30,4 +31,4 @@ class ProcessUsage:
             threads = len(os.listdir("/proc/self/task"))
         except OSError:
             return cls()
-        return cls(rss_pages * resource.getpagesize(), open_fds, threads)
+        return cls(rss_pages * resource.getpagesize(), open_fds, threads, os.getpid())

@@ -294,6 +294,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                 rss_bytes=w.load.rss_bytes if w.load else 0,
                 open_fds=w.load.open_fds if w.load else 0,
                 threads=w.load.threads if w.load else 0,
+                pid=w.load.pid if w.load else 0,
             )
             for w in self.view.workers
         ]
