@@ -413,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench_serve,
         _add_bench_planner,
         _add_bench_chaos,
+        _add_bench_local_prefill,
     ):
         add(bench_sub)
     return parser
@@ -702,6 +703,45 @@ def _add_bench_chaos(bench_sub) -> None:
         "--output", type=Path, default=None, help="JSON path (default bench-results/chaos-*.json)"
     )
     pc.set_defaults(func=_cmd_bench_chaos)
+
+
+def _cmd_bench_local_prefill(args: argparse.Namespace) -> int:
+    from pdserve.bench.local_prefill_bench import LocalPrefillArgs, run_local_prefill_bench
+
+    bench_args = LocalPrefillArgs(
+        model=args.model,
+        lengths=tuple(args.lengths),
+        probes=args.probes,
+        background=args.background,
+        seed=args.seed,
+    )
+    run_local_prefill_bench(bench_args, _bench_output(args, "local-prefill"))
+    return 0
+
+
+def _add_bench_local_prefill(bench_sub) -> None:
+    pl = bench_sub.add_parser(
+        "local-prefill",
+        help="conditional disaggregation: TTFT and decode ITL with prompts computed locally vs transferred",
+        description="Runs 1 prefill + 1 decode twice (every prompt transferred; every prompt computed on the "
+        "decode worker) and measures, per prompt length, TTFT idle and under background decoding, and the "
+        "background streams' inter-token latency.",
+    )
+    pl.add_argument("--model", default="demo", help="checkpoint directory or bundled model name")
+    pl.add_argument(
+        "--lengths", type=_int_list("--lengths"), default=[16, 64, 128, 256, 512], help="prompt words"
+    )
+    pl.add_argument(
+        "--probes", type=_int_at_least("--probes", 1), default=6, help="requests per length and mode"
+    )
+    pl.add_argument(
+        "--background", type=_int_at_least("--background", 0), default=4, help="streams decoding meanwhile"
+    )
+    pl.add_argument("--seed", type=int, default=0, help="prompt seed")
+    pl.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/local-prefill-*.json)"
+    )
+    pl.set_defaults(func=_cmd_bench_local_prefill)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,6 +142,12 @@ class ClusterConfig(BaseModel):
         "flight get this many seconds to finish before the cluster stops",
     )
     policy: Policy = Field(RouterConfig.policy, description="prefill placement policy")
+    local_prefill_tokens: Int = Field(
+        RouterConfig.local_prefill_tokens,
+        ge=0,
+        description="a decode worker computes a prompt itself (no prefill worker, no KV transfer) when at "
+        "most this many of its tokens are missing from its prefix cache; 0: always disaggregate",
+    )
     redis_url: str | None = Field(None, description="share the prefix index through this Redis")
     address: str | None = Field(None, description="join this Ray cluster instead of starting one")
     api_key: str | None = Field(

@@ -103,7 +103,7 @@ def router_config(c: ClusterConfig) -> RouterConfig:
     from pdserve.router.config import RouterConfig
 
     return RouterConfig(
-        host=c.router_host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name,
+        host=c.router_host, port=c.router_port, policy=c.policy, local_prefill_tokens=c.local_prefill_tokens, redis_url=c.redis_url, cluster=c.name,
         api_key=c.api_key, admin_key=c.admin_key,
     )  # fmt: skip
 

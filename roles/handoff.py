@@ -139,6 +139,39 @@ async def generate_disaggregated(
             yield chunk
 
 
+async def generate_colocated(
+    worker: WorkerRef,
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    channels: ChannelGenerations,
+    transfer_timeout_s: float = 30.0,
+    move_target: MoveTarget | None = None,
+) -> AsyncIterator[TokenChunk]:
+    """Streams a request computed whole on `worker` (a `both` worker, or a decode worker that
+    computes a short prompt itself), and on any decode worker it is moved to later.
+
+    Cancelled or closed before the end, it tells the worker to free the request."""
+    finished, moved = False, None
+    try:
+        async for ref in worker.handle.generate.remote(request_id, prompt_token_ids, params):
+            chunk = await ref
+            if chunk.moved is not None:  # the worker's last chunk: it handed the request on
+                moved = chunk.moved
+                break
+            finished = chunk.finished
+            yield chunk
+    finally:
+        if not finished and moved is None:
+            await release(request_id, worker)
+    if moved is not None:
+        async with aclosing(
+            _move(worker, request_id, moved, channels, transfer_timeout_s, move_target)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
 async def _transfer_and_stream(
     sender: WorkerRef,
     receiver: WorkerRef,

@@ -221,8 +221,9 @@ class Worker:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[TokenChunk]:
-        """Serves a whole request here (role `both`), streaming its chunks."""
-        self._admit("both")
+        """Serves a whole request here, streaming its chunks: on a `both` worker, or on a decode
+        worker that computes a prompt itself when that beats a transfer (the router decides)."""
+        self._admit("decode")
         loop = await self._engine()
         start = self._stream(loop, request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
         async with aclosing(start) as chunks:

@@ -32,6 +32,10 @@ class RouterConfig:
     # When set, every call but the health service's must carry `authorization: Bearer KEY` (router/auth.py).
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # SetRole and Planner pause/resume need it
+    # Conditional disaggregation: a decode worker computes a prompt itself, with no prefill
+    # worker and no KV transfer, when at most this many of its tokens are not in its prefix cache
+    # (0: every prompt goes to a prefill worker). Measured in DECISIONS.md (2026-12-05).
+    local_prefill_tokens: int = 64
     runner: RunnerConfig | None = None
 
     def __post_init__(self) -> None:
@@ -42,5 +46,7 @@ class RouterConfig:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.index_ttl_s < 1:
             raise ValueError(f"index_ttl_s must be >= 1, got {self.index_ttl_s}")
+        if self.local_prefill_tokens < 0:
+            raise ValueError(f"local_prefill_tokens must be >= 0, got {self.local_prefill_tokens}")
         if not self.metrics_timeout_s > 0:
             raise ValueError(f"metrics_timeout_s must be > 0, got {self.metrics_timeout_s}")

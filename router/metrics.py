@@ -28,6 +28,11 @@ class RouterMetrics:
             "pdserve_prefix_index_blocks", "(worker, block) entries in the index", registry=r
         )
         self.in_flight = Gauge("pdserve_router_requests_in_flight", "Requests being served", registry=r)
+        self.local_prefills = Counter(
+            "pdserve_router_local_prefills",
+            "Requests a decode worker computed whole, its uncached prompt being short (no KV transfer)",
+            registry=r,
+        )
         self.live_migrations = Counter(
             "pdserve_live_migrations",
             "Requests a decode worker moved off (role switch), by outcome: moved to another decode "

@@ -5,6 +5,10 @@ one's cached prefix of this prompt from the index (hashed into blocks exactly as
 does). Decode worker: KV headroom and running load. Colocated (`both`) when the cluster has
 no prefill/decode pair or the prompt is shorter than one KV block, where a transfer would cost
 more than recomputing.
+
+Conditional disaggregation: the chosen decode worker computes the prompt itself, with no prefill
+worker and no transfer, when at most `local_prefill_tokens` of the prompt are missing from its
+prefix cache (a short prompt, or the next turn of a conversation it holds).
 """
 
 from __future__ import annotations
@@ -125,12 +129,18 @@ class RouterPlacement:
     """Chooses routes from the cluster view with a prefill policy."""
 
     def __init__(
-        self, view: ClusterView, policy: PrefillPolicy, block_size: int, metrics: RouterMetrics
+        self,
+        view: ClusterView,
+        policy: PrefillPolicy,
+        block_size: int,
+        metrics: RouterMetrics,
+        local_prefill_tokens: int = 0,
     ) -> None:
         self.view = view
         self.policy = policy
         self.block_size = block_size
         self.metrics = metrics
+        self.local_prefill_tokens = local_prefill_tokens
         self.placed = PlacedSinceReport()
         self.groups = PrefillGroups()
         # Workers a request found dead: skipped until the view drops them (ids are never reused)
@@ -150,13 +160,23 @@ class RouterPlacement:
         boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
-            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids, group)
+            cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in prefills + decodes])
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes]
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
                 decode_candidates, key=lambda c: c.load.kv_blocks_free
             )
             decode_w = _info(decodes, decode.worker_id)
+            local_hit = min(cached.get(decode_w.worker_id, 0) * self.block_size, len(prompt_token_ids))
+            if len(prompt_token_ids) - local_hit <= self.local_prefill_tokens:
+                self.metrics.local_prefills.inc()
+                self._observe(start, local_hit)
+                return Route(
+                    None,
+                    decode_w.ref(),
+                    [self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size))],
+                )
+            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids, group, cached)
             charges = [
                 self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - hit_tokens),
                 self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size)),
@@ -164,7 +184,8 @@ class RouterPlacement:
             self._observe(start, hit_tokens)
             return Route(prefill_w.ref(), decode_w.ref(), charges)
         if boths:
-            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids, group)
+            cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in boths])
+            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids, group, cached)
             charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
             self._observe(start, hit_tokens)
             return Route(None, both_w.ref(), charges)
@@ -193,11 +214,10 @@ class RouterPlacement:
         route.charges = None  # settle once, however many chunks follow
 
     async def _choose_cached(
-        self, workers: list[WorkerInfo], prompt: list[int], group: str | None
+        self, workers: list[WorkerInfo], prompt: list[int], group: str | None, cached: dict[str, int]
     ) -> tuple[WorkerInfo, int]:
-        """The worker that computes the prompt, and its cached prompt tokens: the group's worker
-        if it is among `workers`, else the policy's pick."""
-        cached = await self._cached_blocks(prompt, [w.worker_id for w in workers])
+        """The worker that computes the prompt, and its cached prompt tokens (`cached`: blocks
+        held per worker): the group's worker if it is among `workers`, else the policy's pick."""
         now = time.monotonic()
         chosen_id = self.groups.worker_of(group, now)
         if chosen_id not in {w.worker_id for w in workers}:

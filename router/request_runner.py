@@ -22,8 +22,8 @@ from pdserve.roles.handoff import (
     ChannelGenerations,
     NoRoomError,
     WorkerRef,
+    generate_colocated,
     generate_disaggregated,
-    release,
 )
 from pdserve.roles.messages import TokenChunk
 from pdserve.router.metrics import RouterMetrics
@@ -44,7 +44,8 @@ class NoRoomInTime(RequestFailed):
 
 @dataclass
 class Route:
-    """Where one attempt runs: `prefill` None means colocated on `decode` (a `both` worker)."""
+    """Where one attempt runs: `prefill` None means computed whole on `decode` (a `both` worker,
+    or a decode worker that prefills a short prompt itself)."""
 
     prefill: WorkerRef | None
     decode: WorkerRef
@@ -164,7 +165,15 @@ class RequestRunner:
 
     def _attempt(self, route: Route, engine_id: str, prompt: list[int], params: SamplingParams):
         if route.prefill is None:
-            return _colocated(route.decode, engine_id, prompt, params)
+            return generate_colocated(
+                route.decode,
+                engine_id,
+                prompt,
+                params,
+                self.channels,
+                self.config.transfer_timeout_s,
+                self._move_target,
+            )
         return generate_disaggregated(
             route.prefill,
             route.decode,
@@ -231,18 +240,6 @@ class RequestRunner:
                 dead.add(ref.worker_id)
                 await self.placement.failed(ref.worker_id)
         return dead
-
-
-async def _colocated(worker: WorkerRef, engine_id: str, prompt: list[int], params: SamplingParams):
-    finished = False
-    try:
-        async for ref in worker.handle.generate.remote(engine_id, prompt, params):
-            chunk = await ref
-            finished = chunk.finished
-            yield chunk
-    finally:
-        if not finished:  # cancelled or failed: free what the worker holds
-            await release(engine_id, worker)
 
 
 def _switching_worker(error: BaseException) -> str | None:

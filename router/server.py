@@ -428,7 +428,9 @@ async def start_router(controller, config: RouterConfig) -> Router:
     index = make_prefix_index(served.name, config.redis_url, config.cluster, config.index_ttl_s)
     view = ClusterView(controller, index, config.view_interval_s)
     await view.start()
-    placement = RouterPlacement(view, make_policy(config.policy), served.block_size, metrics)
+    placement = RouterPlacement(
+        view, make_policy(config.policy), served.block_size, metrics, config.local_prefill_tokens
+    )
     runner = RequestRunner(placement, config.runner, metrics)
     service = RouterService(runner, view, metrics, config, served)
     view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner

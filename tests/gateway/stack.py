@@ -98,7 +98,9 @@ def gateway_stack(
     try:
         ray.get(controller.start.remote())
         limits = ray.get(controller.served_model.remote())
-        router = RouterThread(controller, RouterConfig(port=0))
+        # Every prompt through the prefill worker: the tests measure that path (prefix hits,
+        # prefill groups); conditional disaggregation has its own tests (tests/router/test_server.py).
+        router = RouterThread(controller, RouterConfig(port=0, local_prefill_tokens=0))
         tok = load_tokenizer(checkpoint)
         tok.chat_template = TEMPLATE
         config = GatewayConfig(

@@ -44,6 +44,7 @@ SAMPLES: dict[str, Any] = {
     "max_chars_per_token": 48,
     "metrics_cache_s": 0.5,
     "router_host": "0.0.0.0",
+    "local_prefill_tokens": 128,
     "drain_timeout_s": 45.0,
     "kv_cache_blocks": 64,
     "state_dir": Path("/var/run/pdserve"),

@@ -70,7 +70,10 @@ def controller(ray_session, moe_checkpoint):
 
 @pytest.fixture(scope="module")
 def router(controller):
-    r = RouterThread(controller, RouterConfig(port=0, runner=RunnerConfig(transfer_timeout_s=5.0)))
+    # Every prompt through a prefill worker: this module tests the disaggregated path (and the
+    # conditional one, with a router of its own, at the end).
+    config = RouterConfig(port=0, local_prefill_tokens=0, runner=RunnerConfig(transfer_timeout_s=5.0))
+    r = RouterThread(controller, config)
     yield r
     r.stop()
 
@@ -324,7 +327,7 @@ def test_no_live_worker_is_unavailable(ray_session, moe_checkpoint):
     served = ServedModel("tiny", None, max_model_len=256, vocab_size=1000, block_size=BLOCK, num_kv_blocks=64,
                          dtype="float32")  # fmt: skip
     empty = EmptyController.remote(served)
-    r = RouterThread(empty, RouterConfig(port=0))
+    r = RouterThread(empty, RouterConfig(port=0, local_prefill_tokens=0))
     try:
         with pytest.raises(grpc.RpcError) as err:
             list(r.stub.Generate(request([3, 4, 5], max_tokens=2), timeout=10))
@@ -423,3 +426,44 @@ def test_a_prefill_group_name_is_bounded(router):
     with pytest.raises(grpc.RpcError) as err:
         list(router.stub.Generate(req, timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefill_group" in err.value.details()
+
+
+def _prefill_queried(ray, controller) -> float:
+    """Prompt tokens the prefill workers have looked up in their prefix caches (each prefill does)."""
+    return sum(
+        metric(ray.get(w.handle.metrics_text.remote()), "pdserve_prefix_cache_queried_tokens")
+        for w in ray.get(controller.workers.remote("prefill"))
+    )
+
+
+def test_conditional_disaggregation_computes_short_uncached_parts_on_the_decode_worker(
+    ray_session, controller, reference
+):
+    local = RouterThread(controller, RouterConfig(port=0, local_prefill_tokens=24))
+    try:
+        params = {"max_tokens": 7, "ignore_eos": True}
+        short, long = prompts_of([13, 41], seed=60)
+        for prompt, computed_locally in ((short, True), (long, False)):
+            before = _prefill_queried(ray_session, controller)
+            got, _ = generate(local.stub, prompt, **params)
+            want = reference.generate([prompt], SamplingParams(temperature=0, **params))[0]
+            assert got == want.outputs[0].token_ids  # token-exact whichever worker computed the prompt
+            assert (_prefill_queried(ray_session, controller) == before) is computed_locally
+
+        # The next turn of the long conversation: the decode worker holds its first turn (the
+        # transferred prompt and the tokens it decoded), so only the new part is computed, there.
+        time.sleep(0.5)  # the view's next round indexes the decode worker's blocks
+        turn2 = [*long, *got, *prompts_of([6], seed=61)[0]]
+        before = _prefill_queried(ray_session, controller)
+        got2, chunks = generate(local.stub, turn2, **params)
+        want2 = reference.generate([turn2], SamplingParams(temperature=0, **params))[0]
+        assert got2 == want2.outputs[0].token_ids
+        assert _prefill_queried(ray_session, controller) == before
+        assert chunks[-1].usage.cached_tokens >= 40  # the first turn's full blocks came from its cache
+        from prometheus_client import generate_latest
+
+        text = generate_latest(local.router.service.metrics.registry).decode()
+        assert metric(text, "pdserve_router_local_prefills_total") == 2
+        wait_idle(ray_session, controller)
+    finally:
+        local.stop()
