@@ -260,6 +260,7 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
     from pdserve.gateway.http_server import server_config
     from pdserve.router.server import start_router
 
+    _print_audit_log()
     # Ctrl-C / SIGTERM from here on stop everything this command started, also while loading.
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -320,6 +321,18 @@ async def _serve(config: ClusterConfig, controllers: ControllerConfig, model: st
             await router.stop(clear_index=True)  # the cluster stops: its prefix entries go too
         with contextlib.suppress(Exception):
             await controller.shutdown.remote()
+
+
+def _print_audit_log() -> None:
+    """Operator actions (the gateway's `pdserve.audit` log: who, what, when) go to stderr."""
+    import logging
+
+    audit = logging.getLogger("pdserve.audit")
+    if not audit.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        audit.addHandler(handler)
+        audit.setLevel(logging.INFO)
 
 
 async def _with_progress(

@@ -35,7 +35,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.overview import overview_response, worker_state
 from pdserve.router.placement import NoWorkerError, RouterPlacement
-from pdserve.router.policies import make_policy
+from pdserve.router.policies import POLICIES, make_policy
 from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex, make_prefix_index
 from pdserve.router.recent_latencies import RecentLatencies
 from pdserve.router.request_runner import NoRoomInTime, RequestFailed, RequestRunner
@@ -387,7 +387,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         """What the operator dashboard shows (workers, traffic, KV flows, events, settings)."""
         overview = await self.view.controller.overview.remote()
         router_settings = {"policy": self.config.policy, "redis_url": bool(self.config.redis_url),
-                           "max_in_flight": self.config.max_in_flight,
+                           "max_in_flight": self.config.max_in_flight, "policies": list(POLICIES),
                            "slo": {"ttft_ms": self.timeline.slo.ttft_ms, "itl_ms": self.timeline.slo.itl_ms}}  # fmt: skip
         response = overview_response(
             overview, self.timeline, self.events.events() + self.view.events.events(), router_settings,
