@@ -63,7 +63,8 @@ class Timeline:
         self.requests = self.tokens = 0
         self._finished: deque[tuple[float, bool]] = deque()  # (monotonic end, met the SLO)
         self._samples: deque[TimelineSample] = deque(maxlen=keep)
-        self._last: tuple[float, int, int, float] | None = None  # (monotonic, requests, tokens, migrations)
+        # (monotonic, requests, tokens, migrations) at the last sample: the first covers from here.
+        self._last: tuple[float, int, int, float] = (time.monotonic(), 0, 0, 0.0)
         self._sent: dict[tuple[str, str], int] = {}  # (sender, receiver) -> bytes at the last sample
         self.flows: list[KVFlow] = []
 
@@ -81,16 +82,17 @@ class Timeline:
     def sample(
         self, migrations: float, in_flight: int, latencies: RouterSignals, sent: dict[tuple[str, str], int]
     ) -> TimelineSample | None:
-        """Takes this second's sample (None on the first call, which only sets the baseline).
+        """Takes this second's sample, counting from the last one (or from the start); None when
+        no time has passed.
 
         `migrations`: live migrations since the router started; `sent`: each (sender, receiver)
         pair's KV bytes since the sender started.
         """
         now = time.monotonic()
+        if now <= self._last[0]:
+            return None
         self._sample_flows(now, sent)
         last, self._last = self._last, (now, self.requests, self.tokens, migrations)
-        if last is None or now <= last[0]:
-            return None
         dt = now - last[0]
         while self._finished and self._finished[0][0] < now - self.window_s:
             self._finished.popleft()
@@ -109,13 +111,13 @@ class Timeline:
         return sample
 
     def _sample_flows(self, now: float, sent: dict[tuple[str, str], int]) -> None:
-        dt = now - self._last[0] if self._last is not None else 0.0
+        dt = now - self._last[0]
         flows = []
         for pair, total in sorted(sent.items()):
-            before = self._sent.get(pair, total)
+            before = self._sent.get(pair, 0)
             # A sender that restarted counts from zero again: its first total is all new.
             delta = total - before if total >= before else total
-            flows.append(KVFlow(pair[0], pair[1], delta / dt if dt > 0 else 0.0, total))
+            flows.append(KVFlow(pair[0], pair[1], delta / dt, total))
         self._sent = dict(sent)
         self.flows = flows
 
