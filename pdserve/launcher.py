@@ -103,6 +103,7 @@ def router_config(c: ClusterConfig) -> RouterConfig:
     return RouterConfig(
         host=c.host, port=c.router_port, policy=c.policy, redis_url=c.redis_url, cluster=c.name,
         api_key=c.api_key, admin_key=c.admin_key,
+        slo_ttft_ms=c.role_planner.ttft_target_ms, slo_itl_ms=c.role_planner.itl_target_ms,
     )  # fmt: skip
 
 

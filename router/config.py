@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.router.policies import DEFAULT_POLICY, make_policy
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ class RouterConfig:
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # SetRole and Planner pause/resume need it
     runner: RunnerConfig | None = None
+    # Goodput's SLO on the dashboard: the role planner's latency targets (the launcher passes them).
+    slo_ttft_ms: float = RolePlannerConfig.ttft_target_ms
+    slo_itl_ms: float = RolePlannerConfig.itl_target_ms
 
     def __post_init__(self) -> None:
         make_policy(self.policy)  # ValueError naming the allowed policies

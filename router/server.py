@@ -523,8 +523,7 @@ async def start_router(controller, config: RouterConfig) -> Router:
     await view.start()
     placement = RouterPlacement(view, make_policy(config.policy), served.block_size, metrics)
     runner = RequestRunner(placement, config.runner, metrics)
-    planner = (await controller.planner.remote("status")).config  # its latency targets are the SLO
-    slo = SLO(ttft_ms=float(planner["ttft_target_ms"]), itl_ms=float(planner["itl_target_ms"]))
+    slo = SLO(ttft_ms=config.slo_ttft_ms, itl_ms=config.slo_itl_ms)
     service = RouterService(runner, view, metrics, config, served, slo)
     view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner
 
