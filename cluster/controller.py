@@ -15,12 +15,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pdserve.cluster.load_pressure import RouterSignals
-from pdserve.cluster.planner import RolePlannerConfig
+from pdserve.cluster.operator_actions import (
+    ActionRefused,
+    ClusterEvent,
+    ClusterOverview,
+    EventLog,
+    WorkerStatus,
+    check_not_last,
+    slot_state,
+)
+from pdserve.cluster.planner import DecisionRecord, RolePlannerConfig
 from pdserve.cluster.role_switching import PlannerState, RoleSwitcher, SwitchRecord, SwitchRefused
 from pdserve.engine import EngineConfig
 from pdserve.engine.served_model import ServedModel
@@ -80,6 +89,7 @@ class WorkerInfo:
     alive: bool = True
     restarts: int = 0
     last_heartbeat: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)  # wall clock, when it was ready
 
     def ref(self) -> WorkerRef:
         """What the request path needs to call this worker and open KV channels to it."""
@@ -100,6 +110,7 @@ class Controller:
         self.registry = CollectorRegistry()  # the controller's own metrics (the role switches')
         self.switcher = RoleSwitcher(lambda: list(self._workers.values()), config.role_planner, self.registry)
         self._planner: asyncio.Task | None = None
+        self.events = EventLog()  # deaths, restarts, drains, operator actions (operator_actions.py)
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
@@ -139,18 +150,79 @@ class Controller:
         phases = await asyncio.gather(*(phase(handle) for _, handle in starting))
         return {worker_id: p for (worker_id, _), p in zip(starting, phases, strict=True)}
 
-    async def set_role(self, worker_id: str, role: str, reason: str = "manual") -> SwitchRecord:
+    async def set_role(
+        self, worker_id: str, role: str, reason: str = "manual", requested_by: str = ""
+    ) -> SwitchRecord:
         """Switches a worker's role in place (see `RoleSwitcher.switch`); SwitchRefused says why not."""
-        return await self.switcher.switch(worker_id, role, reason)
+        return await self.switcher.switch(worker_id, role, reason, requested_by)
 
-    async def planner(self, action: str = "status") -> PlannerState:
+    async def planner(self, action: str = "status", requested_by: str = "") -> PlannerState:
         """Pauses ("pause") or resumes ("resume") the role planner; its state either way."""
         if action not in ("pause", "resume", "status"):
             raise SwitchRefused(f"planner action must be pause, resume or status, got {action!r}")
         if action != "status":
             self.switcher.running = action == "resume"
-            log.info("role planner %s", "resumed" if self.switcher.running else "paused")
+            log.info("role planner %s by %s", "resumed" if self.switcher.running else "paused", requested_by)
+            self.events.add("planner", "", f"role planner {action}d", requested_by)
         return self.switcher.state()
+
+    async def drain(self, worker_id: str, drained: bool = True, requested_by: str = "") -> str:
+        """Drains a worker (it takes no new work and finishes what it holds) or undrains it; one
+        line saying what happened. ActionRefused for an unknown worker, or the last of its role."""
+        info = self._operable(worker_id)
+        if drained:
+            check_not_last(worker_id, info.role, self.switcher.serving(info.role), "draining")
+        was = await info.handle.drain.remote(drained)
+        if info.load is not None:  # placement sees it before the next heartbeat
+            info.load = replace(info.load, drained=drained)
+        action = "drain" if drained else "undrain"
+        text = f"{worker_id} {'was already' if was == drained else 'is now'} {'drained' if drained else 'serving'}"
+        self.events.add(action, worker_id, text, requested_by)
+        log.info("%s (by %s)", text, requested_by)
+        return text
+
+    async def restart(self, worker_id: str, requested_by: str = "") -> str:
+        """Kills a worker and starts a replacement in its slot (the path a death takes); its requests
+        continue on other workers. ActionRefused for an unknown worker, or the last of its role."""
+        info = self._operable(worker_id)
+        check_not_last(worker_id, info.role, self.switcher.serving(info.role), "restarting")
+        info.alive = False
+        text = f"{worker_id} restarting on an operator's request; its replacement loads in the background"
+        self.events.add("restart", worker_id, text, requested_by)
+        log.warning("%s (by %s)", text, requested_by)
+        self._in_background(info.slot, self._after_death(info))
+        return text
+
+    async def overview(self) -> ClusterOverview:
+        """Every slot with its state, the event log (switches and planner decisions included) and
+        the settings, for the operator dashboard."""
+        now = time.time()
+        workers = [
+            WorkerStatus(
+                w.worker_id, w.slot, w.role,
+                slot_state(w.alive, self.config.restart_dead, self.switcher.switching_to(w.worker_id), w.role,
+                           w.load),
+                w.alive, w.restarts, now - w.started_at if w.alive else 0.0, w.load if w.alive else None,
+            )
+            for w in self._workers.values()
+        ]  # fmt: skip
+        state = self.switcher.state()
+        events = self.events.events() + [_switch_event(s) for s in state.switches]
+        events += [_decision_event(d) for d in state.decisions]
+        return ClusterOverview(sorted(workers, key=lambda w: w.slot), sorted(events, key=lambda e: e.at),
+                               state.running, self._settings())  # fmt: skip
+
+    def _settings(self) -> dict[str, object]:
+        """The served model as the engines computed it, and how the pool runs (JSON-ready)."""
+        served = asdict(self._served_model) if self._served_model is not None else {}
+        served.pop("tokenizer_path", None)  # a path on the server's disk, not an operator's concern
+        return {
+            "model": served,
+            "device": self.config.engine.device,
+            "workers": {role: getattr(self.config, role) for role in ROLES},
+            "role_planner": asdict(self.config.role_planner),
+            "restart_dead": self.config.restart_dead,
+        }
 
     async def report_router_signals(self, signals: RouterSignals) -> None:
         """The router's recent latencies and requests waiting for decode room (the planner reads them)."""
@@ -192,6 +264,17 @@ class Controller:
             if info.worker_id == worker_id and info.alive:
                 return info
         raise KeyError(f"no live worker {worker_id!r}")
+
+    def _operable(self, worker_id: str) -> WorkerInfo:
+        """The live worker an operator names, not in the middle of a switch; ActionRefused if none."""
+        try:
+            info = self._by_id(worker_id)
+        except KeyError:
+            known = ", ".join(sorted(w.worker_id for w in self._workers.values() if w.alive)) or "none"
+            raise ActionRefused(f"no live worker {worker_id!r}; the workers are {known}") from None
+        if self.switcher.switching_to(worker_id) is not None:
+            raise ActionRefused(f"worker {worker_id} is switching role; try again once it is done")
+        return info
 
     async def _launch(self, slot: str, role: str, restarts: int) -> WorkerInfo:
         worker_id = slot if restarts == 0 else f"{slot}.r{restarts}"
@@ -235,6 +318,7 @@ class Controller:
             return
         info.alive = False
         log.warning("worker %s is dead (%s)", info.worker_id, why)
+        self.events.add("death", info.worker_id, f"{info.worker_id} is dead ({why})")
         self._in_background(info.slot, self._after_death(info))
 
     def _in_background(self, slot: str, work: Coroutine[object, object, None]) -> None:
@@ -258,11 +342,27 @@ class Controller:
     async def _replace(self, dead: WorkerInfo) -> None:
         try:
             fresh = await self._launch(dead.slot, dead.role, dead.restarts + 1)
-        except Exception:
+        except Exception as e:
             log.exception("restarting %s failed; will retry at the next heartbeat", dead.slot)
+            self.events.add(
+                "restart", dead.worker_id, f"restarting {dead.slot} failed: {str(e).splitlines()[0][:200]}"
+            )
             self._workers[dead.slot] = replace(dead, alive=False, restarts=dead.restarts + 1)
             return
         self._workers[dead.slot] = fresh
+        self.events.add(
+            "restart", fresh.worker_id, f"{fresh.worker_id} replaced {dead.worker_id} in {dead.slot}"
+        )
+
+
+def _switch_event(s: SwitchRecord) -> ClusterEvent:
+    kind = "switch" if s.error is None else "switch_failed"
+    return ClusterEvent(s.at, kind, s.worker_id, s.line(), s.requested_by)
+
+
+def _decision_event(d: dict[str, object]) -> ClusterEvent:
+    record = DecisionRecord(**d)  # type: ignore[arg-type]
+    return ClusterEvent(record.at, "planner", record.worker_id or "", record.line())
 
 
 def start_controller(config: ControllerConfig, name: str = CONTROLLER_NAME, detached: bool = False):

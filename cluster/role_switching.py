@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pdserve.cluster.load_pressure import PLANNED_ROLES, PlannerSnapshot, RouterSignals, WorkerSnapshot
+from pdserve.cluster.operator_actions import ActionRefused, check_not_last
 from pdserve.cluster.planner import Decision, DecisionRecord, RolePlanner, RolePlannerConfig
 from pdserve.cluster.planner_metrics import RolePlannerMetrics
 from pdserve.roles.messages import ROLES
@@ -38,7 +39,7 @@ HISTORY = 50
 SWITCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
-class SwitchRefused(ValueError):
+class SwitchRefused(ActionRefused):
     """A switch that may not happen (the message says why and what to do)."""
 
 
@@ -55,6 +56,7 @@ class SwitchRecord:
     moved: int = 0  # decoding requests moved live to other workers
     handed_back: int = 0  # prompts given back to the router
     error: str | None = None
+    requested_by: str = ""  # the operator who asked (manual switches)
 
     def line(self) -> str:
         took = "under way" if self.seconds is None else f"{self.seconds:.2f} s"
@@ -113,10 +115,12 @@ class RoleSwitcher:
 
     # ------------------------------------------------------------------ switching
 
-    async def switch(self, worker_id: str, role: str, reason: str = "manual") -> SwitchRecord:
+    async def switch(
+        self, worker_id: str, role: str, reason: str = "manual", requested_by: str = ""
+    ) -> SwitchRecord:
         """Switches `worker_id` to `role` in place; SwitchRefused when it may not."""
         info = self._check(worker_id, role)
-        record = SwitchRecord(worker_id, info.role, role, reason, time.time())
+        record = SwitchRecord(worker_id, info.role, role, reason, time.time(), requested_by=requested_by)
         self._history.append(record)
         self._switching[worker_id] = role
         start = time.monotonic()
@@ -156,16 +160,24 @@ class RoleSwitcher:
             raise SwitchRefused(f"worker {worker_id} is already switching to {self._switching[worker_id]}")
         if info.role == role:
             raise SwitchRefused(f"worker {worker_id} already has role {role}")
-        if info.role in PLANNED_ROLES:
-            left = [
-                w for w in workers if w.alive and w.role == info.role and w.worker_id not in self._switching
-            ]
-            if len(left) <= 1:
-                raise SwitchRefused(
-                    f"worker {worker_id} is the last {info.role} worker; switching it would leave none "
-                    f"(add one first, or switch another worker to {info.role})"
-                )
+        try:
+            check_not_last(worker_id, info.role, self.serving(info.role), "switching")
+        except ActionRefused as e:
+            raise SwitchRefused(str(e)) from None
         return info
+
+    def serving(self, role: str) -> list[str]:
+        """The ids of the live workers of `role` that take new work (not switching, not drained)."""
+        return [
+            w.worker_id
+            for w in self._workers()
+            if w.alive and w.role == role and w.worker_id not in self._switching
+            and not (w.load is not None and w.load.drained)
+        ]  # fmt: skip
+
+    def switching_to(self, worker_id: str) -> str | None:
+        """The role `worker_id` is switching to, if it is switching."""
+        return self._switching.get(worker_id)
 
     # ------------------------------------------------------------------ the planner
 

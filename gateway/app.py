@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from pdserve.gateway.admin import add_admin_routes
 from pdserve.gateway.config import GatewayConfig
+from pdserve.gateway.dashboard import add_dashboard_routes
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.metrics_cache import SharedFetch
@@ -51,6 +52,8 @@ def endpoint_of(path: str) -> str:
     """The request counter's `endpoint` label for `path`."""
     if path.startswith("/admin/"):
         return "admin"
+    if path == "/dashboard" or path.startswith("/dashboard/"):
+        return "dashboard"
     return "models" if path.startswith("/v1/models/") else ENDPOINT_OF_PATH.get(path, "other")
 
 
@@ -85,6 +88,7 @@ def create_app(
     add_error_handlers(app)
     add_cluster_routes(app, config, connection, metrics, registries)
     add_admin_routes(app, config, connection)
+    add_dashboard_routes(app, config, connection)
     add_generation_routes(
         app,
         OpenAIServingCompletion(config, connection, tok, metrics, prompts),

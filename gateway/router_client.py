@@ -64,17 +64,40 @@ class RouterClient:
             pdserve_pb2.MetricsRequest(), timeout=timeout_s, metadata=self._metadata
         )
 
-    async def set_role(self, worker_id: str, role: str, admin_key: str) -> pdserve_pb2.RoleSwitch:
+    async def set_role(
+        self, worker_id: str, role: str, admin_key: str, requested_by: str = ""
+    ) -> pdserve_pb2.RoleSwitch:
         """Switches a worker's role (an operator call: it presents the admin key)."""
-        request = pdserve_pb2.SetRoleRequest(worker_id=worker_id, role=role)
+        request = pdserve_pb2.SetRoleRequest(worker_id=worker_id, role=role, requested_by=requested_by)
         return await self._stub.SetRole(request, timeout=SWITCH_TIMEOUT_S, metadata=call_metadata(admin_key))
 
-    async def planner(self, action: str, admin_key: str | None) -> pdserve_pb2.PlannerResponse:
+    async def planner(
+        self, action: str, admin_key: str | None, requested_by: str = ""
+    ) -> pdserve_pb2.PlannerResponse:
         """Pauses, resumes or reads the role planner (pause and resume present the admin key)."""
         metadata = call_metadata(admin_key) if admin_key else self._metadata
-        return await self._stub.Planner(
-            pdserve_pb2.PlannerRequest(action=action), timeout=10, metadata=metadata
+        request = pdserve_pb2.PlannerRequest(action=action, requested_by=requested_by)
+        return await self._stub.Planner(request, timeout=10, metadata=metadata)
+
+    async def worker_action(
+        self, worker_id: str, action: str, admin_key: str, requested_by: str = ""
+    ) -> pdserve_pb2.WorkerActionResponse:
+        """Drains, undrains or restarts a worker (an operator call)."""
+        request = pdserve_pb2.WorkerActionRequest(
+            worker_id=worker_id, action=action, requested_by=requested_by
         )
+        return await self._stub.WorkerAction(request, timeout=30, metadata=call_metadata(admin_key))
+
+    async def set_policy(
+        self, policy: str, admin_key: str, requested_by: str = ""
+    ) -> pdserve_pb2.PolicyResponse:
+        """Changes the router's placement policy (an operator call)."""
+        request = pdserve_pb2.PolicyRequest(policy=policy, requested_by=requested_by)
+        return await self._stub.SetPolicy(request, timeout=10, metadata=call_metadata(admin_key))
+
+    async def overview(self) -> pdserve_pb2.OverviewResponse:
+        """What the operator dashboard shows."""
+        return await self._stub.Overview(pdserve_pb2.OverviewRequest(), timeout=5, metadata=self._metadata)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.config import FIELDS, add_flags, flags_given, load_config
+from pdserve.router.policies import POLICIES
 
 
 def _json_dict(flag: str):
@@ -384,6 +385,26 @@ def _cmd_planner(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_worker_action(args: argparse.Namespace) -> int:
+    from pdserve.cluster_state import worker_action
+
+    return _on_cluster(
+        args.command,
+        args,
+        lambda s: worker_action(
+            s.state_dir, args.name, args.worker_id, args.command, s.admin_key or s.api_key
+        ),
+    )
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from pdserve.cluster_state import set_policy
+
+    return _on_cluster(
+        "policy", args, lambda s: set_policy(s.state_dir, args.name, args.policy, s.admin_key or s.api_key)
+    )
+
+
 class FlagError(SystemExit):
     """A flag argparse refused, already reported in one line; exit code 2."""
 
@@ -456,11 +477,24 @@ def _add_cluster_commands(sub) -> None:
     role_p.add_argument("role", choices=["prefill", "decode", "both"])
     planner_p = sub.add_parser("planner", help="pause, resume or show the role planner")
     planner_p.add_argument("action", choices=["pause", "resume", "status"])
+    worker_ps = []
+    for action, what in (
+        ("drain", "stop giving a worker new work (it finishes what it holds)"),
+        ("undrain", "give a drained worker new work again"),
+        ("restart", "kill a worker and start a replacement in its slot (its requests continue elsewhere)"),
+    ):
+        worker_p = sub.add_parser(action, help=what)
+        worker_p.add_argument("worker_id", help="a worker id from `pdserve status`")
+        worker_ps.append((worker_p, _cmd_worker_action))
+    policy_p = sub.add_parser("policy", help="change the router's placement policy")
+    policy_p.add_argument("policy", choices=list(POLICIES))
     for p, func in (
         (down_p, _cmd_down),
         (status_p, _cmd_status),
         (role_p, _cmd_role),
         (planner_p, _cmd_planner),
+        *worker_ps,
+        (policy_p, _cmd_policy),
     ):
         # The settings `up` was started with say where it keeps its state.
         p.add_argument("--state-dir", default=None, help="where `up` recorded what it started")

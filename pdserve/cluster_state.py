@@ -231,7 +231,7 @@ def _call(state_dir: Path, name: str | None, key: str | None, method: str, reque
     with grpc.insecure_channel(record.router_address) as channel:
         try:
             return record, getattr(pdserve_pb2_grpc.RouterStub(channel), method)(
-                request, timeout=DRAIN_WAIT_S if method == "SetRole" else 5, metadata=call_metadata(key)
+                request, timeout=DRAIN_WAIT_S if method == "SetRole" else 30, metadata=call_metadata(key)
             )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -251,13 +251,24 @@ def _call(state_dir: Path, name: str | None, key: str | None, method: str, reque
             ) from e
 
 
+def requested_by() -> str:
+    """Who runs this command, for the cluster's event log: "cli user@host"."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli {user}@{socket.gethostname()}"
+
+
 def set_role(state_dir: Path, name: str | None, worker_id: str, role: str, key: str | None = None) -> str:
     """Switches a worker's role in place (`pdserve role`); one line saying what it did."""
     from pdserve.proto import pdserve_pb2
 
-    _, done = _call(
-        state_dir, name, key, "SetRole", pdserve_pb2.SetRoleRequest(worker_id=worker_id, role=role)
-    )
+    request = pdserve_pb2.SetRoleRequest(worker_id=worker_id, role=role, requested_by=requested_by())
+    _, done = _call(state_dir, name, key, "SetRole", request)
     return (
         f"{done.worker_id}: {done.from_role} -> {done.to_role} in {done.seconds:.2f} s "
         f"({done.moved} requests moved live, {done.handed_back} prompts handed back)"
@@ -268,8 +279,28 @@ def planner(state_dir: Path, name: str | None, action: str, key: str | None = No
     """Pauses, resumes or shows the role planner (`pdserve planner`): its state and last switches."""
     from pdserve.proto import pdserve_pb2
 
-    _, state = _call(state_dir, name, key, "Planner", pdserve_pb2.PlannerRequest(action=action))
+    request = pdserve_pb2.PlannerRequest(action=action, requested_by=requested_by())
+    _, state = _call(state_dir, name, key, "Planner", request)
     return "\n".join(_planner_lines(state))
+
+
+def worker_action(
+    state_dir: Path, name: str | None, worker_id: str, action: str, key: str | None = None
+) -> str:
+    """Drains, undrains or restarts a worker (`pdserve drain / undrain / restart`); what happened."""
+    from pdserve.proto import pdserve_pb2
+
+    request = pdserve_pb2.WorkerActionRequest(worker_id=worker_id, action=action, requested_by=requested_by())
+    return _call(state_dir, name, key, "WorkerAction", request)[1].message
+
+
+def set_policy(state_dir: Path, name: str | None, policy: str, key: str | None = None) -> str:
+    """Changes the router's placement policy (`pdserve policy`); one line."""
+    from pdserve.proto import pdserve_pb2
+
+    request = pdserve_pb2.PolicyRequest(policy=policy, requested_by=requested_by())
+    done = _call(state_dir, name, key, "SetPolicy", request)[1]
+    return f"placement policy: {done.previous} -> {done.policy}"
 
 
 def _planner_lines(state) -> list[str]:

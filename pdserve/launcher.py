@@ -105,6 +105,7 @@ def router_config(c: ClusterConfig) -> RouterConfig:
     return RouterConfig(
         host=c.router_host, port=c.router_port, policy=c.policy, local_prefill_tokens=c.local_prefill_tokens, redis_url=c.redis_url, cluster=c.name,
         api_key=c.api_key, admin_key=c.admin_key,
+        slo_ttft_ms=c.role_planner.ttft_target_ms, slo_itl_ms=c.role_planner.itl_target_ms,
     )  # fmt: skip
 
 
@@ -296,6 +297,7 @@ async def _serve(
     from pdserve.gateway.http_server import server_config
     from pdserve.router.server import start_router
 
+    _print_audit_log()
     # Ctrl-C / SIGTERM from here on stop everything this command started, also while loading.
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -384,6 +386,18 @@ async def _drain(server, serving, router, drain_timeout_s: float, cut: asyncio.E
             await router.server.stop(0)  # its stop() goes on to close the view and the index
         with contextlib.suppress(Exception):
             await asyncio.wait_for(every, 5)
+
+
+def _print_audit_log() -> None:
+    """Operator actions (the gateway's `pdserve.audit` log: who, what, when) go to stderr."""
+    import logging
+
+    audit = logging.getLogger("pdserve.audit")
+    if not audit.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        audit.addHandler(handler)
+        audit.setLevel(logging.INFO)
 
 
 async def _with_progress(

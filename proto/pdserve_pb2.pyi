@@ -213,18 +213,160 @@ class RoleSwitch(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[str] = ..., to_role: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[float] = ..., seconds: _Optional[float] = ..., moved: _Optional[int] = ..., handed_back: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
-    __slots__ = ("worker_id", "role")
+    __slots__ = ("worker_id", "role", "requested_by")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    requested_by: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class PlannerRequest(_message.Message):
-    __slots__ = ("action",)
+    __slots__ = ("action", "requested_by")
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     action: str
-    def __init__(self, action: _Optional[str] = ...) -> None: ...
+    requested_by: str
+    def __init__(self, action: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class WorkerActionRequest(_message.Message):
+    __slots__ = ("worker_id", "action", "requested_by")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    action: str
+    requested_by: str
+    def __init__(self, worker_id: _Optional[str] = ..., action: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class WorkerActionResponse(_message.Message):
+    __slots__ = ("worker_id", "action", "message")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    action: str
+    message: str
+    def __init__(self, worker_id: _Optional[str] = ..., action: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PolicyRequest(_message.Message):
+    __slots__ = ("policy", "requested_by")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    requested_by: str
+    def __init__(self, policy: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class PolicyResponse(_message.Message):
+    __slots__ = ("policy", "previous")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    previous: str
+    def __init__(self, policy: _Optional[str] = ..., previous: _Optional[str] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker", "slot", "state", "uptime_s", "prefix_cache_hit_rate", "prompt_tokens")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerState
+    slot: str
+    state: str
+    uptime_s: float
+    prefix_cache_hit_rate: float
+    prompt_tokens: int
+    def __init__(self, worker: _Optional[_Union[WorkerState, _Mapping]] = ..., slot: _Optional[str] = ..., state: _Optional[str] = ..., uptime_s: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class ClusterEvent(_message.Message):
+    __slots__ = ("at", "kind", "worker_id", "text", "requested_by")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    kind: str
+    worker_id: str
+    text: str
+    requested_by: str
+    def __init__(self, at: _Optional[float] = ..., kind: _Optional[str] = ..., worker_id: _Optional[str] = ..., text: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class TimelineSample(_message.Message):
+    __slots__ = ("at", "requests_per_s", "tokens_per_s", "migrations_per_s", "in_flight", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "slo_met", "goodput_per_s")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    ITL_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    ITL_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    SLO_MET_FIELD_NUMBER: _ClassVar[int]
+    GOODPUT_PER_S_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    requests_per_s: float
+    tokens_per_s: float
+    migrations_per_s: float
+    in_flight: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    slo_met: float
+    goodput_per_s: float
+    def __init__(self, at: _Optional[float] = ..., requests_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., migrations_per_s: _Optional[float] = ..., in_flight: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., slo_met: _Optional[float] = ..., goodput_per_s: _Optional[float] = ...) -> None: ...
+
+class KVFlow(_message.Message):
+    __slots__ = ("sender", "receiver", "bytes_per_s", "bytes_total")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    receiver: str
+    bytes_per_s: float
+    bytes_total: int
+    def __init__(self, sender: _Optional[str] = ..., receiver: _Optional[str] = ..., bytes_per_s: _Optional[float] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class OverviewRequest(_message.Message):
+    __slots__ = ("samples",)
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    def __init__(self, samples: _Optional[int] = ...) -> None: ...
+
+class OverviewResponse(_message.Message):
+    __slots__ = ("model", "policy", "workers", "timeline", "kv_flows", "events", "settings_json", "planner_running", "index_backend", "index_available", "index_entries", "requests_in_flight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    KV_FLOWS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    policy: str
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    timeline: _containers.RepeatedCompositeFieldContainer[TimelineSample]
+    kv_flows: _containers.RepeatedCompositeFieldContainer[KVFlow]
+    events: _containers.RepeatedCompositeFieldContainer[ClusterEvent]
+    settings_json: str
+    planner_running: bool
+    index_backend: str
+    index_available: bool
+    index_entries: int
+    requests_in_flight: int
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineSample, _Mapping]]] = ..., kv_flows: _Optional[_Iterable[_Union[KVFlow, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ClusterEvent, _Mapping]]] = ..., settings_json: _Optional[str] = ..., planner_running: _Optional[bool] = ..., index_backend: _Optional[str] = ..., index_available: _Optional[bool] = ..., index_entries: _Optional[int] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
 
 class PlannerResponse(_message.Message):
     __slots__ = ("running", "config_json", "switches", "decisions")

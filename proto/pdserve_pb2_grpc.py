@@ -64,6 +64,21 @@ class RouterStub:
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerResponse.FromString,
                 _registered_method=True)
+        self.WorkerAction = channel.unary_unary(
+                '/pdserve.v1.Router/WorkerAction',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.WorkerActionRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.WorkerActionResponse.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/pdserve.v1.Router/SetPolicy',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PolicyResponse.FromString,
+                _registered_method=True)
+        self.Overview = channel.unary_unary(
+                '/pdserve.v1.Router/Overview',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.OverviewRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.OverviewResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -107,6 +122,27 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WorkerAction(self, request, context):
+        """Operator actions on one worker: drain (no new work), undrain, restart (admin key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Changes this router's placement policy (admin key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Overview(self, request, context):
+        """What the operator dashboard shows: workers with their state, traffic, KV flows, events, settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +175,21 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Planner,
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.PlannerResponse.SerializeToString,
+            ),
+            'WorkerAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.WorkerAction,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.WorkerActionRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.WorkerActionResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PolicyRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.PolicyResponse.SerializeToString,
+            ),
+            'Overview': grpc.unary_unary_rpc_method_handler(
+                    servicer.Overview,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.OverviewRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.OverviewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +354,87 @@ class Router:
             '/pdserve.v1.Router/Planner',
             pdserve_dot_proto_dot_pdserve__pb2.PlannerRequest.SerializeToString,
             pdserve_dot_proto_dot_pdserve__pb2.PlannerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorkerAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/WorkerAction',
+            pdserve_dot_proto_dot_pdserve__pb2.WorkerActionRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.WorkerActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/SetPolicy',
+            pdserve_dot_proto_dot_pdserve__pb2.PolicyRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.PolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Overview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/Overview',
+            pdserve_dot_proto_dot_pdserve__pb2.OverviewRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.OverviewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,6 +117,21 @@ class WorkerLoad:
     open_fds: int = 0
     threads: int = 0
     pid: int = 0
+    drained: bool = False  # an operator drained it: it takes no new work, finishes what it has
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in its prefix cache since start
+    prefix_cache_hit_tokens: int = 0  # ... and found there
+    kv_sent_bytes: dict[str, int] = field(default_factory=dict)  # KV bytes sent to each worker id
+
+    @property
+    def serving(self) -> bool:
+        """Whether placement may give it new work (not switching role, not drained)."""
+        return not (self.draining or self.drained)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Prompt tokens found in its prefix cache per token looked up, since start (None before any)."""
+        queried = self.prefix_cache_queried_tokens
+        return self.prefix_cache_hit_tokens / queried if queried else None
 
     @classmethod
     def from_stats(
@@ -129,6 +144,8 @@ class WorkerLoad:
         block_size: int,
         draining: bool,
         usage: ProcessUsage | None = None,
+        drained: bool = False,
+        kv_sent_bytes: dict[str, int] | None = None,
     ) -> WorkerLoad:
         """The report of a worker whose engine gave `stats`; the rest is the worker's own state."""
         return cls(
@@ -153,4 +170,8 @@ class WorkerLoad:
             open_fds=usage.open_fds if usage else 0,
             threads=usage.threads if usage else 0,
             pid=usage.pid if usage else 0,
+            drained=drained,
+            prefix_cache_queried_tokens=stats.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
+            kv_sent_bytes=dict(kv_sent_bytes or {}),
         )

@@ -62,7 +62,9 @@ class Worker:
         _check_role(role)
         self.worker_id = worker_id
         self.role = role
-        self._draining = False
+        self._draining = False  # switching role: refuses new work until the switch is done
+        self._drained = False  # an operator's drain: refuses new work until undrained
+        self._kv_sent: dict[str, int] = {}  # KV bytes sent, by receiving worker id
         self._engine_config = engine_config
         self._kv_backend = kv_backend
         self._host = host
@@ -132,10 +134,20 @@ class Worker:
             block_size=self._engine_config.block_size,
             draining=self._draining,
             usage=usage,
+            drained=self._drained,
+            kv_sent_bytes=self._kv_sent,
         )
         self.metrics.engine_stats(stats, load.num_pending_sends, usage)
         self.metrics.kv_channels(self._transport.open_channels if self._transport else 0)
         return load
+
+    async def drain(self, drained: bool) -> bool:
+        """Drains (True) or undrains (False) the worker: drained, it refuses new work (RoleError,
+        which the router answers by going around it) and finishes what it holds. Returns whether
+        it was drained before."""
+        before, self._drained = self._drained, drained
+        log.info("worker %s: %s", self.worker_id, "drained" if drained else "serving again")
+        return before
 
     async def set_role(self, role: str, drain_timeout_s: float = 60.0) -> RoleSwitch:
         """Switches role in place: the weights and the prefix cache stay.
@@ -327,6 +339,8 @@ class Worker:
             self.metrics.transfer_failed("send")
             raise
         self.metrics.transfer("send", nbytes, time.perf_counter() - start)
+        receiver = channel.receiver.worker_id
+        self._kv_sent[receiver] = self._kv_sent.get(receiver, 0) + nbytes
         return nbytes
 
     # ------------------------------------------------------------------ decode
@@ -429,6 +443,8 @@ class Worker:
             raise RoleError(
                 f"worker {self.worker_id} is switching role; send the request elsewhere", self.worker_id
             )
+        if self._drained:
+            raise RoleError(f"worker {self.worker_id} is drained; send the request elsewhere", self.worker_id)
         allowed = {"both": ("both",), "prefill": ("prefill", "both"), "decode": ("decode", "both")}[needed]
         if self.role not in allowed:
             raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}", self.worker_id)

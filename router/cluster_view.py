@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from pdserve.cluster.load_pressure import RouterSignals
+from pdserve.cluster.operator_actions import EventLog
 from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ClusterView:
         self.interval_s = interval_s
         self.workers: list = []
         self.index_available = True
+        self.events = EventLog()  # the index's outages and returns, for the operator dashboard
         self._seen: dict[str, int] = {}  # worker id -> last cache event applied
         self._task: asyncio.Task | None = None
         # What the router measured, sent to the controller's role planner every SIGNALS_EVERY_S.
@@ -74,11 +76,13 @@ class ClusterView:
         except IndexUnavailable as e:
             if self.index_available:
                 log.warning("prefix index unavailable (%s); placing by load only until it is back", e)
+                self.events.add("index", "", f"prefix index unavailable ({e}); placing by load only")
             self.index_available = False
             self._seen.clear()  # when it is back, rebuild from snapshots
             return
         if not self.index_available:
             log.info("prefix index back; rebuilt from worker snapshots")
+            self.events.add("index", "", "prefix index back; rebuilt from the workers' snapshots")
         self.index_available = True
 
     async def _run(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.router.policies import DEFAULT_POLICY, make_policy
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ class RouterConfig:
     # (0: every prompt goes to a prefill worker). Measured in DECISIONS.md (2026-12-05).
     local_prefill_tokens: int = 64
     runner: RunnerConfig | None = None
+    # Goodput's SLO on the dashboard: the role planner's latency targets (the launcher passes them).
+    slo_ttft_ms: float = RolePlannerConfig.ttft_target_ms
+    slo_itl_ms: float = RolePlannerConfig.itl_target_ms
 
     def __post_init__(self) -> None:
         make_policy(self.policy)  # ValueError naming the allowed policies

@@ -153,7 +153,7 @@ class RouterPlacement:
         self._dead &= {w.worker_id for w in listed}
         # Only workers with a load report: placement weighs loads (a worker still registering has none).
         workers = [
-            w for w in listed if w.alive and w.load and not w.load.draining and w.worker_id not in self._dead
+            w for w in listed if w.alive and w.load and w.load.serving and w.worker_id not in self._dead
         ]
         prefills = prefer_not(avoid, [w for w in workers if w.role == "prefill"])
         decodes = prefer_not(avoid, [w for w in workers if w.role == "decode"])
@@ -196,7 +196,7 @@ class RouterPlacement:
         decodes = [
             w
             for w in self.view.workers
-            if w.role == "decode" and w.alive and w.load and not w.load.draining
+            if w.role == "decode" and w.alive and w.load and w.load.serving
             and w.worker_id not in avoid | self._dead
         ]  # fmt: skip
         chosen = choose_decode([Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes], num_tokens)

@@ -14,13 +14,15 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.cluster.operator_actions import ActionRefused, EventLog
 from pdserve.cluster.planner import DecisionRecord
-from pdserve.cluster.role_switching import SwitchRecord, SwitchRefused
+from pdserve.cluster.role_switching import SwitchRecord
 from pdserve.engine import SamplingParams
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.served_model import ServedModel
@@ -31,11 +33,13 @@ from pdserve.router.auth import KeyCheck, caller, same_caller
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics, merge_expositions
+from pdserve.router.overview import overview_response, worker_state
 from pdserve.router.placement import NoWorkerError, RouterPlacement
-from pdserve.router.policies import make_policy
+from pdserve.router.policies import POLICIES, make_policy
 from pdserve.router.prefix_index import IndexUnavailable, PrefixIndex, make_prefix_index
 from pdserve.router.recent_latencies import RecentLatencies
 from pdserve.router.request_runner import NoRoomInTime, RequestFailed, RequestRunner
+from pdserve.router.timeline import SLO, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,11 @@ _DONE = object()
 # A prefill group names one API request's choices (its request id and a prompt index).
 MAX_PREFILL_GROUP_CHARS = 256
 
+
+# Operator actions on one worker (`WorkerAction`).
+WORKER_ACTIONS = ("drain", "undrain", "restart")
+# Who asked, as the event log keeps it: at most this many characters.
+MAX_REQUESTED_BY_CHARS = 200
 
 ADMIN_REFUSAL = (
     "this is an operator action: present the admin key (metadata 'authorization: Bearer <admin_key>')"
@@ -123,6 +132,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         metrics: RouterMetrics,
         config: RouterConfig,
         served: ServedModel,
+        slo: SLO | None = None,
     ) -> None:
         self.runner = runner
         self.view = view
@@ -132,6 +142,9 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self._in_flight: dict[str, asyncio.Task] = {}
         self._owners: dict[str, bytes] = {}  # request id -> its Generate call's `caller`
         self.latencies = RecentLatencies()
+        # The dashboard's traffic history; the SLO is the role planner's latency targets.
+        self.timeline = Timeline(slo or SLO(ttft_ms=500.0, itl_ms=50.0))
+        self.events = EventLog()  # the router's own: policy changes (the view keeps index outages)
 
     def _validate(self, request: pdserve_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
@@ -171,6 +184,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"router has {len(self._in_flight)} requests in flight (max_in_flight); retry later",
             )
+        self.timeline.arrived()
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         queue: asyncio.Queue = asyncio.Queue()
@@ -194,6 +208,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self.metrics.in_flight.set(len(self._in_flight))
         emitted, cached, outcome = 0, 0, "error"
         started = last = time.monotonic()
+        ttft: float | None = None
         try:
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -206,6 +221,10 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                     )
                 if item is _DONE:
                     outcome = "ok"
+                    gaps = (
+                        (last - started - ttft) / (emitted - 1) if ttft is not None and emitted > 1 else None
+                    )
+                    self.timeline.finished(ttft, gaps)
                     return
                 if isinstance(item, asyncio.CancelledError):  # Abort RPC
                     outcome = "aborted"
@@ -223,7 +242,9 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                     (self.latencies.gap if emitted else self.latencies.first_token)(
                         now - (last if emitted else started)
                     )
+                    ttft = now - started if ttft is None else ttft
                     last = now
+                    self.timeline.emitted(len(item.token_ids))
                 emitted += len(item.token_ids)
                 cached = item.num_cached_tokens
                 if item.finished:
@@ -271,33 +292,17 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         task.cancel()
         return pdserve_pb2.AbortResponse(found=True)
 
-    async def ClusterState(self, request, context):
+    async def _index_entries(self) -> int:
         try:
             entries = await self.view.index.num_entries()
         except Exception:
             entries = -1
         self.metrics.index_blocks.set(max(entries, 0))
-        workers = [
-            pdserve_pb2.WorkerState(
-                worker_id=w.worker_id,
-                role=w.role,
-                alive=w.alive,
-                restarts=w.restarts,
-                num_waiting=w.load.num_waiting if w.load else 0,
-                num_running=w.load.num_running if w.load else 0,
-                kv_blocks_total=w.load.kv_blocks_total if w.load else 0,
-                kv_blocks_free=w.load.kv_blocks_free if w.load else 0,
-                waiting_prefill_tokens=w.load.waiting_prefill_tokens if w.load else 0,
-                last_step_seconds=w.load.last_step_seconds if w.load else 0.0,
-                spec_acceptance_rate=w.load.spec_acceptance_rate if w.load else 0.0,
-                spec_mean_accepted_length=w.load.spec_mean_accepted_length if w.load else 0.0,
-                rss_bytes=w.load.rss_bytes if w.load else 0,
-                open_fds=w.load.open_fds if w.load else 0,
-                threads=w.load.threads if w.load else 0,
-                pid=w.load.pid if w.load else 0,
-            )
-            for w in self.view.workers
-        ]
+        return entries
+
+    async def ClusterState(self, request, context):
+        entries = await self._index_entries()
+        workers = [worker_state(w.worker_id, w.role, w.alive, w.restarts, w.load) for w in self.view.workers]
         return pdserve_pb2.ClusterStateResponse(
             model=self.served.name,
             policy=self.config.policy,
@@ -336,16 +341,75 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
     async def SetRole(self, request, context):
         """Switches a worker's role in place, through the controller (as the planner does)."""
         await self._check_admin(context)
+        by = requested_by(request, context)
         try:
-            record = await self.view.controller.set_role.remote(request.worker_id, request.role)
+            record = await self.view.controller.set_role.remote(request.worker_id, request.role, "manual", by)
         except Exception as e:
-            cause = getattr(e, "cause", e)
-            if isinstance(cause, SwitchRefused):
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(cause))
-            await context.abort(
-                grpc.StatusCode.ABORTED, f"the switch failed: {str(cause).splitlines()[0][:300]}"
-            )
+            await _refused(e, "the switch", context)
         return switch_proto(record)
+
+    async def WorkerAction(self, request, context):
+        """Drains, undrains or restarts a worker, through the controller (admin)."""
+        await self._check_admin(context)
+        if request.action not in WORKER_ACTIONS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"action must be one of {', '.join(WORKER_ACTIONS)}, got {request.action!r}",
+            )
+        by, controller = requested_by(request, context), self.view.controller
+        try:
+            if request.action == "restart":
+                text = await controller.restart.remote(request.worker_id, by)
+            else:
+                text = await controller.drain.remote(request.worker_id, request.action == "drain", by)
+        except Exception as e:
+            await _refused(e, f"the {request.action}", context)
+        return pdserve_pb2.WorkerActionResponse(
+            worker_id=request.worker_id, action=request.action, message=text
+        )
+
+    async def SetPolicy(self, request, context):
+        """Changes this router's placement policy (admin); INVALID_ARGUMENT names the known ones."""
+        await self._check_admin(context)
+        try:
+            policy = make_policy(request.policy)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy: {e}")
+        previous = self.config.policy
+        self.config = replace(self.config, policy=request.policy)
+        self.runner.placement.policy = policy  # type: ignore[attr-defined]  # RouterPlacement's
+        by = requested_by(request, context)
+        self.events.add("policy", "", f"placement policy {previous} -> {request.policy}", by)
+        log.info("placement policy %s -> %s (by %s)", previous, request.policy, by)
+        return pdserve_pb2.PolicyResponse(policy=request.policy, previous=previous)
+
+    async def Overview(self, request, context):
+        """What the operator dashboard shows (workers, traffic, KV flows, events, settings)."""
+        overview = await self.view.controller.overview.remote()
+        router_settings = {"policy": self.config.policy, "redis_url": bool(self.config.redis_url),
+                           "max_in_flight": self.config.max_in_flight, "policies": list(POLICIES),
+                           "slo": {"ttft_ms": self.timeline.slo.ttft_ms, "itl_ms": self.timeline.slo.itl_ms}}  # fmt: skip
+        response = overview_response(
+            overview, self.timeline, self.events.events() + self.view.events.events(), router_settings,
+            max(0, request.samples),
+        )  # fmt: skip
+        response.model, response.policy = self.served.name, self.config.policy
+        response.index_backend = "redis" if self.config.redis_url else "in-process"
+        response.index_available = self.view.index_available
+        response.index_entries = await self._index_entries()
+        response.requests_in_flight = len(self._in_flight)
+        return response
+
+    def sample_timeline(self) -> None:
+        """One second of the dashboard's timeline (called every second while the router runs)."""
+        moved = self.metrics.registry.get_sample_value("pdserve_live_migrations_total", {"outcome": "moved"})
+        sent = {
+            (w.worker_id, receiver): nbytes
+            for w in self.view.workers
+            if w.load is not None
+            for receiver, nbytes in w.load.kv_sent_bytes.items()
+        }
+        self.timeline.sample(moved or 0.0, len(self._in_flight), self.latencies.signals(0), sent)
 
     async def Planner(self, request, context):
         """Pauses or resumes the role planner (admin), or reports its state."""
@@ -356,7 +420,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             )
         if request.action != "status":
             await self._check_admin(context)
-        state = await self.view.controller.planner.remote(request.action)
+        state = await self.view.controller.planner.remote(request.action, requested_by(request, context))
         return pdserve_pb2.PlannerResponse(
             running=state.running,
             config_json=json.dumps(state.config),
@@ -369,6 +433,21 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         key = self.config.admin_key
         if key and not matches(presented(context.invocation_metadata()), key):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, ADMIN_REFUSAL)
+
+
+def requested_by(request, context) -> str:
+    """Who asks for an operator action: what the caller says (`requested_by`, printable, capped),
+    else its address as gRPC sees it."""
+    said = "".join(c for c in request.requested_by if c.isprintable())[:MAX_REQUESTED_BY_CHARS]
+    return said or f"grpc {context.peer()}"
+
+
+async def _refused(error: Exception, what: str, context) -> None:
+    """Ends an operator call the controller refused (FAILED_PRECONDITION, its reason) or failed."""
+    cause = getattr(error, "cause", error)
+    if isinstance(cause, ActionRefused):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(cause))
+    await context.abort(grpc.StatusCode.ABORTED, f"{what} failed: {str(cause).splitlines()[0][:300]}")
 
 
 def switch_proto(record: SwitchRecord) -> pdserve_pb2.RoleSwitch:
@@ -390,21 +469,25 @@ class Router:
         service: RouterService,
         port: int,
         keep_alive: asyncio.Task[None],
+        sampler: asyncio.Task[None] | None = None,
     ) -> None:
         self.server = server
         self.view = view
         self.service = service
         self.port = port
         self._keep_alive = keep_alive
+        self._sampler = sampler
 
     async def stop(self, grace_s: float = 1.0, clear_index: bool = False) -> None:
         """Stops serving; `clear_index` also deletes the index's entries (the whole cluster is
         stopping, so no other router of it still needs them)."""
         await self.server.stop(grace_s)
         await self.view.stop()
-        self._keep_alive.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._keep_alive
+        for task in (self._keep_alive, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if clear_index:
             with contextlib.suppress(IndexUnavailable):  # a gone Redis lets the keys expire instead
                 await self.view.index.clear()
@@ -421,6 +504,16 @@ async def _keep_index_alive(index: PrefixIndex, interval_s: float) -> None:
             log.warning("cannot refresh the prefix index's expiry: %s", e)
 
 
+async def _sample_every_second(service: RouterService) -> None:
+    """The dashboard's timeline, one sample a second while the router lives."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            service.sample_timeline()
+        except Exception:  # one bad sample must not end the timeline
+            log.exception("sampling the dashboard's timeline failed")
+
+
 async def start_router(controller, config: RouterConfig) -> Router:
     """Builds the router over a running controller and starts serving; returns once it listens."""
     served = await controller.served_model.remote()
@@ -432,7 +525,8 @@ async def start_router(controller, config: RouterConfig) -> Router:
         view, make_policy(config.policy), served.block_size, metrics, config.local_prefill_tokens
     )
     runner = RequestRunner(placement, config.runner, metrics)
-    service = RouterService(runner, view, metrics, config, served)
+    slo = SLO(ttft_ms=config.slo_ttft_ms, itl_ms=config.slo_itl_ms)
+    service = RouterService(runner, view, metrics, config, served, slo)
     view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner
 
     server = grpc.aio.server(
@@ -453,4 +547,5 @@ async def start_router(controller, config: RouterConfig) -> Router:
     log.info("router listening on %s:%d (policy %s)", config.host, port, config.policy)
     # Three refreshes per TTL: one missed (a slow Redis) still leaves the entries alive.
     keep_alive = asyncio.get_running_loop().create_task(_keep_index_alive(index, config.index_ttl_s / 3))
-    return Router(server, view, service, port, keep_alive)
+    sampler = asyncio.get_running_loop().create_task(_sample_every_second(service))
+    return Router(server, view, service, port, keep_alive, sampler)

@@ -25,6 +25,9 @@ def test_service_shape():
         "Metrics",
         "SetRole",
         "Planner",
+        "WorkerAction",
+        "SetPolicy",
+        "Overview",
     }
     assert service.methods_by_name["Generate"].server_streaming
     assert hasattr(pdserve_pb2_grpc, "RouterServicer")
