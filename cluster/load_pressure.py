@@ -60,12 +60,13 @@ class WorkerSnapshot:
     kv_blocks_cached: int = 0  # blocks the prefix cache holds (reusable prompt prefixes)
     switching_to: str | None = None  # set while a switch is under way
     restarting: bool = False
+    drained: bool = False  # an operator drained it: it finishes what it holds and takes nothing new
     since_switch_s: float | None = None  # None: never switched
 
     @property
     def serving(self) -> bool:
-        """Whether it serves its role now (not switching, not restarting)."""
-        return self.switching_to is None and not self.restarting
+        """Whether it serves its role now (not switching, not restarting, not drained)."""
+        return self.switching_to is None and not self.restarting and not self.drained
 
     @property
     def kv_blocks_decoding(self) -> int:

@@ -245,6 +245,7 @@ class RoleSwitcher:
             kv_blocks_cached=load.kv_blocks_cached if load else 0,
             switching_to=self._switching.get(w.worker_id),
             restarting=not w.alive or load is None,
+            drained=bool(load and load.drained),
             since_switch_s=None if last is None else now - last,
         )
 

@@ -293,6 +293,29 @@ def test_never_picks_a_switching_or_restarting_worker_and_picks_the_cheapest():
     assert isinstance(decision, Decision) and decision.worker_id == "decode-2"
 
 
+def test_a_drained_worker_is_left_to_the_operator():
+    cluster = ToyCluster.of(2, 4)
+    load = prefill_heavy(5.0)
+    base = dict(
+        waiting=0, queued_prefill_tokens=0, kv_blocks_free=BLOCKS, kv_blocks_total=BLOCKS, last_step_s=0.004
+    )
+    overrides = {
+        "decode-0": {"running": 6},
+        "decode-1": {"running": 6},
+        "decode-2": {"running": 0, "drained": True},  # the cheapest to move, but an operator holds it
+        "decode-3": {"running": 5},
+    }
+    planner, decision = RolePlanner(), None
+    for t in range(FIRST + 1):
+        snap = cluster.snapshot(t * S, load)
+        workers = tuple(
+            replace(w, **base, **overrides.get(w.worker_id, {})) if w.role == "decode" else w
+            for w in snap.workers
+        )
+        decision = planner.plan(replace(snap, workers=workers))
+    assert isinstance(decision, Decision) and decision.worker_id == "decode-3"
+
+
 def test_a_switch_in_flight_counts_for_its_new_side():
     # 2 prefill + 2 decode, one decode already on its way to prefill: the prefill pressure is
     # shared by three, and the one decode left is at the minimum.
