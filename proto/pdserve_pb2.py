@@ -24,47 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xca\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\n\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x98\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x15\n\rprefill_group\x18\x05 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xd0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.pdserve.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13\x43lusterStateRequest\"\xdc\x02\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x05\x12\x1e\n\x16waiting_prefill_tokens\x18\x08 \x01(\x05\x12\x19\n\x11last_step_seconds\x18\t \x01(\x01\x12\x10\n\x08restarts\x18\n \x01(\x05\x12\x1c\n\x14spec_acceptance_rate\x18\x0b \x01(\x01\x12!\n\x19spec_mean_accepted_length\x18\x0c \x01(\x01\x12\x11\n\trss_bytes\x18\r \x01(\x03\x12\x10\n\x08open_fds\x18\x0e \x01(\x05\x12\x0f\n\x07threads\x18\x0f \x01(\x05\"\xc2\x01\n\x14\x43lusterStateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.WorkerState\x12\x15\n\rindex_entries\x18\x04 \x01(\x03\x12\x15\n\rindex_backend\x18\x05 \x01(\t\x12\x17\n\x0findex_available\x18\x06 \x01(\x08\x12\x1a\n\x12requests_in_flight\x18\x07 \x01(\x05\"\x10\n\x0eMetricsRequest\"4\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bunreachable\x18\x02 \x03(\t\"\xa3\x01\n\nRoleSwitch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tfrom_role\x18\x02 \x01(\t\x12\x0f\n\x07to_role\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\n\n\x02\x61t\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\r\n\x05moved\x18\x07 \x01(\x05\x12\x13\n\x0bhanded_back\x18\x08 \x01(\x05\x12\r\n\x05\x65rror\x18\t \x01(\t\"1\n\x0eSetRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\" \n\x0ePlannerRequest\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\"t\n\x0fPlannerResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12(\n\x08switches\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.RoleSwitch\x12\x11\n\tdecisions\x18\x04 \x03(\t2\xa6\x03\n\x06Router\x12\x44\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x19.pdserve.v1.GenerateChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12Q\n\x0c\x43lusterState\x12\x1f.pdserve.v1.ClusterStateRequest\x1a .pdserve.v1.ClusterStateResponse\x12\x42\n\x07Metrics\x12\x1a.pdserve.v1.MetricsRequest\x1a\x1b.pdserve.v1.MetricsResponse\x12=\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x16.pdserve.v1.RoleSwitch\x12\x42\n\x07Planner\x12\x1a.pdserve.v1.PlannerRequest\x1a\x1b.pdserve.v1.PlannerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xf0\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\n\x88\x01\x01\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x33\n\x0fguided_decoding\x18\x12 \x01(\x0b\x32\x1a.pdserve.v1.GuidedDecoding\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"-\n\x0eGuidedDecoding\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x98\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x15\n\rprefill_group\x18\x05 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xd0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.pdserve.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13\x43lusterStateRequest\"\xdc\x02\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x05\x12\x1e\n\x16waiting_prefill_tokens\x18\x08 \x01(\x05\x12\x19\n\x11last_step_seconds\x18\t \x01(\x01\x12\x10\n\x08restarts\x18\n \x01(\x05\x12\x1c\n\x14spec_acceptance_rate\x18\x0b \x01(\x01\x12!\n\x19spec_mean_accepted_length\x18\x0c \x01(\x01\x12\x11\n\trss_bytes\x18\r \x01(\x03\x12\x10\n\x08open_fds\x18\x0e \x01(\x05\x12\x0f\n\x07threads\x18\x0f \x01(\x05\"\xc2\x01\n\x14\x43lusterStateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.WorkerState\x12\x15\n\rindex_entries\x18\x04 \x01(\x03\x12\x15\n\rindex_backend\x18\x05 \x01(\t\x12\x17\n\x0findex_available\x18\x06 \x01(\x08\x12\x1a\n\x12requests_in_flight\x18\x07 \x01(\x05\"\x10\n\x0eMetricsRequest\"4\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bunreachable\x18\x02 \x03(\t\"\xa3\x01\n\nRoleSwitch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tfrom_role\x18\x02 \x01(\t\x12\x0f\n\x07to_role\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\n\n\x02\x61t\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\r\n\x05moved\x18\x07 \x01(\x05\x12\x13\n\x0bhanded_back\x18\x08 \x01(\x05\x12\r\n\x05\x65rror\x18\t \x01(\t\"1\n\x0eSetRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\" \n\x0ePlannerRequest\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\"t\n\x0fPlannerResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12(\n\x08switches\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.RoleSwitch\x12\x11\n\tdecisions\x18\x04 \x03(\t2\xa6\x03\n\x06Router\x12\x44\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x19.pdserve.v1.GenerateChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12Q\n\x0c\x43lusterState\x12\x1f.pdserve.v1.ClusterStateRequest\x1a .pdserve.v1.ClusterStateResponse\x12\x42\n\x07Metrics\x12\x1a.pdserve.v1.MetricsRequest\x1a\x1b.pdserve.v1.MetricsResponse\x12=\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x16.pdserve.v1.RoleSwitch\x12\x42\n\x07Planner\x12\x1a.pdserve.v1.PlannerRequest\x1a\x1b.pdserve.v1.PlannerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.proto.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=630
-  _globals['_GENERATEREQUEST']._serialized_start=633
-  _globals['_GENERATEREQUEST']._serialized_end=785
-  _globals['_TOPLOGPROB']._serialized_start=787
-  _globals['_TOPLOGPROB']._serialized_end=848
-  _globals['_TOKENLOGPROB']._serialized_start=850
-  _globals['_TOKENLOGPROB']._serialized_end=950
-  _globals['_USAGE']._serialized_start=952
-  _globals['_USAGE']._serialized_end=1032
-  _globals['_GENERATECHUNK']._serialized_start=1035
-  _globals['_GENERATECHUNK']._serialized_end=1243
-  _globals['_ABORTREQUEST']._serialized_start=1245
-  _globals['_ABORTREQUEST']._serialized_end=1279
-  _globals['_ABORTRESPONSE']._serialized_start=1281
-  _globals['_ABORTRESPONSE']._serialized_end=1311
-  _globals['_CLUSTERSTATEREQUEST']._serialized_start=1313
-  _globals['_CLUSTERSTATEREQUEST']._serialized_end=1334
-  _globals['_WORKERSTATE']._serialized_start=1337
-  _globals['_WORKERSTATE']._serialized_end=1685
-  _globals['_CLUSTERSTATERESPONSE']._serialized_start=1688
-  _globals['_CLUSTERSTATERESPONSE']._serialized_end=1882
-  _globals['_METRICSREQUEST']._serialized_start=1884
-  _globals['_METRICSREQUEST']._serialized_end=1900
-  _globals['_METRICSRESPONSE']._serialized_start=1902
-  _globals['_METRICSRESPONSE']._serialized_end=1954
-  _globals['_ROLESWITCH']._serialized_start=1957
-  _globals['_ROLESWITCH']._serialized_end=2120
-  _globals['_SETROLEREQUEST']._serialized_start=2122
-  _globals['_SETROLEREQUEST']._serialized_end=2171
-  _globals['_PLANNERREQUEST']._serialized_start=2173
-  _globals['_PLANNERREQUEST']._serialized_end=2205
-  _globals['_PLANNERRESPONSE']._serialized_start=2207
-  _globals['_PLANNERRESPONSE']._serialized_end=2323
-  _globals['_ROUTER']._serialized_start=2326
-  _globals['_ROUTER']._serialized_end=2748
+  _globals['_SAMPLINGPARAMS']._serialized_end=796
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=575
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=623
+  _globals['_GUIDEDDECODING']._serialized_start=798
+  _globals['_GUIDEDDECODING']._serialized_end=843
+  _globals['_GENERATEREQUEST']._serialized_start=846
+  _globals['_GENERATEREQUEST']._serialized_end=998
+  _globals['_TOPLOGPROB']._serialized_start=1000
+  _globals['_TOPLOGPROB']._serialized_end=1061
+  _globals['_TOKENLOGPROB']._serialized_start=1063
+  _globals['_TOKENLOGPROB']._serialized_end=1163
+  _globals['_USAGE']._serialized_start=1165
+  _globals['_USAGE']._serialized_end=1245
+  _globals['_GENERATECHUNK']._serialized_start=1248
+  _globals['_GENERATECHUNK']._serialized_end=1456
+  _globals['_ABORTREQUEST']._serialized_start=1458
+  _globals['_ABORTREQUEST']._serialized_end=1492
+  _globals['_ABORTRESPONSE']._serialized_start=1494
+  _globals['_ABORTRESPONSE']._serialized_end=1524
+  _globals['_CLUSTERSTATEREQUEST']._serialized_start=1526
+  _globals['_CLUSTERSTATEREQUEST']._serialized_end=1547
+  _globals['_WORKERSTATE']._serialized_start=1550
+  _globals['_WORKERSTATE']._serialized_end=1898
+  _globals['_CLUSTERSTATERESPONSE']._serialized_start=1901
+  _globals['_CLUSTERSTATERESPONSE']._serialized_end=2095
+  _globals['_METRICSREQUEST']._serialized_start=2097
+  _globals['_METRICSREQUEST']._serialized_end=2113
+  _globals['_METRICSRESPONSE']._serialized_start=2115
+  _globals['_METRICSRESPONSE']._serialized_end=2167
+  _globals['_ROLESWITCH']._serialized_start=2170
+  _globals['_ROLESWITCH']._serialized_end=2333
+  _globals['_SETROLEREQUEST']._serialized_start=2335
+  _globals['_SETROLEREQUEST']._serialized_end=2384
+  _globals['_PLANNERREQUEST']._serialized_start=2386
+  _globals['_PLANNERREQUEST']._serialized_end=2418
+  _globals['_PLANNERRESPONSE']._serialized_start=2420
+  _globals['_PLANNERRESPONSE']._serialized_end=2536
+  _globals['_ROUTER']._serialized_start=2539
+  _globals['_ROUTER']._serialized_end=2961
 # @@protoc_insertion_point(module_scope)
