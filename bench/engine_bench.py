@@ -65,6 +65,8 @@ class BenchRow:
     accepted: int = 0
     emitted: int = 0
     verifications: int = 0
+    # Guided runs only: (cold, cached) milliseconds to compile a typical JSON schema.
+    compile_ms: tuple[float, float] | None = None
 
 
 def _prompts(vocab: int, batch: int, input_len: int, seed: int) -> list[list[int]]:
