@@ -60,7 +60,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def stack(ray_session):
-    with gateway_stack(ray_session, "demo", name="pdserve-controller-guided-test", blocks=256, template=None) as s:
+    with gateway_stack(
+        ray_session, "demo", name="pdserve-controller-guided-test", blocks=256, template=None
+    ) as s:
         yield s
 
 
@@ -95,9 +97,15 @@ def test_json_object_regex_choice_and_grammar_on_completions(client):
                                   seed=1, extra_body={"response_format": {"type": "json_object"}})  # fmt: skip
     assert isinstance(json.loads(r.choices[0].text), dict)
     extras = [
-        ({"guided_regex": "[0-9]{4}-[0-9]{2}"}, lambda t: len(t) == 7 and t[4] == "-" and t.replace("-", "").isdigit()),
+        (
+            {"guided_regex": "[0-9]{4}-[0-9]{2}"},
+            lambda t: len(t) == 7 and t[4] == "-" and t.replace("-", "").isdigit(),
+        ),
         ({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
-        ({"guided_grammar": 'root ::= "x" [0-9] [0-9]'}, lambda t: len(t) == 3 and t[0] == "x" and t[1:].isdigit()),
+        (
+            {"guided_grammar": 'root ::= "x" [0-9] [0-9]'},
+            lambda t: len(t) == 3 and t[0] == "x" and t[1:].isdigit(),
+        ),
     ]
     for extra, check in extras:
         r = client.completions.create(model="tiny", prompt="Answer:", max_tokens=20, temperature=1.0, seed=3,
@@ -166,9 +174,13 @@ def streamed_calls(client, **kw) -> tuple[str, dict[int, dict], str | None]:
     return content, calls, finish
 
 
-@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+@pytest.mark.parametrize(
+    "tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"]
+)
 def test_streamed_tool_calls_reassemble_to_the_non_streamed_arguments(client, tool_choice):
-    kw = dict(messages=ASK, tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=1.0, seed=11, max_tokens=80)
+    kw = dict(
+        messages=ASK, tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=1.0, seed=11, max_tokens=80
+    )
     whole = client.chat.completions.create(model="tiny", **kw)
     content, calls, finish = streamed_calls(client, **kw)
     want = [(t.function.name, t.function.arguments) for t in whole.choices[0].message.tool_calls]
@@ -182,7 +194,9 @@ SCRIPTED = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city
 
 def test_auto_tool_calls_are_read_from_the_model_text_streamed_or_not(client):
     """The model 'decides' to call a tool: its text is scripted with a guided choice."""
-    kw = dict(messages=ASK, tools=[WEATHER], max_tokens=60, temperature=0, extra_body={"guided_choice": [SCRIPTED]})
+    kw = dict(
+        messages=ASK, tools=[WEATHER], max_tokens=60, temperature=0, extra_body={"guided_choice": [SCRIPTED]}
+    )
     r = client.chat.completions.create(model="tiny", **kw)
     msg = r.choices[0].message
     assert msg.content == "Let me check. " and r.choices[0].finish_reason == "tool_calls"
@@ -191,7 +205,9 @@ def test_auto_tool_calls_are_read_from_the_model_text_streamed_or_not(client):
     ]
     content, calls, finish = streamed_calls(client, **kw)
     assert content == "Let me check. " and finish == "tool_calls"
-    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", msg.tool_calls[0].function.arguments)]
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        ("get_weather", msg.tool_calls[0].function.arguments)
+    ]
     # Without tools the same text is plain content.
     plain = client.chat.completions.create(model="tiny", **{**kw, "tools": None})
     assert plain.choices[0].message.content == SCRIPTED and not plain.choices[0].message.tool_calls
@@ -204,11 +220,17 @@ def test_a_conversation_with_tool_calls_and_results_renders_through_the_template
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
     ]  # fmt: skip
-    r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=4, temperature=0)
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], max_tokens=4, temperature=0
+    )
     as_template = [*ASK, {**messages[1], "tool_calls": [{**messages[1]["tool_calls"][0], "function": {
         "name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]}, messages[2]]  # fmt: skip
-    text = stack.tok.apply_chat_template(as_template, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
-    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>' in text
+    text = stack.tok.apply_chat_template(
+        as_template, tools=[WEATHER], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>' in text
+    )
     assert "<tool_output>\n18 C and sunny\n</tool_output>" in text and '"name": "get_weather"' in text
     assert r.usage.prompt_tokens == len(stack.tok(text, add_special_tokens=False)["input_ids"])
 
@@ -241,7 +263,9 @@ def test_logit_bias_and_echo(client, stack):
     assert echoed.choices[0].text == "Answer:" + plain.choices[0].text
     streamed = "".join(
         e.choices[0].text
-        for e in client.completions.create(model="tiny", prompt="Answer:", max_tokens=1, temperature=0, echo=True, stream=True)
+        for e in client.completions.create(
+            model="tiny", prompt="Answer:", max_tokens=1, temperature=0, echo=True, stream=True
+        )
         if e.choices
     )
     assert streamed == echoed.choices[0].text
