@@ -3,8 +3,8 @@ workload unguided, and the grammar compile time of a typical schema.
 
 Both sides decode exactly `output_len` tokens per request on the same random-token prompts, so
 the difference in time per token is the guided path's own cost (mask fill, mask application,
-grammar advance): the unguided side is held to the length with `min_tokens`/`ignore_eos`, the
-guided side by its schema, a list of `minItems` typical objects that cannot end sooner. Greedy,
+grammar advance): the unguided side is held to the length with `ignore_eos`, the guided side by
+its schema, a list of `minItems` typical objects that cannot end sooner. Greedy,
 so the guided side spends nothing on sampling the free side does not.
 """
 
@@ -24,7 +24,6 @@ from pdserve.bench.engine_bench import (
     EngineBenchArgs,
     _collect,
     _document,
-    _greedy,
     _in_turn,
     _llm,
     _merge_rounds,
@@ -77,6 +76,13 @@ def _guided_params(args: EngineBenchArgs):
     )
 
 
+def _unguided_params(args: EngineBenchArgs):
+    from pdserve.engine import SamplingParams
+
+    # ignore_eos alone holds the length: min_tokens would add a masking step the guided side has not.
+    return SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+
+
 def _compile_ms(llm) -> tuple[float, float]:
     """(cold, cached) milliseconds to get a matcher for TYPICAL_SCHEMA, fresh in this process."""
     from pdserve.engine import GuidedDecoding
@@ -97,17 +103,20 @@ def _run_side(args: EngineBenchArgs, guided: bool, round_: int, queue: mp.Queue)
     llm = _llm(args, None)
     name = "guided-json" if guided else "unguided"
     compile_ms = _compile_ms(llm) if guided else None
-    params = _guided_params(args) if guided else _greedy(args)
+    params = _guided_params(args) if guided else _unguided_params(args)
     vocab = llm.engine.model_config.vocab_size
     llm.generate(_prompts(vocab, 1, 8, args.seed), params)  # warm-up (and the long schema's compile)
     for batch in args.batches:
         prompts = _prompts(vocab, batch * (round_ + 1), args.input_len, args.seed)[batch * round_ :]
+        before = llm.engine.stats()
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
+        after = llm.engine.stats()
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         row = BenchRow(name, batch, seconds, n, n / seconds, _peak_rss_mb())
         row.compile_ms = compile_ms if guided else None
+        row.guided_seconds = after.guided_seconds_total - before.guided_seconds_total
         queue.put(row)
     queue.put(None)
 

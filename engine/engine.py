@@ -490,11 +490,13 @@ class Engine:
         if requests:
             self.proposer.propose(requests, ks)
             self.counters.spec_proposed_tokens += sum(len(r.spec_token_ids) for r in requests)
+            started = time.perf_counter()
             for req in requests:
                 if req.matcher is not None and req.spec_token_ids:
                     assert self.grammars is not None
                     # Guesses the grammar refuses would be rejected anyway: not worth verifying.
                     self.grammars.trim_guesses(req.matcher, req.spec_token_ids)
+            self.counters.guided_seconds_total += time.perf_counter() - started
 
     @torch.inference_mode()  # the logits are inference tensors, which sampling overwrites in place
     def _sample(
@@ -509,9 +511,12 @@ class Engine:
         if not sampling:
             return {}
         emitted = self._sample_rows(sampling, logits)
+        started = time.perf_counter()
         for req, _ in sampling:
             if req.matcher is not None:
                 advance(req.matcher, emitted[req.request_id][0])
+                self.counters.guided_tokens_total += len(emitted[req.request_id][0])
+        self.counters.guided_seconds_total += time.perf_counter() - started
         return emitted
 
     def _sample_rows(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> dict[str, Emitted]:
@@ -554,7 +559,9 @@ class Engine:
             first += m
         if rows:
             assert self.grammars is not None
+            started = time.perf_counter()
             self.grammars.mask_logits(logits, rows)
+            self.counters.guided_seconds_total += time.perf_counter() - started
 
     def _publish_events(self) -> None:
         events = self.kv.pool.drain_events()
@@ -617,6 +624,8 @@ class Engine:
             kv_blocks_reserved=self.kv_handoff.num_reserved_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             waiting_prefill_tokens=waiting_prefill,
+            num_compiling_grammar=len(self._compiling),
+            grammar_cache_size=self.grammars.cache_size if self.grammars is not None else 0,
             **asdict(self.counters),
         )
 

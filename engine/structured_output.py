@@ -125,6 +125,10 @@ class GrammarCompiler:
         if consumed:
             r.matcher.rollback(consumed)
 
+    @property
+    def cache_size(self) -> int:
+        return len(self._compiled)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
