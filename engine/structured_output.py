@@ -106,12 +106,12 @@ class GrammarCompiler:
             k += 1 + len(r.guesses)
         if plain:
             llg_torch.fill_next_token_bitmask_par(self._executor, plain, bitmask)
-        rows_index = torch.tensor(index, dtype=torch.long, device=logits.device)
-        subset = logits.index_select(0, rows_index)
-        subset[:, : self.vocab_size] += token_penalties(
-            bitmask.to(logits.device), self.vocab_size, logits.dtype
-        )
-        logits.index_copy_(0, rows_index, subset)
+        penalties = token_penalties(bitmask.to(logits.device), self.vocab_size, logits.dtype)
+        if index == list(range(logits.shape[0])):  # every row guided: no gather or scatter
+            logits[:, : self.vocab_size] += penalties
+        else:
+            rows_index = torch.tensor(index, dtype=torch.long, device=logits.device)
+            logits[:, : self.vocab_size].index_add_(0, rows_index, penalties)
 
     def _fill_through_guesses(self, r: GuidedRows, bitmask: torch.Tensor, k: int) -> None:
         consumed = 0
