@@ -26,6 +26,15 @@ class GuidedDecodingError(ValueError):
 
 def grammar_text(guided: GuidedDecoding) -> str:
     """llguidance's grammar text for `guided` (its cache key, too); GuidedDecodingError if malformed."""
+    try:
+        return _grammar_text(guided)
+    except GuidedDecodingError:
+        raise
+    except Exception as e:  # llguidance's own errors on text it cannot read (ValueError, RuntimeError)
+        raise GuidedDecodingError(str(e).strip() or type(e).__name__) from e
+
+
+def _grammar_text(guided: GuidedDecoding) -> str:
     if guided.kind in ("json_schema", "json_object"):
         schema = _schema(guided.value) if guided.kind == "json_schema" else ANY_OBJECT_SCHEMA
         return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
@@ -46,7 +55,10 @@ def grammar_text(guided: GuidedDecoding) -> str:
 def check_guided(guided: GuidedDecoding) -> str:
     """`grammar_text(guided)` once llguidance has checked it; GuidedDecodingError naming the problem."""
     text = grammar_text(guided)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
+    try:
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
+    except Exception as e:
+        raise GuidedDecodingError(str(e).strip() or type(e).__name__) from e
     if is_error:
         raise GuidedDecodingError("; ".join(m.strip() for m in messages) or "the grammar is invalid")
     return text

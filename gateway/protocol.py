@@ -251,7 +251,7 @@ def _token_biases(biases: dict[str, float]) -> dict[int, float]:
     """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""
     out = {}
     for key, bias in biases.items():
-        if not key.isdigit() or int(key) > INT32_MAX:
+        if not (key.isascii() and key.isdigit()) or int(key) > INT32_MAX:
             raise SamplingParamsError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
         out[int(key)] = bias
     return out

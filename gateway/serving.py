@@ -470,6 +470,10 @@ class OpenAIServingChat(OpenAIServing):
                 where, what = unusable
                 raise APIError(400, f"messages.{i}.{where}: {what} cannot be used; this model reads text only",
                                param=f"messages.{i}.{where}")  # fmt: skip
+            # A template that does not write tool calls would drop them from the prompt unseen.
+            if message.tool_calls and "tool_calls" not in self.tokenizer.chat_template:
+                raise APIError(400, f"messages.{i}.tool_calls: tool calls cannot be used; this model's chat "
+                                    "template does not render them", param=f"messages.{i}.tool_calls")  # fmt: skip
         kwargs = {} if thinking is None else {"enable_thinking": thinking}
         kwargs.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"})
         messages = [m.for_template() for m in body.messages]
