@@ -491,12 +491,13 @@ class Engine:
             self.proposer.propose(requests, ks)
             self.counters.spec_proposed_tokens += sum(len(r.spec_token_ids) for r in requests)
             started = time.perf_counter()
-            for req in requests:
-                if req.matcher is not None and req.spec_token_ids:
-                    assert self.grammars is not None
-                    # Guesses the grammar refuses would be rejected anyway: not worth verifying.
-                    self.grammars.trim_guesses(req.matcher, req.spec_token_ids)
-            self.counters.guided_seconds_total += time.perf_counter() - started
+            guided = [r for r in requests if r.matcher is not None and r.spec_token_ids]
+            for req in guided:
+                assert self.grammars is not None and req.matcher is not None
+                # Guesses the grammar refuses would be rejected anyway: not worth verifying.
+                self.grammars.trim_guesses(req.matcher, req.spec_token_ids)
+            if guided:
+                self.counters.guided_seconds_total += time.perf_counter() - started
 
     @torch.inference_mode()  # the logits are inference tensors, which sampling overwrites in place
     def _sample(
@@ -511,12 +512,14 @@ class Engine:
         if not sampling:
             return {}
         emitted = self._sample_rows(sampling, logits)
-        started = time.perf_counter()
-        for req, _ in sampling:
-            if req.matcher is not None:
+        guided = [req for req, _ in sampling if req.matcher is not None]
+        if guided:
+            started = time.perf_counter()
+            for req in guided:
+                assert req.matcher is not None
                 advance(req.matcher, emitted[req.request_id][0])
                 self.counters.guided_tokens_total += len(emitted[req.request_id][0])
-        self.counters.guided_seconds_total += time.perf_counter() - started
+            self.counters.guided_seconds_total += time.perf_counter() - started
         return emitted
 
     def _sample_rows(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> dict[str, Emitted]:
