@@ -302,10 +302,18 @@ class Engine:
             return
         pending = self.compile_grammar(params)
         if pending.done() and pending.exception() is None:
-            request.matcher = pending.result()
-            self.scheduler.add(request)
+            self._schedule_guided(request, pending.result())
         else:
             self._compiling[request_id] = (request, pending)
+
+    def _schedule_guided(self, request: Request, matcher) -> None:
+        """Queues a guided request with its matcher, advanced past output its prompt carries."""
+        guided = request.params.guided_decoding
+        assert guided is not None
+        if guided.num_output_in_prompt:
+            advance(matcher, request.prompt_token_ids[-guided.num_output_in_prompt :])
+        request.matcher = matcher
+        self.scheduler.add(request)
 
     def compile_grammar(self, params: SamplingParams) -> concurrent.futures.Future:
         """A future of the matcher for `params.guided_decoding`, compiled off the step loop
@@ -418,8 +426,7 @@ class Engine:
                 continue
             del self._compiling[request_id]
             if pending.exception() is None:
-                req.matcher = pending.result()
-                self.scheduler.add(req)
+                self._schedule_guided(req, pending.result())
                 continue
             logger.error("request %s: its grammar failed to compile: %s", request_id, pending.exception())
             req.status, req.finish_reason = RequestStatus.FINISHED, "abort"

@@ -38,6 +38,9 @@ class GuidedDecoding:
 
     kind: str
     value: str = ""
+    # The prompt's last n tokens are output the grammar has matched already: a request resumed on
+    # another worker after a failure carries its output so far in its prompt (the router sets it).
+    num_output_in_prompt: int = 0
 
 
 class SamplingParamsError(ValueError):
@@ -235,7 +238,12 @@ class SamplingParams:
         g = self.guided_decoding
         if g is None:
             return
-        if not isinstance(g, GuidedDecoding) or g.kind not in GUIDED_KINDS or not isinstance(g.value, str):
+        if (
+            not isinstance(g, GuidedDecoding)
+            or g.kind not in GUIDED_KINDS
+            or not isinstance(g.value, str)
+            or not (_is_int(g.num_output_in_prompt) and g.num_output_in_prompt >= 0)
+        ):
             raise SamplingParamsError(
                 "guided_decoding",
                 f"guided_decoding must be a GuidedDecoding of kind {GUIDED_KINDS}, got {g!r}",

@@ -206,3 +206,15 @@ def test_sampling_params_refuse_bad_values_by_name(changes, field):
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(**changes)
     assert e.value.field == field
+
+
+def test_a_request_resumed_with_its_output_in_the_prompt_continues_its_grammar(llm):
+    """What the router sends another worker after a failure: prompt + output so far, and how many
+    of those tokens are output (the grammar is advanced past them, not started over)."""
+    whole = llm.generate([PROMPT], guided(None))[0]
+    prompt, out = whole.prompt_token_ids, whole.outputs[0].token_ids
+    done = 7
+    resumed_guided = GuidedDecoding(JSON.kind, JSON.value, num_output_in_prompt=done)
+    rest = llm.generate([prompt + out[:done]], guided(None, guided_decoding=resumed_guided))[0].outputs[0]
+    assert out[:done] + rest.token_ids == out
+    jsonschema.validate(json.loads(whole.outputs[0].text), SCHEMA)
