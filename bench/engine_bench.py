@@ -65,6 +65,9 @@ class BenchRow:
     accepted: int = 0
     emitted: int = 0
     verifications: int = 0
+    # Guided runs only: (cold, cached) milliseconds to compile a typical JSON schema.
+    compile_ms: tuple[float, float] | None = None
+    guided_seconds: float = 0.0  # the engine's own time on grammars (masks, matchers)
 
 
 def _prompts(vocab: int, batch: int, input_len: int, seed: int) -> list[list[int]]:
@@ -208,6 +211,7 @@ def _merge_rounds(rows: list[BenchRow]) -> list[BenchRow]:
         m.accepted += r.accepted
         m.emitted += r.emitted
         m.verifications += r.verifications
+        m.guided_seconds += r.guided_seconds
     for m in merged.values():
         m.tokens_per_s = m.output_tokens / m.seconds
         if m.acceptance_rate is not None:

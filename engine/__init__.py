@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the same names, for type checkers (`X as X` marks a re-expo
     from pdserve.engine.outputs import Logprob as Logprob
     from pdserve.engine.outputs import RequestDelta as RequestDelta
     from pdserve.engine.outputs import RequestOutput as RequestOutput
+    from pdserve.engine.sampling_params import GuidedDecoding as GuidedDecoding
     from pdserve.engine.sampling_params import SamplingParams as SamplingParams
     from pdserve.engine.stats import EngineStats as EngineStats
 
@@ -40,6 +41,7 @@ _MODULE_OF = {
     "RequestDelta": "pdserve.engine.outputs",
     "RequestOutput": "pdserve.engine.outputs",
     "SamplingParams": "pdserve.engine.sampling_params",
+    "GuidedDecoding": "pdserve.engine.sampling_params",
 }
 
 __all__ = list(_MODULE_OF)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -18,6 +19,7 @@ from pdserve.engine.config import ModelConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.guided_grammar import GuidedDecodingError
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_handoff import KVHandoff, KVPayload
 from pdserve.engine.layers.linear import CpuGemm, default_cpu_gemm_backend
@@ -37,6 +39,7 @@ from pdserve.engine.spec_decode.mtp import MTPProposer
 from pdserve.engine.spec_decode.ngram import NgramProposer
 from pdserve.engine.spec_decode.verifier import VerifyGroup, verify
 from pdserve.engine.stats import EngineCounters, EngineStats
+from pdserve.engine.structured_output import GrammarCompiler, GuidedRows, advance
 from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ logger = logging.getLogger(__name__)
 PromptInput = str | Sequence[int] | dict[str, Any]
 # Positions an MTP catch-up pass may cover (it runs as one short attention span).
 MAX_PENDING_MTP_ROWS = 16
+# How long a step with nothing to run waits for a grammar being compiled (the worker's loop runs
+# its commands between steps, so this bounds how late an abort or a new request is seen).
+GRAMMAR_WAIT_S = 0.005
 
 
 class Engine:
@@ -138,6 +144,14 @@ class Engine:
             self._publish_events,
         )
         self._arrivals = itertools.count()
+        # Guided decoding needs token strings; a model without a tokenizer refuses it.
+        self.grammars = (
+            GrammarCompiler(self.tokenizer, mc.vocab_size, list(mc.eos_token_ids))
+            if self.tokenizer is not None
+            else None
+        )
+        # Guided requests whose grammar is being compiled: they join the scheduler when it is done.
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
 
     # ------------------------------------------------------------------ building
 
@@ -282,7 +296,40 @@ class Engine:
             raise InvalidRequestError(
                 "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
-        self.scheduler.add(self._new_request(request_id, ids, params, prefill_only=prefill_only))
+        request = self._new_request(request_id, ids, params, prefill_only=prefill_only)
+        if params.guided_decoding is None:
+            self.scheduler.add(request)
+            return
+        pending = self.compile_grammar(params)
+        if pending.done() and pending.exception() is None:
+            self._schedule_guided(request, pending.result())
+        else:
+            self._compiling[request_id] = (request, pending)
+
+    def _schedule_guided(self, request: Request, matcher) -> None:
+        """Queues a guided request with its matcher, advanced past output its prompt carries."""
+        guided = request.params.guided_decoding
+        assert guided is not None
+        if guided.num_output_in_prompt:
+            advance(matcher, request.prompt_token_ids[-guided.num_output_in_prompt :])
+        request.matcher = matcher
+        self.scheduler.add(request)
+
+    def compile_grammar(self, params: SamplingParams) -> concurrent.futures.Future:
+        """A future of the matcher for `params.guided_decoding`, compiled off the step loop
+        (thread-safe: a worker calls it before importing a guided request's KV).
+
+        Raises InvalidRequestError at once when the grammar is invalid or cannot be used here.
+        """
+        assert params.guided_decoding is not None
+        if self.grammars is None:
+            raise InvalidRequestError(
+                f"guided decoding needs the model's tokenizer; {self.source.name!r} has none"
+            )
+        try:
+            return self.grammars.compile(params.guided_decoding)
+        except GuidedDecodingError as e:
+            raise InvalidRequestError(f"guided_decoding ({params.guided_decoding.kind}): {e}") from e
 
     def _new_request(
         self, request_id: str, ids: list[int], params: SamplingParams, *, prefill_only: bool = False
@@ -311,6 +358,8 @@ class Engine:
         """Stops a request at once and frees its blocks; False if it is unknown or already done."""
         if self.kv_handoff.cancel_reservation(request_id):
             return True
+        if self._compiling.pop(request_id, None) is not None:
+            return True
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return False
@@ -320,30 +369,35 @@ class Engine:
 
     def unstarted_request_ids(self) -> list[str]:
         """Waiting requests not one token of which has been computed (they can go elsewhere whole)."""
-        return [r.request_id for r in self.scheduler.waiting if not r.scheduled_once]
+        return [r.request_id for r in self.scheduler.waiting if not r.scheduled_once] + list(self._compiling)
 
     def request_ids(self) -> list[str]:
-        """Every request this engine holds (waiting, running or parked after prefill)."""
-        return list(self.scheduler.requests)
+        """Every request this engine holds (compiling its grammar, waiting, running or parked after prefill)."""
+        return list(self._compiling) + list(self.scheduler.requests)
 
     def has_reservation(self, request_id: str) -> bool:
         """Whether blocks are reserved here for the request's incoming KV."""
         return self.kv_handoff.has_reservation(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._compiling)
 
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestDelta]:
         """Runs one forward pass over the scheduled batch; returns what each request produced."""
         started = time.perf_counter()
+        failed = self._admit_compiled()
         speculating = self._speculation_on()
         if speculating:
             self._propose()
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            if self._compiling and not failed:
+                # Nothing else to run: wait a moment for a grammar rather than spin.
+                pending = [f for _, f in self._compiling.values()]
+                concurrent.futures.wait(pending, GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
+            return failed
         num_logits = [
             1 + len(req.spec_token_ids) if req.num_computed_tokens + n == req.num_scheduled_tokens else 0
             for req, n in zip(batch.requests, batch.num_tokens)
@@ -356,12 +410,30 @@ class Engine:
         emitted = self._sample(batch.requests, num_logits, out.logits)
         if self.runner.mtp_layer is not None:
             self._keep_mtp_hidden(batch, num_logits, emitted, out.hidden, fed=run_mtp or not speculating)
-        deltas = self.scheduler.postprocess(batch, num_logits, emitted)
+        deltas = failed + self.scheduler.postprocess(batch, num_logits, emitted)
         self.counters.num_steps += 1
         self.counters.last_step_seconds = time.perf_counter() - started
         self.counters.step_seconds_total += self.counters.last_step_seconds
         self._publish_events()
         return deltas
+
+    def _admit_compiled(self) -> list[RequestDelta]:
+        """Moves requests whose grammar is compiled into the scheduler; ends those whose grammar
+        failed to compile (after passing its check: not expected) as aborted, with the reason logged."""
+        failed = []
+        for request_id, (req, pending) in list(self._compiling.items()):
+            if not pending.done():
+                continue
+            del self._compiling[request_id]
+            if pending.exception() is None:
+                self._schedule_guided(req, pending.result())
+                continue
+            logger.error("request %s: its grammar failed to compile: %s", request_id, pending.exception())
+            req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
+            failed.append(
+                RequestDelta(request_id, [], "", None, True, "abort", None, req.num_prompt_tokens, 0)
+            )
+        return failed
 
     def _keep_mtp_hidden(
         self,
@@ -425,6 +497,14 @@ class Engine:
         if requests:
             self.proposer.propose(requests, ks)
             self.counters.spec_proposed_tokens += sum(len(r.spec_token_ids) for r in requests)
+            started = time.perf_counter()
+            guided = [r for r in requests if r.matcher is not None and r.spec_token_ids]
+            for req in guided:
+                assert self.grammars is not None and req.matcher is not None
+                # Guesses the grammar refuses would be rejected anyway: not worth verifying.
+                self.grammars.trim_guesses(req.matcher, req.spec_token_ids)
+            if guided:
+                self.counters.guided_seconds_total += time.perf_counter() - started
 
     @torch.inference_mode()  # the logits are inference tensors, which sampling overwrites in place
     def _sample(
@@ -438,6 +518,20 @@ class Engine:
         sampling = [(req, m) for req, m in zip(requests, num_logits) if m]
         if not sampling:
             return {}
+        emitted = self._sample_rows(sampling, logits)
+        guided = [req for req, _ in sampling if req.matcher is not None]
+        if guided:
+            started = time.perf_counter()
+            for req in guided:
+                assert req.matcher is not None
+                advance(req.matcher, emitted[req.request_id][0])
+                self.counters.guided_tokens_total += len(emitted[req.request_id][0])
+            self.counters.guided_seconds_total += time.perf_counter() - started
+        return emitted
+
+    def _sample_rows(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> dict[str, Emitted]:
+        """`_sample` for the requests that sample: plain rows, or guesses to verify."""
+        self._mask_guided(sampling, logits)
         if all(m == 1 for _, m in sampling):
             rows = [
                 SamplingRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
@@ -465,6 +559,19 @@ class Engine:
         ]
         verified = verify(self.sampler, logits, groups, scratch=True)
         return {req.request_id: (v.token_ids, v.logprobs) for (req, _), v in zip(sampling, verified)}
+
+    def _mask_guided(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+        """Forbids, in place, the tokens each guided request's grammar refuses at each of its rows."""
+        rows, first = [], 0
+        for req, m in sampling:
+            if req.matcher is not None:
+                rows.append(GuidedRows(first, req.matcher, req.spec_token_ids[: m - 1]))
+            first += m
+        if rows:
+            assert self.grammars is not None
+            started = time.perf_counter()
+            self.grammars.mask_logits(logits, rows)
+            self.counters.guided_seconds_total += time.perf_counter() - started
 
     def _publish_events(self) -> None:
         events = self.kv.pool.drain_events()
@@ -497,8 +604,18 @@ class Engine:
         return self.kv_handoff.kv_block_shape
 
     def import_kv(self, payload: KVPayload) -> None:
-        """Continues decoding a request prefilled elsewhere, in the blocks `reserve_kv` set aside."""
+        """Continues decoding a request prefilled elsewhere, in the blocks `reserve_kv` set aside.
+
+        A guided request's grammar state is rebuilt from its output so far (compiled here unless
+        `compile_grammar` was awaited first).
+        """
+        matcher = None
+        if payload.params.guided_decoding is not None:
+            matcher = self.compile_grammar(payload.params).result()
+            advance(matcher, payload.output_token_ids)
         self.kv_handoff.import_kv(payload)
+        if matcher is not None:
+            self.scheduler.requests[payload.request_id].matcher = matcher
 
     # ------------------------------------------------------------------ introspection
 
@@ -517,6 +634,8 @@ class Engine:
             kv_blocks_reserved=self.kv_handoff.num_reserved_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             waiting_prefill_tokens=waiting_prefill,
+            num_compiling_grammar=len(self._compiling),
+            grammar_cache_size=self.grammars.cache_size if self.grammars is not None else 0,
             **asdict(self.counters),
         )
 

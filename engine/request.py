@@ -11,6 +11,8 @@ import torch
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import llguidance
+
     from pdserve.engine.detokenizer import IncrementalDetokenizer
     from pdserve.engine.outputs import TokenLogprobs
 
@@ -56,6 +58,8 @@ class Request:
     # MTP cache entries are still to be written (the last one's next token is the newest token).
     spec_token_ids: list[int] = field(default_factory=list)
     mtp_hidden: torch.Tensor | None = None
+    # Guided decoding: the grammar's state after the request's output tokens (None: unguided).
+    matcher: llguidance.LLMatcher | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -108,6 +108,21 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         logits.index_put_((row, ids), -frequency[row], accumulate=True)  # once per occurrence
 
 
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Adds each row's `logit_bias` to its tokens' logits, in place (ids past the vocabulary are ignored)."""
+    vocab = logits.shape[1]
+    pairs = [
+        (i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items() if t < vocab
+    ]
+    if pairs:
+        row, tok, bias = zip(*pairs)
+        logits.index_put_(
+            (_rows_tensor(list(row), logits.device), _rows_tensor(list(tok), logits.device)),
+            torch.tensor(bias, dtype=logits.dtype, device=logits.device),
+            accumulate=True,
+        )
+
+
 def _apply_min_tokens(
     logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int]
 ) -> None:
@@ -198,7 +213,7 @@ def apply_sampling_transforms(
 ) -> torch.Tensor:
     """The distribution each row samples from, as logits (-inf for tokens it may not pick).
 
-    Applies penalties and the min_tokens mask to every row, then temperature, top-k, top-p and
+    Applies logit_bias, penalties and the min_tokens mask to every row, then temperature, top-k, top-p and
     min-p to non-greedy rows (greedy rows are left untemperatured: their argmax is the answer).
     `logits` [B, V] is not modified unless `in_place` (which saves copying a batch's logits, 13 MB
     at batch 32 over ERNIE's vocabulary, every step). Each step runs only on the rows that use
@@ -208,6 +223,7 @@ def apply_sampling_transforms(
         raise ValueError(f"logits must be [len(rows), V] = [{len(rows)}, V], got {tuple(logits.shape)}")
     out = logits if in_place else logits.clone()
     vocab = out.shape[1]
+    _apply_logit_bias(out, rows)
     _apply_penalties(out, rows)
     _apply_min_tokens(out, rows, eos_token_ids)
 

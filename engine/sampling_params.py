@@ -11,6 +11,12 @@ from typing import Any
 GREEDY_TEMPERATURE_EPS = 1e-5
 # vLLM's default `max_logprobs`; returning more would make every step pay for a large top-k.
 MAX_LOGPROBS = 20
+# OpenAI's range for a `logit_bias` value.
+MAX_LOGIT_BIAS = 100.0
+# The kinds of guided decoding, as llguidance's `grammar_from` names their text forms: a JSON
+# schema, any JSON object (no text), a regular expression, a JSON list of strings, and a Lark or
+# GBNF grammar.
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 def _is_int(value: Any) -> bool:
@@ -20,6 +26,21 @@ def _is_int(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and not math.isnan(value)
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """What a request's output must match: `kind` (one of `GUIDED_KINDS`) and its text.
+
+    Plain data, so it crosses the wire and the KV handoff as is; the engine compiles it
+    (`pdserve.engine.guided_grammar` checks and translates it, torch-free).
+    """
+
+    kind: str
+    value: str = ""
+    # The prompt's last n tokens are output the grammar has matched already: a request resumed on
+    # another worker after a failure carries its output so far in its prompt (the router sets it).
+    num_output_in_prompt: int = 0
 
 
 class SamplingParamsError(ValueError):
@@ -59,6 +80,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # False: token ids only, no text (as transformers' `generate` returns); stop strings need text.
     detokenize: bool = True
+    # Added to the logits of these token ids before any other transform (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
+    # The output is constrained to this grammar (structured outputs, constrained tool calls).
+    guided_decoding: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -188,6 +213,52 @@ class SamplingParams:
         if self.stop and not self.detokenize:
             raise SamplingParamsError(
                 "stop", "stop strings need detokenize=True (they are matched on the text); use stop_token_ids"
+            )
+        self._validate_logit_bias()
+        self._validate_guided()
+
+    def _validate_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise SamplingParamsError(
+                "logit_bias", f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
+            )
+        for token, bias in self.logit_bias.items():
+            if not (_is_int(token) and token >= 0):
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias keys must be token ids >= 0, got {token!r}"
+                )
+            if not _is_real(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}"
+                )
+
+    def _validate_guided(self) -> None:
+        g = self.guided_decoding
+        if g is None:
+            return
+        if (
+            not isinstance(g, GuidedDecoding)
+            or g.kind not in GUIDED_KINDS
+            or not isinstance(g.value, str)
+            or not (_is_int(g.num_output_in_prompt) and g.num_output_in_prompt >= 0)
+        ):
+            raise SamplingParamsError(
+                "guided_decoding",
+                f"guided_decoding must be a GuidedDecoding of kind {GUIDED_KINDS}, got {g!r}",
+            )
+        # The grammar decides where a guided output ends: a rule that forbids ending would leave
+        # a finished grammar no token to pick.
+        if self.min_tokens:
+            raise SamplingParamsError(
+                "min_tokens",
+                "min_tokens cannot be combined with guided decoding: the grammar decides where the output ends",
+            )
+        if self.ignore_eos:
+            raise SamplingParamsError(
+                "ignore_eos",
+                "ignore_eos cannot be combined with guided decoding: the grammar decides where the output ends",
             )
 
 

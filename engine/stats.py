@@ -22,6 +22,10 @@ class EngineCounters:
     spec_accepted_tokens: int = 0
     spec_emitted_tokens: int = 0
     spec_verifications: int = 0
+    # Guided decoding: tokens emitted under a grammar, and the time the step spent on grammars
+    # (filling and applying token masks, cutting guesses, advancing matchers).
+    guided_tokens_total: int = 0
+    guided_seconds_total: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -38,6 +42,8 @@ class EngineStats(EngineCounters):
     kv_blocks_reserved: int  # set aside for KV on its way here (PD hand-offs not yet arrived)
     num_preemptions: int
     waiting_prefill_tokens: int
+    num_compiling_grammar: int = 0  # guided requests waiting for their grammar to compile
+    grammar_cache_size: int = 0  # compiled grammars kept
 
     @property
     def kv_blocks_used(self) -> int:

@@ -77,14 +77,20 @@ class PromptTokenizer:
                 raise APIError(400, f"{param}: {key!r} is set by the server, not a template variable; "
                                     "remove it", param=param)  # fmt: skip
 
-    async def render_chat(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> str:
-        """The prompt text of `messages` through the model's chat template, `kwargs` its variables."""
+    async def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        kwargs: dict[str, Any],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text of `messages` through the model's chat template, `kwargs` its variables
+        and `tools` the functions the model may call (the template lists them in its own format)."""
         self.check_template_kwargs(kwargs)
         self.check_length(sum(len(m["content"]) for m in messages), "messages")
 
         def render() -> str:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **kwargs
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
             )
 
         try:

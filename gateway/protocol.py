@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import GuidedDecoding, SamplingParams, SamplingParamsError
 from pdserve.proto import pdserve_pb2
 from pdserve.proto.sampling_fields import SAMPLING_FIELDS
 
@@ -96,12 +97,20 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
 
 
 # Wire sampling fields each endpoint decides itself: max_tokens from the context window, logprobs
-# from its own form of the option (a count in completions, a switch and a count in chat).
-ENDPOINT_SAMPLING_FIELDS = ("max_tokens", "logprobs")
+# from its own form of the option (a count in completions, a switch and a count in chat), guided
+# decoding from `response_format`, vLLM's `guided_*` fields or (chat) the tools.
+ENDPOINT_SAMPLING_FIELDS = ("max_tokens", "logprobs", "guided_decoding")
+# The body fields that ask for guided decoding (at most one per request), and the kind each gives.
+GUIDED_FIELDS = {
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
 # Wire sampling fields no request body offers: they keep the engine's defaults.
 UNOFFERED_SAMPLING_FIELDS = ("include_stop_str_in_output", "skip_special_tokens")
 # Request fields that are not sampling fields: the gateway itself acts on them.
-REQUEST_FIELDS = ("model", "n", "stream", "stream_options", "user")
+REQUEST_FIELDS = ("model", "n", "stream", "stream_options", "user", "response_format", *GUIDED_FIELDS)
 OFFERED_SAMPLING_FIELDS = tuple(
     name for name in SAMPLING_FIELDS if name not in ENDPOINT_SAMPLING_FIELDS + UNOFFERED_SAMPLING_FIELDS
 )
@@ -111,6 +120,32 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the output must validate against."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs the json_schema field")
+        return self
 
 
 class SamplingFields(BaseModel):
@@ -136,6 +171,12 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, Float] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -150,26 +191,70 @@ class SamplingFields(BaseModel):
             )
         return data
 
-    def sampling_values(self, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+    def guided_decoding(self) -> tuple[GuidedDecoding, str] | None:
+        """The guided decoding the body asks for and the field that asked (None: free output).
+
+        Raises ValueError when two fields ask for it.
+        """
+        asked = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            asked.insert(0, "response_format")
+        if len(asked) > 1:
+            raise ValueError(f"{asked[1]}: only one of response_format and guided_* may constrain the output, "
+                             f"and {asked[0]} does already")  # fmt: skip
+        if not asked:
+            return None
+        name = asked[0]
+        if name == "response_format":
+            assert fmt is not None
+            if fmt.type == "json_object":
+                return GuidedDecoding("json_object"), "response_format"
+            assert fmt.json_schema is not None
+            schema = fmt.json_schema.schema_ or {"type": "object"}
+            return GuidedDecoding("json_schema", json.dumps(schema)), "response_format.json_schema.schema"
+        value = getattr(self, name)
+        text = value if isinstance(value, str) else json.dumps(value)
+        return GuidedDecoding(GUIDED_FIELDS[name], text), name
+
+    def sampling_values(
+        self, max_tokens: int, logprobs: int | None, guided: GuidedDecoding | None = None
+    ) -> dict[str, Any]:
         """The sampling fields this request sets, by their wire names (unset ones left out).
 
-        `max_tokens` and `logprobs` are as the endpoint decided them.
+        `max_tokens`, `logprobs` and `guided` are as the endpoint decided them.
         """
         values = {name: getattr(self, name) for name in OFFERED_SAMPLING_FIELDS}
         if isinstance(self.stop, str):
             values["stop"] = [self.stop]
-        values.update(max_tokens=max_tokens, logprobs=logprobs)
+        if self.logit_bias is not None:
+            values["logit_bias"] = _token_biases(self.logit_bias) or None
+        values.update(max_tokens=max_tokens, logprobs=logprobs, guided_decoding=guided)
         return {name: value for name, value in values.items() if value is not None}
 
-    def to_sampling_proto(self, max_tokens: int, logprobs: int | None) -> pdserve_pb2.SamplingParams:
+    def to_sampling_proto(
+        self, max_tokens: int, logprobs: int | None, guided: GuidedDecoding | None = None
+    ) -> pdserve_pb2.SamplingParams:
         """The router's `SamplingParams` for this request.
 
         Checked first by the engine's own rules, so that a bad value is refused before a stream
         starts: raises `SamplingParamsError`, whose `field` names it.
         """
-        values = self.sampling_values(max_tokens, logprobs)
+        values = self.sampling_values(max_tokens, logprobs, guided)
         SamplingParams(**values)
+        if guided is not None:
+            values["guided_decoding"] = pdserve_pb2.GuidedDecoding(kind=guided.kind, value=guided.value)
         return pdserve_pb2.SamplingParams(**values)
+
+
+def _token_biases(biases: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""
+    out = {}
+    for key, bias in biases.items():
+        if not (key.isascii() and key.isdigit()) or int(key) > INT32_MAX:
+            raise SamplingParamsError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+        out[int(key)] = bias
+    return out
 
 
 class CompletionRequest(SamplingFields):
@@ -177,7 +262,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: Prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = False
 
     @property
     def is_batch(self) -> bool:
@@ -198,6 +283,25 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    """The function an assistant message called, its arguments as JSON text (as OpenAI sends them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message in the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     """One message of a conversation."""
 
@@ -205,15 +309,14 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def unusable_part(self) -> tuple[str, str] | None:
         """Where in this message, and what, is content a text-only model cannot read (None if none).
 
         Such content is refused rather than dropped: the answer would silently ignore it.
         """
-        if self.tool_calls:
-            return "tool_calls", "tool calls"
         for j, part in enumerate(self.content if isinstance(self.content, list) else []):
             if part.type != "text":
                 return f"content.{j}", f"a {part.type!r} content part"
@@ -225,6 +328,60 @@ class ChatMessage(BaseModel):
             return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it (tool calls with their arguments as objects)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _arguments_value(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments_value(arguments: str) -> Any:
+    # Templates write arguments with `tojson`; text that is not JSON stays text.
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call: its name and its parameters' JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming one function, which the answer must call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions, with ERNIE's `enable_thinking` switch."""
@@ -235,6 +392,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def enable_thinking(self) -> bool | None:
         """`chat_template_kwargs.enable_thinking`, else `metadata.enable_thinking`, else None."""

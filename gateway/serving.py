@@ -20,14 +20,16 @@ from typing import Any
 import grpc
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pdserve.engine.sampling_params import SamplingParamsError
+from pdserve.engine.guided_grammar import GuidedDecodingError, check_guided
+from pdserve.engine.sampling_params import GuidedDecoding, SamplingParamsError
 from pdserve.gateway.config import GatewayConfig
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.prompt_tokenizer import PromptTokenizer
-from pdserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields
 from pdserve.gateway.reasoning import THINK_START, ReasoningSplitter
 from pdserve.gateway.router_client import HTTP_OF_GRPC, RouterConnection
+from pdserve.gateway.tool_calls import ToolCallReader, ToolCallStream, full_tool_calls, required_schema
 from pdserve.proto import pdserve_pb2
 
 log = logging.getLogger("pdserve.gateway")
@@ -43,6 +45,10 @@ class Generation:
     choices: list[tuple[list[int], pdserve_pb2.SamplingParams]]
     # Chat only: None when reasoning is not split out, else whether the prompt opened it.
     in_reasoning: bool | None = None
+    # Chat with tools: reads tool calls out of each choice's content (None: no tools).
+    tool_reader: ToolCallReader | None = None
+    # Completions with echo: each choice's prompt text, sent before its completion.
+    echo: list[str] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     start: float = field(default_factory=time.perf_counter)
 
@@ -61,6 +67,10 @@ class Generation:
         if self.in_reasoning is None:
             return "", text
         return splitter.feed(text, final=final)
+
+    def finish_reason(self, finish: str | None, has_tool_calls: bool) -> str | None:
+        """OpenAI's finish reason: "tool_calls" when a choice that stopped by itself called tools."""
+        return "tool_calls" if has_tool_calls and finish == "stop" else finish
 
 
 def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_pb2.SamplingParams]:
@@ -112,9 +122,31 @@ class OpenAIServing:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", param="model")  # fmt: skip
 
+    def guided(
+        self, body: SamplingFields, tools: tuple[GuidedDecoding, str] | None = None
+    ) -> GuidedDecoding | None:
+        """The body's guided decoding (or the tools'), checked by the engine's rules: a bad schema,
+        regex or grammar is a 400 naming the field, before any worker sees it."""
+        try:
+            asked = body.guided_decoding()
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":")[0]) from e
+        if asked is not None and tools is not None:
+            raise APIError(400, f"{asked[1]} cannot constrain the output while {tools[1]} does",
+                           param=asked[1].split(".")[0])  # fmt: skip
+        asked = asked or tools
+        if asked is None:
+            return None
+        guided, param = asked
+        try:
+            check_guided(guided)
+        except GuidedDecodingError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from e
+        return guided
+
     def sampling(
         self, body: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-        prompt_param: str,
+        prompt_param: str, guided: GuidedDecoding | None = None,
     ) -> pdserve_pb2.SamplingParams:  # fmt: skip
         """The router's sampling for the body, its max_tokens checked against the context window
         and its values by the engine's rules; `prompt_param` names the prompt in errors."""
@@ -131,7 +163,7 @@ class OpenAIServing:
                                 f"window of {window}", param="max_tokens")  # fmt: skip
         wanted = max_tokens if max_tokens is not None else self.config.default_max_tokens
         try:
-            return body.to_sampling_proto(min(wanted, room), logprobs)
+            return body.to_sampling_proto(min(wanted, room), logprobs, guided)
         except SamplingParamsError as e:
             raise APIError(400, str(e), param=e.field) from e
 
@@ -212,9 +244,10 @@ class OpenAIServing:
 
     def choice(
         self, gen: Generation, index: int, text: str, reasoning: str, finish: str | None,
-        chunk: pdserve_pb2.GenerateChunk | None, delta: bool,
+        chunk: pdserve_pb2.GenerateChunk | None, delta: bool, tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """One entry of "choices": a streamed increment (`delta`) or a whole answer."""
+        """One entry of "choices": a streamed increment (`delta`) or a whole answer (`tool_calls`:
+        the calls read from it, or their deltas)."""
         raise NotImplementedError
 
     def choice_start(self, gen: Generation, index: int) -> dict[str, Any] | None:
@@ -246,6 +279,7 @@ class OpenAIServing:
         """
         totals, cached, first = [0] * len(gen.choices), 0, True
         splitters = [ReasoningSplitter(bool(gen.in_reasoning)) for _ in gen.choices]
+        tools = [ToolCallStream(gen.tool_reader) for _ in gen.choices] if gen.tool_reader else None
         try:
             for i in range(len(gen.choices)):
                 opening = self.choice_start(gen, i)
@@ -260,11 +294,14 @@ class OpenAIServing:
                     if chunk.finished:
                         cached = max(cached, chunk.usage.cached_tokens)
                     reasoning, text = gen.split(chunk.text, splitters[i], final=chunk.finished)
+                    calls = None
+                    if tools is not None:
+                        text, calls = tools[i].feed(text, chunk.finished)
                     finish = chunk.finish_reason or None if chunk.finished else None
-                    if text or reasoning or finish or chunk.logprobs:
-                        yield sse(
-                            self.event(gen, [self.choice(gen, i, text, reasoning, finish, chunk, True)])
-                        )
+                    finish = gen.finish_reason(finish, tools is not None and bool(tools[i].ids))
+                    if text or reasoning or finish or chunk.logprobs or calls:
+                        choice = self.choice(gen, i, text, reasoning, finish, chunk, True, calls)
+                        yield sse(self.event(gen, [choice]))
             body = gen.body
             if body.stream_options and body.stream_options.include_usage:
                 yield sse(self.event(gen, [], usage=usage(gen.prompt_tokens, sum(totals), cached)))
@@ -295,7 +332,13 @@ class OpenAIServing:
         for i in range(n):
             reasoning, content = gen.split("".join(texts[i]), ReasoningSplitter(bool(gen.in_reasoning)), True)
             merged = pdserve_pb2.GenerateChunk(logprobs=lps[i]) if lps[i] else None
-            choices.append(self.choice(gen, i, content, reasoning, finish[i], merged, False))
+            calls = None
+            if gen.tool_reader is not None:
+                content, calls = full_tool_calls(gen.tool_reader, content)
+            if gen.echo is not None:
+                content = gen.echo[i] + content
+            reason = gen.finish_reason(finish[i], bool(calls))
+            choices.append(self.choice(gen, i, content, reasoning, reason, merged, False, calls))
         self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
         return JSONResponse(
             {"id": self.response_id(gen), "object": self.object_kind, "created": gen.created,
@@ -318,7 +361,11 @@ class OpenAIServingCompletion(OpenAIServing):
         A batch of prompts is answered as OpenAI does: choice `k * n + i` is prompt k's i-th.
         """
         self.check_model(body)
-        choices, prompt_tokens = [], 0
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported: prompt logprobs are not computed; "
+                                "drop one of them", param="echo")  # fmt: skip
+        guided = self.guided(body)
+        choices, prompt_tokens, echo = [], 0, []
         for k, text_or_ids in enumerate(body.prompts()):
             param = f"prompt.{k}" if body.is_batch else "prompt"
             prompt = (
@@ -328,18 +375,30 @@ class OpenAIServingCompletion(OpenAIServing):
             )
             if not prompt:
                 raise APIError(400, f"{param} is empty", param=param)
-            sampling = self.sampling(body, body.max_tokens, len(prompt), body.logprobs, param)
+            sampling = self.sampling(body, body.max_tokens, len(prompt), body.logprobs, param, guided)
             choices += [(prompt, p) for p in choice_samplings(sampling, body.n)]
             prompt_tokens += len(prompt)
+            if body.echo:
+                text = text_or_ids if isinstance(text_or_ids, str) else self.tokenizer.decode(text_or_ids)
+                echo += [text] * body.n
         log.info("request %s: completion, %d prompt tokens", request_id, prompt_tokens)
-        return await self.respond(Generation(request_id, body, prompt_tokens, choices))
+        gen = Generation(request_id, body, prompt_tokens, choices, echo=echo if body.echo else None)
+        return await self.respond(gen)
 
     def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
         return {"tokens": [i["token"] for i in items], "token_logprobs": [i["logprob"] for i in items],
                 "top_logprobs": [{t["token"]: t["logprob"] for t in i["top_logprobs"]} for i in items]}  # fmt: skip
 
-    def choice(self, gen, index, text, reasoning, finish, chunk, delta):
+    def choice(self, gen, index, text, reasoning, finish, chunk, delta, tool_calls=None):
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": self.logprobs(chunk)}
+
+    def choice_start(self, gen: Generation, index: int) -> dict[str, Any] | None:
+        """With echo, the choice's prompt text before its completion."""
+        if gen.echo is None:
+            return None
+        return self.event(
+            gen, [{"index": index, "text": gen.echo[index], "finish_reason": None, "logprobs": None}]
+        )
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -353,6 +412,8 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, body: ChatCompletionRequest, request_id: str):
         """The response to a validated chat body."""
         self.check_model(body)
+        reader, tool_guided = self.tool_calls(body)
+        guided = self.guided(body, tool_guided)
         thinking = body.enable_thinking()
         text = await self.render(body, thinking)
         # The template adds text around each message: many short messages can make a long prompt.
@@ -362,13 +423,43 @@ class OpenAIServingChat(OpenAIServing):
         log.info("request %s: chat, %d prompt tokens", request_id, len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        sampling = self.sampling(body, max_tokens, len(prompt), logprobs, "messages")
+        sampling = self.sampling(body, max_tokens, len(prompt), logprobs, "messages", guided)
         # Reasoning is split out when thinking was asked for, or the template opened the section.
         in_reasoning = text.rstrip().endswith(THINK_START)
         split = in_reasoning if thinking is None else (thinking or in_reasoning)
         choices = [(prompt, p) for p in choice_samplings(sampling, body.n)]
-        gen = Generation(request_id, body, len(prompt), choices, in_reasoning if split else None)
+        gen = Generation(request_id, body, len(prompt), choices, in_reasoning if split else None, reader)
         return await self.respond(gen)
+
+    def tool_calls(
+        self, body: ChatCompletionRequest
+    ) -> tuple[ToolCallReader | None, tuple[GuidedDecoding, str] | None]:
+        """How the answer's tool calls are read, and the grammar that forces them (when
+        `tool_choice` is "required" or names a function); (None, None) without tools."""
+        choice, tools = body.tool_choice, [t.function for t in body.tools or []]
+        names = [f.name for f in tools]
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not among "
+                                    f"the tools {names}", param="tool_choice")  # fmt: skip
+            function = tools[names.index(choice.function.name)]
+            schema = json.dumps(function.parameters or {"type": "object"})
+            guided = (
+                GuidedDecoding("json_schema", schema),
+                f"tool_choice (the parameters of {function.name!r})",
+            )
+            return ToolCallReader("named", function.name), guided
+        if choice == "required":
+            if not tools:
+                raise APIError(
+                    400, "tool_choice 'required' needs at least one tool in tools", param="tool_choice"
+                )
+            defs = [f.model_dump(exclude_none=True) for f in tools]
+            schema = json.dumps(required_schema(defs, body.parallel_tool_calls))
+            return ToolCallReader("required"), (GuidedDecoding("json_schema", schema), "tools")
+        if not tools or choice == "none":
+            return None, None
+        return ToolCallReader("auto"), None
 
     async def render(self, body: ChatCompletionRequest, thinking: bool | None) -> str:
         """The prompt text: the messages through the model's chat template."""
@@ -379,18 +470,29 @@ class OpenAIServingChat(OpenAIServing):
                 where, what = unusable
                 raise APIError(400, f"messages.{i}.{where}: {what} cannot be used; this model reads text only",
                                param=f"messages.{i}.{where}")  # fmt: skip
+            # A template that does not write tool calls would drop them from the prompt unseen.
+            if message.tool_calls and "tool_calls" not in self.tokenizer.chat_template:
+                raise APIError(400, f"messages.{i}.tool_calls: tool calls cannot be used; this model's chat "
+                                    "template does not render them", param=f"messages.{i}.tool_calls")  # fmt: skip
         kwargs = {} if thinking is None else {"enable_thinking": thinking}
         kwargs.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"})
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await self.prompts.render_chat(messages, kwargs)
+        messages = [m.for_template() for m in body.messages]
+        # tool_choice "none" keeps the tools out of the prompt: the model is not to call any.
+        tools = (
+            [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
+        )
+        return await self.prompts.render_chat(messages, kwargs, tools or None)
 
     def format_logprobs(self, items: list[dict[str, Any]]) -> Any:
         return {"content": items}
 
-    def choice(self, gen, index, text, reasoning, finish, chunk, delta):
+    def choice(self, gen, index, text, reasoning, finish, chunk, delta, tool_calls=None):
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if gen.in_reasoning is not None:
             msg["reasoning_content"] = reasoning or None
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+            msg["content"] = text or None
         if delta:
             msg = {k: v for k, v in msg.items() if v}
         return {"index": index, ("delta" if delta else "message"): msg, "finish_reason": finish,

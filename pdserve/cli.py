@@ -171,6 +171,11 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     output = _bench_output(args, "engine")
+    if args.workload == "json":
+        from pdserve.bench.guided_bench import run_guided_bench
+
+        run_guided_bench(bench_args, output)
+        return 0
     run_engine_bench(bench_args, output)
     return 0
 
@@ -547,9 +552,10 @@ def _add_bench_engine(bench_sub) -> None:
     )
     eng.add_argument(
         "--workload",
-        choices=["random", "code"],
+        choices=["random", "code", "json"],
         default="random",
-        help="prompts: random token ids, or openings of Python stdlib files (needs a tokenizer)",
+        help="prompts: random token ids, or openings of Python stdlib files (needs a tokenizer); json: "
+        "random prompts decoded under a JSON schema beside the same unguided, and the schema's compile time",
     )
     eng.add_argument(
         "--repeats",

@@ -26,7 +26,12 @@ SCALAR_FIELDS = ("min_tokens", "ignore_eos", "include_stop_str_in_output")
 # Repeated on the wire, lists in the engine.
 LIST_FIELDS = ("stop", "stop_token_ids")
 
-SAMPLING_FIELDS = OPTIONAL_FIELDS + SCALAR_FIELDS + LIST_FIELDS
+# A map on the wire (token id -> bias), a dict in the engine.
+MAP_FIELDS = ("logit_bias",)
+# A message on the wire (unset: none), the engine's `GuidedDecoding`.
+MESSAGE_FIELDS = ("guided_decoding",)
+
+SAMPLING_FIELDS = OPTIONAL_FIELDS + SCALAR_FIELDS + LIST_FIELDS + MAP_FIELDS + MESSAGE_FIELDS
 
 # The engine's fields the wire leaves out, and why.
 ENGINE_ONLY_FIELDS = {

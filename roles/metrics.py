@@ -66,6 +66,24 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
+        self.guided_tokens = Gauge(
+            "pdserve_guided_tokens",
+            "Tokens emitted under a grammar (guided decoding)",
+            ["worker"],
+            registry=r,
+        )
+        self.guided_seconds = Gauge(
+            "pdserve_guided_seconds",
+            "Step time spent on grammars: token masks, guesses cut, matchers advanced",
+            ["worker"],
+            registry=r,
+        )
+        self.grammars_compiling = Gauge(
+            "pdserve_grammars_compiling", "Guided requests waiting for their grammar", ["worker"], registry=r
+        )
+        self.grammar_cache_size = Gauge(
+            "pdserve_grammar_cache_size", "Compiled grammars kept", ["worker"], registry=r
+        )
         self.prefix_queried_tokens = Gauge(
             "pdserve_prefix_cache_queried_tokens",
             "Prompt tokens looked up in the prefix cache",
@@ -136,6 +154,10 @@ class WorkerMetrics:
         self.kv_blocks_total.labels(w).set(stats.kv_blocks_total)
         self.prefix_hit_tokens.labels(w).set(stats.prefix_cache_hit_tokens)
         self.prefix_queried_tokens.labels(w).set(stats.prefix_cache_queried_tokens)
+        self.guided_tokens.labels(w).set(stats.guided_tokens_total)
+        self.guided_seconds.labels(w).set(stats.guided_seconds_total)
+        self.grammars_compiling.labels(w).set(stats.num_compiling_grammar)
+        self.grammar_cache_size.labels(w).set(stats.grammar_cache_size)
         # The engine counts since start; the counters advance by what is new since the last look.
         now = (stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_emitted_tokens)
         for counter, new, old in zip(

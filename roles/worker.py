@@ -374,6 +374,10 @@ class Worker:
         block_shape = loop.engine.kv_block_shape
         shape = (*block_shape[:2], handoff.num_blocks, *block_shape[2:])
         buffer = torch.empty(shape, dtype=loop.engine.kv_cache.tensor.dtype)
+        # A guided request's grammar compiles (or comes from the cache) while its KV travels, so
+        # the import on the engine thread only replays the output so far through it.
+        guided = handoff.params.guided_decoding is not None and not moving_on
+        grammar = loop.engine.compile_grammar(handoff.params) if guided else None
         start = time.perf_counter()
         try:
             await asyncio.to_thread(
@@ -392,6 +396,8 @@ class Worker:
                 self._outbox[request_id] = payload
                 yield TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=handoff)
             return
+        if grammar is not None:  # waited for, not raised: a failure surfaces from import_kv as any other
+            await asyncio.wait([asyncio.wrap_future(grammar)])
         async with aclosing(self._stream(loop, request_id, lambda e: e.import_kv(payload))) as chunks:
             async for chunk in chunks:
                 yield chunk

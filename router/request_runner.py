@@ -256,4 +256,9 @@ def _remaining(params: SamplingParams, done: int) -> SamplingParams:
     if done == 0:
         return params
     max_tokens = None if params.max_tokens is None else params.max_tokens - done
-    return replace(params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - done))
+    guided = params.guided_decoding
+    if guided is not None:  # the output so far is in the prompt: its grammar state is past it
+        guided = replace(guided, num_output_in_prompt=done)
+    return replace(
+        params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - done), guided_decoding=guided
+    )

@@ -23,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from pdserve.cluster.operator_actions import ActionRefused, EventLog
 from pdserve.cluster.planner import DecisionRecord
 from pdserve.cluster.role_switching import SwitchRecord
-from pdserve.engine import SamplingParams
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.guided_grammar import GuidedDecodingError, check_guided
+from pdserve.engine.sampling_params import GuidedDecoding, SamplingParams
 from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.proto.bearer import matches, presented
@@ -67,11 +68,14 @@ class InvalidRequest(ValueError):
 
 def to_sampling_params(p: pdserve_pb2.SamplingParams) -> SamplingParams:
     """The engine's params from the wire's (unset optionals keep the engine defaults)."""
-    from pdserve.proto.sampling_fields import LIST_FIELDS, OPTIONAL_FIELDS, SCALAR_FIELDS
+    from pdserve.proto.sampling_fields import LIST_FIELDS, MAP_FIELDS, OPTIONAL_FIELDS, SCALAR_FIELDS
 
     kwargs = {name: getattr(p, name) for name in OPTIONAL_FIELDS if p.HasField(name)}
     kwargs.update({name: getattr(p, name) for name in SCALAR_FIELDS})
     kwargs.update({name: list(getattr(p, name)) or None for name in LIST_FIELDS})
+    kwargs.update({name: dict(getattr(p, name)) or None for name in MAP_FIELDS})
+    if p.HasField("guided_decoding"):
+        kwargs["guided_decoding"] = GuidedDecoding(p.guided_decoding.kind, p.guided_decoding.value)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
@@ -166,6 +170,17 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         params = to_sampling_params(request.sampling)
         if params.n != 1:
             raise InvalidRequest("sampling.n must be 1 per Generate call")
+        vocab = self.served.vocab_size
+        if bad := [t for t in params.logit_bias or {} if t >= vocab]:
+            raise InvalidRequest(
+                f"sampling.logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
+        if params.guided_decoding is not None:
+            # Refused here, by the rules the engine compiles with, before any worker spends time on it.
+            try:
+                check_guided(params.guided_decoding)
+            except GuidedDecodingError as e:
+                raise InvalidRequest(f"sampling.guided_decoding ({params.guided_decoding.kind}): {e}") from e
         return prompt, params
 
     async def Generate(self, request, context):

@@ -86,6 +86,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__
 HELD_OUT_FRACTION = 0.02
 
 CHAT_TEMPLATE = r"""{#- ERNIE 4.5 turn structure; thinking as in ERNIE-4.5-VL: off unless enable_thinking is true. -#}
+{#- Tools in ERNIE 4.5's format: calls as <tool_call>{json}</tool_call>, results as <tool_output>. -#}
 {%- macro text(content) -%}
     {%- if content is string -%}
         {{- content -}}
@@ -95,18 +96,35 @@ CHAT_TEMPLATE = r"""{#- ERNIE 4.5 turn structure; thinking as in ERNIE-4.5-VL: o
         {%- endfor -%}
     {%- endif -%}
 {%- endmacro -%}
+{%- macro tool_list() -%}
+    {{- 'You may call these tools:\n<tool_list>\n' -}}
+    {%- for tool in tools -%}
+        {{- (tool['function'] if tool['function'] is defined else tool) | tojson -}}{{- '\n' -}}
+    {%- endfor -%}
+    {{- '</tool_list>\nTo call one, answer <tool_call>{"name": <name>, "arguments": <object>}</tool_call>\n' -}}
+{%- endmacro -%}
 {{- '<|begin_of_sentence|>' -}}
+{%- if tools and messages[0]['role'] != 'system' -%}{{- tool_list() -}}{%- endif -%}
 {%- for message in messages -%}
     {%- set content = text(message['content']) -%}
     {%- if message['role'] == 'system' -%}
         {{- content + '\n' -}}
+        {%- if tools and loop.first -%}{{- tool_list() -}}{%- endif -%}
     {%- elif message['role'] == 'user' -%}
         {{- 'User: ' + content + '\n' -}}
+    {%- elif message['role'] == 'tool' -%}
+        {{- 'User: <tool_output>\n' + content + '\n</tool_output>\n' -}}
     {%- elif message['role'] == 'assistant' -%}
         {%- if '</think>' in content -%}
             {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
         {%- endif -%}
-        {{- 'Assistant: ' + content + '<|end_of_sentence|>' -}}
+        {{- 'Assistant: ' + content -}}
+        {%- for call in message['tool_calls'] or [] -%}
+            {%- set args = call['function']['arguments'] -%}
+            {{- '<tool_call>{"name": ' + call['function']['name'] | tojson + ', "arguments": ' -}}
+            {{- (args if args is string else args | tojson) + '}</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|end_of_sentence|>' -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}

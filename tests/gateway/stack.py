@@ -79,13 +79,13 @@ def served(app: Any, config: GatewayConfig | None = None) -> Iterator[str]:
 
 @contextmanager
 def gateway_stack(
-    ray, checkpoint: Path, *, name: str, blocks: int = 128, prefill: int = 1, decode: int = 1,
-    both: int = 0, **gateway: Any,
+    ray, checkpoint: Path | str, *, name: str, blocks: int = 128, prefill: int = 1, decode: int = 1,
+    both: int = 0, template: str | None = TEMPLATE, **gateway: Any,
 ) -> Iterator[GatewayStack]:  # fmt: skip
     """Starts workers on `checkpoint`, a router and a gateway (model id "tiny"); stops them after.
 
-    `gateway`: `GatewayConfig` fields to change (max_model_len defaults to the engines' own, as
-    under `pdserve up`).
+    `template`: the gateway's chat template (None: the model's own). `gateway`: `GatewayConfig`
+    fields to change (max_model_len defaults to the engines' own, as under `pdserve up`).
     """
     engine = EngineConfig(
         model=str(checkpoint), dtype="float32", block_size=BLOCK_SIZE, num_threads=1, progress=False,
@@ -101,11 +101,12 @@ def gateway_stack(
         # Every prompt through the prefill worker: the tests measure that path (prefix hits,
         # prefill groups); conditional disaggregation has its own tests (tests/router/test_server.py).
         router = RouterThread(controller, RouterConfig(port=0, local_prefill_tokens=0))
-        tok = load_tokenizer(checkpoint)
-        tok.chat_template = TEMPLATE
+        tok = load_tokenizer(limits.tokenizer_path)
+        if template is not None:
+            tok.chat_template = template
         config = GatewayConfig(
             **{"router_address": f"127.0.0.1:{router.router.port}", "model_name": "tiny",
-               "tokenizer_path": str(checkpoint), "max_model_len": limits.max_model_len, **gateway}
+               "tokenizer_path": limits.tokenizer_path, "max_model_len": limits.max_model_len, **gateway}
         )  # fmt: skip
         with served(create_app(config, tokenizer=tok), config) as url:
             yield GatewayStack(

@@ -69,7 +69,7 @@ def test_the_openai_client_sees_bad_sampling_as_a_bad_request(client):
           "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
          "messages.1.tool_calls"),
     ],
-    ids=["image part", "tool calls"],
+    ids=["image part", "tool calls the template does not render"],
 )  # fmt: skip
 def test_content_the_model_cannot_read_is_refused_not_dropped(client, message, param):
     messages = [{"role": "system", "content": "You write Python."}, message]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import GuidedDecoding, SamplingParams
 from pdserve.gateway.protocol import (
     ENDPOINT_SAMPLING_FIELDS,
     REQUEST_FIELDS,
@@ -48,7 +48,12 @@ def test_the_engine_takes_every_listed_field_and_only_its_own_others():
 
 def test_the_gateway_offers_every_listed_field_it_does_not_declare_otherwise():
     shared = set(SamplingFields.model_fields)
-    assert shared - set(REQUEST_FIELDS) == set(SAMPLING_FIELDS) - {"logprobs", *UNOFFERED_SAMPLING_FIELDS}
+    # guided_decoding: made from response_format, the guided_* fields or the tools (REQUEST_FIELDS).
+    assert shared - set(REQUEST_FIELDS) == set(SAMPLING_FIELDS) - {
+        "logprobs",
+        "guided_decoding",
+        *UNOFFERED_SAMPLING_FIELDS,
+    }
     assert set(ENDPOINT_SAMPLING_FIELDS) <= set(SAMPLING_FIELDS)
     # logprobs: each endpoint has its own form of it.
     assert "logprobs" in CompletionRequest.model_fields and "logprobs" in ChatCompletionRequest.model_fields
@@ -58,9 +63,18 @@ def test_every_offered_value_reaches_the_engine_unchanged():
     body = CompletionRequest(
         prompt="x", max_tokens=9, min_tokens=2, temperature=0.5, top_p=0.75, top_k=7, min_p=0.125,
         stop="end", stop_token_ids=[3, 4], ignore_eos=True, seed=42, presence_penalty=0.5,
-        frequency_penalty=-0.5, repetition_penalty=1.25,
+        frequency_penalty=-0.5, repetition_penalty=1.25, logit_bias={"7": 2.5, "11": -100},
     )  # fmt: skip
     engine = to_sampling_params(body.to_sampling_proto(max_tokens=9, logprobs=3))
     sent = body.sampling_values(max_tokens=9, logprobs=3)
     assert {name: getattr(engine, name) for name in sent} == sent
     assert sent["stop"] == ["end"] and sent["logprobs"] == 3
+    assert engine.logit_bias == {7: 2.5, 11: -100.0}
+
+
+def test_guided_decoding_reaches_the_engine_unchanged():
+    body = CompletionRequest(prompt="x", guided_regex="[a-z]+")
+    guided, param = body.guided_decoding()
+    assert param == "guided_regex"
+    engine = to_sampling_params(body.to_sampling_proto(max_tokens=9, logprobs=None, guided=guided))
+    assert engine.guided_decoding == GuidedDecoding("regex", "[a-z]+")
