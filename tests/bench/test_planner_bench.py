@@ -79,7 +79,7 @@ def test_bench_planner_writes_json_and_prints_the_table(tmp_path: Path, capsys: 
 
 def test_bench_planner_refuses_what_it_cannot_do(capsys: pytest.CaptureFixture[str]):
     assert main(["bench", "planner"]) == 2
-    assert "only --simulate exists" in capsys.readouterr().err
+    assert "this suite simulates (add --simulate)" in capsys.readouterr().err
     assert main(["bench", "planner", "--simulate", "--role-planner", '{"intervl_s": 1}']) == 2
     assert "--role-planner: unknown key 'intervl_s' (did you mean 'interval_s'?)" in capsys.readouterr().err
     assert main(["bench", "planner", "--simulate", "--workers", "1"]) == 2
