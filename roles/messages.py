@@ -28,6 +28,7 @@ class TokenChunk:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] | None = None
+    num_context_cached_tokens: int = 0  # of num_cached_tokens, those loaded from the Redis context cache
     # Set on the last chunk a worker sends for a request it hands to another worker (live
     # migration): no tokens, and the state the next worker continues from (its KV follows).
     moved: Handoff | None = None
@@ -44,6 +45,7 @@ class TokenChunk:
             num_prompt_tokens=delta.num_prompt_tokens,
             num_cached_tokens=delta.num_cached_tokens,
             logprobs=delta.new_logprobs,
+            num_context_cached_tokens=delta.num_context_cached_tokens,
         )
 
 
@@ -63,6 +65,7 @@ class Handoff:
     generator_state: object | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     mtp_hidden: object | None = None  # torch.Tensor [H] when the engines speculate with MTP
+    num_context_cached_tokens: int = 0
 
     @classmethod
     def of(cls, payload: object) -> Handoff:
