@@ -50,7 +50,9 @@ def model_identity(
 ) -> str:
     """A digest of the model (its weights' fingerprint) and the KV layout: the namespace of its blocks."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([name, load_format, hf_overrides, vars(layout)], sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps([name, load_format, hf_overrides, vars(layout)], sort_keys=True, default=str).encode()
+    )
     if load_format == "dummy" or weights_dir is None:
         h.update(f"dummy-weights-seed:{seed}".encode())  # the seed alone makes the random weights
     else:
@@ -69,7 +71,9 @@ def model_identity(
 class ContextCache:
     """Moves full KV blocks between the engine's pool and Redis (see the module doc)."""
 
-    def __init__(self, config: ContextCacheConfig, identity: str, kv: KVCacheManager, kv_cache: KVCache) -> None:
+    def __init__(
+        self, config: ContextCacheConfig, identity: str, kv: KVCacheManager, kv_cache: KVCache
+    ) -> None:
         self.config = config
         self.identity = identity
         self.ns = namespace(identity)
@@ -114,7 +118,9 @@ class ContextCache:
             now = time.monotonic()
             for block, h, payload in zip(loaded, missing, payloads):
                 data = torch.frombuffer(payload, dtype=torch.uint8).view(self.kv_cache.tensor.dtype)
-                self.kv_cache.tensor[:, :, block] = data.view(self._block_shape).to(self.kv_cache.tensor.device)
+                self.kv_cache.tensor[:, :, block] = data.view(self._block_shape).to(
+                    self.kv_cache.tensor.device
+                )
                 self._remember(self._written, h, now)  # in Redis already: not written back
                 pool.cache(block, h)
         finally:

@@ -34,16 +34,23 @@ class ContextCacheConfig:
 
     def __post_init__(self) -> None:
         if self.redis_url is not None and not (
-            isinstance(self.redis_url, str) and self.redis_url.startswith(("redis://", "rediss://", "unix://"))
+            isinstance(self.redis_url, str)
+            and self.redis_url.startswith(("redis://", "rediss://", "unix://"))
         ):
-            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+            raise ValueError(
+                f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}"
+            )
         for name in ("max_bytes", "ttl_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.min_reuse, bool) or not isinstance(self.min_reuse, int) or self.min_reuse < 0:
             raise ValueError(f"min_reuse must be an integer >= 0, got {self.min_reuse!r}")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or self.timeout_s <= 0:
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, int | float)
+            or self.timeout_s <= 0
+        ):
             raise ValueError(f"timeout_s must be a number > 0, got {self.timeout_s!r}")
 
     @property

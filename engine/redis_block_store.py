@@ -81,7 +81,9 @@ class BlockCodec:
     def encode(self, block_hash: int, payload: bytes | memoryview) -> bytes:
         if len(payload) != self.payload_bytes:
             raise ValueError(f"a block is {self.payload_bytes} bytes, got {len(payload)}")
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, self.identity, block_hash, len(payload), zlib.crc32(payload))
+        header = HEADER.pack(
+            MAGIC, FORMAT_VERSION, self.identity, block_hash, len(payload), zlib.crc32(payload)
+        )
         return header + payload
 
     def decode(self, block_hash: int, value: bytes | bytearray) -> memoryview:
@@ -201,7 +203,9 @@ class RedisBlockStore:
             try:
                 if any(p is None for p in parts):
                     raise CorruptValue(f"{sum(p is None for p in parts)} of {self.parts} parts missing")
-                found.append(self.codec.decode(h, bytearray().join(parts)))  # writable: torch reads it in place
+                found.append(
+                    self.codec.decode(h, bytearray().join(parts))
+                )  # writable: torch reads it in place
             except CorruptValue as e:
                 log.warning("context cache: block %016x rejected and deleted: %s", h, e)
                 bad.append(h)

@@ -119,6 +119,11 @@ class WorkerLoad:
     rss_bytes: int = 0  # the worker process's footprint (ProcessUsage)
     open_fds: int = 0
     threads: int = 0
+    # The Redis context cache since start (0, and available, when it is off).
+    context_cache_hit_tokens: int = 0
+    context_cache_bytes_read: int = 0
+    context_cache_bytes_written: int = 0
+    context_cache_available: bool = True
 
     @classmethod
     def from_stats(
@@ -133,6 +138,7 @@ class WorkerLoad:
         usage: ProcessUsage | None = None,
     ) -> WorkerLoad:
         """The report of a worker whose engine gave `stats`; the rest is the worker's own state."""
+        cc = stats.context_cache
         return cls(
             worker_id=worker_id,
             role=role,
@@ -154,4 +160,8 @@ class WorkerLoad:
             rss_bytes=usage.rss_bytes if usage else 0,
             open_fds=usage.open_fds if usage else 0,
             threads=usage.threads if usage else 0,
+            context_cache_hit_tokens=stats.context_cache_hit_tokens,
+            context_cache_bytes_read=cc.bytes_read if cc else 0,
+            context_cache_bytes_written=cc.bytes_written if cc else 0,
+            context_cache_available=cc.available if cc else True,
         )

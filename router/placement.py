@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pdserve.engine.block_hash import hash_blocks
 from pdserve.roles.handoff import WorkerRef
 from pdserve.router.cluster_view import ClusterView
+from pdserve.router.context_cache_view import ContextCacheView
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Candidate, PrefillPolicy, choose_decode
 from pdserve.router.prefix_index import IndexUnavailable
@@ -125,9 +126,16 @@ class RouterPlacement:
     """Chooses routes from the cluster view with a prefill policy."""
 
     def __init__(
-        self, view: ClusterView, policy: PrefillPolicy, block_size: int, metrics: RouterMetrics
+        self,
+        view: ClusterView,
+        policy: PrefillPolicy,
+        block_size: int,
+        metrics: RouterMetrics,
+        context_cache: ContextCacheView | None = None,
     ) -> None:
+        """`context_cache`: where the served model's engines keep prefixes' KV, when they do."""
         self.view = view
+        self.context_cache = context_cache
         self.policy = policy
         self.block_size = block_size
         self.metrics = metrics
@@ -150,7 +158,7 @@ class RouterPlacement:
         boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
-            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids, group)
+            prefill_w, local, loaded = await self._choose_cached(prefills, prompt_token_ids, group)
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes]
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
@@ -158,15 +166,15 @@ class RouterPlacement:
             )
             decode_w = _info(decodes, decode.worker_id)
             charges = [
-                self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - hit_tokens),
+                self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - local - loaded),
                 self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size)),
             ]
-            self._observe(start, hit_tokens)
+            self._observe(start, local)
             return Route(prefill_w.ref(), decode_w.ref(), charges)
         if boths:
-            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids, group)
-            charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
-            self._observe(start, hit_tokens)
+            both_w, local, loaded = await self._choose_cached(boths, prompt_token_ids, group)
+            charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - local - loaded)]
+            self._observe(start, local)
             return Route(None, both_w.ref(), charges)
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
 
@@ -194,32 +202,44 @@ class RouterPlacement:
 
     async def _choose_cached(
         self, workers: list[WorkerInfo], prompt: list[int], group: str | None
-    ) -> tuple[WorkerInfo, int]:
-        """The worker that computes the prompt, and its cached prompt tokens: the group's worker
-        if it is among `workers`, else the policy's pick."""
-        cached = await self._cached_blocks(prompt, [w.worker_id for w in workers])
+    ) -> tuple[WorkerInfo, int, int]:
+        """The worker that computes the prompt, its own cached prompt tokens and the context
+        cache's beyond them (it loads those): the group's worker if it is among `workers`, else
+        the policy's pick."""
+        hashes = hash_blocks(prompt, self.block_size) if len(prompt) >= self.block_size else []
+        cached = await self._cached_blocks(hashes, [w.worker_id for w in workers])
+        in_redis = await self._context_blocks(hashes, len(prompt))
         now = time.monotonic()
         chosen_id = self.groups.worker_of(group, now)
         if chosen_id not in {w.worker_id for w in workers}:
             candidates = [
-                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0)) for w in workers
+                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0), in_redis)
+                for w in workers
             ]
             chosen_id = self.policy.choose(candidates, len(prompt)).worker_id
         self.groups.remember(group, chosen_id, now)
-        hit_tokens = min(cached.get(chosen_id, 0) * self.block_size, len(prompt))
-        return _info(workers, chosen_id), hit_tokens
+        local = min(cached.get(chosen_id, 0) * self.block_size, len(prompt))
+        loaded = max(0, min(in_redis * self.block_size, len(prompt)) - local)
+        self.metrics.context_cache_hit_tokens.inc(loaded)
+        return _info(workers, chosen_id), local, loaded
 
     def _observe(self, start: float, hit_tokens: int) -> None:
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
         self.metrics.index_hit_tokens.inc(hit_tokens)
 
-    async def _cached_blocks(self, prompt: list[int], worker_ids: list[str]) -> dict[str, int]:
-        if not self.view.index_available or len(prompt) < self.block_size:
+    async def _cached_blocks(self, hashes: list[int], worker_ids: list[str]) -> dict[str, int]:
+        if not self.view.index_available or not hashes:
             return {}
         try:
-            return await self.view.index.longest_prefix(hash_blocks(prompt, self.block_size), worker_ids)
+            return await self.view.index.longest_prefix(hashes, worker_ids)
         except IndexUnavailable:
             return {}  # the view notices and logs it on its next round
+
+    async def _context_blocks(self, hashes: list[int], prompt_tokens: int) -> int:
+        """Leading prompt blocks in the context cache (an engine loads at most those before the last token)."""
+        if self.context_cache is None or not hashes:
+            return 0
+        return await self.context_cache.leading_blocks(hashes[: (prompt_tokens - 1) // self.block_size])
 
 
 def _info(workers: list, worker_id: str):
