@@ -190,7 +190,8 @@ class ClusterConfig(BaseModel):
     context_cache: _settings_group(ContextCacheConfig) = Field(  # type: ignore[valid-type]
         default_factory=ContextCacheConfig,
         description="KV blocks of reused prefixes kept in Redis, so any worker loads a prefix another computed; "
-        "keys " + ", ".join(f.name for f in dataclasses.fields(ContextCacheConfig))
+        "keys "
+        + ", ".join(f.name for f in dataclasses.fields(ContextCacheConfig))
         + ', e.g. {"redis_url": "redis://127.0.0.1:6379", "max_bytes": 4294967296}; off without redis_url',
     )
 

@@ -141,7 +141,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.context_cache_available = Gauge(
-            "pdserve_context_cache_available", "1 while Redis answers the context cache", ["worker"], registry=r
+            "pdserve_context_cache_available",
+            "1 while Redis answers the context cache",
+            ["worker"],
+            registry=r,
         )
         self.context_cache_hit_tokens = Gauge(
             "pdserve_context_cache_hit_tokens",
