@@ -63,9 +63,10 @@ from dataclasses import dataclass
 from pdserve.roles.messages import WorkerLoad
 
 OVERLAP_WEIGHT = 1.0
-# A token loaded from the context cache instead of computed: loading 2k tokens' KV took 1/CONTEXT
-# of computing them (`pdserve bench context-cache`, DECISIONS 2026-12-05), so it saves the rest.
-CONTEXT_CACHE_WEIGHT = 0.9
+# A token loaded from the context cache instead of computed saves most of its prefill: loading a
+# prefix took 1/92 (ERNIE-4.5-0.3B shape, 2k tokens) and 1/23 (demo, 1.5k) of computing it
+# (`pdserve bench context-cache`, DECISIONS 2026-12-05); 0.95 keeps the cheaper model's ratio.
+CONTEXT_CACHE_WEIGHT = 0.95
 RUNNING_COST_BLOCKS = 1.0
 # A decode worker left with less than this share of its KV blocks free after admitting a request
 # is likely to preempt running sequences as they grow (each grows one block every block_size
