@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pdserve.engine.model_runner import KVCache
 from pdserve.engine.redis_block_store import BlockCodec, RedisBlockStore
 from pdserve.engine.request import Request
 from pdserve.engine.stats import ContextCacheStats
+
+log = logging.getLogger(__name__)
 
 # Block hashes remembered for use counts and as already written (oldest forgotten first).
 MAX_TRACKED = 200_000
@@ -94,8 +97,18 @@ class ContextCache:
         """Loads the blocks after the request's local prefix hit from Redis into the pool.
 
         They land as free, cached blocks (evicted last), which the scheduler finds at admission;
-        `request.context_cache_tokens` records which prompt tokens came from Redis.
+        `request.context_cache_tokens` records which prompt tokens came from Redis. Never raises:
+        whatever goes wrong here, the request computes its prefix (the pool is left consistent).
         """
+        try:
+            self._load_prefix(request)
+        except Exception:
+            log.exception(
+                "context cache: loading the prefix of %s failed; it is computed", request.request_id
+            )
+            self.store.count_error()
+
+    def _load_prefix(self, request: Request) -> None:
         pool, bs = self.kv.pool, self.kv.block_size
         self.kv.update_block_hashes(request)
         hashes = request.block_hashes[: (request.num_tokens - 1) // bs]
@@ -133,7 +146,11 @@ class ContextCache:
     def on_events(self, events: KVCacheEvent) -> None:
         """Blocks that entered the prefix cache: computed here (a use), or received (known)."""
         if self.config.min_reuse >= 1:
-            self._note_uses(events.stored)
+            try:
+                self._note_uses(events.stored)
+            except Exception:  # a failed write must not fail the engine's step
+                log.exception("context cache: queueing blocks for Redis failed")
+                self.store.count_error()
 
     def mark_known(self, hashes: list[int]) -> None:
         """Blocks whose KV another worker computed (a PD handoff): that worker writes them."""
@@ -163,9 +180,14 @@ class ContextCache:
 
     def _write_evicted(self, block: int, block_hash: int) -> None:
         """The pool is about to reuse `block` (min_reuse 0): its bytes go out first."""
-        if not self._recently_written(block_hash):
-            self._remember(self._written, block_hash, time.monotonic())
+        if self._recently_written(block_hash):
+            return
+        self._remember(self._written, block_hash, time.monotonic())
+        try:
             self.store.store([(block_hash, self._payload(block))])
+        except Exception:  # a failed write must not fail the allocation
+            log.exception("context cache: queueing an evicted block for Redis failed")
+            self.store.count_error()
 
     def _payload(self, block: int) -> memoryview:
         """A copy of one block's bytes (the pool's block may be overwritten right after)."""

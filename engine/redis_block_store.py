@@ -250,6 +250,10 @@ class RedisBlockStore:
         out.available = self.health.available
         return out
 
+    def count_error(self) -> None:
+        """Counts a failure of the caller's own (a bug, logged there) in `errors`."""
+        self._count(errors=1)
+
     def _enqueue(self, item: _Write | _Touch | _Delete) -> None:
         try:
             self._queue.put_nowait(item)

@@ -95,6 +95,7 @@ def test_outputs_are_token_exact_from_the_pool_from_redis_and_recomputed(url, re
     stats = reader.engine.stats()
     assert stats.context_cache.hit_blocks == 6
     assert stats.context_cache_hit_tokens == 6 * BLOCK
+    assert reader.engine.kv.num_free_blocks == reader.engine.kv.num_blocks  # nothing held after
 
 
 def test_a_longer_prompt_loads_the_stored_prefix_and_computes_the_rest(url):
@@ -328,3 +329,24 @@ def test_the_context_cache_needs_the_prefix_cache():
             enable_prefix_caching=False,
             context_cache={"redis_url": "redis://x"},
         )
+
+
+def test_a_failure_inside_the_context_cache_never_fails_a_request_nor_leaks_blocks(
+    url, reference, monkeypatch
+):
+    run(make_llm(url))
+    llm = make_llm(url)
+    e = llm.engine
+
+    def broken(hashes):
+        raise RuntimeError("a bug in the lookup")
+
+    monkeypatch.setattr(e.context_cache.store, "fetch", broken)
+    out = run(llm)
+    assert out.outputs[0].token_ids == reference["greedy"] and out.num_cached_tokens == 0
+    assert e.kv.num_free_blocks == e.kv.num_blocks
+    assert e.stats().context_cache.errors == 1
+    monkeypatch.undo()
+    # Loaded blocks are the pool's like any other: freed with the request, none held after.
+    out = run(make_llm(url))
+    assert out.num_context_cached_tokens == 6 * BLOCK
