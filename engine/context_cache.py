@@ -191,7 +191,9 @@ class ContextCache:
 
     def _payload(self, block: int) -> memoryview:
         """A copy of one block's bytes (the pool's block may be overwritten right after)."""
-        data = self.kv_cache.tensor[:, :, block].contiguous().cpu().clone()
+        src = self.kv_cache.tensor[:, :, block]
+        data = torch.empty(src.shape, dtype=src.dtype)  # on the CPU, contiguous: one copy
+        data.copy_(src)
         return memoryview(data.view(torch.uint8).numpy()).cast("B")
 
     def _recently_written(self, h: int) -> bool:

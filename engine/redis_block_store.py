@@ -14,6 +14,7 @@ requests do not each wait out a timeout.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import struct
@@ -43,6 +44,8 @@ HEADER = struct.Struct("<4sB16sQQI")
 RETRY_S = 1.0  # after a failure, calls are skipped this long
 MAX_QUEUED = 4096  # writer items waiting; beyond, writes are dropped (counted)
 BATCH_BYTES = 8 << 20  # one pipeline's values at most, so one write never holds Redis long
+MAX_LATENCIES = 10_000  # fetch latencies kept until a snapshot takes them (offline, none may)
+EXIT_FLUSH_S = 5.0  # at interpreter exit, queued writes get this long to go out
 
 # Drops the entries whose TTL has passed (their keys are gone already), then the oldest entries
 # beyond the budget, with their keys. KEYS[1] the sorted set; ARGV[1] namespace, ARGV[2] parts per
@@ -178,6 +181,8 @@ class RedisBlockStore:
         self._queue: queue.Queue[_Write | _Touch | _Delete | None] = queue.Queue(MAX_QUEUED)
         self._writer = threading.Thread(target=self._write_loop, name="pdserve-context-cache", daemon=True)
         self._writer.start()
+        # An offline script that computed a prefix and exits should leave it in Redis.
+        atexit.register(self.flush, EXIT_FLUSH_S)
 
     # ------------------------------------------------------------------ reads
 
@@ -217,6 +222,7 @@ class RedisBlockStore:
         )  # fmt: skip
         with self._lock:
             self.stats.fetch_seconds.append(time.perf_counter() - start)
+            del self.stats.fetch_seconds[:-MAX_LATENCIES]
         if bad:
             self._enqueue(_Delete(bad))
         if found:
@@ -237,6 +243,7 @@ class RedisBlockStore:
             time.sleep(0.005)
 
     def close(self) -> None:
+        atexit.unregister(self.flush)
         self.flush()
         self._queue.put(None)
         self._writer.join(timeout=5)
