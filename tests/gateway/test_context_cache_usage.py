@@ -63,7 +63,13 @@ def test_an_evicted_prefix_is_loaded_from_redis_and_usage_splits_the_cached_toke
 
     for other in OTHERS:  # fill the small pools: the document's blocks are evicted
         complete(cc_stack, other)
+    names = ("pdserve_router_context_cache_hit_tokens_total", "pdserve_prefix_index_hit_tokens_total")
+    seen = [cc_stack.router_metrics.get_sample_value(n) for n in names]
     later = complete(cc_stack, question)
+    # Placement counted the whole prefix as reachable: in Redis, or (the index may lag the
+    # eviction by a view interval) on the worker.
+    now = [cc_stack.router_metrics.get_sample_value(n) for n in names]
+    assert (now[0] - seen[0]) + (now[1] - seen[1]) == 100
     details = later["usage"]["prompt_tokens_details"]
     assert details == {"cached_tokens": 100, "local_cached_tokens": 0, "redis_cached_tokens": 100}
     assert later["choices"][0]["text"] == first["choices"][0]["text"]
