@@ -6,14 +6,20 @@ first token (TTFT), time per output token after it (TPOT), the gaps between stre
 (ITL), end-to-end latency, request and output-token throughput, and goodput (requests/s that
 met every stated SLO). Prints a table, writes JSON and a PNG of the latencies.
 
-Workloads (seeded, so runs are reproducible): `chat`, short varied coding questions; and
-`shared-prefix`, the same questions behind one long common system prompt, which the prefix
-cache (and the router's cache-aware placement) should turn into shorter prefills.
+Workloads (seeded, so runs are reproducible): `chat`, short varied coding questions;
+`shared-prefix`, the same questions behind a long common system prompt (`--num-prefixes` of
+them, each request picking one), which the prefix cache (and the router's cache-aware
+placement) should turn into shorter prefills; and `long-document`, questions about one of
+`--num-prefixes` long documents (`--prefix-words` words each, placed in the user turn).
 
 Requests are greedy and ignore EOS, so every request produces `max_tokens` tokens and runs
 compare like for like. Each level asks its own questions (the same across layouts): a prompt
 the prefix cache holds from an earlier level would flatter the later one. One unmeasured
 request first pays first-call costs and, in shared-prefix, puts the system prompt in the cache.
+
+`--compare-context-cache` starts 1 prefill + 1 decode worker twice, with the Redis context
+cache off and on (`--context-cache-url`), each with `--kv-cache-blocks` blocks per worker (small
+pools evict prefixes between uses), and prints them side by side with the prompt tokens computed.
 
 `--compare-layouts` starts the two layouts itself, one after the other (`pdserve up` with 1
 prefill + 1 decode worker, then with 2 colocated `both` workers), runs the same workload on
@@ -43,7 +49,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-WORKLOADS = ("chat", "shared-prefix", "shifting")  # shifting: see bench/shifting_bench.py
+WORKLOADS = ("chat", "shared-prefix", "long-document", "shifting")  # shifting: see bench/shifting_bench.py
+PREFIX_WORKLOADS = ("shared-prefix", "long-document")
 # `pdserve up` flags of the two layouts --compare-layouts runs.
 LAYOUTS: dict[str, list[str]] = {
     "1P+1D": ["--prefill", "1", "--decode", "1", "--both", "0"],
@@ -66,7 +73,11 @@ class ServeBenchArgs:
     api_key: str | None = None
     seed: int = 0
     prefix_words: int = 300  # shared-prefix: words in the common system prompt
+    num_prefixes: int = 1  # shared-prefix / long-document: distinct prefixes requests pick from
     compare_layouts: bool = False
+    compare_context_cache: bool = False
+    context_cache_url: str = "redis://127.0.0.1:6379/15"  # emptied of pdserve:ctx:* keys first
+    kv_cache_blocks: int | None = None  # the started clusters' KV blocks per worker
     model: str | None = None  # the served model: for --compare-layouts and the engine-only TTFT
     overhead_probes: int = 8  # one-token requests timed for the overhead (0: skip)
     request_timeout_s: float = 600.0
@@ -77,7 +88,7 @@ class ServeBenchArgs:
             raise ValueError(f"concurrency levels must be >= 1, got {list(self.concurrency)}")
         if self.workload not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
-        for name in ("num_prompts", "max_tokens", "prefix_words"):
+        for name in ("num_prompts", "max_tokens", "prefix_words", "num_prefixes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.overhead_probes < 0:
@@ -86,8 +97,11 @@ class ServeBenchArgs:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0 ms, got {value}")
-        if self.compare_layouts and not self.model:
-            raise ValueError("--compare-layouts starts its own clusters: name their --model (e.g. demo)")
+        if (self.compare_layouts or self.compare_context_cache) and not self.model:
+            raise ValueError("--compare-layouts and --compare-context-cache start their own clusters: "
+                             "name their --model (e.g. demo)")  # fmt: skip
+        if self.compare_layouts and self.compare_context_cache:
+            raise ValueError("choose one of --compare-layouts and --compare-context-cache")
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -145,14 +159,21 @@ WARMUP_BATCH = -1
 PROBE_BATCH = -2
 
 
+def document(words: int, seed: int, k: int) -> str:
+    """The long-document workload's k-th document: `words` words, fixed by `seed` and `k`."""
+    rng = random.Random(f"document-{seed}-{k}")
+    pool = _GUIDE.split() + [s.split()[0] for s in _SUBJECTS]
+    return f"Document {k}: " + " ".join(rng.choice(pool) for _ in range(words))
+
+
 def make_prompts(
-    workload: str, n: int, seed: int, prefix_words: int = 300, batch: int = 0
+    workload: str, n: int, seed: int, prefix_words: int = 300, batch: int = 0, num_prefixes: int = 1
 ) -> list[list[dict[str, str]]]:
     """`n` chat conversations (OpenAI `messages`) of `workload`; the same for the same arguments.
 
     `batch` picks the questions: each concurrency level asks its own (a prompt the prefix cache
     kept from an earlier level would flatter the later one), the same for every layout. The
-    shared-prefix system prompt depends on `seed` alone, so every batch shares it.
+    shared prefixes (system prompts, documents) depend on `seed` alone, so every batch shares them.
     """
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
@@ -160,8 +181,13 @@ def make_prompts(
     prompts = []
     for _ in range(n):
         messages: list[dict[str, str]] = []
+        k = rng.randrange(num_prefixes) if num_prefixes > 1 else 0  # one prefix: the questions as before
+        if workload == "long-document":
+            text = document(prefix_words, seed, k)
+            prompts.append([{"role": "user", "content": text + "\n\nAbout this document: " + _question(rng)}])
+            continue
         if workload == "shared-prefix":
-            messages.append({"role": "system", "content": system_prompt(prefix_words, seed)})
+            messages.append({"role": "system", "content": system_prompt(prefix_words, seed + 1000 * k)})
         if rng.random() < 0.3:  # some conversations carry an earlier exchange
             user, assistant = rng.choice(_PREVIOUS)
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -183,6 +209,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the prefix cache served
+    redis_cached_tokens: int = 0  # of those, loaded from the Redis context cache
     itl_s: list[float] = field(default_factory=list)  # gaps between the chunks after the first
     error: str | None = None
 
@@ -223,7 +250,9 @@ async def send_chat(
                 if usage := event.get("usage"):
                     result.output_tokens = usage["completion_tokens"]
                     result.prompt_tokens = usage["prompt_tokens"]
-                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens", 0)
+                    result.redis_cached_tokens = details.get("redis_cached_tokens", 0)
                 choice = event["choices"][0] if event.get("choices") else {}
                 delta = choice.get("delta") or {}
                 # A last token with no text of its own (a special token) still ends the wait for one.
@@ -288,6 +317,8 @@ def summarize(
         "output_tokens": tokens,
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "redis_cached_prompt_tokens": sum(r.redis_cached_tokens for r in ok),
+        "computed_prompt_tokens": sum(r.prompt_tokens - r.cached_tokens for r in ok),
         "request_throughput": round(len(ok) / duration_s, 3),
         "output_throughput": round(tokens / duration_s, 2),
         "ttft_ms": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
@@ -332,7 +363,7 @@ async def _served_model(client, url: str, headers: dict[str, str]) -> str:
 
 def warmup_prompt(args: ServeBenchArgs) -> list[dict[str, str]]:
     """Sent before measuring, never measured (nor sent again)."""
-    return make_prompts(args.workload, 1, args.seed, args.prefix_words, WARMUP_BATCH)[0]
+    return make_prompts(args.workload, 1, args.seed, args.prefix_words, WARMUP_BATCH, args.num_prefixes)[0]
 
 
 async def _run_level(
@@ -372,7 +403,14 @@ async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, 
             raise RuntimeError(f"the warm-up request to {url} failed: {first.error}")
         rows = []
         for i, concurrency in enumerate(args.concurrency):
-            prompts = make_prompts(args.workload, args.num_prompts, args.seed, args.prefix_words, batch=i)
+            prompts = make_prompts(
+                args.workload,
+                args.num_prompts,
+                args.seed,
+                args.prefix_words,
+                batch=i,
+                num_prefixes=args.num_prefixes,
+            )
             rows.append(await _run_level(client, url, model, concurrency, prompts, args, label))
     return model, rows
 
@@ -382,7 +420,9 @@ async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, 
 
 def probe_prompts(args: ServeBenchArgs) -> list[list[dict[str, str]]]:
     """The overhead probes: prompts of the workload that the measured levels never send."""
-    return make_prompts(args.workload, args.overhead_probes, args.seed, args.prefix_words, PROBE_BATCH)
+    return make_prompts(
+        args.workload, args.overhead_probes, args.seed, args.prefix_words, PROBE_BATCH, args.num_prefixes
+    )
 
 
 def engine_ttft(model: str, probes: list[list[dict[str, str]]], warmup: list[dict[str, str]]) -> list[float]:
@@ -560,7 +600,8 @@ def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
     rows = [
         ("failed", number("failed")), ("req/s", number("request_throughput")),
         ("out tok/s", number("output_throughput")), ("goodput req/s", number("goodput")),
-        ("cached prompt", _cached_share), ("TTFT p50", number("ttft_ms", "p50")),
+        ("cached prompt", _cached_share), ("from Redis", number("redis_cached_prompt_tokens")),
+        ("prefill computed", number("computed_prompt_tokens")), ("TTFT p50", number("ttft_ms", "p50")),
         ("TTFT p99", number("ttft_ms", "p99")), ("TPOT p50", number("tpot_ms", "p50")),
         ("TPOT p99", number("tpot_ms", "p99")), ("ITL p50", number("itl_ms", "p50")),
         ("ITL p99", number("itl_ms", "p99")), ("E2E p50", number("e2e_ms", "p50")),
@@ -634,11 +675,11 @@ def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[st
     # Before any cluster starts: the engine alone, without workers competing for the cores.
     engine_s = engine_ttft(args.model, probes, warmup_prompt(args)) if probes else []
     runs = []
-    if args.compare_layouts:
+    if args.compare_layouts or args.compare_context_cache:
         assert args.model is not None
         with tempfile.TemporaryDirectory(prefix="pdserve-bench-serve-") as tmp:
-            for layout in LAYOUTS:
-                with launched(layout, args.model, Path(tmp), args.api_key) as url:
+            for layout, flags in _started_clusters(args).items():
+                with launched(layout, args.model, Path(tmp), args.api_key, flags=flags) as url:
                     runs.append(_run(url, layout, args, probes, engine_s))
     else:
         runs.append(_run(args.url, "url", args, probes, engine_s))
@@ -656,6 +697,34 @@ def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[st
         if png is not None:
             print(f"wrote {png}")
     return doc
+
+
+def _empty_context_cache(url: str) -> None:
+    """Deletes every context-cache block at `url`, so the "cache on" run starts cold too."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match="pdserve:ctx:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    except redis.RedisError as e:
+        raise ConnectionError(f"--context-cache-url {url}: {e}") from e
+    finally:
+        client.close()
+
+
+def _started_clusters(args: ServeBenchArgs) -> dict[str, list[str]]:
+    """The `pdserve up` flags of each cluster a comparison starts, by its name in the table."""
+    blocks = ["--kv-cache-blocks", str(args.kv_cache_blocks)] if args.kv_cache_blocks else []
+    if not args.compare_context_cache:
+        return {layout: flags + blocks for layout, flags in LAYOUTS.items()}
+    on = json.dumps({"redis_url": args.context_cache_url})
+    _empty_context_cache(args.context_cache_url)
+    return {
+        "cache off": LAYOUTS["1P+1D"] + blocks,
+        "cache on": LAYOUTS["1P+1D"] + blocks + ["--context-cache", on],
+    }
 
 
 def _run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -34,6 +35,9 @@ class BlockPool:
         self._by_hash: dict[int, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._events = KVCacheEvent()
+        # Hears (block, hash) just before a cached block is handed out again, while its bytes are
+        # still intact (the context cache writes evicted blocks out).
+        self.on_evict: Callable[[int, int], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -97,6 +101,8 @@ class BlockPool:
     def _evict(self, block: int) -> None:
         h = self._hash[block]
         if h is not None:
+            if self.on_evict is not None:
+                self.on_evict(block, h)
             del self._by_hash[h]
             self._hash[block] = None
             self._events.removed.append(h)

@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from pdserve.engine.block_pool import KVCacheEvent
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.context_cache import ContextCache, KVLayout, model_identity
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
@@ -119,8 +120,9 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size
         )
-        self.served_model = self._served_model(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.context_cache = self._build_context_cache(num_kv_layers)
+        self.served_model = self._served_model(num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, mtp_layer, self.gemm.parallel)
         self.sampler = Sampler(mc.eos_token_ids, seed=config.seed)
         self.proposer: Proposer | None = self._build_proposer()
@@ -168,7 +170,23 @@ class Engine:
             dtype=str(self.dtype).removeprefix("torch."),
             speculative_method=spec.method if spec is not None else None,
             num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
+            context_cache_namespace=self.context_cache.ns if self.context_cache is not None else None,
+            context_cache_url=config.context_cache.redis_url,  # type: ignore[union-attr]
         )
+
+    def _build_context_cache(self, num_kv_layers: int) -> ContextCache | None:
+        cc = self.config.context_cache
+        if not cc.enabled:  # type: ignore[union-attr]
+            return None
+        mc, src = self.model_config, self.source
+        layout = KVLayout(
+            num_kv_layers, self.config.block_size, mc.num_key_value_heads, mc.head_dim, str(self.dtype)
+        )
+        fmt = self.config.load_format
+        if fmt == "auto":
+            fmt = "safetensors" if src.has_weights else "dummy"
+        identity = model_identity(src.name, src.path, fmt, self.config.seed, self.config.hf_overrides, layout)
+        return ContextCache(cc, identity, self.kv, self.kv_cache)  # type: ignore[arg-type]
 
     def _model_config(self, source: ModelSource) -> ModelConfig:
         mc = ModelConfig.from_hf_dict(source.hf_config, self.config.hf_overrides)
@@ -225,6 +243,7 @@ class Engine:
                 hf_overrides={},
                 tokenizer=None,
                 speculative_config=None,
+                context_cache=None,  # the draft's KV is its own business
                 # One draft block per target block always suffices: the draft's sequences are the
                 # target's plus at most k guesses (a request without room just is not guessed for).
                 kv_cache_blocks=self.kv.num_blocks + self.config.max_num_seqs,
@@ -297,6 +316,8 @@ class Engine:
                 "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
         request = self._new_request(request_id, ids, params, prefill_only=prefill_only)
+        if self.context_cache is not None:
+            self.context_cache.load_prefix(request)
         if params.guided_decoding is None:
             self.scheduler.add(request)
             return
@@ -575,6 +596,8 @@ class Engine:
 
     def _publish_events(self) -> None:
         events = self.kv.pool.drain_events()
+        if events and self.context_cache is not None:
+            self.context_cache.on_events(events)
         if events and self.on_cache_event is not None:
             self.on_cache_event(events)
 
@@ -613,6 +636,8 @@ class Engine:
         if payload.params.guided_decoding is not None:
             matcher = self.compile_grammar(payload.params).result()
             advance(matcher, payload.output_token_ids)
+        if self.context_cache is not None:
+            self.context_cache.mark_known(payload.block_hashes)  # the sender wrote them if it had to
         self.kv_handoff.import_kv(payload)
         if matcher is not None:
             self.scheduler.requests[payload.request_id].matcher = matcher
@@ -636,6 +661,7 @@ class Engine:
             waiting_prefill_tokens=waiting_prefill,
             num_compiling_grammar=len(self._compiling),
             grammar_cache_size=self.grammars.cache_size if self.grammars is not None else 0,
+            context_cache=self.context_cache.stats() if self.context_cache is not None else None,
             **asdict(self.counters),
         )
 

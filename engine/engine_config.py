@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pdserve.engine.context_cache_config import ContextCacheConfig
 from pdserve.engine.layers.linear import CPU_GEMM_BACKENDS
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
@@ -45,6 +46,9 @@ class EngineConfig:
     progress: bool = True
     # {"method": "draft" | "mtp" | "ngram", "num_speculative_tokens": k, ...}; see SpeculativeConfig.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    # KV blocks of reused prefixes kept in Redis for any engine of the same model to load:
+    # {"redis_url": ..., "max_bytes": ..., "ttl_s": ..., "min_reuse": ...}; see ContextCacheConfig.
+    context_cache: dict[str, Any] | ContextCacheConfig | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -80,6 +84,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        self.context_cache = ContextCacheConfig.from_value(self.context_cache)
+        if self.context_cache.enabled and not self.enable_prefix_caching:
+            raise ValueError(
+                "context_cache loads blocks into the prefix cache: it needs enable_prefix_caching=True"
+            )
         try:
             torch.device(self.device)
         except RuntimeError as e:

@@ -38,6 +38,7 @@ class KVPayload:
     num_cached_tokens: int
     block_hashes: list[int]
     kv: torch.Tensor
+    num_context_cached_tokens: int = 0
     generator_state: torch.Tensor | None = None  # so seeded sampling continues exactly
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # MTP speculation: pre-norm hidden states [n, H] of the last n computed positions, whose MTP
@@ -104,6 +105,7 @@ class KVHandoff:
             params=req.params,
             num_computed_tokens=req.num_computed_tokens,
             num_cached_tokens=req.num_cached_tokens,
+            num_context_cached_tokens=req.num_context_cached_tokens,
             block_hashes=list(req.block_hashes[: req.num_computed_tokens // self.kv.block_size]),
             kv=self.kv_cache.read_blocks(req.block_ids[:n_blocks]),
             generator_state=req.generator.get_state() if req.generator is not None else None,
@@ -196,6 +198,7 @@ class KVHandoff:
                 # The prefill side streamed these tokens' text already; this only advances offsets.
                 req.detokenizer.add_tokens([t])
         req.num_cached_tokens = payload.num_cached_tokens
+        req.num_context_cached_tokens = payload.num_context_cached_tokens
         req.scheduled_once = True
         req.logprobs = list(payload.logprobs)
         if payload.generator_state is not None and req.generator is not None:

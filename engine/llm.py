@@ -19,7 +19,8 @@ class LLM:
     """Generates completions for a list of prompts with one engine.
 
     `LLM(model="demo", dtype="float32", seed=0, **engine_args)`; see `EngineConfig` for the
-    engine arguments (load_format, hf_overrides, block_size, max_num_seqs, ...).
+    engine arguments (load_format, hf_overrides, block_size, max_num_seqs, ...), e.g.
+    `context_cache={"redis_url": "redis://127.0.0.1:6379"}` to share prefixes' KV through Redis.
     """
 
     def __init__(self, model: str, **engine_args: Any) -> None:
@@ -102,6 +103,7 @@ class _Collector:
         self.logprobs: dict[int, list[TokenLogprobs]] = {}
         self.finish: dict[int, tuple[str | None, str | int | None]] = {}
         self.num_cached_tokens = 0
+        self.num_context_cached_tokens = 0
 
     def add(self, delta: RequestDelta) -> None:
         i = self.children[delta.request_id]
@@ -111,6 +113,7 @@ class _Collector:
             self.logprobs.setdefault(i, []).extend(delta.new_logprobs)
         if i == 0:
             self.num_cached_tokens = delta.num_cached_tokens
+            self.num_context_cached_tokens = delta.num_context_cached_tokens
         if delta.finished:
             self.finish[i] = (delta.finish_reason, delta.stop_reason)
 
@@ -141,6 +144,7 @@ class _Collector:
             outputs=outputs,
             finished=len(self.finish) == self.params.n,
             num_cached_tokens=self.num_cached_tokens,
+            num_context_cached_tokens=self.num_context_cached_tokens,
         )
 
 

@@ -31,8 +31,9 @@ class RequestDelta:
     finish_reason: str | None  # "stop", "length" or "abort" once finished
     stop_reason: str | int | None  # the stop string or stop token id that ended it
     num_prompt_tokens: int
-    num_cached_tokens: int
+    num_cached_tokens: int  # prompt tokens served from a prefix cache: the pool's or Redis'
     kv_ready: bool = False  # prefill-only request: its KV can now be exported
+    num_context_cached_tokens: int = 0  # of num_cached_tokens, those loaded from the Redis context cache
 
 
 @dataclass
@@ -63,3 +64,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    num_context_cached_tokens: int = 0  # of num_cached_tokens, those loaded from the Redis context cache

@@ -45,6 +45,10 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
+    # Prompt tokens [start, end) the context cache loaded from Redis into the pool for this request,
+    # and how many of them the prefix cache served it at first scheduling (part of num_cached_tokens).
+    context_cache_tokens: tuple[int, int] = (0, 0)
+    num_context_cached_tokens: int = 0
     scheduled_once: bool = False
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

@@ -167,6 +167,8 @@ class Scheduler:
             req.num_computed_tokens = start
             if not req.scheduled_once:
                 req.num_cached_tokens = start
+                lo, hi = req.context_cache_tokens
+                req.num_context_cached_tokens = max(0, min(start, hi) - lo)
                 req.scheduled_once = True
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -232,6 +234,7 @@ class Scheduler:
                 c.prompt_tokens_total += req.num_prompt_tokens
                 c.prefix_cache_queried_tokens += req.num_prompt_tokens
                 c.prefix_cache_hit_tokens += req.num_cached_tokens
+                c.context_cache_hit_tokens += req.num_context_cached_tokens
             if guesses:
                 c.spec_accepted_tokens += len(tokens) - 1
                 c.spec_emitted_tokens += len(tokens)
@@ -286,6 +289,7 @@ class Scheduler:
             stop_reason=req.stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
+            num_context_cached_tokens=req.num_context_cached_tokens,
             kv_ready=kv_ready,
         )
 

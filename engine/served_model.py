@@ -8,7 +8,7 @@ hold). Plain data without torch, so the router and gateway read it without loadi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,3 +24,7 @@ class ServedModel:
     dtype: str  # the weights' and KV cache's dtype, e.g. "float32"
     speculative_method: str | None = None  # "ngram", "mtp", "draft", or None when off
     num_speculative_tokens: int = 0
+    # The Redis key prefix of this model's context-cache blocks (None: the context cache is off),
+    # and the Redis holding them: the router counts a prompt's blocks there.
+    context_cache_namespace: str | None = None
+    context_cache_url: str | None = field(default=None, repr=False)  # it may carry a password

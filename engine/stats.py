@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,6 +11,7 @@ class EngineCounters:
 
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    context_cache_hit_tokens: int = 0  # of those, tokens whose KV was loaded from Redis
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_steps: int = 0
@@ -26,6 +27,26 @@ class EngineCounters:
     # (filling and applying token masks, cutting guesses, advancing matchers).
     guided_tokens_total: int = 0
     guided_seconds_total: float = 0.0
+
+
+@dataclass
+class ContextCacheStats:
+    """The Redis context cache's totals since start (`RedisBlockStore` owns and updates them)."""
+
+    available: bool = True  # Redis answered the last call
+    fetches: int = 0  # lookups that reached Redis (one round trip each)
+    fetch_seconds_total: float = 0.0
+    hit_blocks: int = 0  # blocks found and loaded into the pool
+    miss_blocks: int = 0  # blocks asked for and not found (the run ends at the first)
+    bytes_read: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    evictions: int = 0  # blocks the memory budget dropped from Redis
+    rejected: int = 0  # values refused (another model's, truncated, corrupt) and deleted
+    write_drops: int = 0  # blocks not written (queue full, or Redis down)
+    errors: int = 0  # calls that failed
+    # Fetch latencies since the previous snapshot (each reported once, for a histogram).
+    fetch_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -44,6 +65,7 @@ class EngineStats(EngineCounters):
     waiting_prefill_tokens: int
     num_compiling_grammar: int = 0  # guided requests waiting for their grammar to compile
     grammar_cache_size: int = 0  # compiled grammars kept
+    context_cache: ContextCacheStats | None = None  # None: the context cache is off
 
     @property
     def kv_blocks_used(self) -> int:

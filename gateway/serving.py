@@ -86,11 +86,13 @@ def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_p
     return out
 
 
-def usage(prompt_tokens: int, completion: int, cached: int) -> dict[str, Any]:
-    """OpenAI's `usage` object."""
+def usage(prompt_tokens: int, completion: int, cached: int, from_redis: int = 0) -> dict[str, Any]:
+    """OpenAI's `usage` object; `cached_tokens` is the total, split into the worker's own prefix
+    cache (`local_cached_tokens`) and the Redis context cache (`redis_cached_tokens`)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+            "prompt_tokens_details": {"cached_tokens": cached, "local_cached_tokens": cached - from_redis,
+                                      "redis_cached_tokens": from_redis}}  # fmt: skip
 
 
 def sse(obj: Any) -> bytes:
@@ -277,7 +279,7 @@ class OpenAIServing:
         The status line is already sent, so an error is the stream's last event (and the stream
         counts its own outcome: the middleware only sees the 200).
         """
-        totals, cached, first = [0] * len(gen.choices), 0, True
+        totals, cached, from_redis, first = [0] * len(gen.choices), 0, 0, True
         splitters = [ReasoningSplitter(bool(gen.in_reasoning)) for _ in gen.choices]
         tools = [ToolCallStream(gen.tool_reader) for _ in gen.choices] if gen.tool_reader else None
         try:
@@ -293,6 +295,7 @@ class OpenAIServing:
                     totals[i] += len(chunk.token_ids)
                     if chunk.finished:
                         cached = max(cached, chunk.usage.cached_tokens)
+                        from_redis = max(from_redis, chunk.usage.context_cached_tokens)
                     reasoning, text = gen.split(chunk.text, splitters[i], final=chunk.finished)
                     calls = None
                     if tools is not None:
@@ -304,7 +307,9 @@ class OpenAIServing:
                         yield sse(self.event(gen, [choice]))
             body = gen.body
             if body.stream_options and body.stream_options.include_usage:
-                yield sse(self.event(gen, [], usage=usage(gen.prompt_tokens, sum(totals), cached)))
+                yield sse(
+                    self.event(gen, [], usage=usage(gen.prompt_tokens, sum(totals), cached, from_redis))
+                )
             yield b"data: [DONE]\n\n"
             self.metrics.requests.labels(self.endpoint, "200").inc()
         except APIError as e:
@@ -319,7 +324,7 @@ class OpenAIServing:
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[list[pdserve_pb2.TokenLogprob]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
-        total, cached = 0, 0
+        total, cached, from_redis = 0, 0, 0
         async with aclosing(self.choice_chunks(gen)) as chunks:
             async for i, chunk in chunks:
                 texts[i].append(chunk.text)
@@ -328,6 +333,7 @@ class OpenAIServing:
                 if chunk.finished:
                     finish[i] = chunk.finish_reason
                     cached = max(cached, chunk.usage.cached_tokens)
+                    from_redis = max(from_redis, chunk.usage.context_cached_tokens)
         choices = []
         for i in range(n):
             reasoning, content = gen.split("".join(texts[i]), ReasoningSplitter(bool(gen.in_reasoning)), True)
@@ -343,7 +349,7 @@ class OpenAIServing:
         return JSONResponse(
             {"id": self.response_id(gen), "object": self.object_kind, "created": gen.created,
              "model": self.config.model_name, "choices": choices,
-             "usage": usage(gen.prompt_tokens, total, cached)},
+             "usage": usage(gen.prompt_tokens, total, cached, from_redis)},
             headers={"X-Request-Id": gen.request_id},
         )  # fmt: skip
 

@@ -180,6 +180,17 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_context_cache(args: argparse.Namespace) -> int:
+    from pdserve.bench.context_cache_bench import ContextCacheBenchArgs, run_context_cache_bench
+
+    bench_args = ContextCacheBenchArgs(
+        model=args.model, load_format=args.load_format, prefix_tokens=args.prefix_tokens,
+        threads=args.threads, redis_url=args.redis_url, repeats=args.repeats,
+    )  # fmt: skip
+    run_context_cache_bench(bench_args, _bench_output(args, "context-cache"))
+    return 0
+
+
 def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     import torch
 
@@ -232,7 +243,11 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         seed=args.seed,
         prefix_words=args.prefix_words,
+        num_prefixes=args.num_prefixes,
         compare_layouts=args.compare_layouts,
+        compare_context_cache=args.compare_context_cache,
+        context_cache_url=args.context_cache_url,
+        kv_cache_blocks=args.kv_cache_blocks,
         model=args.model,
         overhead_probes=args.overhead_probes,
     )
@@ -435,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_bench_engine,
         _add_bench_kv_transfer,
+        _add_bench_context_cache,
         _add_bench_router,
         _add_bench_serve,
         _add_bench_planner,
@@ -566,6 +582,22 @@ def _add_bench_engine(bench_sub) -> None:
     eng.set_defaults(func=_cmd_bench_engine)
 
 
+def _add_bench_context_cache(bench_sub) -> None:
+    cc = bench_sub.add_parser(
+        "context-cache", help="a long prefix's KV loaded from Redis beside recomputing it and a local copy"
+    )
+    cc.add_argument("--model", default="ernie-4.5-0.3b", help="the engine's model")
+    cc.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="dummy")
+    cc.add_argument("--prefix-tokens", type=_int_at_least("--prefix-tokens", 16), default=2048)
+    cc.add_argument("--threads", type=_int_at_least("--threads", 1), default=2, help="the engine's threads")
+    cc.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="the Redis holding the blocks")
+    cc.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=3, help="rounds (new prompts)")
+    cc.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default bench-results/context-cache-*.json)"
+    )
+    cc.set_defaults(func=_cmd_bench_context_cache)
+
+
 def _add_bench_kv_transfer(bench_sub) -> None:
     kv = bench_sub.add_parser(
         "kv-transfer", help="KV block transfer between two processes beside a local copy"
@@ -633,7 +665,7 @@ def _add_bench_serve(bench_sub) -> None:
     sb.add_argument("--concurrency", type=_int_list("--concurrency"), default=[1, 4, 16])
     sb.add_argument(
         "--workload",
-        choices=["chat", "shared-prefix", "shifting"],
+        choices=["chat", "shared-prefix", "long-document", "shifting"],
         default="chat",
         help="shifting: prefill-heavy, decode-heavy, then mixed load against static splits of 4 workers "
         "and the role planner (needs --model; starts its own clusters)",
@@ -644,7 +676,31 @@ def _add_bench_serve(bench_sub) -> None:
     sb.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT at most this")
     sb.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     sb.add_argument("--seed", type=int, default=0, help="prompt set seed")
-    sb.add_argument("--prefix-words", type=int, default=300, help="shared-prefix: system prompt words")
+    sb.add_argument(
+        "--prefix-words",
+        type=int,
+        default=300,
+        help="shared-prefix: system prompt words; long-document: words",
+    )
+    sb.add_argument(
+        "--num-prefixes",
+        type=int,
+        default=1,
+        help="shared-prefix/long-document: distinct prefixes to pick from",
+    )
+    sb.add_argument(
+        "--compare-context-cache",
+        action="store_true",
+        help="start 1 prefill + 1 decode twice, the Redis context cache off and on; run the workload on each",
+    )
+    sb.add_argument(
+        "--context-cache-url",
+        default="redis://127.0.0.1:6379/15",
+        help="--compare-context-cache: the Redis for the blocks (its pdserve:ctx:* keys are deleted first)",
+    )
+    sb.add_argument(
+        "--kv-cache-blocks", type=int, default=None, help="KV blocks per worker of the clusters it starts"
+    )
     sb.add_argument(
         "--compare-layouts",
         action="store_true",

@@ -348,4 +348,19 @@ def status(state_dir: Path, name: str | None = None, api_key: str | None = None)
         lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
                      f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10} "
                      f"{w.rss_bytes / 2**20:>8.0f} {w.open_fds:>5} {w.threads:>7}")  # fmt: skip
-    return "\n".join(lines + _planner_lines(planner_state))
+    return "\n".join(lines + _context_cache_lines(cs) + _planner_lines(planner_state))
+
+
+def _context_cache_lines(cs) -> list[str]:
+    """The Redis context cache's line: where it is, and what the workers loaded and wrote."""
+    if not cs.context_cache:
+        return ["context cache: off"]
+    down = [w.worker_id for w in cs.workers if w.alive and not w.context_cache_available]
+    loaded = sum(w.context_cache_hit_tokens for w in cs.workers)
+    read = sum(w.context_cache_bytes_read for w in cs.workers) / 2**20
+    written = sum(w.context_cache_bytes_written for w in cs.workers) / 2**20
+    state = f"UNAVAILABLE to {', '.join(down)}" if down else "available"
+    return [
+        f"context cache: {cs.context_cache}, {state}; {loaded} prompt tokens loaded, "
+        f"{read:.1f} MiB read, {written:.1f} MiB written"
+    ]

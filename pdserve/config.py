@@ -40,6 +40,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pdserve.cluster.planner import RolePlannerConfig
+from pdserve.engine.context_cache_config import ContextCacheConfig
 from pdserve.gateway.config import GatewayConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.policies import POLICIES
@@ -206,6 +207,14 @@ class ClusterConfig(BaseModel):
         description="the planner that moves workers between prefill and decode by load; keys "
         + ", ".join(f.name for f in dataclasses.fields(RolePlannerConfig))
         + ', e.g. {"ttft_target_ms": 800}; keys left out keep their defaults',
+    )
+
+    context_cache: _settings_group(ContextCacheConfig) = Field(  # type: ignore[valid-type]
+        default_factory=ContextCacheConfig,
+        description="KV blocks of reused prefixes kept in Redis, so any worker loads a prefix another computed; "
+        "keys "
+        + ", ".join(f.name for f in dataclasses.fields(ContextCacheConfig))
+        + ', e.g. {"redis_url": "redis://127.0.0.1:6379", "max_bytes": 4294967296}; off without redis_url',
     )
 
     @field_validator("redis_url")

@@ -53,7 +53,7 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
         device=c.device, seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
         num_threads=c.threads or 1,  # several workers share the machine's cores
         cpu_gemm=c.cpu_gemm,
-        speculative_config=c.speculative_config,
+        speculative_config=c.speculative_config, context_cache=c.context_cache,
     )  # fmt: skip
 
 
@@ -227,7 +227,10 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     if not source.has_tokenizer:
         raise LaunchError(f"model {source.name!r} has no tokenizer files; the HTTP gateway needs one")
     if config.redis_url:
-        _check_redis(config.redis_url)
+        _check_redis(config.redis_url, "--redis-url")
+    if config.context_cache.redis_url:
+        # Workers would go on without it (recomputing), but a wrong URL at start is a mistake to say.
+        _check_redis(config.context_cache.redis_url, "context_cache.redis_url")
     try:
         try:
             if config.address:
@@ -434,10 +437,10 @@ def _phases_line(phases: dict[str, str]) -> str:
     return ", ".join(f"{' '.join(ids)} {phase}" for phase, ids in by_phase.items()) or "connecting"
 
 
-def _check_redis(url: str) -> None:
+def _check_redis(url: str, setting: str) -> None:
     import redis
 
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except Exception as e:
-        raise LaunchError(f"Redis at {url} is unreachable ({e}); start it or drop --redis-url") from e
+        raise LaunchError(f"Redis at {url} is unreachable ({e}); start it or drop {setting}") from e

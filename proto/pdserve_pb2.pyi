@@ -98,14 +98,16 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "context_cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    context_cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., context_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finished", "finish_reason", "stop_reason", "usage")
@@ -144,7 +146,7 @@ class ClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker_id", "role", "alive", "num_waiting", "num_running", "kv_blocks_total", "kv_blocks_free", "waiting_prefill_tokens", "last_step_seconds", "restarts", "spec_acceptance_rate", "spec_mean_accepted_length", "rss_bytes", "open_fds", "threads", "pid")
+    __slots__ = ("worker_id", "role", "alive", "num_waiting", "num_running", "kv_blocks_total", "kv_blocks_free", "waiting_prefill_tokens", "last_step_seconds", "restarts", "spec_acceptance_rate", "spec_mean_accepted_length", "rss_bytes", "open_fds", "threads", "pid", "context_cache_hit_tokens", "context_cache_bytes_read", "context_cache_bytes_written", "context_cache_available")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,10 @@ class WorkerState(_message.Message):
     OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     alive: bool
@@ -177,10 +183,14 @@ class WorkerState(_message.Message):
     open_fds: int
     threads: int
     pid: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    context_cache_hit_tokens: int
+    context_cache_bytes_read: int
+    context_cache_bytes_written: int
+    context_cache_available: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ..., pid: _Optional[int] = ..., context_cache_hit_tokens: _Optional[int] = ..., context_cache_bytes_read: _Optional[int] = ..., context_cache_bytes_written: _Optional[int] = ..., context_cache_available: _Optional[bool] = ...) -> None: ...
 
 class ClusterStateResponse(_message.Message):
-    __slots__ = ("model", "policy", "workers", "index_entries", "index_backend", "index_available", "requests_in_flight")
+    __slots__ = ("model", "policy", "workers", "index_entries", "index_backend", "index_available", "requests_in_flight", "context_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +198,7 @@ class ClusterStateResponse(_message.Message):
     INDEX_BACKEND_FIELD_NUMBER: _ClassVar[int]
     INDEX_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     policy: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
@@ -195,7 +206,8 @@ class ClusterStateResponse(_message.Message):
     index_backend: str
     index_available: bool
     requests_in_flight: int
-    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., index_entries: _Optional[int] = ..., index_backend: _Optional[str] = ..., index_available: _Optional[bool] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
+    context_cache: str
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., index_entries: _Optional[int] = ..., index_backend: _Optional[str] = ..., index_available: _Optional[bool] = ..., requests_in_flight: _Optional[int] = ..., context_cache: _Optional[str] = ...) -> None: ...
 
 class MetricsRequest(_message.Message):
     __slots__ = ()

@@ -28,6 +28,7 @@ class TokenChunk:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] | None = None
+    num_context_cached_tokens: int = 0  # of num_cached_tokens, those loaded from the Redis context cache
     # Set on the last chunk a worker sends for a request it hands to another worker (live
     # migration): no tokens, and the state the next worker continues from (its KV follows).
     moved: Handoff | None = None
@@ -44,6 +45,7 @@ class TokenChunk:
             num_prompt_tokens=delta.num_prompt_tokens,
             num_cached_tokens=delta.num_cached_tokens,
             logprobs=delta.new_logprobs,
+            num_context_cached_tokens=delta.num_context_cached_tokens,
         )
 
 
@@ -63,6 +65,7 @@ class Handoff:
     generator_state: object | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     mtp_hidden: object | None = None  # torch.Tensor [H] when the engines speculate with MTP
+    num_context_cached_tokens: int = 0
 
     @classmethod
     def of(cls, payload: object) -> Handoff:
@@ -133,6 +136,12 @@ class WorkerLoad:
         queried = self.prefix_cache_queried_tokens
         return self.prefix_cache_hit_tokens / queried if queried else None
 
+    # The Redis context cache since start (0, and available, when it is off).
+    context_cache_hit_tokens: int = 0
+    context_cache_bytes_read: int = 0
+    context_cache_bytes_written: int = 0
+    context_cache_available: bool = True
+
     @classmethod
     def from_stats(
         cls,
@@ -148,6 +157,7 @@ class WorkerLoad:
         kv_sent_bytes: dict[str, int] | None = None,
     ) -> WorkerLoad:
         """The report of a worker whose engine gave `stats`; the rest is the worker's own state."""
+        cc = stats.context_cache
         return cls(
             worker_id=worker_id,
             role=role,
@@ -174,4 +184,8 @@ class WorkerLoad:
             prefix_cache_queried_tokens=stats.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
             kv_sent_bytes=dict(kv_sent_bytes or {}),
+            context_cache_hit_tokens=stats.context_cache_hit_tokens,
+            context_cache_bytes_read=cc.bytes_read if cc else 0,
+            context_cache_bytes_written=cc.bytes_written if cc else 0,
+            context_cache_available=cc.available if cc else True,
         )

@@ -13,6 +13,18 @@ from pdserve.roles.process_usage import ProcessUsage
 
 # Transfers span ~1 ms (one block, same host) to seconds (long prompts, slow links).
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The context cache's counters (ContextCacheStats field -> metric name suffix and help).
+CONTEXT_CACHE_COUNTERS = {
+    "hit_blocks": "KV blocks found in Redis and loaded into the pool",
+    "miss_blocks": "KV blocks asked of Redis and not found",
+    "bytes_read": "KV bytes loaded from Redis",
+    "bytes_written": "KV bytes written to Redis",
+    "blocks_written": "KV blocks written to Redis",
+    "evictions": "KV blocks the memory budget dropped from Redis",
+    "rejected": "Values refused (another model's, truncated, corrupt) and deleted",
+    "write_drops": "KV blocks not written (queue full or Redis down)",
+    "errors": "Redis calls of the context cache that failed",
+}
 
 
 class WorkerMetrics:
@@ -134,6 +146,30 @@ class WorkerMetrics:
         self.threads = Gauge(
             "pdserve_worker_threads", "Threads of the worker process", ["worker"], registry=r
         )
+        self.context_cache = {
+            name: Counter(f"pdserve_context_cache_{name}", text, ["worker"], registry=r)
+            for name, text in CONTEXT_CACHE_COUNTERS.items()
+        }
+        self._context_cache_seen: dict[str, int] = {}
+        self.context_cache_fetch_seconds = Histogram(
+            "pdserve_context_cache_fetch_seconds",
+            "One lookup of a prompt's blocks in Redis (one round trip, the values included)",
+            ["worker"],
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.context_cache_available = Gauge(
+            "pdserve_context_cache_available",
+            "1 while Redis answers the context cache",
+            ["worker"],
+            registry=r,
+        )
+        self.context_cache_hit_tokens = Gauge(
+            "pdserve_context_cache_hit_tokens",
+            "Prompt tokens loaded from the Redis context cache (part of the prefix cache's hits)",
+            ["worker"],
+            registry=r,
+        )
         self.kv_channels_open = Gauge(
             "pdserve_kv_channels_open",
             "KV transfer channels with a communicator (sockets, a thread) on this worker",
@@ -167,6 +203,20 @@ class WorkerMetrics:
         self._spec_seen = now
         self.spec_acceptance_rate.labels(w).set(stats.spec_acceptance_rate)
         self.spec_mean_accepted_length.labels(w).set(stats.spec_mean_accepted_length)
+        if stats.context_cache is not None:
+            self._context_cache_stats(stats)
+
+    def _context_cache_stats(self, stats: EngineStats) -> None:
+        w, cc = self.worker_id, stats.context_cache
+        assert cc is not None
+        for name, counter in self.context_cache.items():
+            now = getattr(cc, name)
+            counter.labels(w).inc(max(0, now - self._context_cache_seen.get(name, 0)))
+            self._context_cache_seen[name] = now
+        for seconds in cc.fetch_seconds:  # each latency comes in one snapshot only
+            self.context_cache_fetch_seconds.labels(w).observe(seconds)
+        self.context_cache_available.labels(w).set(1 if cc.available else 0)
+        self.context_cache_hit_tokens.labels(w).set(stats.context_cache_hit_tokens)
 
     def kv_channels(self, open_channels: int) -> None:
         self.kv_channels_open.labels(self.worker_id).set(open_channels)

@@ -24,6 +24,11 @@ class RouterMetrics:
         self.index_hit_tokens = Counter(
             "pdserve_prefix_index_hit_tokens", "Prompt tokens the chosen worker already held", registry=r
         )
+        self.context_cache_hit_tokens = Counter(
+            "pdserve_router_context_cache_hit_tokens",
+            "Prompt tokens beyond the chosen worker's own prefix found in the Redis context cache",
+            registry=r,
+        )
         self.index_blocks = Gauge(
             "pdserve_prefix_index_blocks", "(worker, block) entries in the index", registry=r
         )

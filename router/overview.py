@@ -14,7 +14,9 @@ from pdserve.router.timeline import Timeline, TimelineSample
 
 def worker_state(worker_id: str, role: str, alive: bool, restarts: int, load: WorkerLoad | None):
     """A worker and its last load report (zeros without one) as `WorkerState`."""
-    msg = pdserve_pb2.WorkerState(worker_id=worker_id, role=role, alive=alive, restarts=restarts)
+    msg = pdserve_pb2.WorkerState(
+        worker_id=worker_id, role=role, alive=alive, restarts=restarts, context_cache_available=True
+    )
     if load is not None:
         msg.MergeFrom(
             pdserve_pb2.WorkerState(
@@ -24,8 +26,12 @@ def worker_state(worker_id: str, role: str, alive: bool, restarts: int, load: Wo
                 spec_acceptance_rate=load.spec_acceptance_rate,
                 spec_mean_accepted_length=load.spec_mean_accepted_length,
                 rss_bytes=load.rss_bytes, open_fds=load.open_fds, threads=load.threads, pid=load.pid,
+                context_cache_hit_tokens=load.context_cache_hit_tokens,
+                context_cache_bytes_read=load.context_cache_bytes_read,
+                context_cache_bytes_written=load.context_cache_bytes_written,
             )
         )  # fmt: skip
+        msg.context_cache_available = load.context_cache_available  # a false would not merge
     return msg
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from pdserve.engine.block_hash import hash_blocks
 from pdserve.roles.handoff import WorkerRef
 from pdserve.router.cluster_view import ClusterView
+from pdserve.router.context_cache_view import ContextCacheView
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Candidate, PrefillPolicy, choose_decode
 from pdserve.router.prefix_index import IndexUnavailable
@@ -135,8 +136,11 @@ class RouterPlacement:
         block_size: int,
         metrics: RouterMetrics,
         local_prefill_tokens: int = 0,
+        context_cache: ContextCacheView | None = None,
     ) -> None:
+        """`context_cache`: where the served model's engines keep prefixes' KV, when they do."""
         self.view = view
+        self.context_cache = context_cache
         self.policy = policy
         self.block_size = block_size
         self.metrics = metrics
@@ -160,34 +164,34 @@ class RouterPlacement:
         boths = prefer_not(avoid, [w for w in workers if w.role == "both"])
         short = len(prompt_token_ids) < self.block_size
         if prefills and decodes and not (short and boths):
-            cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in prefills + decodes])
+            hashes = self._hashes(prompt_token_ids)
+            cached = await self._cached_blocks(hashes, [w.worker_id for w in prefills + decodes])
+            in_redis = await self._context_blocks(hashes, len(prompt_token_ids))
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes]
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
                 decode_candidates, key=lambda c: c.load.kv_blocks_free
             )
             decode_w = _info(decodes, decode.worker_id)
-            local_hit = min(cached.get(decode_w.worker_id, 0) * self.block_size, len(prompt_token_ids))
-            if len(prompt_token_ids) - local_hit <= self.local_prefill_tokens:
-                self.metrics.local_prefills.inc()
-                self._observe(start, local_hit)
-                return Route(
-                    None,
-                    decode_w.ref(),
-                    [self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size))],
-                )
-            prefill_w, hit_tokens = await self._choose_cached(prefills, prompt_token_ids, group, cached)
+            local_route = self._local_prefill(decode_w, len(prompt_token_ids), cached, in_redis, start)
+            if local_route is not None:
+                return local_route
+            prefill_w, local, loaded = self._choose_cached(
+                prefills, len(prompt_token_ids), group, cached, in_redis
+            )
             charges = [
-                self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - hit_tokens),
+                self.placed.charge(prefill_w, prefill_tokens=len(prompt_token_ids) - local - loaded),
                 self.placed.charge(decode_w, blocks=-(-(len(prompt_token_ids) + 1) // self.block_size)),
             ]
-            self._observe(start, hit_tokens)
+            self._observe(start, local)
             return Route(prefill_w.ref(), decode_w.ref(), charges)
         if boths:
-            cached = await self._cached_blocks(prompt_token_ids, [w.worker_id for w in boths])
-            both_w, hit_tokens = await self._choose_cached(boths, prompt_token_ids, group, cached)
-            charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - hit_tokens)]
-            self._observe(start, hit_tokens)
+            hashes = self._hashes(prompt_token_ids)
+            cached = await self._cached_blocks(hashes, [w.worker_id for w in boths])
+            in_redis = await self._context_blocks(hashes, len(prompt_token_ids))
+            both_w, local, loaded = self._choose_cached(boths, len(prompt_token_ids), group, cached, in_redis)
+            charges = [self.placed.charge(both_w, prefill_tokens=len(prompt_token_ids) - local - loaded)]
+            self._observe(start, local)
             return Route(None, both_w.ref(), charges)
         raise NoWorkerError("no live prefill+decode pair and no 'both' worker")
 
@@ -213,33 +217,68 @@ class RouterPlacement:
             self.placed.settle(charge)
         route.charges = None  # settle once, however many chunks follow
 
-    async def _choose_cached(
-        self, workers: list[WorkerInfo], prompt: list[int], group: str | None, cached: dict[str, int]
-    ) -> tuple[WorkerInfo, int]:
-        """The worker that computes the prompt, and its cached prompt tokens (`cached`: blocks
-        held per worker): the group's worker if it is among `workers`, else the policy's pick."""
+    def _local_prefill(
+        self, decode_w: WorkerInfo, num_tokens: int, cached: dict[str, int], in_redis: int, start: float
+    ) -> Route | None:
+        """The route that has `decode_w` compute the prompt itself, when at most
+        `local_prefill_tokens` of it are neither in its prefix cache nor in the context cache."""
+        held = min(max(cached.get(decode_w.worker_id, 0), in_redis) * self.block_size, num_tokens)
+        if num_tokens - held > self.local_prefill_tokens:
+            return None
+        self.metrics.local_prefills.inc()
+        self._observe(start, min(cached.get(decode_w.worker_id, 0) * self.block_size, num_tokens))
+        return Route(
+            None,
+            decode_w.ref(),
+            [self.placed.charge(decode_w, blocks=-(-(num_tokens + 1) // self.block_size))],
+        )
+
+    def _choose_cached(
+        self,
+        workers: list[WorkerInfo],
+        num_tokens: int,
+        group: str | None,
+        cached: dict[str, int],
+        in_redis: int,
+    ) -> tuple[WorkerInfo, int, int]:
+        """The worker that computes the prompt, its own cached prompt tokens and the context
+        cache's beyond them (it loads those): the group's worker if it is among `workers`, else
+        the policy's pick. `cached`: blocks each worker holds; `in_redis`: leading blocks in the
+        context cache."""
         now = time.monotonic()
         chosen_id = self.groups.worker_of(group, now)
         if chosen_id not in {w.worker_id for w in workers}:
             candidates = [
-                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0)) for w in workers
+                Candidate(w.worker_id, self.placed.adjusted(w), cached.get(w.worker_id, 0), in_redis)
+                for w in workers
             ]
-            chosen_id = self.policy.choose(candidates, len(prompt)).worker_id
+            chosen_id = self.policy.choose(candidates, num_tokens).worker_id
         self.groups.remember(group, chosen_id, now)
-        hit_tokens = min(cached.get(chosen_id, 0) * self.block_size, len(prompt))
-        return _info(workers, chosen_id), hit_tokens
+        local = min(cached.get(chosen_id, 0) * self.block_size, num_tokens)
+        loaded = max(0, min(in_redis * self.block_size, num_tokens) - local)
+        self.metrics.context_cache_hit_tokens.inc(loaded)
+        return _info(workers, chosen_id), local, loaded
 
     def _observe(self, start: float, hit_tokens: int) -> None:
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
         self.metrics.index_hit_tokens.inc(hit_tokens)
 
-    async def _cached_blocks(self, prompt: list[int], worker_ids: list[str]) -> dict[str, int]:
-        if not self.view.index_available or len(prompt) < self.block_size:
+    def _hashes(self, prompt: list[int]) -> list[int]:
+        return hash_blocks(prompt, self.block_size) if len(prompt) >= self.block_size else []
+
+    async def _cached_blocks(self, hashes: list[int], worker_ids: list[str]) -> dict[str, int]:
+        if not self.view.index_available or not hashes:
             return {}
         try:
-            return await self.view.index.longest_prefix(hash_blocks(prompt, self.block_size), worker_ids)
+            return await self.view.index.longest_prefix(hashes, worker_ids)
         except IndexUnavailable:
             return {}  # the view notices and logs it on its next round
+
+    async def _context_blocks(self, hashes: list[int], prompt_tokens: int) -> int:
+        """Leading prompt blocks in the context cache (an engine loads at most those before the last token)."""
+        if self.context_cache is None or not hashes:
+            return 0
+        return await self.context_cache.leading_blocks(hashes[: (prompt_tokens - 1) // self.block_size])
 
 
 def _info(workers: list, worker_id: str):

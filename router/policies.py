@@ -8,8 +8,15 @@ the caller (`pdserve.router.placement`) gathers loads and the index lookup.
 request's first token, in tokens::
 
     cost(w) = queued_prefill_tokens(w)
-              + prompt_tokens - OVERLAP_WEIGHT * min(cached_blocks(w) * block_size, prompt_tokens)
+              + prompt_tokens - OVERLAP_WEIGHT * local(w)
+              - CONTEXT_CACHE_WEIGHT * max(0, in_redis - local(w))
               + RUNNING_COST_BLOCKS * block_size * num_running(w)
+    local(w) = min(cached_blocks(w) * block_size, prompt_tokens)
+    in_redis = min(context_blocks * block_size, prompt_tokens)
+
+where `context_blocks` are the leading blocks of the prompt in the Redis context cache, which any
+worker loads instead of computing: a token there saves CONTEXT_CACHE_WEIGHT of a token's prefill
+(loading costs the rest), so a worker's own copy still counts more, by (1 - weight) a token.
 
 lowest cost wins; ties go to the larger cached prefix, then fewer running, then worker id. When no
 candidate holds any block of the prompt it is exactly `least_load`. Between a worker A holding a
@@ -56,6 +63,10 @@ from dataclasses import dataclass
 from pdserve.roles.messages import WorkerLoad
 
 OVERLAP_WEIGHT = 1.0
+# A token loaded from the context cache instead of computed saves most of its prefill: loading a
+# prefix took 1/92 (ERNIE-4.5-0.3B shape, 2k tokens) and 1/23 (demo, 1.5k) of computing it
+# (`pdserve bench context-cache`, DECISIONS 2026-12-05); 0.95 keeps the cheaper model's ratio.
+CONTEXT_CACHE_WEIGHT = 0.95
 RUNNING_COST_BLOCKS = 1.0
 # A decode worker left with less than this share of its KV blocks free after admitting a request
 # is likely to preempt running sequences as they grow (each grows one block every block_size
@@ -70,6 +81,7 @@ class Candidate:
     worker_id: str
     load: WorkerLoad
     cached_blocks: int = 0  # leading prompt blocks this worker already holds (from the index)
+    context_blocks: int = 0  # leading prompt blocks in the Redis context cache (any worker loads them)
 
 
 class PrefillPolicy(abc.ABC):
@@ -153,10 +165,12 @@ class CacheAware(PrefillPolicy):
         """Estimated prefill tokens this worker computes before the request's first token."""
         bs = c.load.block_size
         saved = min(c.cached_blocks * bs, prompt_tokens)
+        loaded = max(0, min(c.context_blocks * bs, prompt_tokens) - saved)
         return (
             c.load.waiting_prefill_tokens
             + prompt_tokens
             - OVERLAP_WEIGHT * saved
+            - CONTEXT_CACHE_WEIGHT * loaded
             + RUNNING_COST_BLOCKS * bs * c.load.num_running
         )
 

@@ -106,6 +106,7 @@ class RequestRunner:
         emitted: list[int] = []
         avoid: set[str] = set()
         cached: int | None = None
+        from_redis = 0  # of `cached`, from the context cache (both as the first attempt saw them)
         attempt = failures = redirects = 0
         while failures <= self.config.max_migrations:
             prompt = prompt_token_ids + emitted
@@ -118,12 +119,14 @@ class RequestRunner:
                 async for chunk in stream:
                     self.placement.settled(route)
                     emitted += chunk.token_ids
-                    cached = chunk.num_cached_tokens if cached is None else cached
+                    if cached is None:
+                        cached, from_redis = chunk.num_cached_tokens, chunk.num_context_cached_tokens
                     yield replace(
                         chunk,
                         request_id=request_id,
                         num_prompt_tokens=len(prompt_token_ids),
                         num_cached_tokens=cached,
+                        num_context_cached_tokens=from_redis,
                     )
                     if chunk.finished:
                         return

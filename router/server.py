@@ -33,6 +33,7 @@ from pdserve.roles.messages import TokenChunk
 from pdserve.router.auth import KeyCheck, caller, same_caller
 from pdserve.router.cluster_view import ClusterView
 from pdserve.router.config import RouterConfig
+from pdserve.router.context_cache_view import ContextCacheView, make_context_cache_view
 from pdserve.router.metrics import RouterMetrics, merge_expositions
 from pdserve.router.overview import overview_response, worker_state
 from pdserve.router.placement import NoWorkerError, RouterPlacement
@@ -137,8 +138,10 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         config: RouterConfig,
         served: ServedModel,
         slo: SLO | None = None,
+        context_cache: ContextCacheView | None = None,
     ) -> None:
         self.runner = runner
+        self.context_cache = context_cache  # shown in ClusterState
         self.view = view
         self.metrics = metrics
         self.config = config
@@ -221,7 +224,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         task = asyncio.get_running_loop().create_task(pump())
         self._in_flight[rid], self._owners[rid] = task, caller(context)
         self.metrics.in_flight.set(len(self._in_flight))
-        emitted, cached, outcome = 0, 0, "error"
+        emitted, cached, from_redis, outcome = 0, 0, 0, "error"
         started = last = time.monotonic()
         ttft: float | None = None
         try:
@@ -245,7 +248,8 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                     outcome = "aborted"
                     yield pdserve_pb2.GenerateChunk(
                         request_id=rid, finished=True, finish_reason="abort",
-                        usage=pdserve_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=emitted, cached_tokens=cached),
+                        usage=pdserve_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=emitted, cached_tokens=cached,
+                                                context_cached_tokens=from_redis),
                     )  # fmt: skip
                     return
                 if isinstance(item, Exception):
@@ -261,11 +265,14 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
                     last = now
                     self.timeline.emitted(len(item.token_ids))
                 emitted += len(item.token_ids)
-                cached = item.num_cached_tokens
+                cached, from_redis = item.num_cached_tokens, item.num_context_cached_tokens
                 if item.finished:
                     msg.usage.CopyFrom(
                         pdserve_pb2.Usage(
-                            prompt_tokens=len(prompt), completion_tokens=emitted, cached_tokens=cached
+                            prompt_tokens=len(prompt),
+                            completion_tokens=emitted,
+                            cached_tokens=cached,
+                            context_cached_tokens=from_redis,
                         )
                     )
                 yield msg
@@ -326,6 +333,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             index_backend="redis" if self.config.redis_url else "in-process",
             index_available=self.view.index_available,
             requests_in_flight=len(self._in_flight),
+            context_cache=self.context_cache.where if self.context_cache is not None else "",
         )
 
     async def Metrics(self, request, context):
@@ -507,6 +515,8 @@ class Router:
             with contextlib.suppress(IndexUnavailable):  # a gone Redis lets the keys expire instead
                 await self.view.index.clear()
         await self.view.index.close()
+        if self.service.context_cache is not None:
+            await self.service.context_cache.close()
 
 
 async def _keep_index_alive(index: PrefixIndex, interval_s: float) -> None:
@@ -536,12 +546,18 @@ async def start_router(controller, config: RouterConfig) -> Router:
     index = make_prefix_index(served.name, config.redis_url, config.cluster, config.index_ttl_s)
     view = ClusterView(controller, index, config.view_interval_s)
     await view.start()
+    context_cache = make_context_cache_view(served.context_cache_url, served.context_cache_namespace)
     placement = RouterPlacement(
-        view, make_policy(config.policy), served.block_size, metrics, config.local_prefill_tokens
+        view,
+        make_policy(config.policy),
+        served.block_size,
+        metrics,
+        config.local_prefill_tokens,
+        context_cache,
     )
     runner = RequestRunner(placement, config.runner, metrics)
     slo = SLO(ttft_ms=config.slo_ttft_ms, itl_ms=config.slo_itl_ms)
-    service = RouterService(runner, view, metrics, config, served, slo)
+    service = RouterService(runner, view, metrics, config, served, slo, context_cache)
     view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner
 
     server = grpc.aio.server(

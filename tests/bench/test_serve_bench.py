@@ -75,6 +75,22 @@ def test_prompt_sets_are_seeded_and_shared_prefix_shares_its_system_prompt():
     assert len(system_prompt(50, 3).split()) > 50 and system_prompt(50, 3) != system_prompt(50, 4)
 
 
+def test_several_prefixes_and_long_documents_are_shared_across_levels():
+    levels = [
+        make_prompts("shared-prefix", 30, seed=3, prefix_words=50, batch=b, num_prefixes=3) for b in (0, 1)
+    ]
+    systems = [{p[0]["content"] for p in level} for level in levels]
+    assert len(systems[0]) == 3 and systems[0] == systems[1]  # the same 3 prompts behind every level
+    docs = make_prompts("long-document", 30, seed=3, prefix_words=200, num_prefixes=2)
+    heads = {p[0]["content"].split("\n\n")[0] for p in docs}
+    assert len(heads) == 2 and all(len(h.split()) > 200 for h in heads)
+    assert len({p[0]["content"] for p in docs}) > 10  # the questions differ
+    # One prefix: the shared-prefix questions are those of before (recorded numbers stay comparable).
+    assert make_prompts("shared-prefix", 5, seed=3, prefix_words=50) == make_prompts(
+        "shared-prefix", 5, seed=3, prefix_words=50, num_prefixes=1
+    )
+
+
 def test_distribution_percentiles_in_ms():
     d = distribution([0.004, 0.001, 0.003, 0.002])
     assert d == {"mean": 2.5, "p50": 2.5, "p90": 3.7, "p99": 3.97}
@@ -86,6 +102,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
         ServeBenchArgs(concurrency=(0,))
     assert main(["bench", "serve", "--compare-layouts"]) == 2
     assert "--model" in capsys.readouterr().err
+    assert main(["bench", "serve", "--compare-context-cache", "--compare-layouts", "--model", "demo"]) == 2
+    assert "choose one of" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num-prefixes"):
+        ServeBenchArgs(num_prefixes=0)
     argv = ["bench", "serve", "--url", "http://127.0.0.1:1", "--output", str(tmp_path / "x.json")]
     assert main(argv) == 1
     assert "no gateway answers at http://127.0.0.1:1" in capsys.readouterr().err

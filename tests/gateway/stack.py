@@ -80,16 +80,18 @@ def served(app: Any, config: GatewayConfig | None = None) -> Iterator[str]:
 @contextmanager
 def gateway_stack(
     ray, checkpoint: Path | str, *, name: str, blocks: int = 128, prefill: int = 1, decode: int = 1,
-    both: int = 0, template: str | None = TEMPLATE, **gateway: Any,
+    both: int = 0, template: str | None = TEMPLATE, engine_args: dict[str, Any] | None = None,
+    **gateway: Any,
 ) -> Iterator[GatewayStack]:  # fmt: skip
     """Starts workers on `checkpoint`, a router and a gateway (model id "tiny"); stops them after.
 
-    `template`: the gateway's chat template (None: the model's own). `gateway`: `GatewayConfig`
-    fields to change (max_model_len defaults to the engines' own, as under `pdserve up`).
+    `template`: the gateway's chat template (None: the model's own). `engine_args`: more
+    `EngineConfig` fields for every worker. `gateway`: `GatewayConfig` fields to change
+    (max_model_len defaults to the engines' own, as under `pdserve up`).
     """
     engine = EngineConfig(
         model=str(checkpoint), dtype="float32", block_size=BLOCK_SIZE, num_threads=1, progress=False,
-        kv_cache_blocks=blocks,
+        kv_cache_blocks=blocks, **(engine_args or {}),
     )  # fmt: skip
     controller = start_controller(
         ControllerConfig(engine, prefill=prefill, decode=decode, both=both), name=name

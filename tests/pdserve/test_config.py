@@ -50,6 +50,7 @@ SAMPLES: dict[str, Any] = {
     "state_dir": Path("/var/run/pdserve"),
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
     "role_planner": {"enabled": False, "ttft_target_ms": 800, "hysteresis": 2},
+    "context_cache": {"redis_url": "redis://10.0.0.5:6379/1", "max_bytes": 2**30, "min_reuse": 2},
 }
 
 
@@ -132,6 +133,10 @@ def test_dict_settings_from_yaml_mapping_env_json_and_flag_json(tmp_path):
         ({}, {}, "role_planner:\n  cooldown_s: soon\n", "config file {file}: role_planner: cooldown_s must be a number, got 'soon'"),
         ({}, {}, "role_planner: on\n", "config file {file}: role_planner: must be a JSON object (a mapping in YAML) of enabled,"),
         ({"role_planner": "{enabled: true}"}, {}, None, "--role-planner: must be a JSON object"),
+        ({"context_cache": '{"ttl": 5}'}, {}, None, "--context-cache: unknown key 'ttl' (did you mean 'ttl_s'?)"),
+        ({}, {"PDSERVE_CONTEXT_CACHE": '{"redis_url": "localhost:6379"}'}, None,
+         "PDSERVE_CONTEXT_CACHE: redis_url must be a redis://, rediss:// or unix:// URL"),
+        ({}, {}, "context_cache:\n  max_bytes: 0\n", "config file {file}: context_cache: max_bytes must be a positive integer, got 0"),
         ({}, {}, "port: [\n", "config file {file}: not valid YAML at line 2"),
     ],
 )  # fmt: skip
@@ -243,6 +248,19 @@ def test_role_planner_settings_keep_defaults_for_missing_keys_and_reach_the_cont
     up = next(a for a in build_parser()._actions if a.dest == "command").choices["up"]
     flag = next(a for a in up._actions if a.dest == "role_planner")
     assert flag.metavar == "JSON" and '"ttft_target_ms": 500.0' in flag.help  # defaults shown as JSON
+
+
+def test_context_cache_settings_keep_defaults_and_reach_every_engine():
+    from pdserve import launcher
+    from pdserve.engine.context_cache_config import ContextCacheConfig
+
+    assert not load_config({}, {}).context_cache.enabled  # off unless a Redis is named
+    config = load_config(
+        flags_of(["--context-cache", '{"redis_url": "redis://127.0.0.1:6399", "ttl_s": 60}']), {}
+    )
+    engine = launcher.engine_config(config)
+    assert engine.context_cache == ContextCacheConfig(redis_url="redis://127.0.0.1:6399", ttl_s=60)
+    assert launcher.controller_config(config).engine.context_cache == engine.context_cache
 
 
 def test_the_gateway_takes_its_limits_from_the_served_model():

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from pdserve.cluster_state import ClusterStateError, claim, remove_record, running
+from tests.redis_server import spare_port, start_redis, stop_redis
 from tests.router.test_server import free_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
@@ -30,10 +31,13 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
     # Settings from all three sources (pdserve.config): the file's port is used, and the
     # environment's policy beats the file's.
     config = tmp_path / "good.yaml"
+    context_port = spare_port()
+    context_redis = start_redis(context_port)  # the context cache's, so the test can read it alone
     config.write_text(
         f"port: {port}\nkv_cache_blocks: 64\npolicy: round_robin\n"
         # A one-token minimum match: the random model's output soon repeats a token, never maybe a pair.
         "speculative_config: {method: ngram, num_speculative_tokens: 3, prompt_lookup_min: 1}\n"
+        f"context_cache: {{redis_url: 'redis://127.0.0.1:{context_port}', ttl_s: 120}}\n"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_ROUTER_PORT": str(router_port),
            "PDSERVE_POLICY": "cache_aware"}  # fmt: skip
@@ -74,6 +78,8 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
             and "decode-0" in status.stdout
             and "policy cache_aware" in status.stdout
         )
+        assert f"context cache: redis 127.0.0.1:{context_port}, available" in status.stdout
+        assert 'pdserve_context_cache_blocks_written_total{worker="prefill-0"}' in metrics
         header = next(ln for ln in status.stdout.splitlines() if ln.startswith("worker"))
         assert header.split()[-7:] == ["spec", "accept", "tok/verify", "RSS", "MiB", "fds", "threads"]
         # A longer answer gives the decode worker guesses to verify (a random model soon repeats
@@ -107,6 +113,7 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
         if up.poll() is None:
             up.kill()
         log.close()
+        stop_redis(context_redis)
 
 
 def test_clear_errors_and_nothing_left_running(tmp_path):

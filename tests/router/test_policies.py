@@ -9,6 +9,7 @@ import pytest
 from pdserve.bench.router_bench import simulate_shared_prefix
 from pdserve.roles.messages import WorkerLoad
 from pdserve.router.policies import (
+    CONTEXT_CACHE_WEIGHT,
     DEFAULT_POLICY,
     POLICIES,
     CacheAware,
@@ -30,6 +31,7 @@ def cand(
     cached: int = 0,
     total: int = 1000,
     free: int = 1000,
+    in_redis: int = 0,
 ) -> Candidate:
     load = WorkerLoad(
         worker_id=worker_id,
@@ -44,7 +46,7 @@ def cand(
         last_step_seconds=0.01,
         draining=False,
     )
-    return Candidate(worker_id, load, cached)
+    return Candidate(worker_id, load, cached, in_redis)
 
 
 def test_make_policy_knows_every_policy_and_names_them_on_a_typo() -> None:
@@ -174,3 +176,22 @@ def test_cache_aware_hit_rate_on_a_shared_prefix_workload() -> None:
     assert got["cache_aware"].hit_rate >= got["least_load"].hit_rate + 0.15, rates
     # It buys those hits without letting one worker's queue run away, unlike the load-blind oracle.
     assert got["cache_aware"].max_queue <= got["oracle"].max_queue, {p: r.max_queue for p, r in got.items()}
+
+
+def test_blocks_in_the_context_cache_count_for_every_worker_at_less_than_a_local_hit() -> None:
+    policy = CacheAware()
+    prompt = 64 * BS
+    # Only the Redis part beyond a worker's own prefix is loaded (at a cost), so it saves less.
+    redis_only = cand("a", in_redis=48)
+    assert CacheAware.cost(redis_only, prompt) == prompt - CONTEXT_CACHE_WEIGHT * 48 * BS
+    holder = cand("b", cached=48, in_redis=48)
+    assert CacheAware.cost(holder, prompt) == prompt - 48 * BS
+    assert policy.choose([redis_only, holder], prompt).worker_id == "b"
+    # The holder's edge over the others shrinks to what loading costs: a small queue outweighs it,
+    # where without the context cache the whole prefix would (48 blocks of queued tokens).
+    queue = int((1 - CONTEXT_CACHE_WEIGHT) * 48 * BS) + BS
+    busy_holder = cand("b", cached=48, in_redis=48, queued=queue)
+    assert policy.choose([redis_only, busy_holder], prompt).worker_id == "a"
+    assert policy.choose([cand("a"), cand("b", cached=48, queued=queue)], prompt).worker_id == "b"
+    # Past the prompt (or past the local prefix) nothing more is saved.
+    assert CacheAware.cost(cand("c", cached=70, in_redis=90), prompt) == 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +25,7 @@ from pdserve.router.prefix_index import (
     RedisPrefixIndex,
     make_prefix_index,
 )
+from tests.redis_server import spare_port, start_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -232,31 +231,6 @@ async def test_clusters_on_one_redis_are_apart_and_their_keys_expire() -> None:
 # ---------------------------------------------------------------------------- Redis outage
 
 
-def _spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not come up on port {port}")
-
-
 async def _raises_unavailable_fast(call: Callable[[], Awaitable[object]]) -> None:
     start = time.monotonic()
     with pytest.raises(IndexUnavailable):
@@ -266,8 +240,8 @@ async def _raises_unavailable_fast(call: Callable[[], Awaitable[object]]) -> Non
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 async def test_redis_killed_then_restarted() -> None:
-    port = _spare_port()
-    proc = _start_redis(port)
+    port = spare_port()
+    proc = start_redis(port)
     index = RedisPrefixIndex(f"redis://127.0.0.1:{port}", "outage-test")
     try:
         await index.apply("w1", [1, 2], [])
@@ -280,7 +254,7 @@ async def test_redis_killed_then_restarted() -> None:
         await _raises_unavailable_fast(lambda: index.replace_worker("w1", [1]))
         await _raises_unavailable_fast(index.num_entries)
 
-        proc = _start_redis(port)
+        proc = start_redis(port)
         # Back, and empty (no persistence): the router rebuilds it from the workers' snapshots.
         assert await index.longest_prefix([1, 2], ["w1"]) == {"w1": 0}
         assert await index.num_entries() == 0
