@@ -89,13 +89,18 @@ def test_the_overview_shows_every_worker_and_traffic_moves_it(dash):
     assert (
         prefill["prefix_cache_hit_rate"] is not None and prefill["prefix_cache_hit_rate"] > 0
     )  # same prompt 4x
+
     # The flows are the prefill worker's own count of what it sent: its metric says the same total.
-    metrics = httpx.get(f"{dash.url}/metrics", timeout=30).text
-    line = next(ln for ln in metrics.splitlines()
-                if ln.startswith("pdserve_kv_transfer_bytes_total{") and 'worker="prefill-0"' in ln
-                and 'direction="send"' in ln)  # fmt: skip
-    sent = sum(f["bytes_total"] for f in overview(dash.url)["kv_flows"] if f["sender"] == "prefill-0")
-    assert float(line.split()[-1]) == sent
+    # Both are read from the worker's reports, which reach the overview one heartbeat later.
+    def same_total():
+        metrics = httpx.get(f"{dash.url}/metrics", timeout=30).text
+        line = next(ln for ln in metrics.splitlines()
+                    if ln.startswith("pdserve_kv_transfer_bytes_total{") and 'worker="prefill-0"' in ln
+                    and 'direction="send"' in ln)  # fmt: skip
+        sent = sum(f["bytes_total"] for f in overview(dash.url)["kv_flows"] if f["sender"] == "prefill-0")
+        return float(line.split()[-1]) == sent > 0
+
+    assert wait_for(same_total)
 
 
 def test_the_event_stream_pushes_the_overview_every_second(dash):
