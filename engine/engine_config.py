@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pdserve.engine.layers.linear import CPU_GEMM_BACKENDS
+from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +46,10 @@ class EngineConfig:
     progress: bool = True
     # {"method": "draft" | "mtp" | "ngram", "num_speculative_tokens": k, ...}; see SpeculativeConfig.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    # Weight-only quantization: "wint8", "wint4", "wint2", or {"method": ..., "group_size": ...,
+    # "lm_head": ...}; see QuantizationConfig. None: full precision (or whatever a quantized
+    # checkpoint declares).
+    quantization: str | dict[str, Any] | QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -80,6 +85,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        self.quantization = QuantizationConfig.from_value(self.quantization)
         try:
             torch.device(self.device)
         except RuntimeError as e:

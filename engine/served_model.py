@@ -24,3 +24,4 @@ class ServedModel:
     dtype: str  # the weights' and KV cache's dtype, e.g. "float32"
     speculative_method: str | None = None  # "ngram", "mtp", "draft", or None when off
     num_speculative_tokens: int = 0
+    quantization: str | None = None  # weight-only scheme ("wint4", ...), None in full precision
