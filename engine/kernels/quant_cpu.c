@@ -120,6 +120,7 @@ static PyObject *dequantize(PyObject *self, PyObject *args) {
  * group's scale and offset. A Viterbi search over the 2^(CCQ_BITS - 2) states (the bits a window
  * shares with the next): exact, K * 2^CCQ_BITS steps. `back` holds K * STATES bytes. */
 #define CCQ_STATES (1 << (CCQ_BITS - 2))
+VECTOR_CLONES
 static void ccq_encode_row(
     const float *w, int K, int group, const float *scale, const float *offset, uint8_t *out, uint8_t *back) {
     float cost[CCQ_STATES], next[CCQ_STATES], value[1 << CCQ_BITS];

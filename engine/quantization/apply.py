@@ -114,3 +114,11 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
 
 def _device_of(model: nn.Module) -> torch.device:
     return model.model.embed_tokens.weight.device  # type: ignore[union-attr]
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds (packed or not, embeddings and norms included, and
+    the input-major copy of a tied head the CPU path keeps); the KV cache is not counted."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    extra = getattr(model, "_tied_head_input_major", None)
+    return total + (extra.numel() * extra.element_size() if extra is not None else 0)
