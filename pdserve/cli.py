@@ -202,6 +202,19 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quant_accuracy(args: argparse.Namespace) -> int:
+    from pdserve.bench.quant_accuracy_bench import QuantAccuracyArgs, run_quant_accuracy_bench
+
+    bench_args = QuantAccuracyArgs(model=args.model, windows=args.windows, prompts=args.prompts,
+                                   peers=not args.skip_peers)  # fmt: skip
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_quant_accuracy_bench(bench_args, _bench_output(args, "quant-accuracy"))
+    return 0
+
+
 def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     import torch
 
@@ -437,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     for add in (
         _add_bench_engine,
+        _add_bench_quant_accuracy,
         _add_bench_kv_transfer,
         _add_bench_router,
         _add_bench_serve,
@@ -539,6 +553,20 @@ def _add_cluster_commands(sub) -> None:
         help="serve Prometheus metrics here",
     )
     router.set_defaults(func=_cmd_router)
+
+
+def _add_bench_quant_accuracy(bench_sub) -> None:
+    qa = bench_sub.add_parser(
+        "quant-accuracy",
+        help="loss and greedy agreement of each weight-only scheme against fp32 on held-out data",
+    )
+    qa.add_argument("--model", default="demo", help="a checkpoint trained by training/ (its held-out split)")
+    qa.add_argument("--windows", type=_int_at_least("--windows", 1), default=8, help="512-token loss windows")
+    qa.add_argument("--prompts", type=_int_at_least("--prompts", 1), default=16, help="agreement prefixes")
+    qa.add_argument("--skip-peers", action="store_true", help="leave torchao's schemes out")
+    qa.add_argument("--threads", type=int, default=None)
+    qa.add_argument("--output", type=Path, default=None, help="JSON path")
+    qa.set_defaults(func=_cmd_bench_quant_accuracy)
 
 
 def _add_bench_engine(bench_sub) -> None:

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Public scheme -> packed format ("q8", "q4": group-wise integers; "ccq": the 2-bit convolutional
-# code; "q2", plain group-wise 2-bit, is kept for the comparison that chose "ccq", see DECISIONS).
+# code; "q2", plain group-wise 2-bit, is wint2 with code "plain", kept for the comparison that
+# chose "ccq", see DECISIONS).
 METHOD_FORMATS = {"wint8": "q8", "wint4": "q4", "wint2": "ccq"}
+CODES = ("ccq", "plain")
 METHODS = tuple(METHOD_FORMATS)
 # Columns per scale/offset pair, chosen by measured accuracy and speed (docs/DECISIONS.md,
 # 2026-12-05): smaller groups cost memory (32 bits of fp16 scale and offset per group) and buy
@@ -36,6 +38,7 @@ class QuantizationConfig:
     method: str
     group_size: int | None = None
     lm_head: bool = True
+    code: str = "ccq"  # wint2's 2-bit code: "ccq" (the convolutional code) or "plain" (for comparison)
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_FORMATS:
@@ -48,6 +51,11 @@ class QuantizationConfig:
             )
         if not isinstance(self.lm_head, bool):
             raise ValueError(f"quantization.lm_head must be true or false, got {self.lm_head!r}")
+        if self.code not in CODES or (self.code != "ccq" and self.method != "wint2"):
+            raise ValueError(
+                f"quantization.code must be one of {', '.join(CODES)}, and only applies to wint2; got "
+                f"{self.code!r} for {self.method}"
+            )
 
     @property
     def group(self) -> int:
@@ -57,7 +65,7 @@ class QuantizationConfig:
     @property
     def format(self) -> str:
         """The packed format of the quantized matrices."""
-        return METHOD_FORMATS[self.method]
+        return "q2" if self.code == "plain" else METHOD_FORMATS[self.method]
 
     @classmethod
     def from_value(cls, value: Any) -> QuantizationConfig | None:
@@ -76,7 +84,7 @@ class QuantizationConfig:
                 f"quantization must be one of {', '.join(METHODS)} or a mapping of method, group_size "
                 f"and lm_head, got {value!r}"
             )
-        known = ("method", "group_size", "lm_head")
+        known = ("method", "group_size", "lm_head", "code")
         unknown = [k for k in value if k not in known]
         if unknown:
             raise ValueError(f"quantization: unknown key {unknown[0]!r}; keys are {', '.join(known)}")
@@ -103,7 +111,7 @@ class QuantizationConfig:
                 f"{where}: {CHECKPOINT_KEY} is not one pdserve wrote (quant_method 'pdserve'); serve the "
                 "full-precision release and pass quantization to quantize it at load"
             )
-        fields = {k: raw[k] for k in ("method", "group_size", "lm_head") if k in raw}
+        fields = {k: raw[k] for k in ("method", "group_size", "lm_head", "code") if k in raw}
         try:
             config = cls.from_value(fields)
         except ValueError as e:
