@@ -20,7 +20,7 @@ METHODS = tuple(METHOD_FORMATS)
 # 2026-12-05): smaller groups cost memory (32 bits of fp16 scale and offset per group) and buy
 # accuracy where the levels are few.
 DEFAULT_GROUP_SIZES = {"wint8": 128, "wint4": 64, "wint2": 64}
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (16, 32, 64, 128, 256)
 # config.json's key for a quantized checkpoint (as Hugging Face names it).
 CHECKPOINT_KEY = "quantization_config"
 
