@@ -170,9 +170,9 @@ def test_a_quantized_checkpoint_that_does_not_match_its_config_names_the_tensor(
 
 
 def test_bad_settings_are_refused_with_the_field_named(moe_checkpoint):
-    with pytest.raises(ValueError, match="quantization.method must be one of wint8, wint4, wint2"):
+    with pytest.raises(ValueError, match=r"quantization\.method must be one of wint8, wint4, wint2"):
         EngineConfig(model="demo", quantization="int4")
-    with pytest.raises(ValueError, match="quantization.group_size must be one of"):
+    with pytest.raises(ValueError, match=r"quantization\.group_size must be one of"):
         EngineConfig(model="demo", quantization={"method": "wint4", "group_size": 48})
     with pytest.raises(ValueError, match="only applies to wint2"):
         EngineConfig(model="demo", quantization={"method": "wint4", "code": "plain"})

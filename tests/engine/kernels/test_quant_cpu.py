@@ -88,7 +88,7 @@ def test_quantized_routed_experts_match_the_dequantized_reference(fmt, gemm):
 
 @needs_kernel
 def test_bad_shapes_are_refused():
-    with pytest.raises(ValueError, match="does not divide layer.x's 100 input columns"):
+    with pytest.raises(ValueError, match=r"does not divide layer\.x's 100 input columns"):
         formats.quantize(torch.randn(4, 100), "q4", 32, name="layer.x")
     q = formats.quantize(torch.randn(4, 64), "q4", 32)
     with pytest.raises(ValueError, match=r"rows must be fp32 \[M, 64\]"):
