@@ -46,6 +46,7 @@ SAMPLES: dict[str, Any] = {
     "kv_cache_blocks": 64,
     "state_dir": Path("/var/run/pdserve"),
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
+    "quantization": "wint4",
     "role_planner": {"enabled": False, "ttft_target_ms": 800, "hysteresis": 2},
 }
 
