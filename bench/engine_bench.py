@@ -48,6 +48,9 @@ class EngineBenchArgs:
     speculative_configs: tuple[dict[str, Any], ...] = ()
     workload: str = "random"  # "random" token ids, or "code" (needs the model's tokenizer)
     repeats: int = 3  # rounds per batch size, each with new prompts, the systems taking turns
+    # Weight-only schemes run beside full precision (transformers is skipped); each is quantized
+    # once into a checkpoint that every round loads.
+    quantizations: tuple[str, ...] = ()
 
 
 @dataclass
@@ -58,6 +61,7 @@ class BenchRow:
     output_tokens: int
     tokens_per_s: float
     peak_rss_mb: float
+    weight_mb: float = 0.0  # every weight the engine holds (see apply.model_weight_bytes)
     acceptance_rate: float | None = None  # speculative runs only
     mean_accepted_length: float | None = None
     # Raw speculation counts behind the two rates, for pooling rounds.
@@ -119,14 +123,15 @@ def _peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _llm(args: EngineBenchArgs, spec: dict[str, Any] | None):
+def _llm(args: EngineBenchArgs, spec: dict[str, Any] | None, checkpoint: str | None = None):
+    """The engine under test: `args.model`, or a quantized `checkpoint` written from it."""
     from pdserve.engine import LLM
 
     return LLM(
-        args.model,
+        checkpoint or args.model,
         dtype=args.dtype,
-        load_format=args.load_format,
-        hf_overrides=args.hf_overrides or {},
+        load_format="auto" if checkpoint else args.load_format,
+        hf_overrides={} if checkpoint else args.hf_overrides or {},
         seed=args.seed,
         progress=False,
         max_num_seqs=max(args.batches),
@@ -160,14 +165,25 @@ def spec_name(spec: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, round_: int, queue: mp.Queue) -> None:
-    """pdserve (speculating with `spec` unless None), one round: every batch size once."""
+def _run_pdserve(
+    args: EngineBenchArgs,
+    spec: dict[str, Any] | None,
+    round_: int,
+    queue: mp.Queue,
+    quantized: tuple[str, str] | None = None,
+) -> None:
+    """pdserve (speculating with `spec` unless None; with `quantized` = (scheme, checkpoint),
+    that quantized checkpoint), one round: every batch size once."""
     from pdserve.engine import SamplingParams
+    from pdserve.engine.quantization.apply import model_weight_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = _llm(args, spec)
+    llm = _llm(args, spec, quantized[1] if quantized else None)
+    weight_mb = model_weight_bytes(llm.engine.model) / 2**20
     name = "pdserve" if spec is None else f"pdserve+{spec_name(spec)}"
+    if quantized is not None:
+        name = f"pdserve+{quantized[0]}"
     params = _greedy(args)
     llm.generate(_workload(args, llm, 1, 8), SamplingParams(temperature=0, max_tokens=4))  # warm-up
     for batch in args.batches:
@@ -178,7 +194,7 @@ def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, round_: int
         outs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        row = BenchRow(name, batch, seconds, n, n / seconds, _peak_rss_mb())
+        row = BenchRow(name, batch, seconds, n, n / seconds, _peak_rss_mb(), weight_mb)
         if spec is not None:
             after = llm.engine.stats()
             row.proposed = after.spec_proposed_tokens - before.spec_proposed_tokens
@@ -188,6 +204,13 @@ def _run_pdserve(args: EngineBenchArgs, spec: dict[str, Any] | None, round_: int
             _set_rates(row)
         queue.put(row)
     queue.put(None)
+
+
+def _run_quantized(
+    args: EngineBenchArgs, quantized: tuple[str, str] | None, round_: int, queue: mp.Queue
+) -> None:
+    """`_run_pdserve` of full precision (None) or of a quantized (scheme, checkpoint)."""
+    _run_pdserve(args, None, round_, queue, quantized)
 
 
 def _set_rates(row: BenchRow) -> None:
@@ -207,6 +230,7 @@ def _merge_rounds(rows: list[BenchRow]) -> list[BenchRow]:
         m.seconds += r.seconds
         m.output_tokens += r.output_tokens
         m.peak_rss_mb = max(m.peak_rss_mb, r.peak_rss_mb)
+        m.weight_mb = r.weight_mb
         m.proposed += r.proposed
         m.accepted += r.accepted
         m.emitted += r.emitted
@@ -240,33 +264,14 @@ def _export_for_transformers(args: EngineBenchArgs) -> str:
     return out
 
 
-# The engine stores CPU weights input-major (transposed views); safetensors needs contiguous
-# tensors, so each is copied on the way out. Writing a shard at a time keeps one shard's copies
-# alive rather than the model's: the 21B-A3B shape at 2 layers peaked at 16 GB in one file.
-_SHARD_BYTES = 1 << 30
+_SHARD_BYTES = 1 << 30  # see loader.SHARD_BYTES
 
 
 def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
-    """Writes `state` as `model-0000i-of-0000n.safetensors` shards of ~1 GB plus the hub's index file."""
-    from safetensors.torch import save_file
+    """`save_sharded` with this module's shard size (tests shrink it)."""
+    from pdserve.engine.loader import save_sharded
 
-    from pdserve.engine.loader import INDEX_FILE
-
-    shards: list[list[str]] = [[]]
-    size = total = 0
-    for name, tensor in state.items():
-        if shards[-1] and size + tensor.nbytes > _SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += tensor.nbytes
-        total += tensor.nbytes
-    weight_map = {}
-    for i, names in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: state[n].contiguous() for n in names}, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    save_sharded(state, out, _SHARD_BYTES)
 
 
 @contextlib.contextmanager
@@ -348,6 +353,8 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
     """Runs both systems, prints a table with ratios, writes JSON; returns the JSON document."""
     if args.speculative_configs:
         return _run_speculative_bench(args, output)
+    if args.quantizations:
+        return _run_quantized_bench(args, output)
     sides = 1 if args.skip_transformers else 2
     checkpoint = None if args.skip_transformers else _export_for_transformers(args)
     rounds: list[BenchRow] = []
@@ -464,3 +471,92 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
         )
     _write(doc, output)
     return doc
+
+
+def _write_quantized(args: EngineBenchArgs, scheme: str, out: str, queue: mp.Queue) -> None:
+    """`pdserve quantize` of the benchmark's model, in its own process (its memory is freed after)."""
+    from pdserve.engine import LLM
+    from pdserve.engine.quantization.checkpoint import write_quantized_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM(
+        args.model,
+        dtype="float32",
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides or {},
+        seed=args.seed,
+        progress=False,
+        kv_cache_blocks=1,
+        quantization=scheme,
+    )
+    queue.put(write_quantized_checkpoint(llm.engine, Path(out)))
+    queue.put(None)
+
+
+def _run_quantized_bench(args: EngineBenchArgs, output: Path | None) -> dict[str, Any]:
+    """Full precision beside each weight-only scheme, on the same prompts; ratios per batch."""
+    root = tempfile.mkdtemp(prefix="pdserve-bench-quant-")
+    rounds: list[BenchRow] = []
+    sizes: dict[str, dict[str, int]] = {}
+    with _removed_after(root):
+        with tqdm(total=len(args.quantizations), desc="quantizing") as bar:
+            checkpoints = {}
+            for scheme in args.quantizations:
+                checkpoints[scheme] = str(Path(root, scheme))
+                sizes[scheme] = _collect(_write_quantized, (args, scheme, checkpoints[scheme]), bar)[0]
+        systems: list[tuple[str, str] | None] = [None, *checkpoints.items()]
+        with tqdm(
+            total=args.repeats * len(systems) * len(args.batches), desc="bench engine (quantized)"
+        ) as bar:
+            # Fresh processes, alternating order, pooled rounds: see `_run_speculative_bench`.
+            for round_ in range(args.repeats):
+                for quantized in _in_turn(systems, round_):
+                    rounds += _collect(_run_quantized, (args, quantized, round_), bar)
+    rows = _merge_rounds(rounds)
+    table = _quantized_table(args, rows, sizes)
+    doc = _document("engine-quantized", args, table, rows)
+    print(
+        f"\nmodel={args.model} load_format={args.load_format} overrides={args.hf_overrides} "
+        f"input_len={args.input_len} output_len={args.output_len}"
+    )
+    print(
+        f"{'batch':>5} {'system':>15} {'tok/s':>8} {'fp32 tok/s':>11} {'speedup':>8} {'peak RSS MB':>12} "
+        f"{'weights MB':>11} {'x fp32':>7} {'layers x fp32':>14}"
+    )
+    for r in table:
+        print(
+            f"{r['batch']:>5} {r['system']:>15} {r['tok_s']:>8.1f} {r['fp32_tok_s']:>11.1f} "
+            f"{r['speedup']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['weight_mb']:>11.0f} "
+            f"{r['weight_ratio']:>7.3f} {r['quantized_layers_ratio'] or 1.0:>14.3f}"
+        )
+    _write(doc, output)
+    return doc
+
+
+def _quantized_table(
+    args: EngineBenchArgs, rows: list[BenchRow], sizes: dict[str, dict[str, int]]
+) -> list[dict[str, Any]]:
+    table = []
+    for batch in args.batches:
+        plain = next(r for r in rows if r.system == "pdserve" and r.batch == batch)
+        for r in (r for r in rows if r.batch == batch):
+            scheme = r.system.removeprefix("pdserve+") if r.system != "pdserve" else None
+            layers = sizes.get(scheme or "", {})
+            table.append(
+                {
+                    "batch": batch,
+                    "system": r.system if scheme else "pdserve (fp32)",
+                    "tok_s": round(r.tokens_per_s, 2),
+                    "fp32_tok_s": round(plain.tokens_per_s, 2),
+                    "speedup": round(r.tokens_per_s / plain.tokens_per_s, 3),
+                    "peak_rss_mb": round(r.peak_rss_mb, 1),
+                    "weight_mb": round(r.weight_mb, 1),
+                    "weight_ratio": round(r.weight_mb / plain.weight_mb, 4),
+                    # Packed bytes of the quantized layers over the same layers in fp32.
+                    "quantized_layers_ratio": round(layers["packed_bytes"] / layers["fp32_bytes"], 4)
+                    if layers
+                    else None,
+                }
+            )
+    return table

@@ -24,11 +24,23 @@ from pdserve.engine.guided_grammar import GuidedDecodingError
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_handoff import KVHandoff, KVPayload
 from pdserve.engine.layers.linear import CpuGemm, default_cpu_gemm_backend
-from pdserve.engine.loader import init_dummy_weights, load_checkpoint, mtp_layers_in_checkpoint
+from pdserve.engine.loader import (
+    check_checkpoint,
+    init_dummy_weights,
+    load_checkpoint,
+    mtp_layers_in_checkpoint,
+)
 from pdserve.engine.model_runner import KVCache, ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_model
 from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
 from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.quantization.apply import (
+    check_groups,
+    prepare_quantized,
+    quantize_model,
+    resolve_quantization,
+)
+from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
@@ -86,6 +98,7 @@ class Engine:
         self.source = source
         self.model_config = self._model_config(source)
         self.dtype = config.torch_dtype(self.model_config.torch_dtype)
+        self.quantization, self.prequantized = resolve_quantization(config.quantization, source)
         self.model = self._build_model(source)
         self.tokenizer = (
             load_tokenizer(config.tokenizer or source.path)
@@ -172,6 +185,7 @@ class Engine:
             num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
             context_cache_namespace=self.context_cache.ns if self.context_cache is not None else None,
             context_cache_url=config.context_cache.redis_url,  # type: ignore[union-attr]
+            quantization=self.quantization.method if self.quantization is not None else None,
         )
 
     def _build_context_cache(self, num_kv_layers: int) -> ContextCache | None:
@@ -189,13 +203,7 @@ class Engine:
         return ContextCache(cc, identity, self.kv, self.kv_cache)  # type: ignore[arg-type]
 
     def _model_config(self, source: ModelSource) -> ModelConfig:
-        mc = ModelConfig.from_hf_dict(source.hf_config, self.config.hf_overrides)
-        if source.path is not None and source.has_weights:
-            n_mtp = mtp_layers_in_checkpoint(source.path)
-            if n_mtp != mc.num_nextn_predict_layers:
-                # The checkpoint's tensors, not a config field, decide whether an MTP head exists.
-                mc = replace(mc, num_nextn_predict_layers=n_mtp)
-        return mc
+        return model_config_of(source, self.config.hf_overrides)
 
     def _build_model(self, source: ModelSource) -> Ernie45ForCausalLM:
         fmt = self.config.load_format
@@ -208,9 +216,7 @@ class Engine:
             )
         if fmt == "safetensors" and not source.has_weights:
             raise ValueError(f"load_format='safetensors' but {source.name!r} has no *.safetensors files")
-        # Build without allocating or initialising (the weights are overwritten right away).
-        with torch.device("meta"):
-            model = Ernie45ForCausalLM(self.model_config, self.dtype)
+        model = build_model_shell(self.model_config, self.dtype, self.quantization, self.prequantized)
         _materialize(model, self.device)
         if fmt == "dummy":
             init_dummy_weights(model, seed=self.config.seed, dtype=self.dtype)
@@ -222,6 +228,13 @@ class Engine:
                 dtype=self.dtype,
                 progress=self.config.progress,
                 on_tensor=lambda done, total: self._on_phase(f"loading weights {done}/{total}"),
+            )
+        if self.quantization is not None and not self.prequantized:
+            quantize_model(
+                model,
+                self.quantization,
+                self.gemm.parallel,
+                lambda done, total: self._on_phase(f"quantizing weights {done}/{total}"),
             )
         model.pack_for_cpu(self.gemm)
         return model.eval()
@@ -244,6 +257,7 @@ class Engine:
                 tokenizer=None,
                 speculative_config=None,
                 context_cache=None,  # the draft's KV is its own business
+                quantization=None,  # the draft is small: it stays in full precision
                 # One draft block per target block always suffices: the draft's sequences are the
                 # target's plus at most k guesses (a request without room just is not guessed for).
                 kv_cache_blocks=self.kv.num_blocks + self.config.max_num_seqs,
@@ -668,6 +682,47 @@ class Engine:
     def cached_block_hashes(self) -> list[int]:
         """Hashes of every block in this engine's prefix cache (for rebuilding a router index)."""
         return self.kv.pool.cached_hashes()
+
+
+def model_config_of(source: ModelSource, hf_overrides: dict[str, Any]) -> ModelConfig:
+    """The model's config: config.json with the overrides, MTP layers as the checkpoint has them."""
+    mc = ModelConfig.from_hf_dict(source.hf_config, hf_overrides)
+    if source.path is not None and source.has_weights:
+        n_mtp = mtp_layers_in_checkpoint(source.path)
+        if n_mtp != mc.num_nextn_predict_layers:
+            # The checkpoint's tensors, not a config field, decide whether an MTP head exists.
+            mc = replace(mc, num_nextn_predict_layers=n_mtp)
+    return mc
+
+
+def check_model(config: EngineConfig) -> None:
+    """What can be checked of `config`'s model before any engine starts, without loading weights:
+    the model resolves, its config reads, the quantization fits every layer, and the checkpoint's
+    tensor names, shapes and dtypes (from the file headers) are the ones the model needs.
+    Raises ValueError (or its `CheckpointError`) naming the field or tensor."""
+    source = resolve_model(config.model)
+    model_config = model_config_of(source, config.hf_overrides)
+    quantization, prequantized = resolve_quantization(config.quantization, source)  # type: ignore[arg-type]
+    model = build_model_shell(
+        model_config, config.torch_dtype(model_config.torch_dtype), quantization, prequantized
+    )
+    if config.load_format != "dummy" and source.has_weights:
+        assert source.path is not None
+        check_checkpoint(model, source.path)
+
+
+def build_model_shell(
+    config: ModelConfig, dtype: torch.dtype, quantization: QuantizationConfig | None, prequantized: bool
+) -> Ernie45ForCausalLM:
+    """The model on the meta device (no storage yet), with packed storage for a quantized
+    checkpoint; ValueError names a layer the quantization's group size does not divide."""
+    with torch.device("meta"):
+        model = Ernie45ForCausalLM(config, dtype)
+    if quantization is not None:
+        check_groups(model, quantization)
+        if prequantized:
+            prepare_quantized(model, quantization)
+    return model
 
 
 def _materialize(model: torch.nn.Module, device: torch.device) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from pdserve.engine.context_cache_config import ContextCacheConfig
 from pdserve.engine.layers.linear import CPU_GEMM_BACKENDS
+from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +50,10 @@ class EngineConfig:
     # KV blocks of reused prefixes kept in Redis for any engine of the same model to load:
     # {"redis_url": ..., "max_bytes": ..., "ttl_s": ..., "min_reuse": ...}; see ContextCacheConfig.
     context_cache: dict[str, Any] | ContextCacheConfig | None = None
+    # Weight-only quantization: "wint8", "wint4", "wint2", or {"method": ..., "group_size": ...,
+    # "lm_head": ...}; see QuantizationConfig. None: full precision (or whatever a quantized
+    # checkpoint declares).
+    quantization: str | dict[str, Any] | QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -89,6 +94,7 @@ class EngineConfig:
             raise ValueError(
                 "context_cache loads blocks into the prefix cache: it needs enable_prefix_caching=True"
             )
+        self.quantization = QuantizationConfig.from_value(self.quantization)
         try:
             torch.device(self.device)
         except RuntimeError as e:

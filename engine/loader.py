@@ -26,6 +26,8 @@ _MTP_BLOCK = re.compile(r"^model\.mtp_block\.(\d+)\.")
 _NORM_WEIGHT = re.compile(r"norm(\.\d+)?\.weight$")
 # safetensors dtype codes that hold real numbers; anything else (int8, fp8...) is a quantized format.
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# A quantized layer's tensors (engine/quantization/formats.py) and the only dtype each may have.
+_PACKED_DTYPES = {"weight_packed": "U8", "weight_scale": "F16", "weight_offset": "F16"}
 
 
 class CheckpointError(ValueError):
@@ -151,8 +153,8 @@ def _validate(
     if missing:
         raise CheckpointError(
             f"checkpoint {path} lacks {len(missing)} tensors the model needs: {_preview(missing)} "
-            "(does config.json belong to these weights? check num_hidden_layers, moe_* and "
-            "tie_word_embeddings)"
+            "(does config.json belong to these weights? check num_hidden_layers, moe_*, "
+            "tie_word_embeddings and quantization_config)"
         )
     ignored, notes, extra = [], [], []
     for name in index:
@@ -180,10 +182,24 @@ def _validate(
             )
         if target.is_floating_point() and info.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(
-                f"tensor {name} is stored as {info.dtype} in {info.file.name}; quantized checkpoints "
-                "are not supported, use the bf16/fp16/fp32 release"
+                f"tensor {name} is stored as {info.dtype} in {info.file.name}; only checkpoints that "
+                "`pdserve quantize` wrote load quantized, use the bf16/fp16/fp32 release otherwise"
+            )
+        packed_dtype = _PACKED_DTYPES.get(name.rpartition(".")[2])
+        if packed_dtype is not None and info.dtype != packed_dtype:
+            raise CheckpointError(
+                f"tensor {name} is stored as {info.dtype} in {info.file.name}, a quantized layer's "
+                f"{name.rpartition('.')[2]} must be {packed_dtype}; the checkpoint does not match its "
+                "quantization_config, re-run pdserve quantize"
             )
     return ignored, notes
+
+
+def check_checkpoint(module: torch.nn.Module, path: Path, allow_ignored: Sequence[str] = ()) -> None:
+    """Raises CheckpointError unless the checkpoint in `path` fits `module` (a meta-device model
+    will do): names, shapes and dtypes from the file headers, nothing loaded."""
+    path = Path(path)
+    _validate(path, _checkpoint_index(path), module.state_dict(), allow_ignored)
 
 
 def load_checkpoint(
@@ -270,3 +286,36 @@ def init_dummy_weights(module: torch.nn.Module, *, seed: int, dtype: torch.dtype
                     # Drawn on the CPU so a GPU instance gets the same weights as a CPU one.
                     cpu = torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=g)
                     tensor.copy_(cpu)
+
+
+# Shards of about this many bytes: writing a shard at a time keeps one shard's contiguous copies
+# alive rather than the model's (the 21B-A3B shape at 2 layers peaked at 16 GB in one file).
+SHARD_BYTES = 1 << 30
+
+
+def save_sharded(state: dict[str, torch.Tensor], out: Path, shard_bytes: int = SHARD_BYTES) -> None:
+    """Writes `state` as `model-0000i-of-0000n.safetensors` shards plus the hub's index file.
+
+    Each tensor is copied out on its own: the engine keeps CPU weights input-major (transposed
+    views) and fused layers as views of one matrix, and safetensors wants contiguous tensors
+    that share no storage.
+    """
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for name, tensor in state.items():
+        if shards[-1] and size + tensor.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += tensor.nbytes
+        total += tensor.nbytes
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: state[n].detach().clone(memory_format=torch.contiguous_format) for n in names}
+        save_file(tensors, str(Path(out) / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(out) / INDEX_FILE).write_text(json.dumps(index))

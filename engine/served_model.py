@@ -28,3 +28,4 @@ class ServedModel:
     # and the Redis holding them: the router counts a prompt's blocks there.
     context_cache_namespace: str | None = None
     context_cache_url: str | None = field(default=None, repr=False)  # it may carry a password
+    quantization: str | None = None  # weight-only scheme ("wint4", ...), None in full precision

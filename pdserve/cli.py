@@ -72,6 +72,18 @@ def _int_list(flag: str, minimum: int = 1):
     return parse
 
 
+def _scheme_list(text: str) -> list[str]:
+    from pdserve.engine.quantization.config import METHODS
+
+    schemes = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in schemes if x not in ("fp32", *METHODS)]
+    if bad or not schemes:
+        raise argparse.ArgumentTypeError(
+            f"--quantization takes comma-separated schemes from fp32, {', '.join(METHODS)}; got {text!r}"
+        )
+    return [x for x in schemes if x != "fp32"]
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=FIELDS["model"].default, help="checkpoint directory or bundled model name"
@@ -118,7 +130,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop or None,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(**_engine_args(args))
+    llm = LLM(**_engine_args(args), quantization=args.quantization)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
@@ -147,6 +159,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pdserve.engine import LLM
+    from pdserve.engine.quantization.checkpoint import write_quantized_checkpoint
+
+    llm = LLM(**_engine_args(args), quantization=args.quantization, kv_cache_blocks=1)
+    sizes = write_quantized_checkpoint(llm.engine, args.out)
+    q = llm.engine.quantization
+    print(
+        f"wrote {args.out}: {q.method} (group {q.group}, lm_head {q.lm_head}), quantized layers "
+        f"{sizes['packed_bytes'] / 2**20:.1f} MiB (fp32 {sizes['fp32_bytes'] / 2**20:.1f} MiB, "
+        f"{sizes['packed_bytes'] / sizes['fp32_bytes']:.3f}x)"
+    )
+    return 0
+
+
 def _bench_output(args: argparse.Namespace, suite: str) -> Path:
     """--output, or bench-results/<suite>-<timestamp>.json."""
     return args.output or Path("bench-results") / f"{suite}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -169,6 +196,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         speculative_configs=tuple(args.speculative_config),
         workload=args.workload,
         repeats=args.repeats,
+        quantizations=tuple(args.quantization),
     )
     output = _bench_output(args, "engine")
     if args.workload == "json":
@@ -188,6 +216,19 @@ def _cmd_bench_context_cache(args: argparse.Namespace) -> int:
         threads=args.threads, redis_url=args.redis_url, repeats=args.repeats,
     )  # fmt: skip
     run_context_cache_bench(bench_args, _bench_output(args, "context-cache"))
+    return 0
+
+
+def _cmd_bench_quant_accuracy(args: argparse.Namespace) -> int:
+    from pdserve.bench.quant_accuracy_bench import QuantAccuracyArgs, run_quant_accuracy_bench
+
+    bench_args = QuantAccuracyArgs(model=args.model, windows=args.windows, prompts=args.prompts,
+                                   peers=not args.skip_peers)  # fmt: skip
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_quant_accuracy_bench(bench_args, _bench_output(args, "quant-accuracy"))
     return 0
 
 
@@ -444,11 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_quantize(sub)
     _add_cluster_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     for add in (
         _add_bench_engine,
+        _add_bench_quant_accuracy,
         _add_bench_kv_transfer,
         _add_bench_context_cache,
         _add_bench_router,
@@ -461,9 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_QUANTIZATION_HELP = (
+    "weight-only quantization: wint8, wint4, wint2, or a JSON object of method, group_size, lm_head"
+)
+
+
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="offline generation with one engine")
     _add_model_args(gen)
+    gen.add_argument("--quantization", default=None, help=_QUANTIZATION_HELP)
     gen.add_argument("prompt", nargs="*", help="text prompts (need a model with tokenizer files)")
     gen.add_argument("--prompt-token-ids", type=_int_list("--prompt-token-ids"), default=None)
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -475,6 +524,21 @@ def _add_generate(sub) -> None:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_cmd_generate)
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser(
+        "quantize",
+        help="write a weight-only quantized checkpoint (safetensors + quantization_config) of a model",
+    )
+    q.add_argument("model", help="checkpoint directory or bundled model name (full precision)")
+    q.add_argument("out", type=Path, help="new directory for the quantized checkpoint")
+    q.add_argument("--quantization", required=True, help=_QUANTIZATION_HELP)
+    q.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    q.add_argument("--hf-overrides", type=_json_dict("--hf-overrides"), default={})
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None, help="threads for the encoder (default: torch's)")
+    q.set_defaults(func=_cmd_quantize, dtype="auto")
 
 
 def _add_cluster_commands(sub) -> None:
@@ -548,6 +612,20 @@ def _add_cluster_commands(sub) -> None:
     router.set_defaults(func=_cmd_router)
 
 
+def _add_bench_quant_accuracy(bench_sub) -> None:
+    qa = bench_sub.add_parser(
+        "quant-accuracy",
+        help="loss and greedy agreement of each weight-only scheme against fp32 on held-out data",
+    )
+    qa.add_argument("--model", default="demo", help="a checkpoint trained by training/ (its held-out split)")
+    qa.add_argument("--windows", type=_int_at_least("--windows", 1), default=8, help="512-token loss windows")
+    qa.add_argument("--prompts", type=_int_at_least("--prompts", 1), default=16, help="agreement prefixes")
+    qa.add_argument("--skip-peers", action="store_true", help="leave torchao's schemes out")
+    qa.add_argument("--threads", type=int, default=None)
+    qa.add_argument("--output", type=Path, default=None, help="JSON path")
+    qa.set_defaults(func=_cmd_bench_quant_accuracy)
+
+
 def _add_bench_engine(bench_sub) -> None:
     eng = bench_sub.add_parser("engine", help="engine tokens/s beside transformers' generate")
     _add_model_args(eng)
@@ -558,6 +636,13 @@ def _add_bench_engine(bench_sub) -> None:
         "--output", type=Path, default=None, help="JSON path (default bench-results/engine-*.json)"
     )
     eng.add_argument("--skip-transformers", action="store_true")
+    eng.add_argument(
+        "--quantization",
+        type=_scheme_list,
+        default=[],
+        help="compare weight-only schemes beside full precision, e.g. fp32,wint8,wint4,wint2 (each "
+        "quantized once into a checkpoint that every round loads; transformers is skipped)",
+    )
     eng.add_argument(
         "--speculative-config",
         type=_json_dict("--speculative-config"),

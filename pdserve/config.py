@@ -41,6 +41,8 @@ from pydantic_core import PydanticCustomError
 
 from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.engine.context_cache_config import ContextCacheConfig
+from pdserve.engine.quantization.config import METHODS as QUANTIZATION_METHODS
+from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.gateway.config import GatewayConfig
 from pdserve.router.config import RouterConfig
 from pdserve.router.policies import POLICIES
@@ -202,6 +204,13 @@ class ClusterConfig(BaseModel):
         description="speculative decoding, passed to every worker's engine (requests are guessed for "
         'where they decode), e.g. {"method": "ngram", "num_speculative_tokens": 4}',
     )
+    quantization: str | dict[str, Any] | None = Field(
+        None,
+        description="weight-only quantization of every worker's model: "
+        + ", ".join(QUANTIZATION_METHODS)
+        + ', or {"method": ..., "group_size": ..., "lm_head": ...}; unset: full precision (a quantized '
+        "checkpoint runs as its config.json says)",
+    )
     role_planner: _settings_group(RolePlannerConfig) = Field(  # type: ignore[valid-type]
         default_factory=RolePlannerConfig,
         description="the planner that moves workers between prefill and decode by load; keys "
@@ -216,6 +225,12 @@ class ClusterConfig(BaseModel):
         + ", ".join(f.name for f in dataclasses.fields(ContextCacheConfig))
         + ', e.g. {"redis_url": "redis://127.0.0.1:6379", "max_bytes": 4294967296}; off without redis_url',
     )
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        QuantizationConfig.from_value(value)  # ValueError names the key and what it takes
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -53,7 +53,7 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
         device=c.device, seed=c.seed, kv_cache_blocks=c.kv_cache_blocks, progress=False,
         num_threads=c.threads or 1,  # several workers share the machine's cores
         cpu_gemm=c.cpu_gemm,
-        speculative_config=c.speculative_config, context_cache=c.context_cache,
+        speculative_config=c.speculative_config, context_cache=c.context_cache, quantization=c.quantization,
     )  # fmt: skip
 
 
@@ -215,6 +215,7 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
         if os.environ.get("RAY_DISABLE_FAILURE_SIGNAL_HANDLER") == "1":
             del os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"]
 
+    from pdserve.engine.engine import check_model
     from pdserve.engine.model_source import resolve_model
 
     for host, port, flag in (
@@ -226,6 +227,9 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     source = resolve_model(config.model)  # ValueError names a bad model right away
     if not source.has_tokenizer:
         raise LaunchError(f"model {source.name!r} has no tokenizer files; the HTTP gateway needs one")
+    # Quantization against the layers and the checkpoint's headers against the model, before any
+    # worker starts: a worker's failure would only say that it died.
+    check_model(controllers.engine)
     if config.redis_url:
         _check_redis(config.redis_url, "--redis-url")
     if config.context_cache.redis_url:

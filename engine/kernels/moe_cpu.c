@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "quant_dot.h"
 #include "vector.h"
 #include "work_split.h"
 
@@ -106,11 +107,29 @@ typedef struct {
     const float *x;         /* [T, H] */
     const int64_t *ids;     /* [T, k] */
     const float *weights;   /* [T, k] */
-    const int64_t *gate_up; /* [E] addresses of [2I, H] row-major weights: gate rows, then up rows */
-    const int64_t *down;    /* [E] addresses of [H, I] row-major weights */
-    float *y;               /* [T, k, H] */
+    /* fp32 (fmt < 0): [E] addresses of [2I, H] row-major weights, gate rows then up rows, and of
+     * [H, I] down weights. Quantized (fmt a quant_dot.h format): [E, 3] addresses of each
+     * expert's packed rows, scales and offsets (a QMat each). */
+    const int64_t *gate_up;
+    const int64_t *down;
+    float *y; /* [T, k, H] */
     int T, H, I, k, E;
+    int fmt, group; /* the experts' quantized format (-1: fp32) and group size */
 } Problem;
+
+/* Expert e's [n, K] product out = rows @ W.T, fp32 or packed. xsum: room for n * K / group. */
+static void expert_product(const Problem *p, const int64_t *table, int e, int N, int K,
+                           const float **rows, int n, float *xsum, float *out) {
+    if (p->fmt < 0) {
+        dot_rows(rows, n, (const float *)(intptr_t)table[e], N, K, out, N);
+        return;
+    }
+    const int64_t *at = table + (size_t)3 * e;
+    QMat w = {(const uint8_t *)(intptr_t)at[0], (const uint16_t *)(intptr_t)at[1],
+              (const uint16_t *)(intptr_t)at[2], N, K, p->group, p->fmt, qmat_row_bytes(p->fmt, K)};
+    group_sums(rows, n, K, p->group, xsum);
+    qdot_rows(rows, n, &w, 0, N, xsum, out, N);
+}
 
 static int run_part(const Problem *p, int part, int parts) {
     const int T = p->T, H = p->H, I = p->I, k = p->k, E = p->E;
@@ -148,8 +167,10 @@ static int run_part(const Problem *p, int part, int parts) {
     float *h = malloc(cap * I * sizeof(float));
     float *out = malloc(cap * H * sizeof(float));
     const float **h_rows = malloc(cap * sizeof(float *));
-    if (!rows || !gu || !h || !out || !h_rows) {
-        free(rows), free(gu), free(h), free(out), free(h_rows);
+    const int min_group = p->fmt < 0 ? 8 : p->group;
+    float *xsum = malloc(cap * ((H > I ? H : I) / min_group) * sizeof(float));
+    if (!rows || !gu || !h || !out || !h_rows || !xsum) {
+        free(rows), free(gu), free(h), free(out), free(h_rows), free(xsum);
         goto oom;
     }
     for (int e = lo; e < hi; e++) {
@@ -157,13 +178,12 @@ static int run_part(const Problem *p, int part, int parts) {
         if (!n) continue;
         const int *mine = order + starts[e];
         for (int i = 0; i < n; i++) rows[i] = p->x + (size_t)(mine[i] / k) * H;
-        const float *w_gate_up = (const float *)(intptr_t)p->gate_up[e];
-        dot_rows(rows, n, w_gate_up, 2 * I, H, gu, 2 * I);
+        expert_product(p, p->gate_up, e, 2 * I, H, rows, n, xsum, gu);
         for (int i = 0; i < n; i++) {
             silu_mul(gu + (size_t)i * 2 * I, gu + (size_t)i * 2 * I + I, h + (size_t)i * I, I);
             h_rows[i] = h + (size_t)i * I;
         }
-        dot_rows(h_rows, n, (const float *)(intptr_t)p->down[e], H, I, out, H);
+        expert_product(p, p->down, e, H, I, h_rows, n, xsum, out);
         for (int i = 0; i < n; i++) {
             float wt = p->weights[mine[i]];
             float *dst = p->y + (size_t)mine[i] * H;
@@ -171,7 +191,7 @@ static int run_part(const Problem *p, int part, int parts) {
             for (int j = 0; j < H; j++) dst[j] = src[j] * wt;
         }
     }
-    free(rows), free(gu), free(h), free(out), free(h_rows);
+    free(rows), free(gu), free(h), free(out), free(h_rows), free(xsum);
     free(counts), free(starts), free(order);
     return 0;
 oom:
@@ -181,17 +201,19 @@ oom:
 
 static PyObject *routed_experts(PyObject *self, PyObject *args) {
     Py_ssize_t x, ids, weights, gate_up, down, y;
-    int T, H, I, k, E, part, parts;
-    if (!PyArg_ParseTuple(args, "nnnnnniiiiiii", &x, &ids, &weights, &gate_up, &down, &y, &T, &H, &I,
-                          &k, &E, &part, &parts))
+    int T, H, I, k, E, part, parts, fmt = -1, group = 8;
+    if (!PyArg_ParseTuple(args, "nnnnnniiiiiii|ii", &x, &ids, &weights, &gate_up, &down, &y, &T, &H, &I,
+                          &k, &E, &part, &parts, &fmt, &group))
         return NULL;
     if (T < 0 || H <= 0 || I <= 0 || k <= 0 || E <= 0 || H % 8 || I % 8 || parts < 1 || part < 0 ||
-        part >= parts) {
-        PyErr_SetString(PyExc_ValueError, "routed_experts: bad sizes (H and I must be multiples of 8)");
+        part >= parts || fmt < -1 || fmt > FMT_CCQ ||
+        (fmt >= 0 && (group <= 0 || group % 8 || H % group || I % group))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "routed_experts: bad sizes (H and I multiples of 8, and of the group when quantized)");
         return NULL;
     }
     Problem p = {(const float *)x, (const int64_t *)ids, (const float *)weights, (const int64_t *)gate_up,
-                 (const int64_t *)down, (float *)y, T, H, I, k, E};
+                 (const int64_t *)down, (float *)y, T, H, I, k, E, fmt, group};
     for (int r = 0; r < T * k; r++)
         if (p.ids[r] < 0 || p.ids[r] >= E) {
             PyErr_SetString(PyExc_ValueError, "routed_experts: an expert id is out of range");
@@ -285,8 +307,9 @@ static PyObject *route(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"routed_experts", routed_experts, METH_VARARGS,
-     "routed_experts(x, ids, weights, gate_up, down, y, T, H, I, k, E, part, parts): addresses and "
-     "sizes; writes this part's experts' weighted outputs into y [T, k, H]."},
+     "routed_experts(x, ids, weights, gate_up, down, y, T, H, I, k, E, part, parts[, fmt, group]): "
+     "addresses and sizes; writes this part's experts' weighted outputs into y [T, k, H]. With fmt "
+     ">= 0 the experts are packed (quant_dot.h), gate_up and down [E, 3] address tables."},
     {"route", route, METH_VARARGS,
      "route(x, gate, bias, ids, weights, T, H, E, k, norm_min): ERNIE's top-k router; writes ids "
      "[T, k] (int64) and weights [T, k]. bias may be 0 (none)."},

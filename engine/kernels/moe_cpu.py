@@ -6,10 +6,16 @@ was built, and callers keep their torch/numpy path for when it was not.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from pdserve.engine.kernels import CpuParallel
+from pdserve.engine.kernels.quant_cpu import FORMAT_CODES
+
+if TYPE_CHECKING:
+    from pdserve.engine.quantization.formats import QuantizedWeight
 
 try:
     from pdserve.engine.kernels import _moe_cpu
@@ -108,6 +114,45 @@ class RoutedExpertsKernel:
         self._weights = (list(gate_up), list(down))
         self._gate_up = np.array([w.data_ptr() for w in gate_up], dtype=np.int64)
         self._down = np.array([w.data_ptr() for w in down], dtype=np.int64)
+        self._format: tuple[int, ...] = ()  # fp32
+
+    @classmethod
+    def quantized(
+        cls,
+        gate_up: list[QuantizedWeight],
+        down: list[QuantizedWeight],
+        split_min_expert_bytes: int = _SPLIT_MIN_EXPERT_BYTES,
+    ) -> RoutedExpertsKernel:
+        """The same for packed experts (`quant_dot.h` formats): gate_up[e] [2I, H], down[e] [H, I],
+        one format and group for all. The kernel decodes them as it multiplies."""
+        if _moe_cpu is None:
+            raise RuntimeError("the MoE CPU kernel was not built (see engine/kernels/moe_cpu.c)")
+        if not gate_up or len(gate_up) != len(down):
+            raise ValueError("need one gate_up and one down weight per expert")
+        two_i, hidden = gate_up[0].out_features, gate_up[0].in_features
+        first = gate_up[0]
+        for w, shape in [(w, (two_i, hidden)) for w in gate_up] + [(w, (hidden, two_i // 2)) for w in down]:
+            tensors = (w.packed, w.scale, w.offset)
+            if (
+                (w.out_features, w.in_features) != shape
+                or (w.fmt, w.group) != (first.fmt, first.group)
+                or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+            ):
+                raise ValueError(f"packed experts must be contiguous CPU matrices {shape} of one format")
+        if hidden % first.group or (two_i // 2) % first.group:
+            raise ValueError("the group size must divide the hidden and intermediate sizes")
+        kernel = cls.__new__(cls)
+        kernel.hidden_size, kernel.intermediate_size, kernel.num_experts = hidden, two_i // 2, len(gate_up)
+        bits = {"q8": 8, "q4": 4}.get(first.fmt, 2)
+        kernel._split = 3 * hidden * kernel.intermediate_size * bits // 8 >= split_min_expert_bytes
+        kernel._weights = (list(gate_up), list(down))
+
+        def table(ws: list[QuantizedWeight]) -> np.ndarray:
+            return np.array([[w.packed.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr()] for w in ws])
+
+        kernel._gate_up, kernel._down = table(gate_up).astype(np.int64), table(down).astype(np.int64)
+        kernel._format = (FORMAT_CODES[first.fmt], first.group)
+        return kernel
 
     def __call__(
         self,
@@ -141,7 +186,10 @@ class RoutedExpertsKernel:
             k,
             self.num_experts,
         )
-        parallel(lambda part, parts: _moe_cpu.routed_experts(*args, part, parts), None if self._split else 1)
+        fmt = self._format
+        parallel(
+            lambda part, parts: _moe_cpu.routed_experts(*args, part, parts, *fmt), None if self._split else 1
+        )
         out = torch.empty(t, self.hidden_size, dtype=torch.float32)
         _moe_cpu.combine_slots(per_slot.data_ptr(), out.data_ptr(), t, k, self.hidden_size)
         return out

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine.layers.quantized_linear import quantized_matmul
+from pdserve.engine.quantization.formats import QuantizedWeight
+
 # Weights below this many elements (8 MB) are not split over threads. Splitting pays where the
 # weight streams from memory; a weight that stays in cache is compute-bound, and this machine's
 # two vCPUs share their FMA units (OpenBLAS at 89 GFLOP/s on one thread, 78-91 on two), so the
@@ -182,21 +185,64 @@ def pack_input_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` with the hub's parameter names, fast on the CPU once packed."""
+    """`nn.Linear` with the hub's parameter names, fast on the CPU once packed.
+
+    Quantized (`quantize`), the `weight` parameter is replaced by three buffers,
+    `weight_packed`, `weight_scale` and `weight_offset` (a quantized checkpoint's tensor names),
+    and products read them packed (`quantized_matmul`).
+    """
 
     gemm: CpuGemm | None = None
     prepacked: PrepackedWeight | None = None
+    quant_format: str | None = None
+    quant_group: int = 0
+
+    @property
+    def quantized(self) -> QuantizedWeight | None:
+        """The packed weight, when this layer is quantized (built from the current buffers)."""
+        if self.quant_format is None:
+            return None
+        return QuantizedWeight(
+            self.weight_packed,
+            self.weight_scale,
+            self.weight_offset,
+            self.quant_format,
+            self.in_features,
+            self.quant_group,
+        )
+
+    def quantize(self, q: QuantizedWeight) -> None:
+        """Drops the fp32 `weight` and keeps `q` instead (its tensors become this layer's buffers)."""
+        if q.in_features != self.in_features or q.out_features != self.out_features:
+            raise ValueError(
+                f"quantized weight is [{q.out_features}, {q.in_features}], the layer "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self.quant_format, self.quant_group = q.fmt, q.group
+        self.register_buffer("weight_packed", q.packed)
+        self.register_buffer("weight_scale", q.scale)
+        self.register_buffer("weight_offset", q.offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantized
+        if q is not None:
+            out = quantized_matmul(q, x, self.gemm.parallel if self.gemm is not None else None)
+            return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias, self.gemm, self.prepacked)
 
     def prepack(self) -> None:
         """Also keeps a oneDNN-prepacked copy of `weight` when it is large enough to pay off."""
-        self.prepacked = prepack_if_large(self.weight)
+        if self.quant_format is None:
+            self.prepacked = prepack_if_large(self.weight)
 
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
-        """Re-stores `weight` input-major and multiplies through `gemm`; call after loading."""
-        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+        """Re-stores `weight` input-major and multiplies through `gemm`; call after loading.
+        A quantized layer keeps its packed rows and only borrows `gemm`'s threads."""
+        if self.quant_format is not None:
+            self.gemm = gemm
+        elif self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
             self.weight.data = pack_input_major(self.weight.data)
             self.gemm = gemm
 
@@ -267,6 +313,33 @@ class FusedRowMajor:
         return linear(x, self.weight, self.bias, prepacked=self.prepacked).split(self.sizes, dim=-1)
 
 
+class FusedQuantized:
+    """Several quantized `Linear`s reading the same input as one packed matrix: one product.
+
+    Packed rows stack (each row is independent), so each layer's buffers become views of its
+    rows of the stacked matrix: names and values unchanged.
+    """
+
+    def __init__(self, layers: list[Linear], gemm: CpuGemm | None) -> None:
+        quantized = [layer.quantized for layer in layers]
+        self.weight = QuantizedWeight.cat(quantized)  # type: ignore[arg-type]
+        self.sizes = [layer.out_features for layer in layers]
+        self.bias = _joined_bias(layers)
+        self.parallel = gemm.parallel if gemm is not None else None
+        start = 0
+        for layer, size in zip(layers, self.sizes):
+            layer.quantize(self.weight.rows(start, start + size))
+            if self.bias is not None:
+                layer.bias.data = self.bias[start : start + size]
+            start += size
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = quantized_matmul(self.weight, x, self.parallel)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.split(self.sizes, dim=-1)
+
+
 def _joined_bias(layers: list[Linear]) -> torch.Tensor | None:
     """The layers' biases end to end, in the order of their fused outputs (None without biases)."""
     if layers[0].bias is None:
@@ -276,13 +349,19 @@ def _joined_bias(layers: list[Linear]) -> torch.Tensor | None:
 
 def fuse_linears(
     layers: list[Linear], gemm: CpuGemm, prepack: bool = False
-) -> FusedInputMajor | FusedRowMajor | None:
-    """The layers as one matmul: input-major through `gemm` when packed for the CPU, else row-major;
-    with `prepack`, also through a oneDNN-prepacked copy where that pays (`prepack_if_large`).
+) -> FusedInputMajor | FusedRowMajor | FusedQuantized | None:
+    """The layers as one matmul: packed when all are quantized, input-major through `gemm` when
+    packed for the CPU, else row-major; with `prepack`, also through a oneDNN-prepacked copy
+    where that pays (`prepack_if_large`).
 
-    None when they cannot share one (some with a bias and some without).
+    None when they cannot share one (some with a bias and some without, some quantized).
     """
     if len({layer.bias is None for layer in layers}) != 1:
+        return None
+    quantized = [layer.quant_format is not None for layer in layers]
+    if all(quantized):
+        return FusedQuantized(layers, gemm)
+    if any(quantized):
         return None
     if FusedInputMajor.applies(layers):
         return FusedInputMajor(layers, gemm, prepack)

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.layers.linear import CpuGemm, FusedInputMajor, FusedRowMajor, Linear, fuse_linears
+from pdserve.engine.layers.linear import (
+    CpuGemm,
+    FusedInputMajor,
+    FusedQuantized,
+    FusedRowMajor,
+    Linear,
+    fuse_linears,
+)
+from pdserve.engine.quantization.formats import QuantizedWeight
 
 
 class GatedMLP(nn.Module):
@@ -18,7 +26,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
-        self._gate_up: FusedInputMajor | FusedRowMajor | None = None
+        self._gate_up: FusedInputMajor | FusedRowMajor | FusedQuantized | None = None
         self._gemm: CpuGemm | None = None
         # [in, out] numpy views of the fused gate/up and the down weight, for `forward_numpy`.
         self._gate_up_in_out: np.ndarray | None = None
@@ -34,6 +42,8 @@ class GatedMLP(nn.Module):
         if prepack:
             self.down_proj.prepack()
         down = self.down_proj
+        if down.quant_format is not None:
+            return  # quantized: `forward` runs the fused packed gate/up and the packed down
         if down.bias is not None or down.weight.device.type != "cpu" or down.weight.dtype != torch.float32:
             return
         if isinstance(self._gate_up, FusedInputMajor) and down.gemm is not None:
@@ -53,10 +63,19 @@ class GatedMLP(nn.Module):
     def row_major_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gate_up [2I, H], down [H, I]), both row-major, when fused so and without biases:
         what the MoE kernel reads. None otherwise."""
-        fused, down = self._gate_up, self.down_proj.weight
+        fused = self._gate_up
         if not isinstance(fused, FusedRowMajor) or fused.bias is not None or self.down_proj.bias is not None:
             return None
+        down = self.down_proj.weight
         return (fused.weight, down) if down.is_contiguous() else None
+
+    def quantized_weights(self) -> tuple[QuantizedWeight, QuantizedWeight] | None:
+        """(gate_up [2I, H], down [H, I]) packed, when quantized, fused so and without biases:
+        what the MoE kernel reads. None otherwise."""
+        fused, down = self._gate_up, self.down_proj.quantized
+        if not isinstance(fused, FusedQuantized) or fused.bias is not None or self.down_proj.bias is not None:
+            return None
+        return (fused.weight, down) if down is not None else None
 
     def forward_numpy(self, a: np.ndarray) -> np.ndarray:
         """The MLP on rows `a` [M, H] (fp32, contiguous), in numpy.

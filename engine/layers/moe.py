@@ -66,12 +66,21 @@ class SparseMoE(nn.Module):
 
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
         """Fuses each expert's gate and up into one row-major weight, and runs decode-sized steps
-        through the C kernel where it is built (fp32 CPU weights without biases). The experts'
-        weights stay as checkpoints store them: the kernel reads rows, BLAS multiplies by their
-        transposes. Call once weights are loaded; the shared experts are fused by the model."""
+        through the C kernel where it is built (fp32 CPU weights without biases, or every expert
+        quantized). The experts' weights stay as checkpoints store them: the kernel reads rows,
+        BLAS multiplies by their transposes. Call once weights are loaded (and quantized); the
+        shared experts are fused by the model."""
         for expert in self.experts:
             expert.fuse(gemm)
         self._gemm = gemm
+        packed = [expert.quantized_weights() for expert in self.experts]
+        if all(w is not None for w in packed):
+            if moe_cpu.supports(self.gate.weight.shape[1], self.experts[0].down_proj.in_features):
+                self._kernel = moe_cpu.RoutedExpertsKernel.quantized(
+                    [w[0] for w in packed],  # type: ignore[index]
+                    [w[1] for w in packed],  # type: ignore[index]
+                )
+            return
         weights = [expert.row_major_weights() for expert in self.experts]
         if (
             moe_cpu.supports(self.gate.weight.shape[1], self.experts[0].down_proj.in_features)

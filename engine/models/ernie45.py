@@ -171,7 +171,7 @@ class Ernie45ForCausalLM(nn.Module):
         embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
             self._tied_head_input_major = pack_input_major(embed)
-        if prepack:
+        if prepack and (self.lm_head is None or self.lm_head.quant_format is None):
             self._head_packed = prepack_if_large(embed if self.lm_head is None else self.lm_head.weight)
 
     @property
@@ -218,6 +218,8 @@ class Ernie45ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] for the given rows of pre-norm hidden states."""
+        if self.lm_head is not None and self.lm_head.quant_format is not None:
+            return self.lm_head(self.model.norm(hidden)).float()
         if self.lm_head is not None:
             weight = self.lm_head.weight
         elif self._tied_head_input_major is not None:

@@ -49,6 +49,7 @@ SAMPLES: dict[str, Any] = {
     "kv_cache_blocks": 64,
     "state_dir": Path("/var/run/pdserve"),
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
+    "quantization": "wint4",
     "role_planner": {"enabled": False, "ttft_target_ms": 800, "hysteresis": 2},
     "context_cache": {"redis_url": "redis://10.0.0.5:6379/1", "max_bytes": 2**30, "min_reuse": 2},
 }

@@ -1,0 +1,115 @@
+"""Products with weight-only quantized matrices on the CPU, through `quant_cpu.c`.
+
+Optional at install like the other kernels: `available()` says whether it was built; without
+it quantized matrices are dequantized in torch (slower, same numbers up to rounding).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdserve.engine.kernels import CpuParallel
+
+if TYPE_CHECKING:
+    from pdserve.engine.quantization.formats import QuantizedWeight
+
+try:
+    from pdserve.engine.kernels import _quant_cpu
+except ImportError:  # built as an optional extension: no compiler at install time
+    _quant_cpu = None
+
+# The format codes of quant_dot.h.
+FORMAT_CODES = {"q8": 0, "q4": 1, "q2": 2, "ccq": 3}
+# Matrices of fewer weights than this run on the calling thread alone: the hand-off to another
+# thread (~50 us) costs more than half of such a product saves (see moe_cpu's note on this CPU).
+_SPLIT_MIN_WEIGHTS = 1 << 20
+
+
+def available() -> bool:
+    """True when the C kernel was built and imports."""
+    return _quant_cpu is not None
+
+
+def _kernel():
+    if _quant_cpu is None:
+        raise RuntimeError("the quantized-matrix CPU kernel was not built (see engine/kernels/quant_cpu.c)")
+    return _quant_cpu
+
+
+def _checked(w: QuantizedWeight) -> None:
+    for t in (w.packed, w.scale, w.offset):
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("quantized matrices for the CPU kernel must be contiguous CPU tensors")
+
+
+def matmul(w: QuantizedWeight, rows: torch.Tensor, parallel: CpuParallel | None = None) -> torch.Tensor:
+    """rows [M, K] fp32 @ w.T → [M, N], reading `w` packed (for decode-sized M)."""
+    kernel = _kernel()
+    _checked(w)
+    m, k = rows.shape
+    if rows.dtype != torch.float32 or k != w.in_features:
+        raise ValueError(f"quant matmul: rows must be fp32 [M, {w.in_features}], got {rows.dtype} {k}")
+    rows = rows.contiguous()
+    out = torch.empty(m, w.out_features, dtype=torch.float32)
+    args = (
+        rows.data_ptr(),
+        w.packed.data_ptr(),
+        w.scale.data_ptr(),
+        w.offset.data_ptr(),
+        out.data_ptr(),
+        m,
+        w.out_features,
+        k,
+        w.group,
+        FORMAT_CODES[w.fmt],
+    )
+    if parallel is None or w.out_features * k < _SPLIT_MIN_WEIGHTS:
+        kernel.matmul(*args, 0, 1)
+    else:
+        parallel(lambda part, parts: kernel.matmul(*args, part, parts), None)
+    return out
+
+
+def dequantize(w: QuantizedWeight, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `w` as an fp32 [stop - start, K] matrix."""
+    kernel = _kernel()
+    _checked(w)
+    out = torch.empty(stop - start, w.in_features, dtype=torch.float32)
+    kernel.dequantize(
+        w.packed.data_ptr(),
+        w.scale.data_ptr(),
+        w.offset.data_ptr(),
+        out.data_ptr(),
+        w.out_features,
+        w.in_features,
+        w.group,
+        FORMAT_CODES[w.fmt],
+        start,
+        stop,
+    )
+    return out
+
+
+def ccq_encode(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    group: int,
+    parallel: CpuParallel | None = None,
+) -> torch.Tensor:
+    """The convolutional code's packed rows (uint8 [N, K/4 + 2]) for fp32 `weight` [N, K], given
+    fp32 `scale` and `offset` [N, K / group]: the Viterbi search of `quant_cpu.c`."""
+    kernel = _kernel()
+    n, k = weight.shape
+    weight, scale, offset = weight.contiguous(), scale.contiguous(), offset.contiguous()
+    if weight.dtype != torch.float32 or scale.shape != (n, k // group) or offset.shape != scale.shape:
+        raise ValueError("ccq_encode: weight fp32 [N, K], scale and offset fp32 [N, K / group]")
+    out = torch.zeros(n, k // 4 + 2, dtype=torch.uint8)
+    args = (weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(), n, k, group)
+    if parallel is None:
+        kernel.ccq_encode(*args, 0, 1)
+    else:
+        parallel(lambda part, parts: kernel.ccq_encode(*args, part, parts), None)
+    return out

@@ -1,0 +1,95 @@
+"""The quantized-matrix C kernels against torch references: products, dequantization, the
+quantized routed experts, and the convolutional code's encoder (against exhaustive search)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.kernels import moe_cpu, quant_cpu
+from pdserve.engine.quantization import formats
+
+needs_kernel = pytest.mark.skipif(not quant_cpu.available(), reason="quant CPU kernel not built")
+FORMATS = ("q8", "q4", "q2", "ccq")
+
+
+def _reference(q: formats.QuantizedWeight) -> torch.Tensor:
+    """The matrix decoded in torch (float64), independent of the C decoding."""
+    levels = q.levels().double().view(q.out_features, -1, q.group)
+    return (levels * q.scale.double()[..., None] + q.offset.double()[..., None]).view(q.out_features, -1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", [16, 64])
+def test_products_read_packed_weights_correctly(fmt, group, gemm):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(67, 128, generator=g)  # an odd row count: the kernel's 2-row tiles have a tail
+    q = formats.quantize(w, fmt, group)
+    ref = _reference(q)
+    torch.testing.assert_close(q.dequantize().double(), ref, rtol=0, atol=1e-6)
+    for m in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(m, 128, generator=g)
+        got = quant_cpu.matmul(q, x)
+        torch.testing.assert_close(got.double(), x.double() @ ref.t(), rtol=1e-5, atol=1e-4)
+        # Split over the threads, the same rows come out bit for bit, whatever the batch.
+        assert torch.equal(quant_cpu.matmul(q, x, gemm.parallel), got) or q.out_features * 128 < 1 << 20
+        assert torch.equal(quant_cpu.matmul(q, x[:1]), got[:1])
+
+
+@needs_kernel
+def test_large_products_split_over_threads_match_one_thread(gemm):
+    q = formats.quantize(torch.randn(2048, 1024, generator=torch.Generator().manual_seed(2)), "q4", 64)
+    x = torch.randn(3, 1024)
+    assert torch.equal(quant_cpu.matmul(q, x, gemm.parallel), quant_cpu.matmul(q, x))
+
+
+@needs_kernel
+def test_ccq_encoder_finds_the_best_bit_string():
+    """Exhaustive search over every string of a 8-weight row (2 * 8 + 4 bits) agrees with Viterbi."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1, 8, generator=g)
+    scale, offset = torch.tensor([[0.05]]), torch.tensor([[-1.6]])
+    packed = quant_cpu.ccq_encode(w, scale, offset, 8)
+    got = formats.QuantizedWeight(packed, scale.half(), offset.half(), "ccq", 8, 8)
+    got_cost = float(((got.levels().float() * 0.05 - 1.6) - w).square().sum())
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=20)), dtype=torch.int32)  # [2^20, 20]
+    codes = sum(bits[:, i : i + 16 : 2] << i for i in range(6))  # [2^20, 8] windows
+    values = ((codes * formats.CCQ_MUL) & 63).float() * 0.05 - 1.6
+    best = float((values - w).square().sum(1).min())
+    assert got_cost == pytest.approx(best, rel=1e-5)
+
+
+@needs_kernel
+@pytest.mark.skipif(not moe_cpu.available(), reason="MoE CPU kernel not built")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_routed_experts_match_the_dequantized_reference(fmt, gemm):
+    g = torch.Generator().manual_seed(4)
+    hidden, inter, experts, k = 64, 32, 6, 2
+    gate_up = [
+        formats.quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, fmt, 32) for _ in range(experts)
+    ]
+    down = [formats.quantize(torch.randn(hidden, inter, generator=g) * 0.1, fmt, 32) for _ in range(experts)]
+    kernel = moe_cpu.RoutedExpertsKernel.quantized(gate_up, down)
+    x = torch.randn(5, hidden, generator=g)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(5)])
+    weights = torch.rand(5, k, generator=g)
+    out = kernel(x, weights, ids, gemm.parallel)
+    want = torch.zeros(5, hidden, dtype=torch.float64)
+    for t, s in itertools.product(range(5), range(k)):
+        e = int(ids[t, s])
+        gate, up = F.linear(x[t].double(), _reference(gate_up[e])).chunk(2)
+        want[t] += weights[t, s].double() * F.linear(F.silu(gate) * up, _reference(down[e]))
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"does not divide layer\.x's 100 input columns"):
+        formats.quantize(torch.randn(4, 100), "q4", 32, name="layer.x")
+    q = formats.quantize(torch.randn(4, 64), "q4", 32)
+    with pytest.raises(ValueError, match=r"rows must be fp32 \[M, 64\]"):
+        quant_cpu.matmul(q, torch.randn(2, 32))
