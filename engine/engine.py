@@ -19,6 +19,8 @@ from pdserve.engine.config import ModelConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.expert_parallel.dispatch import ExpertDispatcher
+from pdserve.engine.expert_parallel.rank import ROUTED_EXPERT_TENSORS, ExpertParallelRank, join_group
 from pdserve.engine.guided_grammar import GuidedDecodingError
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_handoff import KVHandoff, KVPayload
@@ -63,10 +65,15 @@ class Engine:
         config: EngineConfig,
         on_cache_event: Callable[[KVCacheEvent], None] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        expert_parallel_rank: ExpertParallelRank | None = None,
     ) -> None:
         """`on_phase` hears what the constructor is doing ("loading weights 3/57", "allocating
-        KV cache (64 MiB)"), from the thread that builds the engine, for a start-up progress line."""
+        KV cache (64 MiB)"), from the thread that builds the engine, for a start-up progress line.
+        `expert_parallel_rank`: this engine is one rank of an expert-parallel group (it holds its
+        share of the routed experts; `ExpertParallelGroup` builds one per rank)."""
         self.config = config
+        self.ep_rank = expert_parallel_rank
+        self.dispatcher: ExpertDispatcher | None = None
         self._on_phase = on_phase or (lambda phase: None)
         self.on_cache_event = on_cache_event
         if config.num_threads is not None:
@@ -191,8 +198,15 @@ class Engine:
         if fmt == "safetensors" and not source.has_weights:
             raise ValueError(f"load_format='safetensors' but {source.name!r} has no *.safetensors files")
         # Build without allocating or initialising (the weights are overwritten right away).
+        ep = self.ep_rank
+        if ep is not None and not self.model_config.is_moe:
+            raise ValueError(f"expert_parallel needs an MoE model; {source.name!r} is dense")
         with torch.device("meta"):
-            model = Ernie45ForCausalLM(self.model_config, self.dtype)
+            model = Ernie45ForCausalLM(
+                self.model_config,
+                self.dtype,
+                ep.held_experts(self.model_config.moe_num_experts) if ep else None,
+            )
         _materialize(model, self.device)
         if fmt == "dummy":
             init_dummy_weights(model, seed=self.config.seed, dtype=self.dtype)
@@ -203,9 +217,14 @@ class Engine:
                 source.path,
                 dtype=self.dtype,
                 progress=self.config.progress,
+                allow_ignored=(ROUTED_EXPERT_TENSORS,) if ep is not None else (),
                 on_tensor=lambda done, total: self._on_phase(f"loading weights {done}/{total}"),
             )
         model.pack_for_cpu(self.gemm)
+        if ep is not None:
+            self._on_phase(f"joining expert-parallel group as rank {ep.rank}/{ep.config.size}")
+            backend = ep.config.resolved_backend(self.config.on_gpu)
+            self.dispatcher = join_group(model, ep, backend, self.config.device)
         return model.eval()
 
     def _build_proposer(self) -> Proposer | None:

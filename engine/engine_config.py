@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pdserve.engine.expert_parallel.config import ExpertParallelConfig
 from pdserve.engine.layers.linear import CPU_GEMM_BACKENDS
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
@@ -45,6 +46,9 @@ class EngineConfig:
     progress: bool = True
     # {"method": "draft" | "mtp" | "ngram", "num_speculative_tokens": k, ...}; see SpeculativeConfig.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    # {"size": N, "num_redundant_experts": R, "rebalance_interval_s": s}; see ExpertParallelConfig.
+    # size > 1 runs one MoE replica on N ranks (`LLM` spawns them; see expert_parallel/group.py).
+    expert_parallel: dict[str, Any] | ExpertParallelConfig | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -80,6 +84,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        self.expert_parallel = ExpertParallelConfig.from_dict(self.expert_parallel)
         try:
             torch.device(self.device)
         except RuntimeError as e:
