@@ -201,6 +201,11 @@ class Engine:
         ep = self.ep_rank
         if ep is not None and not self.model_config.is_moe:
             raise ValueError(f"expert_parallel needs an MoE model; {source.name!r} is dense")
+        if ep is not None and ep.config.size > self.model_config.moe_num_experts:
+            raise ValueError(
+                f"expert_parallel.size ({ep.config.size}) exceeds the model's "
+                f"{self.model_config.moe_num_experts} routed experts; use a smaller group"
+            )
         with torch.device("meta"):
             model = Ernie45ForCausalLM(
                 self.model_config,
