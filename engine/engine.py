@@ -20,6 +20,8 @@ from pdserve.engine.context_cache import ContextCache, KVLayout, model_identity
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.expert_parallel.dispatch import ExpertDispatcher
+from pdserve.engine.expert_parallel.rank import ROUTED_EXPERT_TENSORS, ExpertParallelRank, join_group
 from pdserve.engine.guided_grammar import GuidedDecodingError
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_handoff import KVHandoff, KVPayload
@@ -32,7 +34,7 @@ from pdserve.engine.loader import (
 )
 from pdserve.engine.model_runner import KVCache, ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_model
-from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
+from pdserve.engine.models.ernie45 import Ernie45ForCausalLM, HeldExpertsOf
 from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.quantization.apply import (
     check_groups,
@@ -76,23 +78,18 @@ class Engine:
         config: EngineConfig,
         on_cache_event: Callable[[KVCacheEvent], None] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        expert_parallel_rank: ExpertParallelRank | None = None,
     ) -> None:
         """`on_phase` hears what the constructor is doing ("loading weights 3/57", "allocating
-        KV cache (64 MiB)"), from the thread that builds the engine, for a start-up progress line."""
+        KV cache (64 MiB)"), from the thread that builds the engine, for a start-up progress line.
+        `expert_parallel_rank`: this engine is one rank of an expert-parallel group (it holds its
+        share of the routed experts; `ExpertParallelGroup` builds one per rank)."""
         self.config = config
+        self.ep_rank = expert_parallel_rank
+        self.dispatcher: ExpertDispatcher | None = None
         self._on_phase = on_phase or (lambda phase: None)
         self.on_cache_event = on_cache_event
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
-        backend = default_cpu_gemm_backend() if config.cpu_gemm == "auto" else config.cpu_gemm
-        # OpenBLAS matmuls are single-threaded calls split over CpuGemm's own threads.
-        threadpool_limits(1, user_api="blas")
-        if backend == "openblas" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            logger.warning(
-                "OMP_WAIT_POLICY is not PASSIVE: torch's spinning OpenMP threads will slow the "
-                "OpenBLAS matmuls (up to 2x); import pdserve before torch, or set OMP_WAIT_POLICY=PASSIVE"
-            )
-        self.gemm = CpuGemm(config.num_threads or torch.get_num_threads(), backend)
+        self.gemm = _cpu_gemm(config)
         self.device = torch.device(config.device)
         source = resolve_model(config.model)
         self.source = source
@@ -216,7 +213,19 @@ class Engine:
             )
         if fmt == "safetensors" and not source.has_weights:
             raise ValueError(f"load_format='safetensors' but {source.name!r} has no *.safetensors files")
-        model = build_model_shell(self.model_config, self.dtype, self.quantization, self.prequantized)
+        # Build without allocating or initialising (the weights are overwritten right away).
+        ep = self.ep_rank
+        if ep is not None and not self.model_config.is_moe:
+            raise ValueError(f"expert_parallel needs an MoE model; {source.name!r} is dense")
+        if ep is not None and ep.config.size > self.model_config.moe_num_experts:
+            raise ValueError(
+                f"expert_parallel.size ({ep.config.size}) exceeds the model's "
+                f"{self.model_config.moe_num_experts} routed experts; use a smaller group"
+            )
+        if ep is not None and self.quantization is not None:
+            raise ValueError("expert_parallel with quantization is not supported yet; drop one of the two")
+        held = ep.held_experts(self.model_config.moe_num_experts) if ep else None
+        model = build_model_shell(self.model_config, self.dtype, self.quantization, self.prequantized, held)
         _materialize(model, self.device)
         if fmt == "dummy":
             init_dummy_weights(model, seed=self.config.seed, dtype=self.dtype)
@@ -227,6 +236,7 @@ class Engine:
                 source.path,
                 dtype=self.dtype,
                 progress=self.config.progress,
+                allow_ignored=(ROUTED_EXPERT_TENSORS,) if ep is not None else (),
                 on_tensor=lambda done, total: self._on_phase(f"loading weights {done}/{total}"),
             )
         if self.quantization is not None and not self.prequantized:
@@ -237,6 +247,10 @@ class Engine:
                 lambda done, total: self._on_phase(f"quantizing weights {done}/{total}"),
             )
         model.pack_for_cpu(self.gemm)
+        if ep is not None:
+            self._on_phase(f"joining expert-parallel group as rank {ep.rank}/{ep.config.size}")
+            backend = ep.config.resolved_backend(self.config.on_gpu)
+            self.dispatcher = join_group(model, ep, backend, self.config.device)
         return model.eval()
 
     def _build_proposer(self) -> Proposer | None:
@@ -711,13 +725,33 @@ def check_model(config: EngineConfig) -> None:
         check_checkpoint(model, source.path)
 
 
+def _cpu_gemm(config: EngineConfig) -> CpuGemm:
+    """Sets torch's threads and returns the CPU matmul backend the config asks for."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    backend = default_cpu_gemm_backend() if config.cpu_gemm == "auto" else config.cpu_gemm
+    # OpenBLAS matmuls are single-threaded calls split over CpuGemm's own threads.
+    threadpool_limits(1, user_api="blas")
+    if backend == "openblas" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        logger.warning(
+            "OMP_WAIT_POLICY is not PASSIVE: torch's spinning OpenMP threads will slow the "
+            "OpenBLAS matmuls (up to 2x); import pdserve before torch, or set OMP_WAIT_POLICY=PASSIVE"
+        )
+    return CpuGemm(config.num_threads or torch.get_num_threads(), backend)
+
+
 def build_model_shell(
-    config: ModelConfig, dtype: torch.dtype, quantization: QuantizationConfig | None, prequantized: bool
+    config: ModelConfig,
+    dtype: torch.dtype,
+    quantization: QuantizationConfig | None,
+    prequantized: bool,
+    held_experts: HeldExpertsOf = None,
 ) -> Ernie45ForCausalLM:
     """The model on the meta device (no storage yet), with packed storage for a quantized
-    checkpoint; ValueError names a layer the quantization's group size does not divide."""
+    checkpoint and, for an expert-parallel rank, only its `held_experts`; ValueError names a
+    layer the quantization's group size does not divide."""
     with torch.device("meta"):
-        model = Ernie45ForCausalLM(config, dtype)
+        model = Ernie45ForCausalLM(config, dtype, held_experts)
     if quantization is not None:
         check_groups(model, quantization)
         if prequantized:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pdserve.engine.context_cache_config import ContextCacheConfig
+from pdserve.engine.expert_parallel.config import ExpertParallelConfig
 from pdserve.engine.layers.linear import CPU_GEMM_BACKENDS
 from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.engine.spec_decode.config import SpeculativeConfig
@@ -54,6 +55,9 @@ class EngineConfig:
     # "lm_head": ...}; see QuantizationConfig. None: full precision (or whatever a quantized
     # checkpoint declares).
     quantization: str | dict[str, Any] | QuantizationConfig | None = None
+    # {"size": N, "num_redundant_experts": R, "rebalance_interval_s": s}; see ExpertParallelConfig.
+    # size > 1 runs one MoE replica on N ranks (`LLM` spawns them; see expert_parallel/group.py).
+    expert_parallel: dict[str, Any] | ExpertParallelConfig | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -95,6 +99,7 @@ class EngineConfig:
                 "context_cache loads blocks into the prefix cache: it needs enable_prefix_caching=True"
             )
         self.quantization = QuantizationConfig.from_value(self.quantization)
+        self.expert_parallel = ExpertParallelConfig.from_dict(self.expert_parallel)
         try:
             torch.device(self.device)
         except RuntimeError as e:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from pdserve.engine.engine import Engine, PromptInput
 from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.expert_parallel.group import ExpertParallelGroup
 from pdserve.engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -25,8 +26,18 @@ class LLM:
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         on_cache_event = engine_args.pop("on_cache_event", None)
-        self.engine = Engine(EngineConfig(model=model, **engine_args), on_cache_event=on_cache_event)
+        config = EngineConfig(model=model, **engine_args)
+        if config.expert_parallel.size > 1:
+            # One replica on N rank processes, each holding its share of the routed experts.
+            self.engine: Engine | ExpertParallelGroup = ExpertParallelGroup(config)
+        else:
+            self.engine = Engine(config, on_cache_event=on_cache_event)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stops an expert-parallel group's rank processes (one engine has nothing to stop)."""
+        if isinstance(self.engine, ExpertParallelGroup):
+            self.engine.close()
 
     @property
     def tokenizer(self):

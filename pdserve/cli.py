@@ -494,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench_quant_accuracy,
         _add_bench_kv_transfer,
         _add_bench_context_cache,
+        _add_bench_ep,
         _add_bench_router,
         _add_bench_serve,
         _add_bench_planner,
@@ -681,6 +682,49 @@ def _add_bench_context_cache(bench_sub) -> None:
         "--output", type=Path, default=None, help="JSON path (default bench-results/context-cache-*.json)"
     )
     cc.set_defaults(func=_cmd_bench_context_cache)
+
+
+def _cmd_bench_ep(args: argparse.Namespace) -> int:
+    from pdserve.bench.ep_bench import EPBenchArgs, run_ep_bench
+
+    bench_args = EPBenchArgs(
+        model=args.model,
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides,
+        sizes=tuple(args.ep),
+        batches=tuple(args.batch),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        total_threads=args.threads or 2,
+        num_redundant_experts=args.num_redundant_experts,
+        worker_memory_gb=args.worker_memory_gb,
+        seed=args.seed,
+    )
+    run_ep_bench(bench_args, _bench_output(args, "ep"))
+    return 0
+
+
+def _add_bench_ep(bench_sub) -> None:
+    ep = bench_sub.add_parser(
+        "ep",
+        help="expert-parallel groups of several sizes: RSS per rank, decode tok/s, dispatch share, balance",
+    )
+    _add_model_args(ep)
+    ep.add_argument("--ep", type=_int_list("--ep"), default=[1, 2, 4], help="group sizes to compare")
+    ep.add_argument("--batch", type=_int_list("--batch"), default=[1, 8, 32])
+    ep.add_argument("--input-len", type=_int_at_least("--input-len", 4), default=32)
+    ep.add_argument("--output-len", type=_int_at_least("--output-len", 2), default=16)
+    ep.add_argument(
+        "--num-redundant-experts",
+        type=int,
+        default=None,
+        help="spare slots for the balance run (default: EP size)",
+    )
+    ep.add_argument(
+        "--worker-memory-gb", type=float, default=None, help="mark which sizes fit a worker of this memory"
+    )
+    ep.add_argument("--output", type=Path, default=None, help="JSON path (default bench-results/ep-*.json)")
+    ep.set_defaults(func=_cmd_bench_ep)
 
 
 def _add_bench_kv_transfer(bench_sub) -> None:

@@ -193,3 +193,13 @@ class RoutedExpertsKernel:
         out = torch.empty(t, self.hidden_size, dtype=torch.float32)
         _moe_cpu.combine_slots(per_slot.data_ptr(), out.data_ptr(), t, k, self.hidden_size)
         return out
+
+
+def combine_slots(per_slot: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] = sum over s of per_slot[t, s], in slot order; per_slot [T, k, H], out [T, H], fp32."""
+    if _moe_cpu is None:
+        raise RuntimeError("the MoE CPU kernel was not built (see engine/kernels/moe_cpu.c)")
+    t, k, h = per_slot.shape
+    if per_slot.dtype != torch.float32 or not per_slot.is_contiguous() or out.shape != (t, h):
+        raise ValueError("combine_slots: per_slot must be contiguous fp32 [T, k, H] and out [T, H]")
+    _moe_cpu.combine_slots(per_slot.data_ptr(), out.data_ptr(), t, k, h)

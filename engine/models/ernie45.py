@@ -7,6 +7,8 @@ K/V in a paged cache (see `layers/attention.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -27,6 +29,9 @@ from pdserve.engine.layers.mlp import GatedMLP
 from pdserve.engine.layers.moe import SparseMoE
 from pdserve.engine.layers.norm import RMSNorm
 from pdserve.engine.layers.rotary import RotaryEmbedding
+
+# layer index -> the routed experts an instance holds there; None: all of them
+HeldExpertsOf = Callable[[int], list[int]] | None
 
 
 class Attention(nn.Module):
@@ -75,11 +80,13 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + MLP block; the MLP is routed experts on MoE layers."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, held_experts: HeldExpertsOf = None
+    ) -> None:
         super().__init__()
         self.self_attn = Attention(config, dtype)
         self.mlp: nn.Module = (
-            SparseMoE(config, dtype)
+            SparseMoE(config, dtype, held_experts(layer_idx) if held_experts is not None else None)
             if config.is_moe_layer(layer_idx)
             else GatedMLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype)
         )
@@ -100,7 +107,7 @@ class DecoderLayer(nn.Module):
 class Ernie45Model(nn.Module):
     """The `model.` prefix of the checkpoint: embeddings, decoder layers, final norm, MTP layers."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, held_experts: HeldExpertsOf = None) -> None:
         super().__init__()
         h = config.hidden_size
         # Given its weight, nn.Embedding skips its random init, whose first use on the meta device
@@ -108,7 +115,9 @@ class Ernie45Model(nn.Module):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, h, _weight=torch.empty(config.vocab_size, h, dtype=dtype), _freeze=True
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, held_experts) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(h, config.rms_norm_eps, dtype)
         # ERNIE's multi-token-prediction head, loaded for speculative decoding (not run by forward).
         n_mtp = config.num_nextn_predict_layers
@@ -118,17 +127,21 @@ class Ernie45Model(nn.Module):
             Linear(2 * h, h, bias=config.use_bias, dtype=dtype) for _ in range(n_mtp)
         )
         self.mtp_block = nn.ModuleList(
-            DecoderLayer(config, config.num_hidden_layers + i, dtype) for i in range(n_mtp)
+            DecoderLayer(config, config.num_hidden_layers + i, dtype, held_experts) for i in range(n_mtp)
         )
 
 
 class Ernie45ForCausalLM(nn.Module):
-    """Dense or MoE ERNIE 4.5 language model over a paged KV cache."""
+    """Dense or MoE ERNIE 4.5 language model over a paged KV cache.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    `held_experts(layer)`: which routed experts of that MoE layer this instance holds (an
+    expert-parallel rank's share); default all.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, held_experts: HeldExpertsOf = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Ernie45Model(config, dtype)
+        self.model = Ernie45Model(config, dtype, held_experts)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.lm_head = (
             None
@@ -173,6 +186,11 @@ class Ernie45ForCausalLM(nn.Module):
             self._tied_head_input_major = pack_input_major(embed)
         if prepack and (self.lm_head is None or self.lm_head.quant_format is None):
             self._head_packed = prepack_if_large(embed if self.lm_head is None else self.lm_head.weight)
+
+    def moe_layers(self) -> dict[int, SparseMoE]:
+        """MoE layers by decoder-layer index (MTP layers numbered after the main ones)."""
+        layers = [*self.model.layers, *self.model.mtp_block]
+        return {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoE)}
 
     @property
     def num_kv_layers(self) -> int:

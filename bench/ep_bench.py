@@ -1,0 +1,132 @@
+"""`pdserve bench ep`: one MoE replica on expert-parallel groups of several sizes, side by side.
+
+Per group size and batch: peak RSS per rank, decode tokens/s, the share of rank-step time spent
+in dispatch/combine collectives; then expert load imbalance (max/mean tokens per rank) for a
+skewed prompt set (one prompt repeated: the same experts stay hot) before and after a rebalance.
+Prompts are random token ids (seeded), not text the demo models were trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.expert_parallel.group import ExpertParallelGroup
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EPBenchArgs:
+    """What `pdserve bench ep` runs."""
+
+    model: str
+    load_format: str
+    hf_overrides: dict[str, Any]
+    sizes: tuple[int, ...]
+    batches: tuple[int, ...]
+    input_len: int = 32
+    output_len: int = 16
+    total_threads: int = 2
+    num_redundant_experts: int | None = None  # default: one spare per rank
+    worker_memory_gb: float | None = None
+    seed: int = 0
+
+
+def _group(args: EPBenchArgs, size: int, redundant: int = 0) -> ExpertParallelGroup:
+    config = EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        hf_overrides=args.hf_overrides,
+        dtype="float32",
+        seed=args.seed,
+        progress=False,
+        num_threads=max(1, args.total_threads // size),  # the same cores in all, split over ranks
+        max_num_seqs=max(args.batches),
+        kv_cache_blocks=max(args.batches) * -(-(args.input_len + args.output_len) // 16) + 8,
+        expert_parallel={"size": size, "num_redundant_experts": redundant},
+    )
+    return ExpertParallelGroup(config)
+
+
+def _decode_run(group: ExpertParallelGroup, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        group.add_request(f"r{time.monotonic_ns()}-{i}", ids, params)
+    group.step()  # the prefill of every prompt; decode steps follow
+    before = group.rank_stats()
+    started, tokens = time.perf_counter(), 0
+    while group.has_unfinished():
+        tokens += sum(len(d.new_token_ids) for d in group.step())
+    seconds = time.perf_counter() - started
+    after = group.rank_stats()
+    dispatch = sum(a["dispatch_seconds"] - b["dispatch_seconds"] for a, b in zip(after, before))
+    step = sum(a["step_seconds"] - b["step_seconds"] for a, b in zip(after, before))
+    return {"decode_tok_s": tokens / seconds, "dispatch_share": dispatch / step if step else 0.0}
+
+
+def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any]:
+    """Runs every size and batch, prints the tables, writes JSON to `output`."""
+    rng = random.Random(args.seed)
+    rows, imbalance = [], []
+    for size in args.sizes:
+        group = _group(args, size)
+        try:
+            for batch in args.batches:
+                prompts = [[rng.randrange(3, 250) for _ in range(args.input_len)] for _ in range(batch)]
+                result = _decode_run(group, prompts, args.output_len)
+                rss = max(s["peak_rss_bytes"] for s in group.rank_stats())
+                rows.append({"ep": size, "batch": batch, "peak_rss_gib_per_rank": rss / 2**30, **result})
+                print(
+                    f"ep {size:>2} batch {batch:>3}: rank RSS {rss / 2**30:6.2f} GiB  decode "
+                    f"{result['decode_tok_s']:8.1f} tok/s  dispatch/combine {100 * result['dispatch_share']:5.1f}%"
+                )
+        finally:
+            group.close()
+    for size in [s for s in args.sizes if s > 1]:
+        redundant = args.num_redundant_experts if args.num_redundant_experts is not None else size
+        group = _group(args, size, redundant)
+        try:
+            skewed = [[rng.randrange(3, 250) for _ in range(4)] * (args.input_len // 4)] * max(args.batches)
+            group.collect_expert_tokens()
+            _decode_run(group, skewed, args.output_len)
+            before = group.imbalance()
+            group.rebalance()
+            _decode_run(group, skewed, args.output_len)
+            after = group.imbalance()
+            imbalance.append({"ep": size, "redundant": redundant, "before": before, "after": after})
+            print(
+                f"ep {size}: imbalance (max/mean tokens per rank) {before:.2f} before, {after:.2f} after rebalancing"
+            )
+        finally:
+            group.close()
+    base = {r["batch"]: r for r in rows if r["ep"] == 1}
+    for r in rows:
+        if r["batch"] in base:
+            b = base[r["batch"]]
+            r["rss_vs_ep1"] = r["peak_rss_gib_per_rank"] / b["peak_rss_gib_per_rank"]
+            r["decode_vs_ep1"] = r["decode_tok_s"] / b["decode_tok_s"]
+    if args.worker_memory_gb is not None:
+        for r in rows:
+            r["fits_worker_memory"] = r["peak_rss_gib_per_rank"] <= args.worker_memory_gb
+    doc = {"args": {**args.__dict__}, "decode": rows, "imbalance": imbalance}
+    _print_table(rows)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(doc, indent=2, default=list))
+    return doc
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'ep':>3} {'batch':>5} {'RSS/rank GiB':>12} {'x EP1':>6} {'tok/s':>8} {'x EP1':>6} {'dispatch %':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r['ep']:>3} {r['batch']:>5} {r['peak_rss_gib_per_rank']:>12.2f} {r.get('rss_vs_ep1', 0):>6.2f} "
+            f"{r['decode_tok_s']:>8.1f} {r.get('decode_vs_ep1', 0):>6.2f} {100 * r['dispatch_share']:>10.1f}"
+        )

@@ -1,0 +1,176 @@
+"""`ExpertDispatcher`: dispatch and combine of one rank's MoE layers over the group.
+
+Each rank runs its own sequences (attention is data parallel) and reaches its MoE layers on its
+own schedule. Every exchange is one *round* that all ranks enter together: a rank inside a MoE
+layer sends the (token, slot) rows whose expert another rank holds, and a rank that finished its
+step (`finish_step`) sends nothing but still computes what others send it. A round's header says
+which layer each sender is in, so ranks need not be in the same layer, pass or step: a rank with
+no tokens, or one running an MTP or verification pass the others are not, never deadlocks them.
+The step ends in the first round where every rank has finished.
+
+Experts return unweighted rows; the sender weighs them and sums a token's k slots in slot order
+(the C kernel's `combine_slots`), so a token's result is the same float for float whichever
+rank ran its experts, and the same as one engine's decode-sized MoE path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pdserve.engine.expert_parallel.collective import ExpertCollective
+from pdserve.engine.expert_parallel.placement import ExpertPlacement, base_range
+from pdserve.engine.kernels import moe_cpu
+
+# Header columns: rows sent to that rank, the sender's layer (-1: finished its step), finished.
+_ROWS, _LAYER, _DONE = 0, 1, 2
+
+# (rows [P, H], local slot ids [P]) -> unweighted expert outputs [P, H]
+HeldExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DispatchStats:
+    """What this rank's dispatcher did, for metrics and `pdserve bench ep`."""
+
+    rounds: int = 0
+    seconds: float = 0.0  # in collectives (waiting included), not expert compute
+    compute_seconds: float = 0.0  # running experts for this and other ranks' rows
+    rows_sent: int = 0
+    rows_received: int = 0
+    # layer -> tokens routed to each logical expert from this rank's sequences
+    expert_tokens: dict[int, list[int]] = field(default_factory=dict)
+
+
+class ExpertDispatcher:
+    """One rank's side of the group's dispatch/combine (see the module docstring)."""
+
+    def __init__(self, collective: ExpertCollective, placement: ExpertPlacement, hidden_size: int) -> None:
+        self.collective = collective
+        self.hidden_size = hidden_size
+        self.rank = collective.rank
+        self.size = collective.size
+        self.dtype = torch.float32  # of the rows; the model sets its compute dtype
+        self.stats = DispatchStats()
+        self._layers: dict[int, HeldExpertsFn] = {}
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.placement = placement
+
+    def register(self, layer: int, run_held: HeldExpertsFn) -> None:
+        """`run_held` computes this rank's held experts of MoE layer `layer`."""
+        self._layers[layer] = run_held
+        self._tables[layer] = self.placement.replica_table(layer)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Swaps the routing table (between steps, after the held copies were filled)."""
+        self.placement = placement
+        self._tables = {layer: placement.replica_table(layer) for layer in self._layers}
+
+    def dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]), experts wherever held."""
+        t, k = ids.shape
+        flat = ids.reshape(-1).cpu().numpy()
+        counts = self.stats.expert_tokens.setdefault(layer, [0] * self.placement.num_experts)
+        for e, n in enumerate(np.bincount(flat, minlength=self.placement.num_experts)):
+            counts[e] += int(n)
+        ranks, slots, copies = self._tables[layer]
+        token = np.arange(t * k) // k
+        # Copies split an expert's tokens: token i of this rank goes to copy (i + rank) % copies.
+        choice = (token + self.rank) % copies[flat]
+        dest, local = ranks[flat, choice], slots[flat, choice]
+        order = np.argsort(dest, kind="stable")
+        send_counts = np.bincount(dest, minlength=self.size).tolist()
+        rows = x[torch.from_numpy(token[order])]
+        back = self._round(layer, send_counts, rows, torch.from_numpy(local[order]))
+        per_slot = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
+        per_slot[torch.from_numpy(order)] = back
+        return combine(per_slot.view(t, k, -1), weights)
+
+    def finish_step(self) -> None:
+        """Serves other ranks' rows until every rank has finished its step."""
+        while self._round(-1, [0] * self.size, None, None) is not None:
+            pass
+
+    def _round(
+        self, layer: int, send_counts: list[int], rows: torch.Tensor | None, local: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """One exchange; returns the rows computed for `rows`, or None when all ranks finished."""
+        c = self.collective
+        started = time.perf_counter()
+        header = torch.tensor([[n, layer, layer < 0] for n in send_counts], dtype=torch.int64)
+        got = c.all_to_all(header, [1] * self.size, [1] * self.size)
+        self.stats.rounds += 1
+        if bool(got[:, _DONE].all()):
+            self.stats.seconds += time.perf_counter() - started
+            return None
+        recv_counts = got[:, _ROWS].tolist()
+        if rows is None:
+            rows = torch.empty(0, self.hidden_size, dtype=self.dtype, device=c.device)
+            local = torch.empty(0, dtype=torch.int64)
+        in_rows = c.all_to_all(rows.to(c.device), send_counts, recv_counts)
+        in_local = c.all_to_all(local.to(c.device), send_counts, recv_counts)
+        computed = time.perf_counter()
+        out = torch.empty_like(in_rows)
+        starts = np.concatenate([[0], np.cumsum(recv_counts)])
+        for src_layer in sorted({int(v) for v, n in zip(got[:, _LAYER].tolist(), recv_counts) if n}):
+            pick = np.concatenate(
+                [
+                    np.arange(starts[s], starts[s + 1])
+                    for s in range(self.size)
+                    if int(got[s, _LAYER]) == src_layer
+                ]
+            )
+            index = torch.from_numpy(pick).to(in_rows.device)
+            out[index] = self._layers[src_layer](in_rows[index], in_local[index])
+        compute = time.perf_counter() - computed
+        back = c.all_to_all(out, recv_counts, send_counts)
+        self.stats.seconds += time.perf_counter() - started - compute
+        self.stats.compute_seconds += compute
+        self.stats.rows_sent += sum(n for r, n in enumerate(send_counts) if r != self.rank)
+        self.stats.rows_received += sum(n for r, n in enumerate(recv_counts) if r != self.rank)
+        return back
+
+    def copy_spares(
+        self,
+        placement: ExpertPlacement,
+        base_weights: Callable[[int, int], torch.Tensor],
+        install: Callable[[int, list[torch.Tensor]], None],
+    ) -> None:
+        """Fills every rank's spare slots for `placement` from the experts' owners, all ranks at once.
+
+        `base_weights(layer, e)` is this rank's own expert e flattened into one row; `install(layer,
+        rows)` receives this rank's new spares' rows, in slot order. Run between steps, then
+        `set_placement(placement)`: the weights are in place before any token is routed to them.
+        """
+        c = self.collective
+        for layer in sorted(self._layers):
+            spares = placement.spares[layer]
+            owner = {e: r for r in range(self.size) for e in base_range(r, self.size, placement.num_experts)}
+            sends = [[e for e in spares[r] if owner[e] == self.rank] for r in range(self.size)]
+            recvs = [[e for e in spares[self.rank] if owner[e] == r] for r in range(self.size)]
+            rows = [base_weights(layer, e) for dest in sends for e in dest]
+            width = base_weights(
+                layer, next(iter(base_range(self.rank, self.size, placement.num_experts)))
+            ).numel()
+            send = torch.stack(rows) if rows else torch.empty(0, width, dtype=torch.float32)
+            got = c.all_to_all(send.to(c.device), [len(s) for s in sends], [len(r) for r in recvs])
+            by_expert = dict(zip([e for src in recvs for e in src], got))
+            install(layer, [by_expert[e] for e in spares[self.rank]])
+
+
+def combine(per_slot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum over s of weights[t, s] * per_slot[t, s], in slot order (as the MoE kernel sums)."""
+    weighted = per_slot * weights.to(per_slot.dtype).unsqueeze(-1)
+    t, k, h = weighted.shape
+    if moe_cpu.available() and weighted.device.type == "cpu" and weighted.dtype == torch.float32:
+        out = torch.empty(t, h, dtype=torch.float32)
+        moe_cpu.combine_slots(weighted.contiguous(), out)
+        return out
+    out = weighted[:, 0].clone()
+    for s in range(1, k):
+        out += weighted[:, s]
+    return out
