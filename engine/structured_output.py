@@ -25,13 +25,21 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
-import llguidance.torch as llg_torch
 import torch
 
 from pdserve.engine.guided_grammar import GuidedDecodingError, check_guided
 from pdserve.engine.sampling_params import GuidedDecoding
 
 log = logging.getLogger(__name__)
+
+
+def _llg_torch():
+    """llguidance's torch helpers, imported on first use: at import the module wraps a function
+    in torch.compile, which loads torch._dynamo and sympy (~140 MB in every worker, guided or not)."""
+    import llguidance.torch
+
+    return llguidance.torch
+
 
 # Compiled grammars kept (LRU); a JSON schema's matcher is a few hundred kB at most.
 GRAMMAR_CACHE_SIZE = 256
@@ -90,7 +98,7 @@ class GrammarCompiler:
         if not rows:
             return
         n = sum(1 + len(r.guesses) for r in rows)
-        bitmask = llg_torch.allocate_token_bitmask(n, self.vocab_size)
+        bitmask = _llg_torch().allocate_token_bitmask(n, self.vocab_size)
         plain: list[tuple[llguidance.LLMatcher, int]] = []
         index: list[int] = []
         k = 0
@@ -105,7 +113,7 @@ class GrammarCompiler:
             index.extend(range(r.first_row, r.first_row + 1 + len(r.guesses)))
             k += 1 + len(r.guesses)
         if plain:
-            llg_torch.fill_next_token_bitmask_par(self._executor, plain, bitmask)
+            _llg_torch().fill_next_token_bitmask_par(self._executor, plain, bitmask)
         penalties = token_penalties(bitmask.to(logits.device), self.vocab_size, logits.dtype)
         if index == list(range(logits.shape[0])):  # every row guided: no gather or scatter
             logits[:, : self.vocab_size] += penalties
@@ -116,7 +124,7 @@ class GrammarCompiler:
     def _fill_through_guesses(self, r: GuidedRows, bitmask: torch.Tensor, k: int) -> None:
         consumed = 0
         for j in range(len(r.guesses) + 1):
-            llg_torch.fill_next_token_bitmask(r.matcher, bitmask, k + j)
+            _llg_torch().fill_next_token_bitmask(r.matcher, bitmask, k + j)
             if j == len(r.guesses) or not r.matcher.consume_token(r.guesses[j]):
                 # Rows after a refused guess are never reached: the refused token is masked,
                 # so the row's sample differs from the guess and verification stops there.
