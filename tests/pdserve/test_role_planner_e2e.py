@@ -35,7 +35,8 @@ WORDS = [
 
 
 async def prompt_heavy_load(url: str, switched, limit_s: float) -> list[int]:
-    """Long prompts with short answers, 6 per second, until `switched()` or `limit_s`; statuses."""
+    """Long prompts with short answers, from 6 per second up by 6 more every 10 s (so that prefill
+    falls behind however fast this machine is), until `switched()` or `limit_s`; statuses."""
     rng = random.Random(7)
 
     async def one(client: httpx.AsyncClient) -> int:
@@ -46,7 +47,8 @@ async def prompt_heavy_load(url: str, switched, limit_s: float) -> list[int]:
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)) as client:
         tasks, start = [], time.monotonic()
         while time.monotonic() - start < limit_s and not await asyncio.to_thread(switched):
-            tasks += [asyncio.create_task(one(client)) for _ in range(3)]
+            per_tick = 3 * (1 + int((time.monotonic() - start) // 10))
+            tasks += [asyncio.create_task(one(client)) for _ in range(per_tick)]
             await asyncio.sleep(0.5)
         return list(await asyncio.gather(*tasks))
 
