@@ -34,7 +34,9 @@ from pathlib import Path
 
 from pdserve.bench.serve_bench import _free_port, launched
 
-_WORDS = (
+# Words for prompts the demo models never saw (they trained on CPython's standard library);
+# `bench local-prefill` draws from them too.
+PROMPT_WORDS = (
     "amber", "basil", "cedar", "delta", "ember", "fjord", "glade", "heron", "inlet", "jasper", "kelp",
     "larch", "moss", "nickel", "opal", "prairie", "quartz", "reef", "sorrel", "thistle", "umber", "vale",
 )  # fmt: skip
@@ -173,7 +175,8 @@ def make_prompts(args: ChaosArgs) -> list[str]:
     """`args.prompts` prompts of random words (seeded)."""
     rng = random.Random(f"chaos-{args.seed}")
     return [
-        "Continue this list of words: " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(20, 60)))
+        "Continue this list of words: "
+        + " ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(20, 60)))
         for _ in range(args.prompts)
     ]
 

@@ -22,12 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench.chaos_bench import PROMPT_WORDS
 from pdserve.bench.serve_bench import launched
 
-_WORDS = (
-    "amber", "basil", "cedar", "delta", "ember", "fjord", "glade", "heron", "inlet", "jasper", "kelp",
-    "larch", "moss", "nickel", "opal", "prairie", "quartz", "reef", "sorrel", "thistle", "umber", "vale",
-)  # fmt: skip
 MODES = {"transfer": "0", "local": "1000000"}
 
 
@@ -60,7 +57,7 @@ class Report:
 
 
 def _prompt(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(words))
+    return " ".join(rng.choice(PROMPT_WORDS) for _ in range(words))
 
 
 async def _ttft(client, url: str, prompt: str) -> tuple[float, int]:
