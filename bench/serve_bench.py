@@ -17,6 +17,12 @@ compare like for like. Each level asks its own questions (the same across layout
 the prefix cache holds from an earlier level would flatter the later one. One unmeasured
 request first pays first-call costs and, in shared-prefix, puts the system prompt in the cache.
 
+`--baseline-url` adds another OpenAI-compatible server (`vllm serve` of the same model, say):
+each level runs on both, one after the other, and the table puts them side by side. With
+`--model`, each level also runs on the engine alone (`pdserve.engine.LLM`, one thread, as a
+worker has; the level's prompts in batches of `concurrency`), and the table says which share of
+the engine's tokens/s the served path delivers.
+
 `--compare-context-cache` starts 1 prefill + 1 decode worker twice, with the Redis context
 cache off and on (`--context-cache-url`), each with `--kv-cache-blocks` blocks per worker (small
 pools evict prefixes between uses), and prints them side by side with the prompt tokens computed.
@@ -81,6 +87,9 @@ class ServeBenchArgs:
     model: str | None = None  # the served model: for --compare-layouts and the engine-only TTFT
     overhead_probes: int = 8  # one-token requests timed for the overhead (0: skip)
     request_timeout_s: float = 600.0
+    baseline_url: str | None = None  # another OpenAI server on the same workload (vllm serve)
+    baseline_label: str = "baseline"
+    engine_throughput: bool = True  # with --model: each level on the engine alone too
 
     def __post_init__(self) -> None:
         self.concurrency = tuple(self.concurrency)
@@ -387,32 +396,76 @@ async def _run_level(
     return summarize(list(results), duration, concurrency, args)
 
 
-async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, list[dict[str, Any]]]:
-    """Every concurrency level against the gateway at `url`; returns the served model and the rows."""
+async def _run_side_by_side(
+    targets: list[tuple[str, str]], args: ServeBenchArgs
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every level on every (label, url), the targets taking turns level by level (machine load
+    drifts; turns keep each level's numbers side by side). Per target: its model and its rows."""
     import httpx
 
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
-    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
-        model = await _served_model(client, url, _headers(args.api_key))
-        # First-call costs (channels, KV transfer groups) and, for shared-prefix, the system
-        # prompt into the cache, so that every level starts alike.
-        first = await send_chat(
-            client, url, model, warmup_prompt(args), min(args.max_tokens, 4), _headers(args.api_key)
-        )
-        if not first.ok:
-            raise RuntimeError(f"the warm-up request to {url} failed: {first.error}")
-        rows = []
-        for i, concurrency in enumerate(args.concurrency):
-            prompts = make_prompts(
-                args.workload,
-                args.num_prompts,
-                args.seed,
-                args.prefix_words,
-                batch=i,
-                num_prefixes=args.num_prefixes,
+    headers = _headers(args.api_key)
+    async with contextlib.AsyncExitStack() as stack:
+        clients, models = [], []
+        for _, url in targets:
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits)
             )
-            rows.append(await _run_level(client, url, model, concurrency, prompts, args, label))
-    return model, rows
+            model = await _served_model(client, url, headers)
+            # First-call costs (channels, KV transfer groups) and, for shared-prefix, the system
+            # prompt into the cache, so that every level starts alike.
+            first = await send_chat(client, url, model, warmup_prompt(args), min(args.max_tokens, 4), headers)
+            if not first.ok:
+                raise RuntimeError(f"the warm-up request to {url} failed: {first.error}")
+            clients.append(client)
+            models.append(model)
+        rows: list[list[dict[str, Any]]] = [[] for _ in targets]
+        for i, concurrency in enumerate(args.concurrency):
+            prompts = level_prompts(args, i)
+            for k, ((label, url), client, model) in enumerate(zip(targets, clients, models)):
+                rows[k].append(await _run_level(client, url, model, concurrency, prompts, args, label))
+    return list(zip(models, rows))
+
+
+def level_prompts(args: ServeBenchArgs, level: int) -> list[list[dict[str, str]]]:
+    """The prompts of concurrency level number `level` (the same for every target and layout)."""
+    return make_prompts(
+        args.workload,
+        args.num_prompts,
+        args.seed,
+        args.prefix_words,
+        batch=level,
+        num_prefixes=args.num_prefixes,
+    )
+
+
+def engine_throughput(model: str, args: ServeBenchArgs) -> dict[int, float]:
+    """Output tokens/s of the engine alone per level (one thread, as `pdserve up` gives a worker):
+    the level's prompts, as the chat template makes them, in batches of `concurrency`, greedy,
+    `max_tokens` each with EOS ignored, like the served requests."""
+    from pdserve.engine import LLM, SamplingParams
+
+    llm = LLM(model=model, num_threads=1, progress=False)
+    tok = llm.tokenizer
+    if tok is None:
+        raise ValueError(f"model {model!r} has no tokenizer; the engine's throughput needs the chat template")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate([_chat_ids(tok, warmup_prompt(args))], params)
+    rates = {}
+    for i, concurrency in enumerate(tqdm(args.concurrency, desc="bench serve: engine alone", leave=False)):
+        prompts = level_prompts(args, i)
+        ids = [_chat_ids(tok, p) for p in prompts]
+        start, tokens = time.perf_counter(), 0
+        for b in range(0, len(ids), concurrency):
+            outs = llm.generate(ids[b : b + concurrency], params)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+        rates[concurrency] = round(tokens / (time.perf_counter() - start), 2)
+    return rates
+
+
+def _chat_ids(tok, messages: list[dict[str, str]]) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------------------- overhead
@@ -439,14 +492,12 @@ def engine_ttft(model: str, probes: list[list[dict[str, str]]], warmup: list[dic
     if tok is None:
         raise ValueError(f"model {model!r} has no tokenizer; the overhead needs the chat template")
 
-    def ids(messages: list[dict[str, str]]) -> list[int]:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-
     one = SamplingParams(temperature=0, max_tokens=1)
-    llm.generate([ids(warmup)], one)
+    llm.generate([_chat_ids(tok, warmup)], one)
     times = []
-    for prompt in tqdm([ids(p) for p in probes], desc="bench serve: engine-only TTFT", leave=False):
+    for prompt in tqdm(
+        [_chat_ids(tok, p) for p in probes], desc="bench serve: engine-only TTFT", leave=False
+    ):
         start = time.perf_counter()
         llm.generate([prompt], one)
         times.append(time.perf_counter() - start)
@@ -576,6 +627,16 @@ def _print_run(run: dict[str, Any], args: ServeBenchArgs) -> None:
         print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
         for error, count in r["errors"].items():
             print(f"      {count} x {error}")
+    for r in run["levels"]:
+        ratios = []
+        if r.get("engine_tok_s"):
+            ratios.append(
+                f"the engine alone {r['engine_tok_s']:.1f} tok/s, served/engine {r['served_over_engine']:.2f}"
+            )
+        if r.get("over_baseline") is not None:
+            ratios.append(f"tok/s over the baseline {r['over_baseline']:.2f}x")
+        if ratios:
+            print(f"concurrency {r['concurrency']}: " + "; ".join(ratios))
     if run.get("overhead"):
         o = run["overhead"]
         print(
@@ -588,7 +649,8 @@ def _print_run(run: dict[str, Any], args: ServeBenchArgs) -> None:
 def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
     names = [r["layout"] for r in runs]
     print(f"\nside by side: {' vs '.join(names)} (latencies in ms)")
-    print(f"{'conc':>4} {'':<16}" + "".join(f"{n:>14}" for n in names))
+    width = max(14, *(len(n) + 2 for n in names))  # a long label (the baseline's) keeps its column
+    print(f"{'conc':>4} {'':<16}" + "".join(f"{n:>{width}}" for n in names))
 
     def number(key: str, q: str | None = None):
         def cell(level: dict[str, Any]) -> str:
@@ -599,7 +661,8 @@ def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
 
     rows = [
         ("failed", number("failed")), ("req/s", number("request_throughput")),
-        ("out tok/s", number("output_throughput")), ("goodput req/s", number("goodput")),
+        ("out tok/s", number("output_throughput")), ("served/engine", number("served_over_engine")),
+        ("goodput req/s", number("goodput")),
         ("cached prompt", _cached_share), ("from Redis", number("redis_cached_prompt_tokens")),
         ("prefill computed", number("computed_prompt_tokens")), ("TTFT p50", number("ttft_ms", "p50")),
         ("TTFT p99", number("ttft_ms", "p99")), ("TPOT p50", number("tpot_ms", "p50")),
@@ -611,13 +674,15 @@ def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
         for label, cell in rows:
             print(
                 f"{level['concurrency']:>4} {label:<16}"
-                + "".join(f"{cell(r['levels'][i]):>14}" for r in runs)
+                + "".join(f"{cell(r['levels'][i]):>{width}}" for r in runs)
             )
     if all(r.get("overhead") for r in runs):
         print("one-token probes, one at a time (p50):")
         for label, key in (("HTTP TTFT", "http_ttft_ms"), ("engine TTFT", "engine_ttft_ms"),
                            ("overhead", "overhead_ms")):  # fmt: skip
-            print(f"{'':>4} {label:<16}" + "".join(f"{_fmt(r['overhead'][key], 'p50'):>14}" for r in runs))
+            print(
+                f"{'':>4} {label:<16}" + "".join(f"{_fmt(r['overhead'][key], 'p50'):>{width}}" for r in runs)
+            )
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path | None:
@@ -674,15 +739,16 @@ def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[st
     probes = probe_prompts(args) if args.model and args.overhead_probes else []
     # Before any cluster starts: the engine alone, without workers competing for the cores.
     engine_s = engine_ttft(args.model, probes, warmup_prompt(args)) if probes else []
+    rates = engine_throughput(args.model, args) if args.model and args.engine_throughput else {}
     runs = []
     if args.compare_layouts or args.compare_context_cache:
         assert args.model is not None
         with tempfile.TemporaryDirectory(prefix="pdserve-bench-serve-") as tmp:
             for layout, flags in _started_clusters(args).items():
                 with launched(layout, args.model, Path(tmp), args.api_key, flags=flags) as url:
-                    runs.append(_run(url, layout, args, probes, engine_s))
+                    runs += _run(url, layout, args, probes, engine_s, rates)
     else:
-        runs.append(_run(args.url, "url", args, probes, engine_s))
+        runs += _run(args.url, "url", args, probes, engine_s, rates)
     recorded = {**asdict(args), "api_key": "<set>" if args.api_key else None}  # results get shared; keys not
     doc = {"benchmark": "serve", "args": recorded, "model": runs[0]["model"], "runs": runs}
     for run in runs:
@@ -728,10 +794,25 @@ def _started_clusters(args: ServeBenchArgs) -> dict[str, list[str]]:
 
 
 def _run(
-    url: str, layout: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]], engine_s: list[float]
-) -> dict[str, Any]:
-    model, levels = asyncio.run(_run_levels(url, args, layout))
-    run: dict[str, Any] = {"layout": layout, "url": url, "model": model, "levels": levels, "overhead": None}
+    url: str, layout: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]], engine_s: list[float],
+    engine_rates: dict[int, float],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The levels on `url` (and, level by level beside it, on the baseline); the overhead probes."""
+    targets = [(layout, url)]
+    if args.baseline_url:
+        targets.append((f"{args.baseline_label} (beside {layout})", args.baseline_url))
+    results = asyncio.run(_run_side_by_side(targets, args))
+    runs = []
+    for (label, target_url), (model, levels) in zip(targets, results):
+        for level in levels:
+            engine = engine_rates.get(level["concurrency"])
+            level["engine_tok_s"] = engine
+            level["served_over_engine"] = round(level["output_throughput"] / engine, 3) if engine else None
+        runs.append({"layout": label, "url": target_url, "model": model, "levels": levels, "overhead": None})
+    if args.baseline_url:
+        for ours, theirs in zip(runs[0]["levels"], runs[1]["levels"]):
+            base = theirs["output_throughput"]
+            ours["over_baseline"] = round(ours["output_throughput"] / base, 3) if base else None
     if probes:
-        run["overhead"] = overhead(asyncio.run(http_ttft(url, args, probes)), engine_s)
-    return run
+        runs[0]["overhead"] = overhead(asyncio.run(http_ttft(url, args, probes)), engine_s)
+    return runs

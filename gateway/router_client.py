@@ -26,12 +26,15 @@ class RouterClient:
     """A channel to one router (several gateways may share it; each keeps its own channel).
 
     Every call presents `api_key` (when set) as `authorization: Bearer KEY` metadata.
+    `generate_call`: what `generate` calls instead of the stub's `Generate` (a router in this
+    process and event loop, `pdserve.router.local_call`); it answers and fails the same way.
     """
 
-    def __init__(self, address: str, api_key: str | None = None) -> None:
+    def __init__(self, address: str, api_key: str | None = None, generate_call=None) -> None:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = pdserve_pb2_grpc.RouterStub(self._channel)
+        self._generate = generate_call or self._stub.Generate
         self._metadata = call_metadata(api_key)
 
     def generate(
@@ -47,7 +50,7 @@ class RouterClient:
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
             prefill_group=prefill_group or "",
         )  # fmt: skip
-        return self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+        return self._generate(request, timeout=timeout_s, metadata=self._metadata)
 
     async def abort(self, request_id: str) -> bool:
         """Cancels a request this client started; False if none such is in flight."""

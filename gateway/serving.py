@@ -191,6 +191,9 @@ class OpenAIServing:
             log.error("request %s: the router answered %s: %s", request_id, e.code().name, e.details())
             message = f"request {request_id} failed inside the server; it is logged under that id"
             raise APIError(500, message, "internal_error") from e
+        finally:
+            if hasattr(stream, "aclose"):  # an in-process call (router.local_call): end it now, as
+                await stream.aclose()  # a gRPC call ends when it is dropped
 
     async def choice_chunks(self, gen: Generation) -> AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]:
         """(choice index, chunk) as they come, every choice running at once (the n choices of a

@@ -291,6 +291,9 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         kv_cache_blocks=args.kv_cache_blocks,
         model=args.model,
         overhead_probes=args.overhead_probes,
+        baseline_url=args.baseline_url.rstrip("/") if args.baseline_url else None,
+        baseline_label=args.baseline_label,
+        engine_throughput=not args.skip_engine,
     )
     output = _bench_output(args, "serve")
     try:
@@ -843,6 +846,16 @@ def _add_bench_serve(bench_sub) -> None:
         type=int,
         default=8,
         help="one-token requests timed for the overhead (with --model)",
+    )
+    sb.add_argument(
+        "--baseline-url",
+        default=None,
+        help="another OpenAI-compatible server on the same model (e.g. `vllm serve`): every level runs on it "
+        "too, level by level beside pdserve",
+    )
+    sb.add_argument("--baseline-label", default="baseline", help="the baseline's name in the tables")
+    sb.add_argument(
+        "--skip-engine", action="store_true", help="with --model: skip the engine-alone tokens/s per level"
     )
     sb.add_argument(
         "--output",

@@ -1,8 +1,9 @@
 """Drives one `Engine` on a thread of its own for asyncio callers (the worker actor).
 
 The engine is not thread-safe, so every touch of it (adding, aborting, exporting, importing)
-is a command run on the loop thread between two steps; tokens go back to per-request asyncio
-queues. The event loop therefore never blocks on a forward pass.
+is a command run on the loop thread between two steps; tokens go back to per-request streams
+(an asyncio queue, or a worker's `RequestSink`), a whole step's in one hop to the event loop.
+The event loop therefore never blocks on a forward pass.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pdserve.engine import Engine, RequestDelta
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+class Stream(Protocol):
+    """Where one request's deltas go (an asyncio.Queue, a `roles.chunk_feed.RequestSink`)."""
+
+    def put_nowait(self, item: object) -> None: ...
 
 
 class EngineLoop:
@@ -30,7 +37,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], object], asyncio.Future]] = (
             queue.SimpleQueue()
         )
-        self._streams: dict[str, asyncio.Queue[RequestDelta]] = {}
+        self._streams: dict[str, Stream] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -46,6 +53,10 @@ class EngineLoop:
         stream: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self._streams[request_id] = stream
         return stream
+
+    def attach(self, request_id: str, stream: Stream) -> None:
+        """Sends the request's deltas to `stream`; attach it before the request can step."""
+        self._streams[request_id] = stream
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -79,8 +90,8 @@ class EngineLoop:
                 log.exception("engine step failed; the worker stops serving")
                 self._stopped.set()
                 raise
-            for delta in deltas:
-                self._loop.call_soon_threadsafe(self._deliver, delta)
+            if deltas:  # one wake-up of the event loop per step, however many requests stepped
+                self._loop.call_soon_threadsafe(self._deliver, deltas)
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -100,10 +111,11 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _deliver(self, delta: RequestDelta) -> None:
-        stream = self._streams.get(delta.request_id)
-        if stream is not None:
-            stream.put_nowait(delta)
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.put_nowait(delta)
 
 
 def _set_result(future: asyncio.Future, result: object) -> None:

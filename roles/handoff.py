@@ -1,7 +1,8 @@
 """The disaggregated path of one request: reserve on decode, prefill, move the KV, stream.
 
 Control messages are Ray calls; the KV itself goes worker to worker over the transport,
-never through this coordinator. The router drives requests through `generate_disaggregated`.
+never through this coordinator; the tokens come on each worker's chunk feed (`ChunkFeeds`).
+The router drives requests through `generate_disaggregated` and `generate_colocated`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from pdserve.engine import SamplingParams
+from pdserve.roles.chunk_feed import ChunkFeed, ChunkFeeds
 from pdserve.roles.errors import MoveFailed
 from pdserve.roles.kv_channel import Channel, Endpoint, TransferError
-from pdserve.roles.messages import Handoff, TokenChunk
+from pdserve.roles.messages import Handoff, Started, TokenChunk
 
 # Picks a decode worker with room for `num_tokens` tokens of KV, avoiding some ids (or None).
 MoveTarget = Callable[[int, set[str]], Awaitable["WorkerRef | None"]]
@@ -89,6 +91,7 @@ async def generate_disaggregated(
     prompt_token_ids: list[int],
     params: SamplingParams,
     channels: ChannelGenerations,
+    feeds: ChunkFeeds,
     transfer_timeout_s: float = 30.0,
     after_prefill: Callable[[str], Awaitable[None]] | None = None,
     move_target: MoveTarget | None = None,
@@ -132,7 +135,7 @@ async def generate_disaggregated(
         raise
     async with aclosing(
         _transfer_and_stream(
-            prefill, decode, request_id, result.handoff, channels, transfer_timeout_s, move_target
+            prefill, decode, request_id, result.handoff, channels, feeds, transfer_timeout_s, move_target
         )
     ) as chunks:
         async for chunk in chunks:
@@ -145,6 +148,7 @@ async def generate_colocated(
     prompt_token_ids: list[int],
     params: SamplingParams,
     channels: ChannelGenerations,
+    feeds: ChunkFeeds,
     transfer_timeout_s: float = 30.0,
     move_target: MoveTarget | None = None,
 ) -> AsyncIterator[TokenChunk]:
@@ -153,23 +157,36 @@ async def generate_colocated(
 
     Cancelled or closed before the end, it tells the worker to free the request."""
     finished, moved = False, None
+    feed = feeds.of(worker.worker_id, worker.handle)
+    feed.open(request_id)
     try:
-        async for ref in worker.handle.generate.remote(request_id, prompt_token_ids, params):
-            chunk = await ref
+        started = await worker.handle.generate.remote(request_id, prompt_token_ids, params, feed.subscriber)
+        async for chunk in _chunks(feed, request_id, started):
             if chunk.moved is not None:  # the worker's last chunk: it handed the request on
                 moved = chunk.moved
                 break
             finished = chunk.finished
             yield chunk
     finally:
+        feed.close(request_id)
         if not finished and moved is None:
             await release(request_id, worker)
     if moved is not None:
         async with aclosing(
-            _move(worker, request_id, moved, channels, transfer_timeout_s, move_target)
+            _move(worker, request_id, moved, channels, feeds, transfer_timeout_s, move_target)
         ) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+
+async def _chunks(feed: ChunkFeed, request_id: str, started: Started) -> AsyncIterator[TokenChunk]:
+    """The request's chunks on `feed` once a worker answered `started` (none when it did not
+    start; only the move when it moved on at once)."""
+    if started.moved is not None:
+        yield TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=started.moved)
+    elif started.running:
+        async for chunk in feed.chunks(request_id):
+            yield chunk
 
 
 async def _transfer_and_stream(
@@ -178,18 +195,20 @@ async def _transfer_and_stream(
     request_id: str,
     handoff: Handoff,
     channels: ChannelGenerations,
+    feeds: ChunkFeeds,
     transfer_timeout_s: float,
     move_target: MoveTarget | None,
 ) -> AsyncIterator[TokenChunk]:
     """Ships the request's KV from `sender` to `receiver` (which reserved room for it) and streams
     the receiver's chunks; follows the request on when the receiver moves it (`TokenChunk.moved`)."""
     channel = channels.channel(sender, receiver)
+    feed = feeds.of(receiver.worker_id, receiver.handle)
+    feed.open(request_id)
     sent = sender.handle.send_kv.remote(request_id, channel, transfer_timeout_s)
-    stream = receiver.handle.decode.remote(request_id, handoff, channel, transfer_timeout_s)
+    started = receiver.handle.decode.remote(request_id, handoff, channel, transfer_timeout_s, feed.subscriber)
     finished, moved = False, None
     try:
-        async for ref in stream:
-            chunk = await ref
+        async for chunk in _chunks(feed, request_id, await started):
             if chunk.moved is not None:  # the receiver's last chunk: it handed the request on
                 moved = chunk.moved
                 break
@@ -203,9 +222,11 @@ async def _transfer_and_stream(
         if not finished:
             await release(request_id, receiver)
         raise
+    finally:
+        feed.close(request_id)
     if moved is not None:
         async with aclosing(
-            _move(receiver, request_id, moved, channels, transfer_timeout_s, move_target)
+            _move(receiver, request_id, moved, channels, feeds, transfer_timeout_s, move_target)
         ) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -216,6 +237,7 @@ async def _move(
     request_id: str,
     handoff: Handoff,
     channels: ChannelGenerations,
+    feeds: ChunkFeeds,
     transfer_timeout_s: float,
     move_target: MoveTarget | None,
 ) -> AsyncIterator[TokenChunk]:
@@ -236,7 +258,9 @@ async def _move(
         )
     assert target is not None
     async with aclosing(
-        _transfer_and_stream(source, target, request_id, handoff, channels, transfer_timeout_s, move_target)
+        _transfer_and_stream(
+            source, target, request_id, handoff, channels, feeds, transfer_timeout_s, move_target
+        )
     ) as chunks:
         async for chunk in chunks:
             yield chunk

@@ -33,6 +33,16 @@ class TokenChunk:
     # migration): no tokens, and the state the next worker continues from (its KV follows).
     moved: Handoff | None = None
 
+    def then(self, later: TokenChunk) -> TokenChunk:
+        """This chunk and the `later` one of the same request as one (a reader that fell behind
+        takes them together); `later` must not be a `moved` marker."""
+        logprobs = (self.logprobs or []) + (later.logprobs or []) if self.logprobs or later.logprobs else None
+        return TokenChunk(
+            self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
+            later.finish_reason, later.stop_reason, later.num_prompt_tokens, self.num_cached_tokens, logprobs,
+            self.num_context_cached_tokens,
+        )  # fmt: skip
+
     @classmethod
     def from_delta(cls, delta: RequestDelta) -> TokenChunk:
         return cls(
@@ -47,6 +57,16 @@ class TokenChunk:
             logprobs=delta.new_logprobs,
             num_context_cached_tokens=delta.num_context_cached_tokens,
         )
+
+
+@dataclass
+class Started:
+    """A worker's answer to `generate` / `decode`: whether the request runs there now (its chunks
+    follow on the worker's chunk feed, see `roles.chunk_feed`), or it moved on at once (`moved`:
+    KV that arrived on a worker leaving the decode role), or neither (aborted before it started)."""
+
+    running: bool
+    moved: Handoff | None = None
 
 
 @dataclass

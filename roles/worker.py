@@ -4,7 +4,10 @@
 - `prefill`: `prefill` computes a prompt's KV and first token, keeps a copy of the request's
   blocks in an outbox, and `send_kv` ships it to the decode worker over the KV transport.
 - `decode`: `reserve` sets blocks aside before the prefill side sends; `decode` receives the
-  KV into them and streams the rest of the tokens.
+  KV into them and starts the rest of the tokens.
+
+The tokens of requests started by `generate` and `decode` reach their router on its chunk feed
+(`feed`, `roles.chunk_feed`): one streamed batch per engine step for all of them.
 
 `set_role` switches role without reloading weights once the old role's work has drained.
 """
@@ -15,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -24,21 +26,15 @@ from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
 from pdserve.engine.served_model import ServedModel
 from pdserve.roles.aborted_requests import AbortedRequests
 from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
+from pdserve.roles.chunk_feed import ChunkOutbox
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.errors import RoleError
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
-from pdserve.roles.messages import ROLES, Handoff, PrefillResult, RoleSwitch, TokenChunk, WorkerLoad
+from pdserve.roles.messages import ROLES, Handoff, PrefillResult, RoleSwitch, Started, TokenChunk, WorkerLoad
 from pdserve.roles.metrics import WorkerMetrics
 from pdserve.roles.process_usage import ProcessUsage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Moved:
-    """Stream marker: the request left for another worker; its KV waits in the outbox."""
-
-    handoff: Handoff
 
 
 @dataclass
@@ -73,6 +69,7 @@ class Worker:
         self._phase = "starting"
         self._transport = None
         self._outbox: dict[str, KVPayload] = {}
+        self._feeds: dict[str, ChunkOutbox] = {}  # by subscriber (a router's feed)
         self._aborted = AbortedRequests()
         self.metrics = WorkerMetrics(worker_id)
         self._cache_events = CacheEventLog(worker_id)
@@ -211,7 +208,7 @@ class Worker:
         payloads = await loop.call(take)
         for payload in payloads:
             self._outbox[payload.request_id] = payload
-            loop.push(payload.request_id, _Moved(Handoff.of(payload)))
+            loop.push(payload.request_id, _moved_chunk(payload.request_id, Handoff.of(payload)))
         return len(payloads)
 
     async def _hand_back_unstarted(self, loop: EngineLoop) -> int:
@@ -231,44 +228,54 @@ class Worker:
     # ------------------------------------------------------------------ both
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[TokenChunk]:
-        """Serves a whole request here, streaming its chunks: on a `both` worker, or on a decode
-        worker that computes a prompt itself when that beats a transfer (the router decides)."""
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, subscriber: str
+    ) -> Started:
+        """Starts a whole request here, its chunks going to `subscriber`'s feed: on a `both`
+        worker, or on a decode worker that computes a prompt itself when that beats a transfer
+        (the router decides)."""
         self._admit("decode")
         loop = await self._engine()
-        start = self._stream(loop, request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
-        async with aclosing(start) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        return await self._start(
+            loop, request_id, subscriber, lambda e: e.add_request(request_id, prompt_token_ids, params)
+        )
 
-    async def _stream(
-        self, loop: EngineLoop, request_id: str, start: Callable[[Engine], object]
-    ) -> AsyncIterator[TokenChunk]:
-        """Starts a request in the engine (`start`) and streams its chunks until it finishes.
-
-        A caller that goes away before the end (cancelled, or the router gave up) frees the
-        request's blocks now, not when the engine would have finished it. A request aborted
-        before it starts here never starts: nobody would read it.
-        """
-        stream = loop.open_stream(request_id)
-        finished = False
+    async def feed(self, subscriber: str) -> AsyncIterator[list[TokenChunk]]:
+        """`subscriber`'s chunks (a router's), one batch per take: everything its requests made
+        since the last. Ends only when the caller closes it, which aborts what it still runs here
+        (nobody would read it)."""
+        outbox = self._feeds.setdefault(subscriber, ChunkOutbox())
         try:
-            if request_id in self._aborted:
-                return
-            await loop.call(start)
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, _Moved):  # the request continues elsewhere: nothing to free here
-                    finished = True
-                    yield TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=item.handoff)
-                    return
-                finished = item.finished
-                yield TokenChunk.from_delta(item)
+            while True:
+                yield await outbox.take()
         finally:
-            loop.close_stream(request_id)
-            if not finished:
-                await loop.call(lambda e: e.abort(request_id))
+            self._feeds.pop(subscriber, None)
+            if outbox.requests and self._loop is not None:
+                orphans = list(outbox.requests)
+                log.warning("worker %s: feed %s closed; aborting its %d requests", self.worker_id, subscriber,
+                            len(orphans))  # fmt: skip
+                for request_id in orphans:
+                    self._loop.close_stream(request_id)
+                await self._loop.call(lambda e: [e.abort(r) for r in orphans])
+
+    async def _start(
+        self, loop: EngineLoop, request_id: str, subscriber: str, start: Callable[[Engine], object]
+    ) -> Started:
+        """Starts a request in the engine (`start`), its chunks going to `subscriber`'s feed.
+
+        A request aborted before it starts here never starts: nobody would read it. A call that
+        fails or is cancelled half-way leaves nothing running.
+        """
+        if request_id in self._aborted:
+            return Started(running=False)
+        sink = self._feeds.setdefault(subscriber, ChunkOutbox()).sink(request_id, loop.close_stream)
+        loop.attach(request_id, sink)
+        try:
+            await loop.call(start)
+        except BaseException:
+            sink.detach()
+            await loop.call(lambda e: e.abort(request_id))
+            raise
+        return Started(running=True)
 
     # ------------------------------------------------------------------ prefill
 
@@ -354,15 +361,15 @@ class Worker:
         return await loop.call(lambda e: e.reserve_kv(request_id, num_tokens))
 
     async def decode(
-        self, request_id: str, handoff: Handoff, channel: Channel, timeout_s: float
-    ) -> AsyncIterator[TokenChunk]:
+        self, request_id: str, handoff: Handoff, channel: Channel, timeout_s: float, subscriber: str
+    ) -> Started:
         """Receives the request's KV from the prefill worker (or from a decode worker that moved the
-        request), then streams the tokens after the ones already sent.
+        request), then starts the tokens after the ones already sent (on `subscriber`'s feed).
 
         The KV is received even for a request aborted meanwhile: the sender is sending it, and a
         receive left unposted would hold the sender until its timeout. It is then dropped. Also
         while this worker switches away from decode: the request was reserved before, and moves
-        on from here.
+        on from here (`Started.moved`).
         """
         loop = await self._engine()
         # A request reserved here before the worker left the decode role still lands here, and
@@ -392,15 +399,13 @@ class Worker:
         payload = KVPayload(**state, kv=buffer)
         if moving_on:  # passed on as received: into the outbox, and the router moves it
             await loop.call(lambda e: e.cancel_reservation(request_id))
-            if request_id not in self._aborted:
-                self._outbox[request_id] = payload
-                yield TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=handoff)
-            return
+            if request_id in self._aborted:
+                return Started(running=False)
+            self._outbox[request_id] = payload
+            return Started(running=False, moved=handoff)
         if grammar is not None:  # waited for, not raised: a failure surfaces from import_kv as any other
             await asyncio.wait([asyncio.wrap_future(grammar)])
-        async with aclosing(self._stream(loop, request_id, lambda e: e.import_kv(payload))) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        return await self._start(loop, request_id, subscriber, lambda e: e.import_kv(payload))
 
     # ------------------------------------------------------------------ any role
 
@@ -454,6 +459,11 @@ class Worker:
         allowed = {"both": ("both",), "prefill": ("prefill", "both"), "decode": ("decode", "both")}[needed]
         if self.role not in allowed:
             raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}", self.worker_id)
+
+
+def _moved_chunk(request_id: str, handoff: Handoff) -> TokenChunk:
+    """A request's last chunk here: it continues on another worker from `handoff`."""
+    return TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=handoff)
 
 
 def _node_address() -> str:

@@ -45,6 +45,18 @@ class RouterMetrics:
             ["outcome"],
             registry=r,
         )
+        self.feed_batches = Counter(
+            "pdserve_router_feed_batches", "Batches received on the workers' chunk feeds (one per worker step)",
+            registry=r,
+        )  # fmt: skip
+        self.feed_chunks = Counter(
+            "pdserve_router_feed_chunks",
+            "Chunks in those batches (chunks / batches: requests per step)",
+            registry=r,
+        )
+        self.feeds_open = Gauge(
+            "pdserve_router_feeds_open", "Chunk feeds open, one per worker actor", registry=r
+        )
         self.metrics_fanouts = Counter(
             "pdserve_router_metrics_fanouts", "Metrics calls (each asks every live worker)", registry=r
         )

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from pdserve.engine import SamplingParams
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.roles.chunk_feed import ChunkFeeds
 from pdserve.roles.errors import MoveFailed, RoleError
 from pdserve.roles.handoff import (
     ChannelGenerations,
@@ -96,6 +97,7 @@ class RequestRunner:
         self.metrics = metrics
         self.waiting_for_room = 0  # requests in admission, waiting for a decode worker with room
         self.channels = ChannelGenerations()
+        self.feeds = ChunkFeeds(*_feed_metrics(metrics))
         self.after_prefill: Callable[[str], Awaitable[None]] | None = None
 
     async def run(
@@ -174,6 +176,7 @@ class RequestRunner:
                 prompt,
                 params,
                 self.channels,
+                self.feeds,
                 self.config.transfer_timeout_s,
                 self._move_target,
             )
@@ -184,6 +187,7 @@ class RequestRunner:
             prompt,
             params,
             self.channels,
+            self.feeds,
             self.config.transfer_timeout_s,
             self.after_prefill,
             self._move_target,
@@ -203,20 +207,24 @@ class RequestRunner:
 
         A decode worker that died a moment ago may still be listed: asking it for its load
         fails, and it joins `avoid` (and the placement hears of it) before choosing again.
+        A colocated route is taken as chosen: it allocates as it goes, so the load would only
+        say whether the worker lives, and its `generate` call says that as well (a failure the
+        runner continues elsewhere). Asking cost a round trip and a wait for the worker's current
+        engine step on every request's way to its first token (docs/DECISIONS.md 2026-12-05).
         """
         deadline = asyncio.get_running_loop().time() + self.config.admission_timeout_s
         while True:
             route = await self.placement.choose(prompt, avoid, group)
+            if route.prefill is None:
+                return route
             try:
                 load = await route.decode.handle.load.remote()
             except Exception:
                 load = None
                 avoid.add(route.decode.worker_id)
                 await self.placement.failed(route.decode.worker_id)
-            # Colocated runs allocate as they go; disaggregated ones need the prompt's blocks now.
-            if load is not None and (
-                route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1
-            ):
+            # Disaggregated runs need the prompt's blocks now.
+            if load is not None and load.kv_blocks_free * load.block_size >= len(prompt) + 1:
                 return route
             self.placement.settled(route)  # not placed after all
             if asyncio.get_running_loop().time() > deadline:
@@ -243,6 +251,18 @@ class RequestRunner:
                 dead.add(ref.worker_id)
                 await self.placement.failed(ref.worker_id)
         return dead
+
+
+def _feed_metrics(metrics: RouterMetrics | None) -> tuple:
+    """The chunk feeds' observers: batches and their chunks counted, open feeds as a gauge."""
+    if metrics is None:
+        return None, None
+
+    def batch(n: int) -> None:
+        metrics.feed_batches.inc()
+        metrics.feed_chunks.inc(n)
+
+    return batch, metrics.feeds_open.set
 
 
 def _switching_worker(error: BaseException) -> str | None:

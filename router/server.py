@@ -9,6 +9,7 @@ A cancelled client stream, or an `Abort`, releases the request on its workers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -65,6 +66,29 @@ ADMIN_REFUSAL = (
 
 class InvalidRequest(ValueError):
     """A request field is wrong; the message names it."""
+
+
+class ChunkQueue:
+    """What a `Generate` call has yet to send: chunks, then its end (`_DONE`, an error). Chunks
+    that pile up while the caller reads slower than the engine makes them go as one."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[object] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: object) -> None:
+        last = self._items[-1] if self._items else None
+        if isinstance(item, TokenChunk) and isinstance(last, TokenChunk) and not last.finished:
+            self._items[-1] = last.then(item)
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> object:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
 
 def to_sampling_params(p: pdserve_pb2.SamplingParams) -> SamplingParams:
@@ -153,6 +177,10 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self.timeline = Timeline(slo or SLO(ttft_ms=500.0, itl_ms=50.0))
         self.events = EventLog()  # the router's own: policy changes (the view keeps index outages)
 
+    @property
+    def requests_in_flight(self) -> int:
+        return len(self._in_flight)
+
     def _validate(self, request: pdserve_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
         if not prompt:
@@ -205,7 +233,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
         self.timeline.arrived()
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = ChunkQueue()
 
         async def pump() -> None:
             chunks = self.runner.run(rid, prompt, params, request.prefill_group or None)
@@ -504,7 +532,13 @@ class Router:
     async def stop(self, grace_s: float = 1.0, clear_index: bool = False) -> None:
         """Stops serving; `clear_index` also deletes the index's entries (the whole cluster is
         stopping, so no other router of it still needs them)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         await self.server.stop(grace_s)
+        # Calls made in process (router.local_call) are not the gRPC server's to wait for.
+        while self.service.requests_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.service.runner.feeds.stop()
         await self.view.stop()
         for task in (self._keep_alive, self._sampler):
             if task is not None:

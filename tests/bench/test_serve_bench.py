@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.serve_bench import ServeBenchArgs, distribution, make_prompts, system_prompt
+from pdserve.bench.serve_bench import (
+    ServeBenchArgs,
+    distribution,
+    engine_throughput,
+    make_prompts,
+    system_prompt,
+)
 from pdserve.cli import main
 from tests.gateway.stack import BLOCK_SIZE, gateway_stack
 
@@ -61,6 +67,33 @@ def test_bench_serve_writes_sane_json_and_a_plot(stack, tmp_path, capsys, worklo
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert "TTFT" in printed and f"wrote {out}" in printed
+
+
+def test_a_baseline_server_runs_level_by_level_beside(stack, tmp_path, capsys):
+    # The same gateway stands in for the other server (vllm serve, in use): the rows must pair up.
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--url", stack.url, "--baseline-url", stack.url + "/", "--baseline-label", "other",
+            "--concurrency", "1,2", "--num-prompts", "4", "--max-tokens", "6", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    ours, other = json.loads(out.read_text())["runs"]
+    assert other["layout"] == "other (beside url)" and other["url"] == stack.url
+    for mine, theirs in zip(ours["levels"], other["levels"], strict=True):
+        assert (
+            mine["concurrency"] == theirs["concurrency"]
+            and mine["output_tokens"] == theirs["output_tokens"] == 24
+        )
+        assert mine["over_baseline"] == pytest.approx(
+            mine["output_throughput"] / theirs["output_throughput"], abs=1e-3
+        )
+        assert mine["engine_tok_s"] is None and mine["served_over_engine"] is None  # no --model
+    assert "tok/s over the baseline" in capsys.readouterr().out
+
+
+def test_the_engine_alone_runs_each_levels_prompts_in_batches_of_its_concurrency():
+    # The bundled demo model: its tokenizer has the chat template the workload's prompts need.
+    args = ServeBenchArgs(concurrency=(1, 3), num_prompts=3, max_tokens=5, model="demo")
+    rates = engine_throughput("demo", args)
+    assert sorted(rates) == [1, 3] and all(rate > 0 for rate in rates.values())
 
 
 def test_prompt_sets_are_seeded_and_shared_prefix_shares_its_system_prompt():

@@ -19,7 +19,8 @@ import redis
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.engine.block_hash import hash_blocks
 from pdserve.engine.context_cache_config import block_key
-from pdserve.roles.handoff import ChannelGenerations, WorkerRef, generate_disaggregated
+from pdserve.roles.chunk_feed import ChunkFeeds
+from pdserve.roles.handoff import ChannelGenerations, WorkerRef, generate_colocated, generate_disaggregated
 from pdserve.roles.worker import start_worker
 from tests.prompts import prompts_of
 from tests.redis_server import spare_port, start_redis, stop_redis
@@ -61,7 +62,8 @@ def start(checkpoint, redis_url: str, role: str) -> WorkerRef:
 
 
 async def colocated(ref: WorkerRef, rid: str, prompt: list[int]) -> list:
-    return [await c async for c in ref.handle.generate.remote(rid, prompt, PARAMS)]
+    """The router's colocated path: start on the worker, chunks on its feed."""
+    return [c async for c in generate_colocated(ref, rid, prompt, PARAMS, ChannelGenerations(), ChunkFeeds())]
 
 
 def tokens(chunks) -> list[int]:
@@ -122,12 +124,12 @@ def test_after_a_role_switch_the_new_prefill_worker_loads_the_prefix_before_its_
 ):
     flush(redis_url)
     prefill, decode, spare = (start(moe_checkpoint, redis_url, r) for r in ("prefill", "decode", "decode"))
-    channels = ChannelGenerations()
+    channels, feeds = ChannelGenerations(), ChunkFeeds()
     try:
         ns = ray_session.get(prefill.handle.served_model.remote()).context_cache_namespace
 
         async def pd(p: WorkerRef, d: WorkerRef, rid: str, prompt: list[int]) -> list:
-            return [c async for c in generate_disaggregated(p, d, rid, prompt, PARAMS, channels)]
+            return [c async for c in generate_disaggregated(p, d, rid, prompt, PARAMS, channels, feeds)]
 
         first = asyncio.run(pd(prefill, decode, "cc-pd-1", SYSTEM + QUESTIONS[0]))
         assert tokens(first) == reference[0]

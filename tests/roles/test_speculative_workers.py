@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from pdserve.engine import LLM, EngineConfig, SamplingParams
-from pdserve.roles.handoff import ChannelGenerations, WorkerRef, generate_disaggregated
+from pdserve.roles.chunk_feed import ChunkFeeds
+from pdserve.roles.handoff import ChannelGenerations, WorkerRef, generate_colocated, generate_disaggregated
 from pdserve.roles.worker import start_worker
 
 MTP = {"method": "mtp", "num_speculative_tokens": 2}
@@ -65,17 +66,15 @@ def test_disaggregated_mtp_and_colocated_ngram_equal_plain_decoding(
     prefill, decode, both = spec_workers
     prompts, want = reference
     params = PARAMS[which]
-    channels = ChannelGenerations()
+    channels, feeds = ChannelGenerations(), ChunkFeeds()
 
     async def pd(i: int, prompt: list[int]) -> list[int]:
-        stream = generate_disaggregated(prefill, decode, f"pd-{which}-{i}", prompt, params, channels)
+        stream = generate_disaggregated(prefill, decode, f"pd-{which}-{i}", prompt, params, channels, feeds)
         return [t async for chunk in stream for t in chunk.token_ids]
 
     async def colocated(i: int, prompt: list[int]) -> list[int]:
-        out = []
-        async for ref in both.handle.generate.remote(f"both-{which}-{i}", prompt, params):
-            out.extend((await ref).token_ids)
-        return out
+        stream = generate_colocated(both, f"both-{which}-{i}", prompt, params, channels, feeds)
+        return [t async for chunk in stream for t in chunk.token_ids]
 
     async def run():
         pd_out = await asyncio.gather(*(pd(i, p) for i, p in enumerate(prompts)))

@@ -8,7 +8,14 @@ import itertools
 import pytest
 
 from pdserve.engine import LLM, EngineConfig, SamplingParams
-from pdserve.roles.handoff import ChannelGenerations, NoRoomError, WorkerRef, generate_disaggregated
+from pdserve.roles.chunk_feed import ChunkFeeds
+from pdserve.roles.handoff import (
+    ChannelGenerations,
+    NoRoomError,
+    WorkerRef,
+    generate_colocated,
+    generate_disaggregated,
+)
 from pdserve.roles.kv_transfer import Channel, TransferError
 from pdserve.roles.worker import RoleError, start_worker
 from tests.prompts import prompts_of
@@ -60,11 +67,10 @@ async def collect(stream) -> list:
     return [chunk async for chunk in stream]
 
 
-async def colocated(ref: WorkerRef, rid: str, prompt, params):
-    chunks = []
-    async for obj in ref.handle.generate.remote(rid, prompt, params):
-        chunks.append(await obj)
-    return chunks
+async def colocated(ref: WorkerRef, rid: str, prompt, params, feeds: ChunkFeeds | None = None):
+    """The router's colocated path: start on the worker, chunks on its feed."""
+    stream = generate_colocated(ref, rid, prompt, params, ChannelGenerations(), feeds or ChunkFeeds())
+    return await collect(stream)
 
 
 def tokens(chunks) -> list[int]:
@@ -105,11 +111,11 @@ def test_disaggregated_equals_one_engine_with_prefix_hits(ray_session, workers, 
     shared = prompts_of([16], seed=3)[0]
     prompts = [*prompts_of([7, 23], seed=4), [*shared, 5, 6, 7], [*shared, 9, 10]]
     want = expected(reference, prompts, [params] * len(prompts))
-    channels = ChannelGenerations()
+    channels, feeds = ChannelGenerations(), ChunkFeeds()
 
     async def one(i, prompt):
         stream = generate_disaggregated(
-            workers["prefill"], workers["decode"], f"pd-{params.seed}-{i}", prompt, params, channels
+            workers["prefill"], workers["decode"], f"pd-{params.seed}-{i}", prompt, params, channels, feeds
         )
         return await collect(stream)
 
@@ -132,7 +138,13 @@ def test_request_finishing_on_its_first_token_never_transfers(ray_session, worke
     async def run():
         return await collect(
             generate_disaggregated(
-                workers["prefill"], workers["decode"], "one-token", prompt, params, ChannelGenerations()
+                workers["prefill"],
+                workers["decode"],
+                "one-token",
+                prompt,
+                params,
+                ChannelGenerations(),
+                ChunkFeeds(),
             )
         )
 
@@ -163,6 +175,7 @@ def test_no_room_on_decode_fails_before_any_work(ray_session, workers):
             prompt[:40],
             SamplingParams(max_tokens=2),
             ChannelGenerations(),
+            ChunkFeeds(),
         )
         return await collect(stream)
 
@@ -191,20 +204,44 @@ def test_cancelled_stream_frees_the_request(ray_session, workers):
     prompt = prompts_of([12], seed=6)[0]
 
     async def run():
-        stream = both.handle.generate.remote(
-            "cancel-me", prompt, SamplingParams(max_tokens=200, ignore_eos=True)
-        )
+        stream = generate_colocated(
+            both, "cancel-me", prompt, SamplingParams(max_tokens=200, ignore_eos=True), ChannelGenerations(),
+            ChunkFeeds(),
+        )  # fmt: skip
         first = await stream.__anext__()
-        await first
-        ray_session.cancel(stream)
-        for _ in range(200):
-            load = await both.handle.load.remote()
-            if load.num_running == 0:
-                return load
-            await asyncio.sleep(0.05)
+        assert first.token_ids and not first.finished
+        await stream.aclose()  # the reader leaves: the worker is told to free the request
+        load = await both.handle.load.remote()
         return load
 
     load = asyncio.run(run())
+    assert load.num_running == 0 and load.kv_blocks_free == BLOCKS
+
+
+def test_a_closed_feed_aborts_what_it_still_runs(ray_session, workers):
+    """A router that goes away (its feed closed) leaves nothing running on the worker."""
+    both = workers["both"]
+    prompt = prompts_of([12], seed=13)[0]
+
+    async def run():
+        feeds = ChunkFeeds()
+        feed = feeds.of(both.worker_id, both.handle)
+        feed.open("orphan")
+        started = await both.handle.generate.remote(
+            "orphan", prompt, SamplingParams(max_tokens=500, ignore_eos=True), feed.subscriber
+        )
+        assert started.running
+        first = await feed.chunks("orphan").__anext__()
+        await feeds.stop()  # no abort sent: only the feed's end tells the worker
+        for _ in range(200):
+            load = await both.handle.load.remote()
+            if load.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+        return first, load
+
+    first, load = asyncio.run(run())
+    assert first.token_ids
     assert load.num_running == 0 and load.kv_blocks_free == BLOCKS
 
 
@@ -265,6 +302,7 @@ def test_transfers_and_failures_show_in_metrics(ray_session, workers):
                 prompt,
                 SamplingParams(max_tokens=3, ignore_eos=True),
                 ChannelGenerations(),
+                ChunkFeeds(),
             )
         )
 

@@ -467,3 +467,50 @@ def test_conditional_disaggregation_computes_short_uncached_parts_on_the_decode_
         wait_idle(ray_session, controller)
     finally:
         local.stop()
+
+
+def test_the_in_process_call_answers_and_fails_as_the_grpc_call_does(ray_session, router, controller):
+    """`pdserve up`'s gateway calls Generate in process (router.local_call): the same tokens and
+    usage as over gRPC, the same status and message for a refusal and a passed deadline, and a
+    closed stream frees the request's blocks."""
+    from pdserve.router.local_call import local_generate
+
+    generate_here = local_generate(router.router.service)
+    prompt = prompts_of([11], seed=47)[0]
+
+    async def collect(req, timeout=60):
+        return [c async for c in generate_here(req, timeout=timeout)]
+
+    async def refusal(req, timeout=10):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(req, timeout)
+        return err.value.code(), err.value.details()
+
+    async def close_after_first():
+        stream = generate_here(request(prompt, max_tokens=3000, ignore_eos=True), timeout=60)
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first
+
+    over_grpc = list(router.stub.Generate(request(prompt, max_tokens=7, ignore_eos=True), timeout=60))
+    here = router.call(collect(request(prompt, max_tokens=7, ignore_eos=True)))
+    assert [c.token_ids for c in here] and sum(len(c.token_ids) for c in here) == 7
+    assert [t for c in here for t in c.token_ids] == [t for c in over_grpc for t in c.token_ids]
+    usage = lambda c: (c.usage.prompt_tokens, c.usage.completion_tokens)  # noqa: E731  # (cached differs: 2nd run)
+    assert usage(here[-1]) == usage(over_grpc[-1]) == (11, 7) and here[-1].finish_reason == "length"
+    with pytest.raises(grpc.RpcError) as err:
+        list(router.stub.Generate(request([3, 100000, 4]), timeout=10))
+    assert router.call(refusal(request([3, 100000, 4]))) == (err.value.code(), err.value.details())
+    decode = ray_session.get(controller.workers.remote("decode"))[0]
+    assert ray_session.get(decode.handle.reserve.remote("hog-local", (BLOCKS - 1) * BLOCK))
+    try:  # waits for room until its deadline passes, as in test_deadline_exceeded_and_blocks_freed
+        code, _ = router.call(refusal(request(prompt, max_tokens=3000, ignore_eos=True), timeout=1.0))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        assert ray_session.get(decode.handle.abort.remote("hog-local"))
+    assert router.call(close_after_first()).token_ids
+    wait_idle(ray_session, controller)
+    # The tokens came on the workers' chunk feeds: batches of chunks, one feed per worker used.
+    sample = router.router.service.metrics.registry.get_sample_value
+    assert sample("pdserve_router_feed_chunks_total") >= sample("pdserve_router_feed_batches_total") > 0
+    assert sample("pdserve_router_feeds_open") >= 1
