@@ -1,13 +1,15 @@
-"""The chunk feed: how a worker's tokens reach a router, one Ray item per engine step.
+"""The chunk feed: how a worker's tokens reach a router, one message per engine step.
 
-A router opens one streaming call per worker (`Worker.feed`) and keeps it open. The worker
-collects every chunk its engine step made for that router's requests into one batch (a
-`ChunkOutbox`), and the feed yields batches; the router deals each batch out to per-request
-queues (`ChunkFeed`). Starting a request (`Worker.generate`, `Worker.decode`) is a plain call
-that returns once the request runs; its chunks come on the feed.
+A router opens one link per worker (`roles.feed_link`: a TCP connection, not Ray calls) and
+keeps it open. It starts its requests on the worker over the link (`ChunkFeed.start` ->
+`Worker.generate`, which returns once the request runs); decode requests that arrive with KV
+start by a Ray call (`Worker.decode`) naming the feed. The worker collects every chunk its engine
+step made for that router's requests into one batch (a `ChunkOutbox`), and the link carries
+batches; the router deals each batch out to per-request queues (`ChunkFeed`).
 
 Why: a Ray streaming item per token per request cost more CPU than the engine's step on the
-demo model (docs/DECISIONS.md, 2026-12-05); a batch per step costs one item for all requests.
+demo model (docs/DECISIONS.md, 2026-12-05); a batch per step costs one message for all requests,
+and the link's message costs a fraction of a Ray call's latency (2026-12-06).
 
 Torch-free: the router imports it.
 """
@@ -19,10 +21,12 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from pdserve.engine.outputs import RequestDelta
-from pdserve.roles.messages import TokenChunk
+from pdserve.roles import feed_link
+from pdserve.roles.messages import Started, TokenChunk
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +86,12 @@ class RequestSink:
 
 
 class ChunkFeed:
-    """The router's end of one worker's feed: one streaming call, its batches dealt out per request."""
+    """The router's end of one worker's feed: one link (`roles.feed_link`) that starts the
+    router's requests there and brings their chunks, a batch per engine step, dealt out per request."""
 
     def __init__(
         self, handle: object, subscriber: str, on_close: Callable[[ChunkFeed], None],
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None, open_link: OpenLink | None = None,
     ) -> None:  # fmt: skip
         self.subscriber = subscriber
         self._on_batch = on_batch  # told each batch's size (the router's metrics)
@@ -94,7 +99,8 @@ class ChunkFeed:
         self._on_close = on_close
         self.error: BaseException | None = None  # set once the feed ended
         self.loop = asyncio.get_running_loop()
-        self._task = self.loop.create_task(self._run(handle))
+        self._link: asyncio.Future[Link] = self.loop.create_future()
+        self._task = self.loop.create_task(self._run(handle, open_link or open_worker_link))
 
     @property
     def closed(self) -> bool:
@@ -137,11 +143,19 @@ class ChunkFeed:
         with contextlib.suppress(BaseException):
             await self._task
 
-    async def _run(self, handle: object) -> None:
+    async def start(self, request_id: str, prompt_token_ids: list[int], params: object) -> Started:
+        """Starts the request on the worker (`Worker.generate`), its chunks coming on this feed;
+        `open` it first. Raises what the worker raised (a `RoleError`: it is switching role)."""
+        link = await asyncio.shield(self._link)
+        return await link.start(request_id, prompt_token_ids, params)
+
+    async def _run(self, handle: object, open_link: OpenLink) -> None:
         error: BaseException = FeedClosed(f"the chunk feed {self.subscriber} ended")
+        link: Link | None = None
         try:
-            async for ref in handle.feed.remote(self.subscriber):  # type: ignore[attr-defined]
-                batch: list[TokenChunk] = await ref
+            link = await open_link(handle, self.subscriber)
+            self._link.set_result(link)
+            async for batch in link.batches():
                 if self._on_batch is not None:
                     self._on_batch(len(batch))
                 for chunk in batch:
@@ -155,6 +169,11 @@ class ChunkFeed:
             error = e
         finally:
             self.error = error
+            if link is not None:
+                link.close()
+            if not self._link.done():
+                self._link.set_exception(error)
+                self._link.exception()  # retrieved: nobody may be waiting for it
             for queue in self._queues.values():
                 queue.put_nowait(error)
             self._on_close(self)
@@ -163,12 +182,15 @@ class ChunkFeed:
 class ChunkFeeds:
     """A router's feeds, one per live worker actor, opened on first use.
 
-    `on_batch(n)` hears of each batch of n chunks, `on_count(k)` of the number of open feeds."""
+    `on_batch(n)` hears of each batch of n chunks, `on_count(k)` of the number of open feeds;
+    `open_link` opens a worker's link (default: its `feed_address` over Ray, then TCP; tests
+    script it)."""
 
     def __init__(
-        self, on_batch: Callable[[int], None] | None = None, on_count: Callable[[int], None] | None = None
-    ) -> None:
-        self._on_batch, self._on_count = on_batch, on_count
+        self, on_batch: Callable[[int], None] | None = None, on_count: Callable[[int], None] | None = None,
+        open_link: OpenLink | None = None,
+    ) -> None:  # fmt: skip
+        self._on_batch, self._on_count, self._open_link = on_batch, on_count, open_link
         self._feeds: dict[tuple[str, str], ChunkFeed] = {}
         self._router = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
@@ -183,7 +205,7 @@ class ChunkFeeds:
             # what nobody reads any more) never meets the next feed's requests.
             subscriber = f"router-{self._router}-{next(self._counter)}"
             feed = self._feeds[key] = ChunkFeed(
-                handle, subscriber, lambda f, k=key: self._forget(k, f), self._on_batch
+                handle, subscriber, lambda f, k=key: self._forget(k, f), self._on_batch, self._open_link
             )
             self._counted()
         return feed
@@ -201,6 +223,25 @@ class ChunkFeeds:
         """Closes every feed (the router is stopping)."""
         for feed in list(self._feeds.values()):
             await feed.stop()
+
+
+class Link(Protocol):
+    """A router's connection to one worker (`roles.feed_link.RouterLink`, or a test's script)."""
+
+    async def start(self, request_id: str, prompt_token_ids: list[int], params: object) -> Started: ...
+
+    def batches(self) -> AsyncIterator[list[TokenChunk]]: ...
+
+    def close(self) -> None: ...
+
+
+OpenLink = Callable[[object, str], Awaitable[Link]]
+
+
+async def open_worker_link(handle: object, subscriber: str) -> Link:
+    """The link to the worker actor `handle` as `subscriber` (its address asked over Ray)."""
+    address = await handle.feed_address.remote()  # type: ignore[attr-defined]
+    return await feed_link.connect(address, subscriber)
 
 
 def _actor_key(handle: object) -> str:

@@ -160,7 +160,7 @@ async def generate_colocated(
     feed = feeds.of(worker.worker_id, worker.handle)
     feed.open(request_id)
     try:
-        started = await worker.handle.generate.remote(request_id, prompt_token_ids, params, feed.subscriber)
+        started = await feed.start(request_id, prompt_token_ids, params)
         async for chunk in _chunks(feed, request_id, started):
             if chunk.moved is not None:  # the worker's last chunk: it handed the request on
                 moved = chunk.moved

@@ -7,7 +7,8 @@
   KV into them and starts the rest of the tokens.
 
 The tokens of requests started by `generate` and `decode` reach their router on its chunk feed
-(`feed`, `roles.chunk_feed`): one streamed batch per engine step for all of them.
+(a link, `roles.feed_link`, opened at `feed_address`; see `roles.chunk_feed`): one batch per
+engine step for all of them.
 
 `set_role` switches role without reloading weights once the old role's work has drained.
 """
@@ -15,9 +16,10 @@ The tokens of requests started by `generate` and `decode` reach their router on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -29,6 +31,7 @@ from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.chunk_feed import ChunkOutbox
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.errors import RoleError
+from pdserve.roles.feed_link import Batch, FeedAddress, FeedServer, Reply, StartCall, WorkerLink
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
 from pdserve.roles.messages import ROLES, Handoff, PrefillResult, RoleSwitch, Started, TokenChunk, WorkerLoad
 from pdserve.roles.metrics import WorkerMetrics
@@ -70,6 +73,7 @@ class Worker:
         self._transport = None
         self._outbox: dict[str, KVPayload] = {}
         self._feeds: dict[str, ChunkOutbox] = {}  # by subscriber (a router's feed)
+        self._feed_server: FeedServer | None = None
         self._aborted = AbortedRequests()
         self.metrics = WorkerMetrics(worker_id)
         self._cache_events = CacheEventLog(worker_id)
@@ -239,15 +243,28 @@ class Worker:
             loop, request_id, subscriber, lambda e: e.add_request(request_id, prompt_token_ids, params)
         )
 
-    async def feed(self, subscriber: str) -> AsyncIterator[list[TokenChunk]]:
-        """`subscriber`'s chunks (a router's), one batch per take: everything its requests made
-        since the last. Ends only when the caller closes it, which aborts what it still runs here
-        (nobody would read it)."""
+    async def feed_address(self) -> FeedAddress:
+        """Where a router opens its feed link to this worker (`roles.feed_link`)."""
+        if self._feed_server is None:
+            self._feed_server = FeedServer(self._host or _node_address(), self._serve_feed)
+        return await self._feed_server.start()
+
+    async def _serve_feed(self, subscriber: str, link: WorkerLink) -> None:
+        """One router's link: its start calls in, every chunk its requests make out, a batch per
+        engine step. When the link ends, what the router still ran here is aborted (nobody would
+        read it)."""
         outbox = self._feeds.setdefault(subscriber, ChunkOutbox())
+        sender = asyncio.get_running_loop().create_task(_send_batches(outbox, link))
+        starts: set[asyncio.Task] = set()
         try:
-            while True:
-                yield await outbox.take()
+            async for call in link.calls():
+                task = asyncio.get_running_loop().create_task(self._answer(call, subscriber, link))
+                starts.add(task)
+                task.add_done_callback(starts.discard)
         finally:
+            sender.cancel()
+            for task in list(starts):
+                task.cancel()
             self._feeds.pop(subscriber, None)
             if outbox.requests and self._loop is not None:
                 orphans = list(outbox.requests)
@@ -256,6 +273,15 @@ class Worker:
                 for request_id in orphans:
                     self._loop.close_stream(request_id)
                 await self._loop.call(lambda e: [e.abort(r) for r in orphans])
+
+    async def _answer(self, call: StartCall, subscriber: str, link: WorkerLink) -> None:
+        try:
+            reply = Reply(call.call_id, await self.generate(call.request_id, call.prompt_token_ids, call.params,
+                                                            subscriber))  # fmt: skip
+        except Exception as e:
+            reply = Reply(call.call_id, error=e)
+        with contextlib.suppress(ConnectionError):
+            await link.send(reply)
 
     async def _start(
         self, loop: EngineLoop, request_id: str, subscriber: str, start: Callable[[Engine], object]
@@ -464,6 +490,12 @@ class Worker:
 def _moved_chunk(request_id: str, handoff: Handoff) -> TokenChunk:
     """A request's last chunk here: it continues on another worker from `handoff`."""
     return TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=handoff)
+
+
+async def _send_batches(outbox: ChunkOutbox, link: WorkerLink) -> None:
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await link.send(Batch(await outbox.take()))
 
 
 def _node_address() -> str:

@@ -24,28 +24,41 @@ def chunk(rid: str, tokens: list[int], finished: bool = False, moved: Handoff | 
 HANDOFF = Handoff("r", [1, 2], [3], None, 3, 0, [], 1)  # type: ignore[arg-type]
 
 
-class ScriptedFeed:
-    """A worker's `feed` as the router sees it: batches, released one by one by the test."""
+class ScriptedLink:
+    """A worker's feed link as the router sees it: batches, released one by one by the test."""
 
     def __init__(self) -> None:
-        self.batches: asyncio.Queue[list[TokenChunk] | Exception] = asyncio.Queue()
+        self.batches_sent: asyncio.Queue[list[TokenChunk] | Exception] = asyncio.Queue()
+        self.closed = False
 
-    def remote(self, subscriber: str):
-        async def stream():
-            while True:
-                batch = await self.batches.get()
-                if isinstance(batch, Exception):
-                    raise batch
-                done: asyncio.Future = asyncio.get_running_loop().create_future()
-                done.set_result(batch)
-                yield done
+    async def start(self, request_id, prompt_token_ids, params):
+        raise AssertionError("these tests start nothing")
 
-        return stream()
+    async def batches(self):
+        while True:
+            batch = await self.batches_sent.get()
+            if isinstance(batch, Exception):
+                raise batch
+            yield batch
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class Handle:
+    """A worker actor whose link the test scripts."""
+
     def __init__(self) -> None:
-        self.feed = ScriptedFeed()
+        self.link = ScriptedLink()
+
+
+async def open_scripted(handle: Handle, subscriber: str) -> ScriptedLink:
+    return handle.link
+
+
+def scripted_feeds() -> ChunkFeeds:
+    """The router's feeds, each worker's link scripted by the test."""
+    return ChunkFeeds(open_link=open_scripted)
 
 
 async def settle() -> None:
@@ -56,7 +69,7 @@ async def settle() -> None:
 def test_a_reader_behind_gets_the_chunks_as_one_and_a_move_on_its_own():
     async def run():
         handle = Handle()
-        feed = ChunkFeeds().of("w", handle)
+        feed = scripted_feeds().of("w", handle)
         feed.open("r")
         feed.open("other")
         for batch in (
@@ -64,7 +77,7 @@ def test_a_reader_behind_gets_the_chunks_as_one_and_a_move_on_its_own():
             [chunk("r", [2, 3])],
             [chunk("r", [], moved=HANDOFF)],
         ):
-            handle.feed.batches.put_nowait(batch)
+            handle.link.batches_sent.put_nowait(batch)
         await settle()  # all three batches arrive before the reader reads
         got = [c async for c in feed.chunks("r")]
         await feed.stop()
@@ -79,10 +92,10 @@ def test_a_reader_behind_gets_the_chunks_as_one_and_a_move_on_its_own():
 def test_the_feeds_error_ends_each_reader_after_its_tokens():
     async def run():
         handle = Handle()
-        feed = ChunkFeeds().of("w", handle)
+        feed = scripted_feeds().of("w", handle)
         feed.open("r")
-        handle.feed.batches.put_nowait([chunk("r", [4])])
-        handle.feed.batches.put_nowait(RuntimeError("worker died"))
+        handle.link.batches_sent.put_nowait([chunk("r", [4])])
+        handle.link.batches_sent.put_nowait(RuntimeError("worker died"))
         await settle()
         got = []
         with pytest.raises(RuntimeError, match="worker died"):
@@ -97,9 +110,9 @@ def test_the_feeds_error_ends_each_reader_after_its_tokens():
 
 def test_a_closed_feed_is_replaced_on_next_use():
     async def run():
-        feeds, handle = ChunkFeeds(), Handle()
+        feeds, handle = scripted_feeds(), Handle()
         first = feeds.of("w", handle)
-        handle.feed.batches.put_nowait(RuntimeError("gone"))
+        handle.link.batches_sent.put_nowait(RuntimeError("gone"))
         await settle()
         second = feeds.of("w", handle)
         await second.stop()

@@ -227,9 +227,7 @@ def test_a_closed_feed_aborts_what_it_still_runs(ray_session, workers):
         feeds = ChunkFeeds()
         feed = feeds.of(both.worker_id, both.handle)
         feed.open("orphan")
-        started = await both.handle.generate.remote(
-            "orphan", prompt, SamplingParams(max_tokens=500, ignore_eos=True), feed.subscriber
-        )
+        started = await feed.start("orphan", prompt, SamplingParams(max_tokens=500, ignore_eos=True))
         assert started.running
         first = await feed.chunks("orphan").__anext__()
         await feeds.stop()  # no abort sent: only the feed's end tells the worker
