@@ -19,12 +19,12 @@ BLOCKS = 96
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
 
 
-def switch_controller(ray, checkpoint, name: str, decode: int, speculative_config=None):
-    """A controller with 1 prefill and `decode` decode workers, its planner off (the switches in
-    these tests are the tests' own); yields its handle and shuts it down after."""
+def switch_controller(ray, checkpoint, name: str, decode: int, speculative_config=None, blocks: int = BLOCKS):
+    """A controller with 1 prefill and `decode` decode workers of `blocks` KV blocks each, its planner
+    off (the switches in these tests are the tests' own); yields its handle and shuts it down after."""
     engine = EngineConfig(
         model=str(checkpoint), dtype="float32", block_size=4, num_threads=1, progress=False,
-        kv_cache_blocks=BLOCKS, speculative_config=speculative_config,
+        kv_cache_blocks=blocks, speculative_config=speculative_config,
     )  # fmt: skip
     config = ControllerConfig(
         engine, prefill=1, decode=decode, heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0,

@@ -16,12 +16,17 @@ from tests.cluster.test_controller_and_faults import wait_until_all_released
 from tests.cluster.test_role_switch import switch_controller
 from tests.prompts import prompts_of
 
-GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+# Long streams: the switch must find them running however fast the workers decode (with 32 tokens
+# they could all end before the controller began moving them, and the faults never happened).
+GREEDY = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+BLOCKS = 512  # of 4 tokens per decode worker: room for all four streams on one
 
 
 @pytest.fixture(scope="module")
 def controller(ray_session, moe_checkpoint):
-    yield from switch_controller(ray_session, moe_checkpoint, "pdserve-controller-switch-faults", 3)
+    yield from switch_controller(
+        ray_session, moe_checkpoint, "pdserve-controller-switch-faults", 3, blocks=BLOCKS
+    )
 
 
 @pytest.fixture(scope="module")
