@@ -69,8 +69,11 @@ class Generation:
         return splitter.feed(text, final=final)
 
     def finish_reason(self, finish: str | None, has_tool_calls: bool) -> str | None:
-        """OpenAI's finish reason: "tool_calls" when a choice that stopped by itself called tools."""
-        return "tool_calls" if has_tool_calls and finish == "stop" else finish
+        """OpenAI's finish reason: "tool_calls" when a choice that stopped by itself called tools
+        the model chose (auto or required); a function named in `tool_choice` stops with "stop",
+        as OpenAI answers it, its call still in the message."""
+        named = self.tool_reader is not None and self.tool_reader.mode == "named"
+        return "tool_calls" if has_tool_calls and finish == "stop" and not named else finish
 
 
 def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_pb2.SamplingParams]:
