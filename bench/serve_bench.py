@@ -9,8 +9,12 @@ met every stated SLO). Prints a table, writes JSON and a PNG of the latencies.
 Workloads (seeded, so runs are reproducible): `chat`, short varied coding questions;
 `shared-prefix`, the same questions behind a long common system prompt (`--num-prefixes` of
 them, each request picking one), which the prefix cache (and the router's cache-aware
-placement) should turn into shorter prefills; and `long-document`, questions about one of
-`--num-prefixes` long documents (`--prefix-words` words each, placed in the user turn).
+placement) should turn into shorter prefills; `long-document`, questions about one of
+`--num-prefixes` long documents (`--prefix-words` words each, placed in the user turn); and
+`json`, the chat questions asked for a JSON answer, run twice against the same gateway: free
+("unguided"), then under a JSON schema (`response_format`, "guided json"), side by side. The
+schema is a list of objects that cannot be complete within `max_tokens`, so both sides produce
+exactly `max_tokens` tokens and the difference is guided decoding's own cost.
 
 Requests are greedy and ignore EOS, so every request produces `max_tokens` tokens and runs
 compare like for like. Each level asks its own questions (the same across layouts): a prompt
@@ -49,7 +53,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-WORKLOADS = ("chat", "shared-prefix", "long-document", "shifting")  # shifting: see bench/shifting_bench.py
+WORKLOADS = (
+    "chat",
+    "shared-prefix",
+    "long-document",
+    "json",
+    "shifting",
+)  # shifting: bench/shifting_bench.py
 PREFIX_WORKLOADS = ("shared-prefix", "long-document")
 # `pdserve up` flags of the two layouts --compare-layouts runs.
 LAYOUTS: dict[str, list[str]] = {
@@ -102,6 +112,9 @@ class ServeBenchArgs:
                              "name their --model (e.g. demo)")  # fmt: skip
         if self.compare_layouts and self.compare_context_cache:
             raise ValueError("choose one of --compare-layouts and --compare-context-cache")
+        if self.workload == "json" and (self.compare_layouts or self.compare_context_cache):
+            raise ValueError("--workload json is its own comparison (guided beside unguided): run it against "
+                             "one gateway, without --compare-layouts or --compare-context-cache")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -191,7 +204,8 @@ def make_prompts(
         if rng.random() < 0.3:  # some conversations carry an earlier exchange
             user, assistant = rng.choice(_PREVIOUS)
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": _question(rng)})
+        ask = " Answer with a JSON list of example users." if workload == "json" else ""
+        messages.append({"role": "user", "content": _question(rng) + ask})
         prompts.append(messages)
     return prompts
 
@@ -221,14 +235,15 @@ class RequestResult:
 
 
 async def send_chat(
-    client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int, headers: dict[str, str]
-) -> RequestResult:
-    """One streamed chat completion; failures are results, not exceptions."""
+    client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int, headers: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> RequestResult:  # fmt: skip
+    """One streamed chat completion (`extra`: more body fields); failures are results, not exceptions."""
     import httpx
 
     body = {
         "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {}),
     }  # fmt: skip
     start = time.perf_counter()
     last: float | None = None
@@ -368,7 +383,7 @@ def warmup_prompt(args: ServeBenchArgs) -> list[dict[str, str]]:
 
 async def _run_level(
     client, url: str, model: str, concurrency: int, prompts: list[list[dict[str, str]]], args: ServeBenchArgs,
-    label: str,
+    label: str, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """`concurrency` requests in flight until every prompt is done; the level's row."""
     headers = _headers(args.api_key)
@@ -377,7 +392,7 @@ async def _run_level(
 
         async def one(messages: list[dict[str, str]]) -> RequestResult:
             async with gate:
-                result = await send_chat(client, url, model, messages, args.max_tokens, headers)
+                result = await send_chat(client, url, model, messages, args.max_tokens, headers, extra)
             bar.update()
             return result
 
@@ -387,8 +402,11 @@ async def _run_level(
     return summarize(list(results), duration, concurrency, args)
 
 
-async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, list[dict[str, Any]]]:
-    """Every concurrency level against the gateway at `url`; returns the served model and the rows."""
+async def _run_levels(
+    url: str, args: ServeBenchArgs, label: str, extra: dict[str, Any] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """Every concurrency level against the gateway at `url` (`extra`: more body fields of every
+    request); returns the served model and the rows."""
     import httpx
 
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
@@ -397,7 +415,7 @@ async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, 
         # First-call costs (channels, KV transfer groups) and, for shared-prefix, the system
         # prompt into the cache, so that every level starts alike.
         first = await send_chat(
-            client, url, model, warmup_prompt(args), min(args.max_tokens, 4), _headers(args.api_key)
+            client, url, model, warmup_prompt(args), min(args.max_tokens, 4), _headers(args.api_key), extra
         )
         if not first.ok:
             raise RuntimeError(f"the warm-up request to {url} failed: {first.error}")
@@ -411,7 +429,7 @@ async def _run_levels(url: str, args: ServeBenchArgs, label: str) -> tuple[str, 
                 batch=i,
                 num_prefixes=args.num_prefixes,
             )
-            rows.append(await _run_level(client, url, model, concurrency, prompts, args, label))
+            rows.append(await _run_level(client, url, model, concurrency, prompts, args, label, extra))
     return model, rows
 
 
@@ -681,6 +699,9 @@ def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[st
             for layout, flags in _started_clusters(args).items():
                 with launched(layout, args.model, Path(tmp), args.api_key, flags=flags) as url:
                     runs.append(_run(url, layout, args, probes, engine_s))
+    elif args.workload == "json":
+        for side, extra in json_sides(args.max_tokens).items():
+            runs.append(_run(args.url, side, args, probes, engine_s, extra))
     else:
         runs.append(_run(args.url, "url", args, probes, engine_s))
     recorded = {**asdict(args), "api_key": "<set>" if args.api_key else None}  # results get shared; keys not
@@ -727,10 +748,21 @@ def _started_clusters(args: ServeBenchArgs) -> dict[str, list[str]]:
     }
 
 
+def json_sides(max_tokens: int) -> dict[str, dict[str, Any] | None]:
+    """The json workload's two runs, by name: their extra body fields (the guided side's schema
+    holds it to `max_tokens` as `ignore_eos` holds the free side, which guided decoding refuses)."""
+    from pdserve.bench.json_workload import long_schema
+
+    schema = {"name": "users", "schema": long_schema(max_tokens)}
+    guided = {"ignore_eos": False, "response_format": {"type": "json_schema", "json_schema": schema}}
+    return {"unguided": None, "guided json": guided}
+
+
 def _run(
-    url: str, layout: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]], engine_s: list[float]
-) -> dict[str, Any]:
-    model, levels = asyncio.run(_run_levels(url, args, layout))
+    url: str, layout: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]], engine_s: list[float],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    model, levels = asyncio.run(_run_levels(url, args, layout, extra))
     run: dict[str, Any] = {"layout": layout, "url": url, "model": model, "levels": levels, "overhead": None}
     if probes:
         run["overhead"] = overhead(asyncio.run(http_ttft(url, args, probes)), engine_s)
