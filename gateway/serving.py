@@ -245,6 +245,16 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def timed_chunks(self, gen: Generation) -> AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]:
+        """`choice_chunks` of a stream, its time to the first chunk observed."""
+        first = True
+        async with aclosing(self.choice_chunks(gen)) as chunks:
+            async for i, chunk in chunks:
+                if first:
+                    self.metrics.first_token.observe(time.perf_counter() - gen.start)
+                    first = False
+                yield i, chunk
+
     def logprobs(self, chunk: pdserve_pb2.GenerateChunk | None) -> Any:
         """The choice's `logprobs` for the tokens of `chunk` (None without any)."""
         if chunk is None or not chunk.logprobs:
@@ -298,7 +308,7 @@ class OpenAIServing:
         The status line is already sent, so an error is the stream's last event (and the stream
         counts its own outcome: the middleware only sees the 200).
         """
-        totals, cached, from_redis, first = [0] * len(gen.choices), 0, 0, True
+        totals, cached, from_redis = [0] * len(gen.choices), 0, 0
         splitters = [ReasoningSplitter(bool(gen.in_reasoning)) for _ in gen.choices]
         tools = [ToolCallStream(gen.tool_reader) for _ in gen.choices] if gen.tool_reader else None
         try:
@@ -306,11 +316,8 @@ class OpenAIServing:
                 opening = self.choice_start(gen, i)
                 if opening is not None:
                     yield sse(opening)
-            async with aclosing(self.choice_chunks(gen)) as chunks:
+            async with aclosing(self.timed_chunks(gen)) as chunks:
                 async for i, chunk in chunks:
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - gen.start)
-                        first = False
                     totals[i] += len(chunk.token_ids)
                     if chunk.finished:
                         cached = max(cached, chunk.usage.cached_tokens)

@@ -164,6 +164,24 @@ def sse_event(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
+# The chat body's fields that a Responses body names otherwise (most specific first).
+RESPONSES_NAMES = (
+    ("response_format.json_schema.schema", "text.format.schema"),
+    ("response_format", "text.format"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+)
+
+
+def in_responses_terms(error: APIError) -> APIError:
+    """A chat path's error about the body, its field named as the Responses body names it."""
+    for chat, responses in RESPONSES_NAMES:
+        if error.param is not None and error.param.startswith(chat):
+            param = responses + error.param[len(chat) :]
+            return APIError(error.status, error.message.replace(chat, responses), error.type, param)
+    return error
+
+
 class OpenAIServingResponses(OpenAIServingChat):
     """POST /v1/responses: the chat path with the Responses API's request and answer shapes."""
 
@@ -175,7 +193,10 @@ class OpenAIServingResponses(OpenAIServingChat):
             chat = body.chat_request()
         except BodyFieldError as e:
             raise APIError(400, str(e), param=e.param) from e
-        gen = await self.chat_generation(chat, request_id)
+        try:
+            gen = await self.chat_generation(chat, request_id)
+        except APIError as e:
+            raise in_responses_terms(e) from e
         shape = ResponseObject(body, gen, self.config.model_name)
         if body.stream:
             return StreamingResponse(self.response_stream(gen, shape), media_type="text/event-stream",
@@ -191,15 +212,12 @@ class OpenAIServingResponses(OpenAIServingChat):
     async def response_stream(self, gen: Generation, shape: ResponseObject) -> AsyncIterator[bytes]:
         """The response's events as its tokens come; an error is the stream's last event."""
         events, splitter = ResponseEvents(shape), ReasoningSplitter(bool(gen.in_reasoning))
-        tokens, cached, finish, first = 0, 0, None, True
+        tokens, cached, finish = 0, 0, None
         try:
             for event in events.start():
                 yield sse_event(event)
-            async with aclosing(self.choice_chunks(gen)) as chunks:
+            async with aclosing(self.timed_chunks(gen)) as chunks:
                 async for _, chunk in chunks:
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - gen.start)
-                        first = False
                     tokens += len(chunk.token_ids)
                     if chunk.finished:
                         finish, cached = chunk.finish_reason, chunk.usage.cached_tokens

@@ -117,6 +117,10 @@ def test_a_json_schema_text_format_constrains_the_output(client):
          "input.0.content.0", "'input_image' part"),
         ({"input": [{"content": "hi"}]}, "input.0.role", "needs a role"),
         ({"seed_of_luck": 1}, "seed_of_luck", "Unrecognized request argument"),
+        # Errors of the chat path name the Responses body's fields.
+        ({"max_output_tokens": 10**6}, "max_output_tokens", "max_output_tokens is 1000000"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
+         "text.format.schema", "text.format.schema"),
     ],
 )  # fmt: skip
 def test_what_is_not_served_is_a_400_naming_the_field(client, extra, param, words):
