@@ -456,7 +456,12 @@ class Engine:
         # to speculate skips it, except for prompts prefilled for another worker.
         run_mtp = any(not r.output_token_ids and (speculating or r.prefill_only) for r in batch.requests)
         masks = self._start_masks(batch.requests, num_logits)  # filled while the pass runs
-        out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
+        try:
+            out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
+        except BaseException:
+            if masks is not None:
+                masks.wait()  # the mask thread lets go of the matchers before anything else uses them
+            raise
         emitted = self._sample(batch.requests, num_logits, out.logits, masks)
         if self.runner.mtp_layer is not None:
             self._keep_mtp_hidden(batch, num_logits, emitted, out.hidden, fed=run_mtp or not speculating)

@@ -129,8 +129,7 @@ class GrammarCompiler:
         pending = rows if isinstance(rows, PendingMasks) else self.start_masks(rows)
         if not pending.rows:
             return
-        if pending.filled is not None:
-            pending.filled.result()
+        pending.wait()
         bitmask = pending.bitmask
         for k in pending.broken:
             bitmask[k].zero_()  # a broken grammar (never expected) may only end the output
@@ -187,6 +186,11 @@ class PendingMasks:
     bitmask: torch.Tensor  # [rows with their guesses, ceil(V / 32)] int32
     broken: list[int]  # bitmask rows of matchers in error: only an end token is allowed
     filled: Future[None] | None  # the plain rows' fill on the mask thread (None: no plain rows)
+
+    def wait(self) -> None:
+        """Returns once the mask thread is done with the rows' matchers (raises what it raised)."""
+        if self.filled is not None:
+            self.filled.result()
 
 
 def advance(matcher: llguidance.LLMatcher, tokens: Sequence[int]) -> None:
