@@ -31,43 +31,13 @@ from pdserve.bench.engine_bench import (
     _prompts,
     _write,
 )
-
-# A typical structured-output schema: an object with strings, a bounded integer, an enum, a
-# nested object and a list (what `compile_ms` is measured on).
-TYPICAL_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "editor", "viewer"]},
-        "email": {"type": "string", "maxLength": 40},
-        "address": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-            },
-            "required": ["city", "zip"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
-        "active": {"type": "boolean"},
-    },
-    "required": ["name", "age", "role", "address", "tags", "active"],
-    "additionalProperties": False,
-}
-
-
-def long_schema(min_items: int) -> dict[str, Any]:
-    """A list of at least `min_items` typical objects: an output that cannot end early."""
-    return {"type": "array", "items": TYPICAL_SCHEMA, "minItems": min_items}
+from pdserve.bench.json_workload import TYPICAL_SCHEMA, long_schema
 
 
 def _guided_params(args: EngineBenchArgs):
     from pdserve.engine import GuidedDecoding, SamplingParams
 
-    # ~40 tokens per object: enough objects that the list is never complete within output_len.
-    schema = long_schema(max(2, args.output_len // 8))
+    schema = long_schema(args.output_len)
     return SamplingParams(
         temperature=0,
         max_tokens=args.output_len,

@@ -9,8 +9,12 @@ met every stated SLO). Prints a table, writes JSON and a PNG of the latencies.
 Workloads (seeded, so runs are reproducible): `chat`, short varied coding questions;
 `shared-prefix`, the same questions behind a long common system prompt (`--num-prefixes` of
 them, each request picking one), which the prefix cache (and the router's cache-aware
-placement) should turn into shorter prefills; and `long-document`, questions about one of
-`--num-prefixes` long documents (`--prefix-words` words each, placed in the user turn).
+placement) should turn into shorter prefills; `long-document`, questions about one of
+`--num-prefixes` long documents (`--prefix-words` words each, placed in the user turn); and
+`json`, the chat questions asked for a JSON answer, run twice against the same gateway: free
+("unguided"), then under a JSON schema (`response_format`, "guided json"), side by side. The
+schema is a list of objects that cannot be complete within `max_tokens`, so both sides produce
+exactly `max_tokens` tokens and the difference is guided decoding's own cost.
 
 Requests are greedy and ignore EOS, so every request produces `max_tokens` tokens and runs
 compare like for like. Each level asks its own questions (the same across layouts): a prompt
@@ -55,7 +59,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-WORKLOADS = ("chat", "shared-prefix", "long-document", "shifting")  # shifting: see bench/shifting_bench.py
+WORKLOADS = (
+    "chat",
+    "shared-prefix",
+    "long-document",
+    "json",
+    "shifting",
+)  # shifting: bench/shifting_bench.py
 PREFIX_WORKLOADS = ("shared-prefix", "long-document")
 # `pdserve up` flags of the two layouts --compare-layouts runs.
 LAYOUTS: dict[str, list[str]] = {
@@ -111,6 +121,9 @@ class ServeBenchArgs:
                              "name their --model (e.g. demo)")  # fmt: skip
         if self.compare_layouts and self.compare_context_cache:
             raise ValueError("choose one of --compare-layouts and --compare-context-cache")
+        if self.workload == "json" and (self.compare_layouts or self.compare_context_cache):
+            raise ValueError("--workload json is its own comparison (guided beside unguided): run it against "
+                             "one gateway, without --compare-layouts or --compare-context-cache")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -200,7 +213,8 @@ def make_prompts(
         if rng.random() < 0.3:  # some conversations carry an earlier exchange
             user, assistant = rng.choice(_PREVIOUS)
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": _question(rng)})
+        ask = " Answer with a JSON list of example users." if workload == "json" else ""
+        messages.append({"role": "user", "content": _question(rng) + ask})
         prompts.append(messages)
     return prompts
 
@@ -230,14 +244,15 @@ class RequestResult:
 
 
 async def send_chat(
-    client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int, headers: dict[str, str]
-) -> RequestResult:
-    """One streamed chat completion; failures are results, not exceptions."""
+    client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int, headers: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> RequestResult:  # fmt: skip
+    """One streamed chat completion (`extra`: more body fields); failures are results, not exceptions."""
     import httpx
 
     body = {
         "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {}),
     }  # fmt: skip
     start = time.perf_counter()
     last: float | None = None
@@ -377,7 +392,7 @@ def warmup_prompt(args: ServeBenchArgs) -> list[dict[str, str]]:
 
 async def _run_level(
     client, url: str, model: str, concurrency: int, prompts: list[list[dict[str, str]]], args: ServeBenchArgs,
-    label: str,
+    label: str, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """`concurrency` requests in flight until every prompt is done; the level's row."""
     headers = _headers(args.api_key)
@@ -386,7 +401,7 @@ async def _run_level(
 
         async def one(messages: list[dict[str, str]]) -> RequestResult:
             async with gate:
-                result = await send_chat(client, url, model, messages, args.max_tokens, headers)
+                result = await send_chat(client, url, model, messages, args.max_tokens, headers, extra)
             bar.update()
             return result
 
@@ -397,10 +412,11 @@ async def _run_level(
 
 
 async def _run_side_by_side(
-    targets: list[tuple[str, str]], args: ServeBenchArgs
+    targets: list[tuple[str, str]], args: ServeBenchArgs, extra: dict[str, Any] | None = None
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     """Every level on every (label, url), the targets taking turns level by level (machine load
-    drifts; turns keep each level's numbers side by side). Per target: its model and its rows."""
+    drifts; turns keep each level's numbers side by side; `extra`: more body fields of every
+    request). Per target: its model and its rows."""
     import httpx
 
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
@@ -414,7 +430,9 @@ async def _run_side_by_side(
             model = await _served_model(client, url, headers)
             # First-call costs (channels, KV transfer groups) and, for shared-prefix, the system
             # prompt into the cache, so that every level starts alike.
-            first = await send_chat(client, url, model, warmup_prompt(args), min(args.max_tokens, 4), headers)
+            first = await send_chat(
+                client, url, model, warmup_prompt(args), min(args.max_tokens, 4), headers, extra
+            )
             if not first.ok:
                 raise RuntimeError(f"the warm-up request to {url} failed: {first.error}")
             clients.append(client)
@@ -423,7 +441,7 @@ async def _run_side_by_side(
         for i, concurrency in enumerate(args.concurrency):
             prompts = level_prompts(args, i)
             for k, ((label, url), client, model) in enumerate(zip(targets, clients, models)):
-                rows[k].append(await _run_level(client, url, model, concurrency, prompts, args, label))
+                rows[k].append(await _run_level(client, url, model, concurrency, prompts, args, label, extra))
     return list(zip(models, rows))
 
 
@@ -747,6 +765,9 @@ def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[st
             for layout, flags in _started_clusters(args).items():
                 with launched(layout, args.model, Path(tmp), args.api_key, flags=flags) as url:
                     runs += _run(url, layout, args, probes, engine_s, rates)
+    elif args.workload == "json":
+        for side, extra in json_sides(args.max_tokens).items():
+            runs += _run(args.url, side, args, probes, engine_s, rates, extra)
     else:
         runs += _run(args.url, "url", args, probes, engine_s, rates)
     recorded = {**asdict(args), "api_key": "<set>" if args.api_key else None}  # results get shared; keys not
@@ -793,15 +814,26 @@ def _started_clusters(args: ServeBenchArgs) -> dict[str, list[str]]:
     }
 
 
+def json_sides(max_tokens: int) -> dict[str, dict[str, Any] | None]:
+    """The json workload's two runs, by name: their extra body fields (the guided side's schema
+    holds it to `max_tokens` as `ignore_eos` holds the free side, which guided decoding refuses)."""
+    from pdserve.bench.json_workload import long_schema
+
+    schema = {"name": "users", "schema": long_schema(max_tokens)}
+    guided = {"ignore_eos": False, "response_format": {"type": "json_schema", "json_schema": schema}}
+    return {"unguided": None, "guided json": guided}
+
+
 def _run(
     url: str, layout: str, args: ServeBenchArgs, probes: list[list[dict[str, str]]], engine_s: list[float],
-    engine_rates: dict[int, float],
+    engine_rates: dict[int, float], extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """The levels on `url` (and, level by level beside it, on the baseline); the overhead probes."""
+    """The levels on `url` (and, level by level beside it, on the baseline); the overhead probes.
+    `extra`: more body fields of every request (the json workload's guided side)."""
     targets = [(layout, url)]
     if args.baseline_url:
         targets.append((f"{args.baseline_label} (beside {layout})", args.baseline_url))
-    results = asyncio.run(_run_side_by_side(targets, args))
+    results = asyncio.run(_run_side_by_side(targets, args, extra))
     runs = []
     for (label, target_url), (model, levels) in zip(targets, results):
         for level in levels:

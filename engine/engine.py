@@ -54,7 +54,7 @@ from pdserve.engine.spec_decode.mtp import MTPProposer
 from pdserve.engine.spec_decode.ngram import NgramProposer
 from pdserve.engine.spec_decode.verifier import VerifyGroup, verify
 from pdserve.engine.stats import EngineCounters, EngineStats
-from pdserve.engine.structured_output import GrammarCompiler, GuidedRows, advance
+from pdserve.engine.structured_output import GrammarCompiler, GuidedRows, PendingMasks, advance
 from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -455,8 +455,14 @@ class Engine:
         # it); decoded positions are fed by the MTP proposer's first pass instead. A batch too big
         # to speculate skips it, except for prompts prefilled for another worker.
         run_mtp = any(not r.output_token_ids and (speculating or r.prefill_only) for r in batch.requests)
-        out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
-        emitted = self._sample(batch.requests, num_logits, out.logits)
+        masks = self._start_masks(batch.requests, num_logits)  # filled while the pass runs
+        try:
+            out = self.runner.execute(batch, num_logits, run_mtp=run_mtp)
+        except BaseException:
+            if masks is not None:
+                masks.wait()  # the mask thread lets go of the matchers before anything else uses them
+            raise
+        emitted = self._sample(batch.requests, num_logits, out.logits, masks)
         if self.runner.mtp_layer is not None:
             self._keep_mtp_hidden(batch, num_logits, emitted, out.hidden, fed=run_mtp or not speculating)
         deltas = failed + self.scheduler.postprocess(batch, num_logits, emitted)
@@ -557,16 +563,21 @@ class Engine:
 
     @torch.inference_mode()  # the logits are inference tensors, which sampling overwrites in place
     def _sample(
-        self, requests: list[Request], num_logits: list[int], logits: torch.Tensor
+        self, requests: list[Request], num_logits: list[int], logits: torch.Tensor, masks: PendingMasks | None
     ) -> dict[str, Emitted]:
         """The tokens (and logprobs) each sampling request emits, by request id.
 
         `logits` holds `num_logits[i]` rows for request i: one to sample from, or k + 1 to verify
-        its k guesses with.
+        its k guesses with; `masks`: the guided requests' token masks (`_start_masks`).
         """
         sampling = [(req, m) for req, m in zip(requests, num_logits) if m]
         if not sampling:
             return {}
+        if masks is not None:
+            assert self.grammars is not None
+            started = time.perf_counter()
+            self.grammars.mask_logits(logits, masks)
+            self.counters.guided_seconds_total += time.perf_counter() - started
         emitted = self._sample_rows(sampling, logits)
         guided = [req for req, _ in sampling if req.matcher is not None]
         if guided:
@@ -579,8 +590,7 @@ class Engine:
         return emitted
 
     def _sample_rows(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> dict[str, Emitted]:
-        """`_sample` for the requests that sample: plain rows, or guesses to verify."""
-        self._mask_guided(sampling, logits)
+        """`_sample` for the requests that sample (guided ones masked): plain rows, or guesses to verify."""
         if all(m == 1 for _, m in sampling):
             rows = [
                 SamplingRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
@@ -609,18 +619,22 @@ class Engine:
         verified = verify(self.sampler, logits, groups, scratch=True)
         return {req.request_id: (v.token_ids, v.logprobs) for (req, _), v in zip(sampling, verified)}
 
-    def _mask_guided(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> None:
-        """Forbids, in place, the tokens each guided request's grammar refuses at each of its rows."""
+    def _start_masks(self, requests: list[Request], num_logits: list[int]) -> PendingMasks | None:
+        """Begins filling the token masks of the step's guided rows (None: no guided request
+        samples), which `_sample` applies; the forward pass runs meanwhile. Rows are numbered as
+        in the logits: only requests that sample have rows."""
         rows, first = [], 0
-        for req, m in sampling:
-            if req.matcher is not None:
+        for req, m in zip(requests, num_logits):
+            if m and req.matcher is not None:
                 rows.append(GuidedRows(first, req.matcher, req.spec_token_ids[: m - 1]))
             first += m
-        if rows:
-            assert self.grammars is not None
-            started = time.perf_counter()
-            self.grammars.mask_logits(logits, rows)
-            self.counters.guided_seconds_total += time.perf_counter() - started
+        if not rows:
+            return None
+        assert self.grammars is not None
+        started = time.perf_counter()
+        masks = self.grammars.start_masks(rows)
+        self.counters.guided_seconds_total += time.perf_counter() - started
+        return masks
 
     def _publish_events(self) -> None:
         events = self.kv.pool.drain_events()

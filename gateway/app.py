@@ -29,10 +29,17 @@ from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.metrics_cache import SharedFetch
 from pdserve.gateway.prompt_tokenizer import PromptTokenizer
-from pdserve.gateway.protocol import LONE_SURROGATE, PROMPT_KINDS, ChatCompletionRequest, CompletionRequest
+from pdserve.gateway.protocol import (
+    LONE_SURROGATE,
+    PROMPT_KINDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponsesRequest,
+)
 from pdserve.gateway.request_body import RequestBodyLimits
 from pdserve.gateway.router_client import RouterClient, RouterConnection
 from pdserve.gateway.serving import OpenAIServingChat, OpenAIServingCompletion
+from pdserve.gateway.serving_responses import OpenAIServingResponses
 from pdserve.proto.bearer import matches
 
 __all__ = ["APIError", "GatewayConfig", "create_app"]
@@ -44,6 +51,7 @@ log = logging.getLogger("pdserve.gateway")
 ENDPOINT_OF_PATH = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
+    "/v1/responses": "responses",
     "/v1/models": "models",
     "/health": "health",
     "/metrics": "metrics",
@@ -95,6 +103,7 @@ def create_app(
         app,
         OpenAIServingCompletion(config, connection, tok, metrics, prompts),
         OpenAIServingChat(config, connection, tok, metrics, prompts),
+        OpenAIServingResponses(config, connection, tok, metrics, prompts),
     )
     return app
 
@@ -256,8 +265,13 @@ def add_cluster_routes(
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "pdserve"}
 
 
-def add_generation_routes(app: FastAPI, completion: OpenAIServingCompletion, chat: OpenAIServingChat) -> None:
-    """/v1/completions and /v1/chat/completions."""
+def add_generation_routes(
+    app: FastAPI,
+    completion: OpenAIServingCompletion,
+    chat: OpenAIServingChat,
+    responses: OpenAIServingResponses,
+) -> None:
+    """/v1/completions, /v1/chat/completions and /v1/responses."""
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -266,3 +280,7 @@ def add_generation_routes(app: FastAPI, completion: OpenAIServingCompletion, cha
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await chat.create_chat_completion(body, request.state.request_id)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request):
+        return await responses.create_response(body, request.state.request_id)

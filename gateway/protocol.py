@@ -148,7 +148,24 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class SamplingFields(BaseModel):
+class UnicodeBody(BaseModel):
+    """A request body whose every string must be text (see `lone_surrogate_at`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """Refuses a body with a lone surrogate in any string, naming where."""
+        if isinstance(data, dict) and (param := lone_surrogate_at(data)) is not None:
+            raise PydanticCustomError(
+                LONE_SURROGATE,
+                "{param} contains a lone UTF-16 surrogate (half of a \\ud800-\\udfff pair), which is not "
+                "text; send valid Unicode",
+                {"param": param},
+            )
+        return data
+
+
+class SamplingFields(UnicodeBody):
     """Fields shared by /v1/completions and /v1/chat/completions (vLLM's extensions included)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -177,19 +194,6 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(default=None, min_length=1)
     guided_grammar: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_is_unicode(cls, data: Any) -> Any:
-        """Refuses a body with a lone surrogate in any string, naming where (see `lone_surrogate_at`)."""
-        if isinstance(data, dict) and (param := lone_surrogate_at(data)) is not None:
-            raise PydanticCustomError(
-                LONE_SURROGATE,
-                "{param} contains a lone UTF-16 surrogate (half of a \\ud800-\\udfff pair), which is not "
-                "text; send valid Unicode",
-                {"param": param},
-            )
-        return data
 
     def guided_decoding(self) -> tuple[GuidedDecoding, str] | None:
         """The guided decoding the body asks for and the field that asked (None: free output).
@@ -403,3 +407,135 @@ class ChatCompletionRequest(SamplingFields):
                 value = source["enable_thinking"]
                 return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         return None
+
+
+class BodyFieldError(ValueError):
+    """A body that validates but asks for what this server does not do; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class ResponseTextFormat(BaseModel):
+    """The Responses API's `text.format`: chat's `response_format` with the schema's fields inline."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    def response_format(self) -> ResponseFormat:
+        """The same format as chat's `response_format`."""
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        if self.name is None:
+            raise BodyFieldError("text.format.name", "a json_schema format needs a name")
+        schema = JsonSchemaFormat(name=self.name, description=self.description, schema=self.schema_,
+                                  strict=self.strict)  # fmt: skip
+        return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+class ResponseText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: ResponseTextFormat | None = None
+
+
+class ResponseInputItem(BaseModel):
+    """One item of the Responses API's `input` list; only messages (of text) are served."""
+
+    # Items fed back from an earlier response's output carry its ids and status: they are ignored.
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "message"
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list[ContentPart] | None = None
+
+
+# The Responses API's fields pdserve does not serve, each with what to do instead. A request that
+# sets one is refused by name rather than answered as if it were absent; an empty value is allowed.
+RESPONSES_UNSERVED = {
+    "tools": "tool calls are served on /v1/chat/completions",
+    "tool_choice": "tool calls are served on /v1/chat/completions",
+    "max_tool_calls": "tool calls are served on /v1/chat/completions",
+    "previous_response_id": "responses are not stored; send the whole conversation as input",
+    "conversation": "responses are not stored; send the whole conversation as input",
+    "prompt": "stored prompts are not served; send input (and instructions)",
+    "reasoning": "reasoning settings are not served; the chat template decides about thinking",
+    "include": "no extra output data is served",
+    "background": "background responses are not served; stream instead",
+    "top_logprobs": "logprobs are served on /v1/chat/completions",
+}
+# Values that mean "not used" (tool_choice "none" and "auto" without tools change nothing).
+UNUSED_VALUES = (None, [], {}, False, "none", "auto")
+
+
+class ResponsesRequest(UnicodeBody):
+    """POST /v1/responses, the basic text case: served as a chat completion of the same messages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[ResponseInputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: Float | None = None
+    top_p: Float | None = None
+    stream: bool = False
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    text: ResponseText | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None  # means nothing without tools
+    truncation: Literal["disabled"] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    max_tool_calls: Any = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    reasoning: Any = None
+    include: Any = None
+    background: Any = None
+    top_logprobs: Any = None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat completion that answers this request: `instructions` as the first (system)
+        message, then the input's messages. Raises BodyFieldError for what is not served."""
+        for name, instead in RESPONSES_UNSERVED.items():
+            if getattr(self, name) not in UNUSED_VALUES:
+                raise BodyFieldError(
+                    name, f"not supported on /v1/responses, which serves text only; {instead}"
+                )
+        if self.store:
+            raise BodyFieldError("store", "responses are not stored; send store: false or leave it out")
+        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        if isinstance(self.input, str):
+            messages.append(ChatMessage(role="user", content=self.input))
+        else:
+            messages += [_chat_message(item, f"input.{i}") for i, item in enumerate(self.input)]
+        fmt = self.text.format if self.text is not None else None
+        return ChatCompletionRequest(
+            model=self.model, messages=messages, max_tokens=self.max_output_tokens, temperature=self.temperature,
+            top_p=self.top_p, stream=self.stream, user=self.user,
+            response_format=fmt.response_format() if fmt is not None else None,
+        )  # fmt: skip
+
+
+def _chat_message(item: ResponseInputItem, where: str) -> ChatMessage:
+    """Input item `where` as a chat message of its text; BodyFieldError for any other item."""
+    if item.type != "message":
+        raise BodyFieldError(f"{where}.type", f"{item.type!r} items are not supported; only messages are")
+    if item.role is None:
+        raise BodyFieldError(f"{where}.role", "a message needs a role (user, system, developer or assistant)")
+    parts = item.content if isinstance(item.content, list) else []
+    for j, part in enumerate(parts):
+        if part.type not in ("input_text", "output_text"):
+            raise BodyFieldError(f"{where}.content.{j}", f"a {part.type!r} part cannot be used; this model "
+                                                         "reads text only")  # fmt: skip
+    text = "".join(p.text or "" for p in parts) if parts else item.content
+    return ChatMessage(role=item.role, content=text)

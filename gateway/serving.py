@@ -69,8 +69,27 @@ class Generation:
         return splitter.feed(text, final=final)
 
     def finish_reason(self, finish: str | None, has_tool_calls: bool) -> str | None:
-        """OpenAI's finish reason: "tool_calls" when a choice that stopped by itself called tools."""
-        return "tool_calls" if has_tool_calls and finish == "stop" else finish
+        """OpenAI's finish reason: "tool_calls" when a choice that stopped by itself called tools
+        the model chose (auto or required); a function named in `tool_choice` stops with "stop",
+        as OpenAI answers it, its call still in the message."""
+        named = self.tool_reader is not None and self.tool_reader.mode == "named"
+        return "tool_calls" if has_tool_calls and finish == "stop" and not named else finish
+
+
+@dataclass
+class Collected:
+    """A generation's choices read whole (`OpenAIServing.collect`), and its usage."""
+
+    texts: list[list[str]]  # each choice's text pieces, in order
+    logprobs: list[list[pdserve_pb2.TokenLogprob]]
+    finish: list[str | None]  # each choice's engine finish reason
+    tokens: int = 0  # completion tokens of all choices
+    cached: int = 0
+    from_redis: int = 0
+
+    def text(self, index: int) -> str:
+        """Choice `index`'s whole generated text."""
+        return "".join(self.texts[index])
 
 
 def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_pb2.SamplingParams]:
@@ -229,6 +248,16 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def timed_chunks(self, gen: Generation) -> AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]:
+        """`choice_chunks` of a stream, its time to the first chunk observed."""
+        first = True
+        async with aclosing(self.choice_chunks(gen)) as chunks:
+            async for i, chunk in chunks:
+                if first:
+                    self.metrics.first_token.observe(time.perf_counter() - gen.start)
+                    first = False
+                yield i, chunk
+
     def logprobs(self, chunk: pdserve_pb2.GenerateChunk | None) -> Any:
         """The choice's `logprobs` for the tokens of `chunk` (None without any)."""
         if chunk is None or not chunk.logprobs:
@@ -282,7 +311,7 @@ class OpenAIServing:
         The status line is already sent, so an error is the stream's last event (and the stream
         counts its own outcome: the middleware only sees the 200).
         """
-        totals, cached, from_redis, first = [0] * len(gen.choices), 0, 0, True
+        totals, cached, from_redis = [0] * len(gen.choices), 0, 0
         splitters = [ReasoningSplitter(bool(gen.in_reasoning)) for _ in gen.choices]
         tools = [ToolCallStream(gen.tool_reader) for _ in gen.choices] if gen.tool_reader else None
         try:
@@ -290,11 +319,8 @@ class OpenAIServing:
                 opening = self.choice_start(gen, i)
                 if opening is not None:
                     yield sse(opening)
-            async with aclosing(self.choice_chunks(gen)) as chunks:
+            async with aclosing(self.timed_chunks(gen)) as chunks:
                 async for i, chunk in chunks:
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - gen.start)
-                        first = False
                     totals[i] += len(chunk.token_ids)
                     if chunk.finished:
                         cached = max(cached, chunk.usage.cached_tokens)
@@ -321,38 +347,40 @@ class OpenAIServing:
         finally:
             self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
 
-    async def full_generator(self, gen: Generation) -> JSONResponse:
-        """One JSON body with every choice whole."""
+    async def collect(self, gen: Generation) -> Collected:
+        """Every choice of `gen` whole: its text, logprobs and finish reason, and the usage."""
         n = len(gen.choices)
-        texts: list[list[str]] = [[] for _ in range(n)]
-        lps: list[list[pdserve_pb2.TokenLogprob]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        total, cached, from_redis = 0, 0, 0
+        out = Collected([[] for _ in range(n)], [[] for _ in range(n)], [None] * n)
         async with aclosing(self.choice_chunks(gen)) as chunks:
             async for i, chunk in chunks:
-                texts[i].append(chunk.text)
-                lps[i].extend(chunk.logprobs)
-                total += len(chunk.token_ids)
+                out.texts[i].append(chunk.text)
+                out.logprobs[i].extend(chunk.logprobs)
+                out.tokens += len(chunk.token_ids)
                 if chunk.finished:
-                    finish[i] = chunk.finish_reason
-                    cached = max(cached, chunk.usage.cached_tokens)
-                    from_redis = max(from_redis, chunk.usage.context_cached_tokens)
+                    out.finish[i] = chunk.finish_reason
+                    out.cached = max(out.cached, chunk.usage.cached_tokens)
+                    out.from_redis = max(out.from_redis, chunk.usage.context_cached_tokens)
+        return out
+
+    async def full_generator(self, gen: Generation) -> JSONResponse:
+        """One JSON body with every choice whole."""
+        got = await self.collect(gen)
         choices = []
-        for i in range(n):
-            reasoning, content = gen.split("".join(texts[i]), ReasoningSplitter(bool(gen.in_reasoning)), True)
-            merged = pdserve_pb2.GenerateChunk(logprobs=lps[i]) if lps[i] else None
+        for i in range(len(gen.choices)):
+            reasoning, content = gen.split(got.text(i), ReasoningSplitter(bool(gen.in_reasoning)), True)
+            merged = pdserve_pb2.GenerateChunk(logprobs=got.logprobs[i]) if got.logprobs[i] else None
             calls = None
             if gen.tool_reader is not None:
                 content, calls = full_tool_calls(gen.tool_reader, content)
             if gen.echo is not None:
                 content = gen.echo[i] + content
-            reason = gen.finish_reason(finish[i], bool(calls))
+            reason = gen.finish_reason(got.finish[i], bool(calls))
             choices.append(self.choice(gen, i, content, reasoning, reason, merged, False, calls))
         self.metrics.latency.labels(self.endpoint).observe(time.perf_counter() - gen.start)
         return JSONResponse(
             {"id": self.response_id(gen), "object": self.object_kind, "created": gen.created,
              "model": self.config.model_name, "choices": choices,
-             "usage": usage(gen.prompt_tokens, total, cached, from_redis)},
+             "usage": usage(gen.prompt_tokens, got.tokens, got.cached, got.from_redis)},
             headers={"X-Request-Id": gen.request_id},
         )  # fmt: skip
 
@@ -420,6 +448,11 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, body: ChatCompletionRequest, request_id: str):
         """The response to a validated chat body."""
+        return await self.respond(await self.chat_generation(body, request_id))
+
+    async def chat_generation(self, body: ChatCompletionRequest, request_id: str) -> Generation:
+        """The work of a validated chat body: its messages through the chat template, its sampling
+        checked (also the path of /v1/responses, which says its input as chat messages)."""
         self.check_model(body)
         reader, tool_guided = self.tool_calls(body)
         guided = self.guided(body, tool_guided)
@@ -437,8 +470,7 @@ class OpenAIServingChat(OpenAIServing):
         in_reasoning = text.rstrip().endswith(THINK_START)
         split = in_reasoning if thinking is None else (thinking or in_reasoning)
         choices = [(prompt, p) for p in choice_samplings(sampling, body.n)]
-        gen = Generation(request_id, body, len(prompt), choices, in_reasoning if split else None, reader)
-        return await self.respond(gen)
+        return Generation(request_id, body, len(prompt), choices, in_reasoning if split else None, reader)
 
     def tool_calls(
         self, body: ChatCompletionRequest

@@ -797,9 +797,10 @@ def _add_bench_serve(bench_sub) -> None:
     sb.add_argument("--concurrency", type=_int_list("--concurrency"), default=[1, 4, 16])
     sb.add_argument(
         "--workload",
-        choices=["chat", "shared-prefix", "long-document", "shifting"],
+        choices=["chat", "shared-prefix", "long-document", "json", "shifting"],
         default="chat",
-        help="shifting: prefill-heavy, decode-heavy, then mixed load against static splits of 4 workers "
+        help="json: the chat questions answered free, then under a JSON schema (response_format), side by "
+        "side; shifting: prefill-heavy, decode-heavy, then mixed load against static splits of 4 workers "
         "and the role planner (needs --model; starts its own clusters)",
     )
     sb.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pdserve.bench.serve_bench import (
@@ -96,6 +97,34 @@ def test_the_engine_alone_runs_each_levels_prompts_in_batches_of_its_concurrency
     assert sorted(rates) == [1, 3] and all(rate > 0 for rate in rates.values())
 
 
+def guided_tokens(url: str) -> float:
+    """pdserve_guided_tokens summed over the stack's workers, read from the gateway's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("pdserve_guided_tokens{")
+    )
+
+
+def test_bench_serve_json_runs_guided_beside_unguided(stack, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    before = guided_tokens(stack.url)
+    argv = ["bench", "serve", "--url", stack.url, "--concurrency", "1,2", "--workload", "json",
+            "--num-prompts", "6", "--max-tokens", "8", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert [run["layout"] for run in doc["runs"]] == ["unguided", "guided json"]
+    for run in doc["runs"]:
+        for level in run["levels"]:
+            assert level["completed"] == 6 and level["failed"] == 0, level["errors"]
+            # The guided side's schema cannot be complete in 8 tokens: both sides make exactly 8.
+            assert level["output_tokens"] == 6 * 8
+            assert level["tpot_ms"]["p50"] > 0
+    # The guided side's tokens (2 levels x 6 x 8, and its warm-up) were emitted under the grammar.
+    assert guided_tokens(stack.url) - before >= 2 * 6 * 8
+    printed = capsys.readouterr().out
+    assert "side by side: unguided vs guided json" in printed and "TPOT p50" in printed
+
+
 def test_prompt_sets_are_seeded_and_shared_prefix_shares_its_system_prompt():
     assert make_prompts("chat", 20, seed=3) == make_prompts("chat", 20, seed=3)
     assert make_prompts("chat", 20, seed=3) != make_prompts("chat", 20, seed=4)
@@ -137,6 +166,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
     assert "--model" in capsys.readouterr().err
     assert main(["bench", "serve", "--compare-context-cache", "--compare-layouts", "--model", "demo"]) == 2
     assert "choose one of" in capsys.readouterr().err
+    assert main(["bench", "serve", "--workload", "json", "--compare-layouts", "--model", "demo"]) == 2
+    assert "its own comparison" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num-prefixes"):
         ServeBenchArgs(num_prefixes=0)
     argv = ["bench", "serve", "--url", "http://127.0.0.1:1", "--output", str(tmp_path / "x.json")]

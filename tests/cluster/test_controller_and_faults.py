@@ -70,7 +70,10 @@ def wait_until_all_released(ray, controller, timeout_s=20.0):
         busy = [
             load
             for load in loads
-            if load.kv_blocks_free != load.kv_blocks_total or load.num_running or load.num_waiting or load.num_pending_sends
+            if load.kv_blocks_free != load.kv_blocks_total
+            or load.num_running
+            or load.num_waiting
+            or load.num_pending_sends
         ]
         if not busy or time.monotonic() > deadline:
             assert not busy, busy

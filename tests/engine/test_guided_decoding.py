@@ -121,6 +121,49 @@ def test_guesses_the_grammar_refuses_are_cut_before_verification(llm):
     assert matcher.consume_tokens([a, b])  # trimming left the grammar where it was
 
 
+def test_masks_filled_during_the_pass_equal_each_row_filled_alone(llm):
+    """`start_masks` fills plain rows on the mask thread; rows with guesses, broken matchers and
+    free rows around them must come out as one row at a time under llguidance's own fill."""
+    import llguidance.torch as llg_torch
+    import torch
+
+    from pdserve.engine.structured_output import GuidedRows
+
+    grammars, tok = llm.engine.grammars, llm.engine.tokenizer
+    fresh = [grammars.compile(JSON).result() for _ in range(3)]
+    for matcher, text in zip(fresh, ['{"name": "R', '{"name": "Rex", "kind": ', "{"]):
+        assert matcher.consume_tokens(tok.encode(text, add_special_tokens=False))
+    regex = grammars.compile(GuidedDecoding("regex", "ab+")).result()
+    a, b = (tok.encode(x, add_special_tokens=False)[0] for x in ("a", "b"))
+    broken = grammars.compile(GuidedDecoding("regex", "a")).result()
+    assert not broken.consume_token(b) and broken.is_error()
+    # Logits rows: 0 free, 1 plain, 2-4 the regex with guesses [a, b], 5 free, 6 plain, 7 broken, 8 plain.
+    rows = [GuidedRows(1, fresh[0]), GuidedRows(2, regex, [a, b]), GuidedRows(6, fresh[1]),
+            GuidedRows(7, broken), GuidedRows(8, fresh[2])]  # fmt: skip
+    vocab = grammars.vocab_size
+    logits = torch.randn(9, vocab + 3, generator=torch.Generator().manual_seed(0))
+    want = logits.clone()
+    masked = grammars.start_masks(rows)
+    grammars.mask_logits(logits, masked)
+
+    def allowed(matcher, through: list[int] = ()) -> torch.Tensor:
+        assert all(matcher.consume_token(t) for t in through)
+        bits = llg_torch.allocate_token_bitmask(1, vocab)
+        llg_torch.fill_next_token_bitmask(matcher, bits)
+        if through:
+            matcher.rollback(len(through))
+        return ((bits[0].view(torch.uint8).unsqueeze(1) >> torch.arange(8)) & 1).bool().flatten()[:vocab]
+
+    masks = {1: allowed(fresh[0]), 2: allowed(regex), 3: allowed(regex, [a]), 4: allowed(regex, [a, b]),
+             6: allowed(fresh[1]), 8: allowed(fresh[2])}  # fmt: skip
+    masks[7] = torch.zeros(vocab, dtype=torch.bool)
+    masks[7][grammars.eos_token_id] = True
+    for row, ok in masks.items():
+        want[row, :vocab][~ok] = -float("inf")
+    assert torch.equal(logits, want)
+    assert 0 < int(masks[1].sum()) < vocab and not torch.equal(masks[1], masks[6])
+
+
 def test_a_request_moved_after_prefill_continues_its_grammar():
     """The decode side rebuilds the grammar state from the output so far (the prefill's token)."""
     config = EngineConfig(model="demo", num_threads=1, progress=False, block_size=8)

@@ -25,6 +25,7 @@ MAX_N = 2
 OPERATIONS = [
     ("POST", "/v1/chat/completions", 50),
     ("POST", "/v1/completions", 50),
+    ("POST", "/v1/responses", 40),
     ("GET", "/v1/models/{model_id}", 10),
     ("GET", "/v1/models", 3),
     ("GET", "/health", 3),
@@ -47,13 +48,15 @@ def api_schema(stack) -> schemathesis.BaseSchema:
 
 
 def _cap_lengths(body: dict[str, Any]) -> None:
-    """Valid length fields at most MAX_TOKENS / MAX_N, absent ones set: generation is what costs."""
-    for name in ("max_tokens", "max_completion_tokens"):
+    """Valid length fields at most MAX_TOKENS / MAX_N, absent ones set: generation is what costs
+    (a body with `input` is a Responses body, its length field `max_output_tokens`)."""
+    names = ("max_output_tokens",) if "input" in body else ("max_tokens", "max_completion_tokens")
+    for name in names:
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[name] = MAX_TOKENS
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = MAX_TOKENS
+    if all(body.get(name) is None for name in names):
+        body[names[0]] = MAX_TOKENS
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
         body["n"] = MAX_N
