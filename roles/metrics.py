@@ -24,6 +24,7 @@ CONTEXT_CACHE_COUNTERS = {
     "rejected": "Values refused (another model's, truncated, corrupt) and deleted",
     "write_drops": "KV blocks not written (queue full or Redis down)",
     "errors": "Redis calls of the context cache that failed",
+    "fetch_timeouts": "Lookups not answered within timeout_s (the request computed its prefix)",
 }
 
 
