@@ -204,7 +204,8 @@ class RequestRunner:
         A decode worker that died a moment ago may still be listed: asking it for its load
         fails, and it joins `avoid` (and the placement hears of it) before choosing again.
         """
-        deadline = asyncio.get_running_loop().time() + self.config.admission_timeout_s
+        started = asyncio.get_running_loop().time()
+        deadline = started + self.config.admission_timeout_s
         while True:
             route = await self.placement.choose(prompt, avoid, group)
             try:
@@ -217,6 +218,9 @@ class RequestRunner:
             if load is not None and (
                 route.prefill is None or load.kv_blocks_free * load.block_size >= len(prompt) + 1
             ):
+                if self.metrics is not None and route.prefill is not None:
+                    waited = asyncio.get_running_loop().time() - started
+                    self.metrics.admission_wait_seconds.observe(waited)
                 return route
             self.placement.settled(route)  # not placed after all
             if asyncio.get_running_loop().time() > deadline:
