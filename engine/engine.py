@@ -710,8 +710,10 @@ class Engine:
         waiting_prefill += sum(
             r.num_tokens - r.num_computed_tokens for r in self.scheduler.running if not r.output_token_ids
         )
+        # Requests whose prefix lookup is in flight wait too (placement weighs them like the others).
+        waiting_prefill += sum(r.num_tokens for r, _, _ in self._fetching.values())
         return EngineStats(
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self._fetching),
             num_running=self.scheduler.num_running,
             num_prefilled=sum(r.status is RequestStatus.PREFILLED for r in self.scheduler.requests.values()),
             kv_blocks_total=self.kv.num_blocks,

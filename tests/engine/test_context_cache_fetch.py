@@ -107,7 +107,9 @@ def test_a_running_stream_keeps_stepping_while_a_lookup_waits_on_slow_redis(prox
     # Every step ran the stream (one token each); none waited on the held lookup.
     assert len(run.tokens["stream"]) == before + 6
     assert run.tokens["late"] == []
-    assert e.stats().num_fetching_context == 1 and "late" in e.request_ids()
+    stats = e.stats()
+    assert stats.num_fetching_context == 1 and "late" in e.request_ids()
+    assert stats.num_waiting == 1 and stats.waiting_prefill_tokens == len(PROMPT)  # placement sees it
     proxy.open()
     run.until(lambda: not e.has_unfinished())
     assert run.tokens["late"] == reference["prompt"]
