@@ -2,15 +2,17 @@
 
 Blocks go out when they have been used `min_reuse` times (computing a block is its first use,
 each prefix-cache hit one more) or, with `min_reuse` 0, when they leave the pool. A new request,
-after its local prefix lookup, asks Redis for the blocks that follow in one round trip and loads
-what it finds into free blocks of the pool, registered in the prefix cache, so the scheduler then
-finds them like any cached block (a prefill worker does this before its KV handoff, so decode
+after its local prefix lookup, asks Redis for the blocks that follow in one round trip, on a fetch
+thread (`begin_fetch`: the engine keeps stepping the other requests meanwhile); once the answer is
+in, `finish_fetch` loads what was found into free blocks of the pool, registered in the prefix
+cache, so the scheduler then finds them like any cached block (a prefill worker does this before its KV handoff, so decode
 workers receive the full KV as before). Output is the same whichever way a block arrived: the
 bytes are the pool's own, all layers (the MTP layer's included), in its dtype.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -71,6 +73,19 @@ def model_identity(
     return h.hexdigest()
 
 
+@dataclass
+class PendingFetch:
+    """A request's lookup in Redis, in flight on the store's fetch thread."""
+
+    hashes: list[int]  # the blocks asked for, in prefix order
+    future: concurrent.futures.Future  # of the payloads of the leading run found
+    started: float  # time.monotonic() when it was asked
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
 class ContextCache:
     """Moves full KV blocks between the engine's pool and Redis (see the module doc)."""
 
@@ -93,44 +108,90 @@ class ContextCache:
 
     # ------------------------------------------------------------------ reading
 
-    def load_prefix(self, request: Request) -> None:
-        """Loads the blocks after the request's local prefix hit from Redis into the pool.
+    def begin_fetch(self, request: Request) -> PendingFetch | None:
+        """Starts the lookup in Redis of the blocks after the request's local prefix hit, on the
+        store's fetch thread; None when there is nothing to ask (or Redis is known down).
 
-        They land as free, cached blocks (evicted last), which the scheduler finds at admission;
-        `request.context_cache_tokens` records which prompt tokens came from Redis. Never raises:
-        whatever goes wrong here, the request computes its prefix (the pool is left consistent).
+        The engine holds the request until `fetch.done` and then calls `finish_fetch`. Never
+        raises: whatever goes wrong here, the request computes its prefix.
         """
         try:
-            self._load_prefix(request)
+            hashes = self._prefix_hashes(request)
+            local = self._local_run(hashes)
+            self._note_uses(hashes[:local])
+            # No more than the pool could take now (what it takes at admission is checked then).
+            missing = hashes[local:][: self.kv.pool.num_free]
+            if not missing or not self.store.reachable:
+                return None
+            return PendingFetch(missing, self.store.fetch_async(missing), time.monotonic())
+        except Exception:
+            log.exception(
+                "context cache: looking up the prefix of %s failed; it is computed", request.request_id
+            )
+            self.store.count_error()
+            return None
+
+    def expired(self, fetch: PendingFetch) -> bool:
+        """Whether the lookup has run past `timeout_s` (Redis slow): the request stops waiting."""
+        return time.monotonic() - fetch.started > self.config.timeout_s
+
+    def finish_fetch(self, request: Request, fetch: PendingFetch) -> None:
+        """Loads what the lookup found into free blocks of the pool, registered in the prefix cache.
+
+        They land as free, cached blocks (evicted last), which the scheduler finds at admission;
+        `request.context_cache_tokens` records which prompt tokens came from Redis. A lookup not
+        done yet is given up (counted as a timeout). Never raises; the pool is left consistent.
+        """
+        if not fetch.future.done():
+            fetch.future.cancel()
+            self.store.count_timeout()
+            log.warning(
+                "context cache: the lookup for %s took over %.2f s; its prefix is computed",
+                request.request_id, self.config.timeout_s,
+            )  # fmt: skip
+            return
+        try:
+            payloads = fetch.future.result()
+            if payloads:
+                self._load(request, dict(zip(fetch.hashes, payloads)))
         except Exception:
             log.exception(
                 "context cache: loading the prefix of %s failed; it is computed", request.request_id
             )
             self.store.count_error()
 
-    def _load_prefix(self, request: Request) -> None:
-        pool, bs = self.kv.pool, self.kv.block_size
+    def _prefix_hashes(self, request: Request) -> list[int]:
+        """The hashes of the request's full prompt blocks that a cache hit may cover."""
         self.kv.update_block_hashes(request)
-        hashes = request.block_hashes[: (request.num_tokens - 1) // bs]
-        local: list[int] = []
-        for h in hashes:
-            b = pool.lookup(h)
-            if b is None:
+        return request.block_hashes[: (request.num_tokens - 1) // self.kv.block_size]
+
+    def _local_run(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` the pool's prefix cache holds."""
+        for i, h in enumerate(hashes):
+            if self.kv.pool.lookup(h) is None:
+                return i
+        return len(hashes)
+
+    def _load(self, request: Request, fetched: dict[int, memoryview]) -> None:
+        """Copies the fetched blocks that continue the request's local prefix (as it stands now:
+        other requests may have cached or evicted blocks during the lookup) into the pool."""
+        pool, bs = self.kv.pool, self.kv.block_size
+        hashes = self._prefix_hashes(request)
+        local = [pool.lookup(h) for h in hashes[: self._local_run(hashes)]]
+        wanted = []
+        for h in hashes[len(local) :]:
+            if h not in fetched:
                 break
-            local.append(b)
-        self._note_uses(hashes[: len(local)])
-        missing = hashes[len(local) :]
-        if not missing:
+            wanted.append(h)
+        if not wanted:
             return
         pool.touch(local)  # so that allocating below cannot evict the local part of the prefix
         loaded: list[int] = []
         try:
-            room = min(len(missing), pool.num_free)
-            payloads = self.store.fetch(missing[:room]) if room else []
-            loaded = pool.allocate(len(payloads))
+            loaded = pool.allocate(min(len(wanted), pool.num_free))
             now = time.monotonic()
-            for block, h, payload in zip(loaded, missing, payloads):
-                data = torch.frombuffer(payload, dtype=torch.uint8).view(self.kv_cache.tensor.dtype)
+            for block, h in zip(loaded, wanted):
+                data = torch.frombuffer(fetched[h], dtype=torch.uint8).view(self.kv_cache.tensor.dtype)
                 self.kv_cache.tensor[:, :, block] = data.view(self._block_shape).to(
                     self.kv_cache.tensor.device
                 )

@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from pdserve.engine.block_pool import KVCacheEvent
 from pdserve.engine.config import ModelConfig
-from pdserve.engine.context_cache import ContextCache, KVLayout, model_identity
+from pdserve.engine.context_cache import ContextCache, KVLayout, PendingFetch, model_identity
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
@@ -62,9 +62,10 @@ logger = logging.getLogger(__name__)
 PromptInput = str | Sequence[int] | dict[str, Any]
 # Positions an MTP catch-up pass may cover (it runs as one short attention span).
 MAX_PENDING_MTP_ROWS = 16
-# How long a step with nothing to run waits for a grammar being compiled (the worker's loop runs
-# its commands between steps, so this bounds how late an abort or a new request is seen).
-GRAMMAR_WAIT_S = 0.005
+# How long a step with nothing to run waits for a grammar being compiled or a prefix's lookup in
+# Redis (the worker's loop runs its commands between steps, so this bounds how late an abort or a
+# new request is seen).
+PENDING_WAIT_S = 0.005
 
 
 class Engine:
@@ -164,6 +165,9 @@ class Engine:
         )
         # Guided requests whose grammar is being compiled: they join the scheduler when it is done.
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
+        # New requests whose prefix is being looked up in Redis (with their grammar's future, if
+        # guided): they go on (to `_compiling` or the scheduler) when the lookup is done.
+        self._fetching: dict[str, tuple[Request, PendingFetch, concurrent.futures.Future | None]] = {}
 
     # ------------------------------------------------------------------ building
 
@@ -325,7 +329,11 @@ class Engine:
     ) -> None:
         """Queues a request. Raises InvalidRequestError (a ValueError; changing nothing) when it cannot be served."""
         params = params or SamplingParams()
-        if request_id in self.scheduler.requests:
+        if (
+            request_id in self.scheduler.requests
+            or request_id in self._fetching
+            or request_id in self._compiling
+        ):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.n != 1:
             raise InvalidRequestError(
@@ -344,16 +352,22 @@ class Engine:
                 "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
         request = self._new_request(request_id, ids, params, prefill_only=prefill_only)
-        if self.context_cache is not None:
-            self.context_cache.load_prefix(request)
-        if params.guided_decoding is None:
-            self.scheduler.add(request)
-            return
-        pending = self.compile_grammar(params)
-        if pending.done() and pending.exception() is None:
-            self._schedule_guided(request, pending.result())
+        # Checked (and started) first: a bad grammar is refused before anything is looked up.
+        grammar = self.compile_grammar(params) if params.guided_decoding is not None else None
+        fetch = self.context_cache.begin_fetch(request) if self.context_cache is not None else None
+        if fetch is not None:
+            self._fetching[request_id] = (request, fetch, grammar)
         else:
-            self._compiling[request_id] = (request, pending)
+            self._enqueue(request, grammar)
+
+    def _enqueue(self, request: Request, grammar: concurrent.futures.Future | None) -> None:
+        """Hands a request to the scheduler, or to `_compiling` while its grammar compiles."""
+        if grammar is None:
+            self.scheduler.add(request)
+        elif grammar.done() and grammar.exception() is None:
+            self._schedule_guided(request, grammar.result())
+        else:
+            self._compiling[request.request_id] = (request, grammar)
 
     def _schedule_guided(self, request: Request, matcher) -> None:
         """Queues a guided request with its matcher, advanced past output its prompt carries."""
@@ -409,6 +423,9 @@ class Engine:
             return True
         if self._compiling.pop(request_id, None) is not None:
             return True
+        # Its lookup may still be running: it holds no blocks (they are taken when it is done).
+        if self._fetching.pop(request_id, None) is not None:
+            return True
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return False
@@ -418,34 +435,38 @@ class Engine:
 
     def unstarted_request_ids(self) -> list[str]:
         """Waiting requests not one token of which has been computed (they can go elsewhere whole)."""
-        return [r.request_id for r in self.scheduler.waiting if not r.scheduled_once] + list(self._compiling)
+        unstarted = [r.request_id for r in self.scheduler.waiting if not r.scheduled_once]
+        return unstarted + list(self._compiling) + list(self._fetching)
 
     def request_ids(self) -> list[str]:
-        """Every request this engine holds (compiling its grammar, waiting, running or parked after prefill)."""
-        return list(self._compiling) + list(self.scheduler.requests)
+        """Every request this engine holds (its prefix looked up in Redis, its grammar compiling,
+        waiting, running or parked after prefill)."""
+        return list(self._fetching) + list(self._compiling) + list(self.scheduler.requests)
 
     def has_reservation(self, request_id: str) -> bool:
         """Whether blocks are reserved here for the request's incoming KV."""
         return self.kv_handoff.has_reservation(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self._compiling)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._compiling or self._fetching)
 
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestDelta]:
         """Runs one forward pass over the scheduled batch; returns what each request produced."""
         started = time.perf_counter()
+        self._admit_fetched()
         failed = self._admit_compiled()
         speculating = self._speculation_on()
         if speculating:
             self._propose()
         batch = self.scheduler.schedule()
         if not batch:
-            if self._compiling and not failed:
-                # Nothing else to run: wait a moment for a grammar rather than spin.
+            if (self._compiling or self._fetching) and not failed:
+                # Nothing else to run: wait a moment for a grammar or a lookup rather than spin.
                 pending = [f for _, f in self._compiling.values()]
-                concurrent.futures.wait(pending, GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
+                pending += [fetch.future for _, fetch, _ in self._fetching.values()]
+                concurrent.futures.wait(pending, PENDING_WAIT_S, concurrent.futures.FIRST_COMPLETED)
             return failed
         num_logits = [
             1 + len(req.spec_token_ids) if req.num_computed_tokens + n == req.num_scheduled_tokens else 0
@@ -471,6 +492,18 @@ class Engine:
         self.counters.step_seconds_total += self.counters.last_step_seconds
         self._publish_events()
         return deltas
+
+    def _admit_fetched(self) -> None:
+        """Moves requests whose Redis lookup is done (or has run past `timeout_s`) on, with what
+        it found loaded into the pool; the others keep waiting while the batch steps."""
+        cache = self.context_cache
+        if cache is None:
+            return
+        for request_id, (req, fetch, grammar) in list(self._fetching.items()):
+            if fetch.done or cache.expired(fetch):
+                del self._fetching[request_id]
+                cache.finish_fetch(req, fetch)
+                self._enqueue(req, grammar)
 
     def _admit_compiled(self) -> list[RequestDelta]:
         """Moves requests whose grammar is compiled into the scheduler; ends those whose grammar
@@ -691,8 +724,10 @@ class Engine:
         waiting_prefill += sum(
             r.num_tokens - r.num_computed_tokens for r in self.scheduler.running if not r.output_token_ids
         )
+        # Requests whose prefix lookup is in flight wait too (placement weighs them like the others).
+        waiting_prefill += sum(r.num_tokens for r, _, _ in self._fetching.values())
         return EngineStats(
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self._fetching),
             num_running=self.scheduler.num_running,
             num_prefilled=sum(r.status is RequestStatus.PREFILLED for r in self.scheduler.requests.values()),
             kv_blocks_total=self.kv.num_blocks,
@@ -702,6 +737,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             waiting_prefill_tokens=waiting_prefill,
             num_compiling_grammar=len(self._compiling),
+            num_fetching_context=len(self._fetching),
             grammar_cache_size=self.grammars.cache_size if self.grammars is not None else 0,
             context_cache=self.context_cache.stats() if self.context_cache is not None else None,
             **asdict(self.counters),

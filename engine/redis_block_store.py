@@ -7,6 +7,9 @@ does not match, whose length or checksum is off, or that misses a part is never 
 deleted. A sorted set (`lru_key`) orders the blocks by last write or load, so the writer keeps
 them within the memory budget by dropping the oldest; every key carries the TTL.
 
+Reads run on the store's fetch threads (`fetch_async`), so the engine's step loop never waits on
+Redis: a request whose blocks may be there waits for its lookup while the others keep stepping.
+
 Redis failing or slow never fails a caller: reads return nothing, writes are dropped, the outage
 is logged once (and its end once), and for `RETRY_S` after a failure no call is tried at all, so
 requests do not each wait out a timeout.
@@ -15,6 +18,7 @@ requests do not each wait out a timeout.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import queue
 import struct
@@ -46,6 +50,9 @@ MAX_QUEUED = 4096  # writer items waiting; beyond, writes are dropped (counted)
 BATCH_BYTES = 8 << 20  # one pipeline's values at most, so one write never holds Redis long
 MAX_LATENCIES = 10_000  # fetch latencies kept until a snapshot takes them (offline, none may)
 EXIT_FLUSH_S = 5.0  # at interpreter exit, queued writes get this long to go out
+# Lookups in flight at once: concurrent requests with different prefixes do not queue behind one
+# another's round trip (each holds a connection of the client's pool while it reads).
+FETCH_THREADS = 4
 
 # Drops the entries whose TTL has passed (their keys are gone already), then the oldest entries
 # beyond the budget, with their keys. KEYS[1] the sorted set; ARGV[1] namespace, ARGV[2] parts per
@@ -159,8 +166,9 @@ class _Delete:
 
 
 class RedisBlockStore:
-    """Reads blocks in one round trip on the caller's thread; writes, TTL refreshes and deletes
-    go through a queue to a writer thread. Thread-safe; `stats` is updated under a lock."""
+    """Reads blocks in one round trip (on the caller's thread, or on a fetch thread with
+    `fetch_async`); writes, TTL refreshes and deletes go through a queue to a writer thread.
+    Thread-safe; `stats` is updated under a lock."""
 
     def __init__(self, config: ContextCacheConfig, ns: str, codec: BlockCodec) -> None:
         assert config.redis_url is not None
@@ -181,10 +189,20 @@ class RedisBlockStore:
         self._queue: queue.Queue[_Write | _Touch | _Delete | None] = queue.Queue(MAX_QUEUED)
         self._writer = threading.Thread(target=self._write_loop, name="pdserve-context-cache", daemon=True)
         self._writer.start()
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, "pdserve-context-fetch")
         # An offline script that computed a prefix and exits should leave it in Redis.
         atexit.register(self.flush, EXIT_FLUSH_S)
 
     # ------------------------------------------------------------------ reads
+
+    @property
+    def reachable(self) -> bool:
+        """Whether a lookup would be tried now (False for `RETRY_S` after a failure)."""
+        return self.health.should_try()
+
+    def fetch_async(self, hashes: list[int]) -> concurrent.futures.Future[list[memoryview]]:
+        """`fetch` on a fetch thread: a future of the payloads (it never raises RedisError)."""
+        return self._fetcher.submit(self.fetch, hashes)
 
     def fetch(self, hashes: list[int]) -> list[memoryview]:
         """Payloads of the leading run of `hashes` stored here (one MGET); [] when Redis is down."""
@@ -247,6 +265,7 @@ class RedisBlockStore:
         self.flush()
         self._queue.put(None)
         self._writer.join(timeout=5)
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
         self._redis.close()
 
     def snapshot(self) -> ContextCacheStats:
@@ -260,6 +279,10 @@ class RedisBlockStore:
     def count_error(self) -> None:
         """Counts a failure of the caller's own (a bug, logged there) in `errors`."""
         self._count(errors=1)
+
+    def count_timeout(self) -> None:
+        """Counts a lookup the caller stopped waiting for (its request computes the prefix)."""
+        self._count(fetch_timeouts=1)
 
     def _enqueue(self, item: _Write | _Touch | _Delete) -> None:
         try:

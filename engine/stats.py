@@ -45,6 +45,7 @@ class ContextCacheStats:
     rejected: int = 0  # values refused (another model's, truncated, corrupt) and deleted
     write_drops: int = 0  # blocks not written (queue full, or Redis down)
     errors: int = 0  # calls that failed
+    fetch_timeouts: int = 0  # lookups not answered within timeout_s (the request computed instead)
     # Fetch latencies since the previous snapshot (each reported once, for a histogram).
     fetch_seconds: list[float] = field(default_factory=list)
 
@@ -65,6 +66,7 @@ class EngineStats(EngineCounters):
     waiting_prefill_tokens: int
     num_compiling_grammar: int = 0  # guided requests waiting for their grammar to compile
     grammar_cache_size: int = 0  # compiled grammars kept
+    num_fetching_context: int = 0  # new requests waiting for their prefix's lookup in Redis
     context_cache: ContextCacheStats | None = None  # None: the context cache is off
 
     @property

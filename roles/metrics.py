@@ -24,6 +24,7 @@ CONTEXT_CACHE_COUNTERS = {
     "rejected": "Values refused (another model's, truncated, corrupt) and deleted",
     "write_drops": "KV blocks not written (queue full or Redis down)",
     "errors": "Redis calls of the context cache that failed",
+    "fetch_timeouts": "Lookups not answered within timeout_s (the request computed its prefix)",
 }
 
 
@@ -164,6 +165,12 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
+        self.context_cache_fetching = Gauge(
+            "pdserve_context_cache_fetching",
+            "New requests waiting for their prefix's lookup in Redis (the engine steps the others)",
+            ["worker"],
+            registry=r,
+        )
         self.context_cache_hit_tokens = Gauge(
             "pdserve_context_cache_hit_tokens",
             "Prompt tokens loaded from the Redis context cache (part of the prefix cache's hits)",
@@ -216,6 +223,7 @@ class WorkerMetrics:
         for seconds in cc.fetch_seconds:  # each latency comes in one snapshot only
             self.context_cache_fetch_seconds.labels(w).observe(seconds)
         self.context_cache_available.labels(w).set(1 if cc.available else 0)
+        self.context_cache_fetching.labels(w).set(stats.num_fetching_context)
         self.context_cache_hit_tokens.labels(w).set(stats.context_cache_hit_tokens)
 
     def kv_channels(self, open_channels: int) -> None:

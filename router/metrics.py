@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # Placement should take well under a millisecond; the tail shows index (Redis) round trips.
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+ADMISSION_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class RouterMetrics:
@@ -36,6 +37,13 @@ class RouterMetrics:
         self.local_prefills = Counter(
             "pdserve_router_local_prefills",
             "Requests a decode worker computed whole, its uncached prompt being short (no KV transfer)",
+            registry=r,
+        )
+        self.admission_wait_seconds = Histogram(
+            "pdserve_router_admission_wait_seconds",
+            "Time a disaggregated request waited for a decode worker with room for its prompt "
+            "(before its prefill starts, so part of its TTFT)",
+            buckets=ADMISSION_BUCKETS,
             registry=r,
         )
         self.live_migrations = Counter(

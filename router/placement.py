@@ -8,7 +8,8 @@ more than recomputing.
 
 Conditional disaggregation: the chosen decode worker computes the prompt itself, with no prefill
 worker and no transfer, when at most `local_prefill_tokens` of the prompt are missing from its
-prefix cache (a short prompt, or the next turn of a conversation it holds).
+prefix cache or the context cache (a short prompt, or the next turn of a conversation it holds),
+and it has room for the prompt now (counting what was placed there since its last report).
 """
 
 from __future__ import annotations
@@ -168,14 +169,17 @@ class RouterPlacement:
             cached = await self._cached_blocks(hashes, [w.worker_id for w in prefills + decodes])
             in_redis = await self._context_blocks(hashes, len(prompt_token_ids))
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes]
+            roomy = choose_decode(decode_candidates, len(prompt_token_ids))
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
-            decode = choose_decode(decode_candidates, len(prompt_token_ids)) or max(
-                decode_candidates, key=lambda c: c.load.kv_blocks_free
-            )
+            decode = roomy or max(decode_candidates, key=lambda c: c.load.kv_blocks_free)
             decode_w = _info(decodes, decode.worker_id)
-            local_route = self._local_prefill(decode_w, len(prompt_token_ids), cached, in_redis, start)
-            if local_route is not None:
-                return local_route
+            # Only with room: a local prefill allocates as it goes (no admission waits for it), so on
+            # a full decode worker it would preempt the requests decoding there and evict the
+            # prefix blocks it just loaded from the context cache before using them.
+            if roomy is not None:
+                local_route = self._local_prefill(decode_w, len(prompt_token_ids), cached, in_redis, start)
+                if local_route is not None:
+                    return local_route
             prefill_w, local, loaded = self._choose_cached(
                 prefills, len(prompt_token_ids), group, cached, in_redis
             )

@@ -212,7 +212,8 @@ class RequestRunner:
         runner continues elsewhere). Asking cost a round trip and a wait for the worker's current
         engine step on every request's way to its first token (docs/DECISIONS.md 2026-12-05).
         """
-        deadline = asyncio.get_running_loop().time() + self.config.admission_timeout_s
+        started = asyncio.get_running_loop().time()
+        deadline = started + self.config.admission_timeout_s
         while True:
             route = await self.placement.choose(prompt, avoid, group)
             if route.prefill is None:
@@ -225,6 +226,8 @@ class RequestRunner:
                 await self.placement.failed(route.decode.worker_id)
             # Disaggregated runs need the prompt's blocks now.
             if load is not None and load.kv_blocks_free * load.block_size >= len(prompt) + 1:
+                if self.metrics is not None:
+                    self.metrics.admission_wait_seconds.observe(asyncio.get_running_loop().time() - started)
                 return route
             self.placement.settled(route)  # not placed after all
             if asyncio.get_running_loop().time() > deadline:

@@ -107,7 +107,9 @@ def test_two_workers_share_a_system_prompt_and_a_restarted_one_reuses_it(
         assert second[-1].num_cached_tokens == len(SYSTEM)
         load = ray_session.get(b.handle.load.remote())
         assert load.context_cache_hit_tokens == len(SYSTEM) and load.context_cache_bytes_read > 0
-        assert "pdserve_context_cache_hit_blocks_total" in ray_session.get(b.handle.metrics_text.remote())
+        text = ray_session.get(b.handle.metrics_text.remote())
+        assert "pdserve_context_cache_hit_blocks_total" in text
+        assert 'pdserve_context_cache_fetching{worker="' + b.worker_id + '"} 0.0' in text  # none left waiting
 
         ray_session.kill(a.handle)  # A restarts as a fresh worker: its pool is empty
         a = start(moe_checkpoint, redis_url, "both")
