@@ -1,6 +1,7 @@
 /* Weight-only quantized matrices on the CPU: decode-sized products read the packed weights
- * directly (quant_dot.h), prefill-sized ones dequantize a block of rows at a time into a GEMM
- * (`dequantize`), and the convolutional code's encoder (`ccq_encode`, a Viterbi search).
+ * directly (quant_dot.h, `matmul`), larger ones decode 16 weight rows at a time into a cached
+ * input-major block that a GEMM microkernel multiplies by every token row (`matmul_dequant`),
+ * `dequantize` writes fp32 rows, and the convolutional code's encoder (`ccq_encode`, Viterbi).
  *
  * A decode step streams every weight once for a few token rows, so the step's time is the
  * weight's bytes over the memory bandwidth: reading 4 or 2 bits a weight instead of 32, and
@@ -100,6 +101,157 @@ static void dequantize_rows(const QMat *w, int j0, int j1, float *out) {
     }
 }
 
+#define DQ_ROWS 16 /* weight rows decoded at once: two vectors wide */
+#define DQ_TOKENS 6 /* token rows per pass over them: 12 accumulators, as BLAS microkernels tile */
+
+/* The 8 x 8 transpose of r[0..7] (r[i][l] -> r[l][i]), in shuffles. */
+INLINE void transpose8(v8 r[8]) {
+    v8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int l = 0; l < 4; l++) {
+        r[l] = __builtin_shufflevector(u[l], u[l + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[l + 4] = __builtin_shufflevector(u[l], u[l + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+/* buf[k * DQ_ROWS + r] = w[j0 + r, k] for r < n (0 for n <= r < DQ_ROWS): rows decoded input-
+ * major, so that a column k of DQ_ROWS weights is two vector loads; 8 x 8 tiles are decoded
+ * row by row and transposed in registers. `fmt` is a constant where inlined. */
+INLINE void dequantize_input_major_fmt(int fmt, const QMat *w, int j0, int n, float *buf) {
+    const int groups = w->K / w->group, blocks = w->group / 8;
+    for (int r0 = 0; r0 < DQ_ROWS; r0 += 8) {
+        const uint8_t *row[8];
+        float s[8], o[8];
+        for (int i = 0; i < 8; i++) row[i] = r0 + i < n ? w->q + (size_t)(j0 + r0 + i) * w->row_bytes : NULL;
+        for (int g = 0; g < groups; g++) {
+            for (int i = 0; i < 8; i++) {
+                size_t at = (size_t)(j0 + r0 + i) * groups + g;
+                s[i] = row[i] ? half_to_float(w->scale[at]) : 0.0f;
+                o[i] = row[i] ? half_to_float(w->offset[at]) : 0.0f;
+            }
+            for (int b = g * blocks; b < (g + 1) * blocks; b++) {
+                v8 v[8];
+                for (int i = 0; i < 8; i++) v[i] = row[i] ? decode8(fmt, row[i], b) * s[i] + o[i] : (v8){0};
+                transpose8(v);
+                for (int l = 0; l < 8; l++) *(v8 *)(buf + (size_t)(8 * b + l) * DQ_ROWS + r0) = v[l];
+            }
+        }
+    }
+}
+
+VECTOR_CLONES
+static void dequantize_input_major(const QMat *w, int j0, int n, float *buf) {
+    switch (w->fmt) {
+    case FMT_Q8:
+        dequantize_input_major_fmt(FMT_Q8, w, j0, n, buf);
+        break;
+    case FMT_Q4:
+        dequantize_input_major_fmt(FMT_Q4, w, j0, n, buf);
+        break;
+    case FMT_Q2:
+        dequantize_input_major_fmt(FMT_Q2, w, j0, n, buf);
+        break;
+    default:
+        dequantize_input_major_fmt(FMT_CCQ, w, j0, n, buf);
+    }
+}
+
+/* c[i * ldc + r] = sum over k of a[i][k] * buf[k * DQ_ROWS + r] for i < m (<= DQ_TOKENS) and
+ * r < n: one broadcast of a token's value times two vectors of weights per k, in k order. */
+INLINE void gemm_tile(int m, const float *const *a, const float *buf, int K, float *c, int ldc, int n) {
+    v8 acc[DQ_TOKENS][2];
+    for (int i = 0; i < m; i++) acc[i][0] = acc[i][1] = (v8){0};
+    for (int k = 0; k < K; k++) {
+        const float *col = buf + (size_t)k * DQ_ROWS;
+        const v8 w0 = *(const v8 *)col, w1 = *(const v8 *)(col + 8);
+        for (int i = 0; i < m; i++) {
+            const float x = a[i][k];
+            const v8 av = {x, x, x, x, x, x, x, x};
+            acc[i][0] += av * w0;
+            acc[i][1] += av * w1;
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        float tmp[DQ_ROWS];
+        memcpy(tmp, &acc[i][0], sizeof(v8));
+        memcpy(tmp + 8, &acc[i][1], sizeof(v8));
+        memcpy(c + (size_t)i * ldc, tmp, (size_t)n * sizeof(float));
+    }
+}
+
+/* The token rows a[0 .. M) against one decoded block (see gemm_tile). */
+VECTOR_CLONES
+static void gemm_block(const float *const *a, int M, const float *buf, int K, float *c, int ldc, int n) {
+    int i = 0;
+    for (; i + DQ_TOKENS <= M; i += DQ_TOKENS)
+        gemm_tile(DQ_TOKENS, a + i, buf, K, c + (size_t)i * ldc, ldc, n);
+    switch (M - i) {
+    case 5:
+        gemm_tile(5, a + i, buf, K, c + (size_t)i * ldc, ldc, n);
+        break;
+    case 4:
+        gemm_tile(4, a + i, buf, K, c + (size_t)i * ldc, ldc, n);
+        break;
+    case 3:
+        gemm_tile(3, a + i, buf, K, c + (size_t)i * ldc, ldc, n);
+        break;
+    case 2:
+        gemm_tile(2, a + i, buf, K, c + (size_t)i * ldc, ldc, n);
+        break;
+    case 1:
+        gemm_tile(1, a + i, buf, K, c + (size_t)i * ldc, ldc, n);
+        break;
+    }
+}
+
+/* This part's rows of out[M, N] = x @ W.T for batches too large for `qdot_rows` (which decodes
+ * every weight once per QA_ROWS token rows): each DQ_ROWS weight rows are decoded once, input-
+ * major, into a buffer that stays in cache while all M token rows multiply it. */
+static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out, int part, int parts) {
+    const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
+    float *buf = malloc((size_t)DQ_ROWS * w->K * sizeof(float));
+    if (!rows || !buf) {
+        free(rows), free(buf);
+        return -1;
+    }
+    for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
+    int j0, j1;
+    row_share(w->N, part, parts, &j0, &j1);
+    for (int j = j0; j < j1; j += DQ_ROWS) {
+        int n = j1 - j < DQ_ROWS ? j1 - j : DQ_ROWS;
+        dequantize_input_major(w, j, n, buf);
+        gemm_block(rows, M, buf, w->K, out + j, w->N, n);
+    }
+    free(rows), free(buf);
+    return 0;
+}
+
+static PyObject *matmul_dequant(PyObject *self, PyObject *args) {
+    Py_ssize_t x, q, scale, offset, out;
+    int M, N, K, group, fmt, part, parts;
+    if (!PyArg_ParseTuple(args, "nnnnniiiiiii", &x, &q, &scale, &offset, &out, &M, &N, &K, &group, &fmt,
+                          &part, &parts))
+        return NULL;
+    QMat w;
+    if (parse_qmat(&w, q, scale, offset, N, K, group, fmt)) return NULL;
+    if (M < 0 || parts < 1 || part < 0 || part >= parts) {
+        PyErr_SetString(PyExc_ValueError, "quant matmul_dequant: bad row count or part");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = matmul_dequant_part((const float *)x, M, &w, (float *)out, part, parts);
+    Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *dequantize(PyObject *self, PyObject *args) {
     Py_ssize_t q, scale, offset, out;
     int N, K, group, fmt, j0, j1;
@@ -185,6 +337,9 @@ static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS,
      "matmul(x, q, scale, offset, out, M, N, K, group, fmt, part, parts): out[M, N] = x[M, K] @ W.T "
      "for this part's rows of the packed W."},
+    {"matmul_dequant", matmul_dequant, METH_VARARGS,
+     "matmul_dequant(x, q, scale, offset, out, M, N, K, group, fmt, part, parts): the same product, "
+     "decoding each weight once into a cached block of rows (for batches of many rows)."},
     {"dequantize", dequantize, METH_VARARGS,
      "dequantize(q, scale, offset, out, N, K, group, fmt, j0, j1): rows j0..j1 of W as fp32 into out."},
     {"ccq_encode", ccq_encode, METH_VARARGS,

@@ -46,7 +46,21 @@ def _checked(w: QuantizedWeight) -> None:
 
 def matmul(w: QuantizedWeight, rows: torch.Tensor, parallel: CpuParallel | None = None) -> torch.Tensor:
     """rows [M, K] fp32 @ w.T → [M, N], reading `w` packed (for decode-sized M)."""
-    kernel = _kernel()
+    return _product("matmul", w, rows, parallel)
+
+
+def matmul_dequantized(
+    w: QuantizedWeight, rows: torch.Tensor, parallel: CpuParallel | None = None
+) -> torch.Tensor:
+    """The same product for many rows (prefill-sized M): every few weight rows are decoded once
+    into a cached fp32 block that all M token rows multiply, on `parallel`'s threads."""
+    return _product("matmul_dequant", w, rows, parallel)
+
+
+def _product(
+    entry: str, w: QuantizedWeight, rows: torch.Tensor, parallel: CpuParallel | None
+) -> torch.Tensor:
+    kernel = getattr(_kernel(), entry)
     _checked(w)
     m, k = rows.shape
     if rows.dtype != torch.float32 or k != w.in_features:
@@ -66,9 +80,9 @@ def matmul(w: QuantizedWeight, rows: torch.Tensor, parallel: CpuParallel | None 
         FORMAT_CODES[w.fmt],
     )
     if parallel is None or w.out_features * k < _SPLIT_MIN_WEIGHTS:
-        kernel.matmul(*args, 0, 1)
+        kernel(*args, 0, 1)
     else:
-        parallel(lambda part, parts: kernel.matmul(*args, part, parts), None)
+        parallel(lambda part, parts: kernel(*args, part, parts), None)
     return out
 
 

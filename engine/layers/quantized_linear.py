@@ -2,9 +2,9 @@
 
 - CPU, decode-sized (at most `KERNEL_MAX_ROWS` rows): the C kernel reads the packed bytes and
   multiplies in registers; no fp32 copy of W exists at any time.
-- CPU, prefill-sized: W is dequantized a block of rows at a time (in C) into a GEMM. Each block
-  is small enough to stay in cache, and the GEMM's work grows with the rows while the decoding
-  does not, so the decoding's share shrinks with the batch.
+- CPU, more rows: the C kernel decodes 16 weight rows at a time into a small input-major fp32
+  block that stays in cache while every token row multiplies it (a GEMM microkernel), the rows
+  split over the engine's threads. Each weight is decoded once per call, not once per 4 rows.
 - Elsewhere (a GPU, or a CPU without the C kernels): dequantized in torch, then `F.linear`.
 """
 
@@ -16,11 +16,9 @@ import torch.nn.functional as F
 from pdserve.engine.kernels import CpuParallel, quant_cpu
 from pdserve.engine.quantization.formats import QuantizedWeight
 
-# Up to this many rows the kernel wins over dequantize + GEMM (measured in DECISIONS.md,
-# 2026-12-05: the kernel decodes each weight once per 4 rows, the GEMM once per call).
-KERNEL_MAX_ROWS = 16
-# Weights per dequantized block: 1 MB of fp32, which stays in L2 while the GEMM reads it.
-_BLOCK_WEIGHTS = 1 << 18
+# Up to this many rows the packed kernel wins over decode-once blocks (measured in DECISIONS.md,
+# 2026-12-06: [M, 2560] x [2560, 8192] wint4, equal at M = 8, blocks 1.3-2x faster from M = 12).
+KERNEL_MAX_ROWS = 8
 
 
 def quantized_matmul(
@@ -32,17 +30,7 @@ def quantized_matmul(
         if rows.shape[0] <= KERNEL_MAX_ROWS:
             out = quant_cpu.matmul(w, rows, parallel)
         else:
-            out = _blocked_gemm(w, rows.contiguous())
+            out = quant_cpu.matmul_dequantized(w, rows, parallel)
     else:
         out = F.linear(rows, w.dequantize().to(device=x.device, dtype=x.dtype))
     return out.view(*x.shape[:-1], w.out_features)
-
-
-def _blocked_gemm(w: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
-    n = w.out_features
-    step = max(16, _BLOCK_WEIGHTS // w.in_features)
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        out[:, start:stop] = torch.matmul(rows, w.dequantize((start, stop)).t())
-    return out

@@ -41,10 +41,28 @@ def test_products_read_packed_weights_correctly(fmt, group, gemm):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_row_products_decode_blocks_correctly(fmt, gemm):
+    g = torch.Generator().manual_seed(5)
+    # 37 weight rows: two 16-row blocks and a tail; token rows not a multiple of the 6-row tile.
+    w = torch.randn(37, 192, generator=g)
+    q = formats.quantize(w, fmt, 64)
+    ref = _reference(q)
+    for m in (1, 6, 11, 40):
+        x = torch.randn(m, 192, generator=g)
+        got = quant_cpu.matmul_dequantized(q, x)
+        torch.testing.assert_close(got.double(), x.double() @ ref.t(), rtol=1e-5, atol=1e-4)
+        # A token row's result does not depend on the rows beside it.
+        assert torch.equal(quant_cpu.matmul_dequantized(q, x[:1]), got[:1])
+
+
+@needs_kernel
 def test_large_products_split_over_threads_match_one_thread(gemm):
     q = formats.quantize(torch.randn(2048, 1024, generator=torch.Generator().manual_seed(2)), "q4", 64)
     x = torch.randn(3, 1024)
     assert torch.equal(quant_cpu.matmul(q, x, gemm.parallel), quant_cpu.matmul(q, x))
+    x = torch.randn(20, 1024)
+    assert torch.equal(quant_cpu.matmul_dequantized(q, x, gemm.parallel), quant_cpu.matmul_dequantized(q, x))
 
 
 @needs_kernel
