@@ -135,7 +135,10 @@ async def cancel_one(runner: RequestRunner, rid: str, prompt: list[int], moment:
     task = asyncio.get_running_loop().create_task(consume())
     if after_chunks:
         await reached.wait()
-    await asyncio.sleep(delay_s)
+    if delay_s:
+        await asyncio.sleep(delay_s)
+    # No delay: cancel at once. Even sleep(0) would let a chunk that arrived meanwhile reach
+    # the reader first (its wake-up is queued before this task's), one chunk past the moment.
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
