@@ -105,7 +105,8 @@ class PlacedSinceReport:
 
 
 class PrefillGroups:
-    """Which prefill worker each recent request group went to (see `Placement.choose`).
+    """Which prefill worker (and, under `_decode_group`'s key, which decode worker) each recent
+    request group went to (see `Placement.choose`).
 
     A group's requests arrive within milliseconds of each other, so an entry lives
     `GROUP_TTL_S`; at most `MAX_GROUPS` are kept (the oldest go first).
@@ -169,9 +170,12 @@ class RouterPlacement:
             cached = await self._cached_blocks(hashes, [w.worker_id for w in prefills + decodes])
             in_redis = await self._context_blocks(hashes, len(prompt_token_ids))
             decode_candidates = [Candidate(w.worker_id, self.placed.adjusted(w)) for w in decodes]
-            roomy = choose_decode(decode_candidates, len(prompt_token_ids))
+            roomy = self._group_decode(group, decode_candidates, len(prompt_token_ids)) or choose_decode(
+                decode_candidates, len(prompt_token_ids)
+            )
             # None means no room anywhere: take the emptiest, and the runner's admission waits for room.
             decode = roomy or max(decode_candidates, key=lambda c: c.load.kv_blocks_free)
+            self.groups.remember(_decode_group(group), decode.worker_id, time.monotonic())
             decode_w = _info(decodes, decode.worker_id)
             # Only with room: a local prefill allocates as it goes (no admission waits for it), so on
             # a full decode worker it would preempt the requests decoding there and evict the
@@ -220,6 +224,17 @@ class RouterPlacement:
         for charge in route.charges or ():
             self.placed.settle(charge)
         route.charges = None  # settle once, however many chunks follow
+
+    def _group_decode(
+        self, group: str | None, candidates: list[Candidate], num_tokens: int
+    ) -> Candidate | None:
+        """The decode worker an earlier request of `group` went to, while it has room: the choices
+        of one prompt (n > 1) then decode side by side there, and when the prompt is short enough to
+        be computed there, it is computed once (its scheduler holds a request whose next block
+        another is computing)."""
+        worker_id = self.groups.worker_of(_decode_group(group), time.monotonic())
+        same = [c for c in candidates if c.worker_id == worker_id]
+        return choose_decode(same, num_tokens) if same else None
 
     def _local_prefill(
         self, decode_w: WorkerInfo, num_tokens: int, cached: dict[str, int], in_redis: int, start: float
@@ -283,6 +298,11 @@ class RouterPlacement:
         if self.context_cache is None or not hashes:
             return 0
         return await self.context_cache.leading_blocks(hashes[: (prompt_tokens - 1) // self.block_size])
+
+
+def _decode_group(group: str | None) -> str | None:
+    """The key under which `PrefillGroups` remembers a group's decode worker (beside its prefill one)."""
+    return None if group is None else f"decode:{group}"
 
 
 def _info(workers: list, worker_id: str):
