@@ -32,14 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pdserve.bench.serve_bench import _free_port, launched
-
-# Words for prompts the demo models never saw (they trained on CPython's standard library);
-# `bench local-prefill` draws from them too.
-PROMPT_WORDS = (
-    "amber", "basil", "cedar", "delta", "ember", "fjord", "glade", "heron", "inlet", "jasper", "kelp",
-    "larch", "moss", "nickel", "opal", "prairie", "quartz", "reef", "sorrel", "thistle", "umber", "vale",
-)  # fmt: skip
+from pdserve.bench.serve_bench import PROMPT_WORDS, _free_port, launched
 
 
 @dataclass(frozen=True)
@@ -149,26 +142,19 @@ def _answers(port: int) -> bool:
 class ClusterProbe:
     """The router's view of the workers (its ClusterState call), as `pdserve status` reads it."""
 
-    def __init__(self, router_address: str) -> None:
-        import grpc
-
-        from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
-
-        self._channel = grpc.insecure_channel(router_address)
-        self._stub = pdserve_pb2_grpc.RouterStub(self._channel)
-        self._request = pdserve_pb2.ClusterStateRequest()
+    def __init__(self, state_dir: Path, name: str) -> None:
+        self._state_dir, self._name = state_dir, name
 
     def state(self):
-        return self._stub.ClusterState(self._request, timeout=10)
+        from pdserve.cluster_state import cluster_state
+
+        return cluster_state(self._state_dir, self._name)[1]
 
     def workers(self) -> list:
         return list(self.state().workers)
 
     def footprint(self) -> dict[str, tuple[int, int]]:
         return {w.worker_id: (w.open_fds, w.threads) for w in self.workers() if w.alive}
-
-    def close(self) -> None:
-        self._channel.close()
 
 
 def make_prompts(args: ChaosArgs) -> list[str]:
@@ -335,11 +321,7 @@ def _cluster(args: ChaosArgs, workdir: Path, redis: PrivateRedis) -> Iterator[tu
              "--redis-url", redis.url]  # fmt: skip
     with launched("chaos", args.model, workdir, None, flags=flags) as url:
         record = json.loads(next(workdir.glob("chaos/clusters/*.json")).read_text())
-        probe = ClusterProbe(record["router_address"])
-        try:
-            yield url, probe
-        finally:
-            probe.close()
+        yield url, ClusterProbe(workdir / "chaos", record["name"])
 
 
 async def _chaos(

@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.chaos_bench import PROMPT_WORDS
-from pdserve.bench.serve_bench import launched
+from pdserve.bench.serve_bench import PROMPT_WORDS, launched
 
 MODES = {"transfer": "0", "local": "1000000"}
 

@@ -59,6 +59,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+# Words for prompts the demo models never saw (they trained on CPython's standard library): the
+# chaos, local-prefill and shifting benches draw their random prompts from them.
+PROMPT_WORDS = (
+    "amber", "basil", "cedar", "delta", "ember", "fjord", "glade", "heron", "inlet", "jasper", "kelp",
+    "larch", "moss", "nickel", "opal", "prairie", "quartz", "reef", "sorrel", "thistle", "umber", "vale",
+    "river", "lantern", "orchard", "copper", "meadow", "harbor", "violet", "thunder", "pebble", "summit",
+    "canvas", "willow", "granite", "falcon", "marble", "saddle", "crystal", "tundra", "quiver",
+    "beacon", "cobalt", "juniper", "mosaic", "nectar", "parchment", "quarry", "ripple", "sapphire", "timber",
+    "umbrella", "velvet", "walnut", "yonder", "zephyr", "anchor", "bramble", "cinder", "dapple", "fennel",
+)  # fmt: skip
+
 WORKLOADS = (
     "chat",
     "shared-prefix",

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from pdserve.bench.serve_bench import (
+    PROMPT_WORDS,
     RequestResult,
     ServeBenchArgs,
     _headers,
@@ -44,12 +45,6 @@ SHIFTING_LAYOUTS: dict[str, list[str]] = {
     "3P+1D": ["--prefill", "3", "--decode", "1", "--both", "0", *_STATIC],
     "planner": ["--prefill", "2", "--decode", "2", "--both", "0", "--role-planner", '{"enabled": true}'],
 }
-_WORDS = (
-    "river", "lantern", "orchard", "copper", "meadow", "harbor", "violet", "thunder", "pebble", "summit",
-    "canvas", "ember", "willow", "granite", "falcon", "marble", "saddle", "crystal", "tundra", "quiver",
-    "beacon", "cobalt", "juniper", "mosaic", "nectar", "parchment", "quarry", "ripple", "sapphire", "timber",
-    "umbrella", "velvet", "walnut", "yonder", "zephyr", "anchor", "bramble", "cinder", "dapple", "fennel",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,7 +115,7 @@ def schedule(args: ShiftingArgs) -> list[Arrival]:
         t = start + rng.expovariate(phase.rate)
         while t < start + phase.duration_s:
             words = max(1, int(rng.gauss(phase.prompt_words, phase.prompt_words * 0.1)))
-            text = " ".join(rng.choice(_WORDS) for _ in range(words))
+            text = " ".join(rng.choice(PROMPT_WORDS) for _ in range(words))
             messages = [{"role": "user", "content": f"Summarize this list of words: {text}"}]
             arrivals.append(Arrival(t, phase.name, messages, phase.max_tokens))
             t += rng.expovariate(phase.rate)

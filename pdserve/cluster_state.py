@@ -325,12 +325,19 @@ def _switch_line(s) -> str:
     return record.line()
 
 
+def cluster_state(state_dir: Path, name: str | None = None, api_key: str | None = None):
+    """The router's `ClusterState` of one cluster (workers, index, in flight), with its record."""
+    from pdserve.proto import pdserve_pb2
+
+    return _call(state_dir, name, api_key, "ClusterState", pdserve_pb2.ClusterStateRequest())
+
+
 def status(state_dir: Path, name: str | None = None, api_key: str | None = None) -> str:
     """A table of one cluster's workers and router, from its router's ClusterState (presenting
     `api_key`, the cluster's key, when the cluster has one)."""
     from pdserve.proto import pdserve_pb2
 
-    record, cs = _call(state_dir, name, api_key, "ClusterState", pdserve_pb2.ClusterStateRequest())
+    record, cs = cluster_state(state_dir, name, api_key)
     _, planner_state = _call(state_dir, name, api_key, "Planner", pdserve_pb2.PlannerRequest(action="status"))
     lines = [
         f"cluster {record.name}   model {cs.model}   gateway {record.gateway_url}   "
