@@ -224,6 +224,8 @@ def _cmd_bench_quant_accuracy(args: argparse.Namespace) -> int:
 
     bench_args = QuantAccuracyArgs(model=args.model, windows=args.windows, prompts=args.prompts,
                                    peers=not args.skip_peers)  # fmt: skip
+    if args.scheme:
+        bench_args.schemes = tuple(args.scheme)
     if args.threads:
         import torch
 
@@ -625,6 +627,13 @@ def _add_bench_quant_accuracy(bench_sub) -> None:
     qa.add_argument("--windows", type=_int_at_least("--windows", 1), default=8, help="512-token loss windows")
     qa.add_argument("--prompts", type=_int_at_least("--prompts", 1), default=16, help="agreement prefixes")
     qa.add_argument("--skip-peers", action="store_true", help="leave torchao's schemes out")
+    qa.add_argument(
+        "--scheme",
+        action="append",
+        default=None,
+        help="a scheme to measure (repeatable; a name or a JSON object as for --quantization); "
+        "default: the wint8/wint4/wint2 variants of the closing comparison",
+    )
     qa.add_argument("--threads", type=int, default=None)
     qa.add_argument("--output", type=Path, default=None, help="JSON path")
     qa.set_defaults(func=_cmd_bench_quant_accuracy)

@@ -12,9 +12,10 @@ from typing import Any
 
 # Public scheme -> packed format ("q8", "q4": group-wise integers; "ccq": the 2-bit convolutional
 # code; "q2", plain group-wise 2-bit, is wint2 with code "plain", kept for the comparison that
-# chose "ccq", see DECISIONS).
+# chose "ccq", see DECISIONS; wint2 with code "hybrid" packs "ccq" with some layers at a
+# different rate, `hybrid.py`).
 METHOD_FORMATS = {"wint8": "q8", "wint4": "q4", "wint2": "ccq"}
-CODES = ("ccq", "plain")
+CODES = ("ccq", "plain", "hybrid")
 METHODS = tuple(METHOD_FORMATS)
 # Columns per scale/offset pair, chosen by measured accuracy and speed (docs/DECISIONS.md,
 # 2026-12-05): smaller groups cost memory (32 bits of fp16 scale and offset per group) and buy
@@ -38,7 +39,9 @@ class QuantizationConfig:
     method: str
     group_size: int | None = None
     lm_head: bool = True
-    code: str = "ccq"  # wint2's 2-bit code: "ccq" (the convolutional code) or "plain" (for comparison)
+    # wint2's 2-bit code: "ccq" (the convolutional code), "plain" (for comparison) or "hybrid"
+    # (the code, with the LM head at 4 bits within 2.75 bits a weight: `hybrid.py`)
+    code: str = "ccq"
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_FORMATS:
@@ -64,7 +67,7 @@ class QuantizationConfig:
 
     @property
     def format(self) -> str:
-        """The packed format of the quantized matrices."""
+        """The packed format of the quantized matrices (of most of them with code "hybrid")."""
         return "q2" if self.code == "plain" else METHOD_FORMATS[self.method]
 
     @classmethod
