@@ -44,9 +44,10 @@ class QuantAccuracyArgs:
         "wint4",
         '{"method": "wint4", "group_size": 128}',
         "wint2",
+        '{"method": "wint2", "code": "ccq"}',
         '{"method": "wint2", "code": "plain"}',
-        '{"method": "wint2", "lm_head": false}',
-        '{"method": "wint2", "code": "hybrid"}',
+        '{"method": "wint2", "code": "ccq", "lm_head": false}',
+        '{"method": "wint2", "code": "ccq", "group_size": 128}',
     )
     windows: int = 8
     prompts: int = 16
@@ -200,7 +201,7 @@ def layer_errors(model: str, schemes: list[QuantizationConfig]) -> list[dict[str
 
 def _label(q: QuantizationConfig) -> str:
     label = f"{q.method}-g{q.group}"
-    if q.code != "ccq":
+    if q.method == "wint2":
         label += f"-{q.code}"
     return label + ("" if q.lm_head else "-fp32head")
 

@@ -167,7 +167,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     sizes = write_quantized_checkpoint(llm.engine, args.out)
     q = llm.engine.quantization
     print(
-        f"wrote {args.out}: {q.method} (group {q.group}, lm_head {q.lm_head}), quantized layers "
+        f"wrote {args.out}: {q.method} (group {q.group}, lm_head {q.lm_head}"
+        + (f", code {q.code}" if q.method == "wint2" else "")
+        + "), quantized layers "
         f"{sizes['packed_bytes'] / 2**20:.1f} MiB (fp32 {sizes['fp32_bytes'] / 2**20:.1f} MiB, "
         f"{sizes['packed_bytes'] / sizes['fp32_bytes']:.3f}x)"
     )
@@ -511,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _QUANTIZATION_HELP = (
-    "weight-only quantization: wint8, wint4, wint2, or a JSON object of method, group_size, lm_head"
+    "weight-only quantization: wint8, wint4, wint2, or a JSON object of method, group_size, lm_head "
+    "(and code for wint2: hybrid, ccq or plain)"
 )
 
 

@@ -39,11 +39,15 @@ class QuantizationConfig:
     method: str
     group_size: int | None = None
     lm_head: bool = True
-    # wint2's 2-bit code: "ccq" (the convolutional code), "plain" (for comparison) or "hybrid"
-    # (the code, with the LM head at 4 bits within 2.75 bits a weight: `hybrid.py`)
-    code: str = "ccq"
+    # wint2's 2-bit code: "hybrid" (the default: the convolutional code with the LM head at 4 bits,
+    # at no more bits a weight, `hybrid.py`), "ccq" (the code everywhere) or "plain" (plain
+    # 2-bit); both kept for the comparison that chose "hybrid" (DECISIONS, 2026-12-06). Unset:
+    # the method's default ("ccq" for wint8/wint4, where it means nothing).
+    code: str | None = None
 
     def __post_init__(self) -> None:
+        if self.code is None:
+            object.__setattr__(self, "code", "hybrid" if self.method == "wint2" else "ccq")
         if self.method not in METHOD_FORMATS:
             raise ValueError(f"quantization.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         g = self.group_size

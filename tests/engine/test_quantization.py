@@ -26,6 +26,7 @@ SCHEMES = [
     {"method": "wint8", "group_size": 32},
     {"method": "wint4", "group_size": 32},
     {"method": "wint2", "group_size": 32},
+    {"method": "wint2", "group_size": 32, "code": "ccq"},
     {"method": "wint2", "group_size": 32, "code": "plain"},
 ]
 
@@ -56,7 +57,7 @@ def _dequantized_checkpoint(engine: Engine, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s['method']}-{s.get('code', 'ccq')}")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s['method']}-{s.get('code', 'default')}")
 def test_quantized_model_equals_plain_path_on_dequantized_weights(moe_checkpoint, tmp_path, scheme):
     quantized = _llm(moe_checkpoint, scheme)
     reference = _llm(_dequantized_checkpoint(quantized.engine, tmp_path / "ref"))
@@ -222,7 +223,8 @@ def test_hybrid_plan_raises_the_head_and_pays_for_it_at_the_codes_bits():
     from pdserve.engine.quantization.apply import _targets, layer_formats
     from pdserve.engine.quantization.hybrid import LayerFormat, mean_bits
 
-    hybrid, code = QuantizationConfig(method="wint2", code="hybrid"), QuantizationConfig(method="wint2")
+    hybrid, code = QuantizationConfig(method="wint2"), QuantizationConfig(method="wint2", code="ccq")
+    assert hybrid.code == "hybrid"  # wint2's default
     for name in ("demo", "ernie-4.5-21b-a3b"):
         model = _meta_model(name)
         plan = layer_formats(model, hybrid)
