@@ -255,7 +255,7 @@ def test_hybrid_plan_raises_the_head_and_pays_for_it_at_the_codes_bits():
     assert set(layer_formats(_meta_model("demo"), no_head).values()) == {LayerFormat("ccq", 64)}
 
 
-def test_hybrid_wint2_equals_its_dequantized_weights_and_its_checkpoint_loads(tmp_path, monkeypatch):
+def test_hybrid_wint2_equals_its_dequantized_weights_and_its_checkpoint_loads(tmp_path, monkeypatch, capsys):
     scheme = {"method": "wint2", "group_size": 64, "code": "hybrid"}
     quantized = _llm("demo", scheme)
     model = quantized.engine.model
@@ -271,7 +271,12 @@ def test_hybrid_wint2_equals_its_dequantized_weights_and_its_checkpoint_loads(tm
     reference = _llm(_dequantized_checkpoint(quantized.engine, tmp_path / "ref"))
     assert _tokens(reference, prompts) == expected
     del reference
-    write_quantized_checkpoint(quantized.engine, tmp_path / "q")
+    from pdserve.cli import main
+
+    assert (
+        main(["quantize", "demo", str(tmp_path / "q"), "--quantization", "wint2"]) == 0
+    )  # hybrid: the default
+    assert "code hybrid" in capsys.readouterr().out
     recorded = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (recorded["method"], recorded["code"], recorded["format"]) == ("wint2", "hybrid", "ccq")
 
