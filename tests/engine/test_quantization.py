@@ -288,3 +288,14 @@ def test_hybrid_wint2_equals_its_dequantized_weights_and_its_checkpoint_loads(tm
     assert loaded.engine.prequantized and loaded.engine.quantization == QuantizationConfig(**scheme)
     assert loaded.engine.model.lm_head.quant_format == "q4"
     assert _tokens(loaded, prompts) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hybrid_wint2_runs_on_gpu_through_torch():
+    # Mixed formats and groups in one model (q4/g128 head, code/g128 elsewhere on the demo).
+    cpu = _llm("demo", "wint2")
+    gpu = _llm("demo", "wint2", device="cuda")
+    assert gpu.engine.model.lm_head.quant_format == "q4"
+    prompts = prompts_of([5, 9])
+    assert _tokens(gpu, prompts) == _tokens(cpu, prompts)
