@@ -10,6 +10,7 @@ packed into windows of its sequence length. For each scheme it reports:
   tokens; the quantized engine reads prefix + continuation (teacher forcing) and the agreement
   is the fraction of continuation positions where its argmax is fp32's token (no cascade: one
   early difference does not count for the rest);
+- bits per weight of the quantized layers (packed bytes, fp16 scales and offsets included);
 - per-layer relative output error ||x Wq^T - x W^T|| / ||x W^T|| on the 21B-A3B shape's matrices
   (N(0, 0.02) weights, as `load_format="dummy"` draws them, and N(0, 1) inputs);
 - the same loss and agreement for torchao's int8 and int4 weight-only schemes on the same
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pdserve.engine.quantization.apply import quantized_bytes
 from pdserve.engine.quantization.config import QuantizationConfig
 
 TRAINING_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_demo_models.py"
@@ -42,8 +44,10 @@ class QuantAccuracyArgs:
         "wint4",
         '{"method": "wint4", "group_size": 128}',
         "wint2",
+        '{"method": "wint2", "code": "ccq"}',
         '{"method": "wint2", "code": "plain"}',
-        '{"method": "wint2", "lm_head": false}',
+        '{"method": "wint2", "code": "ccq", "lm_head": false}',
+        '{"method": "wint2", "code": "ccq", "group_size": 128}',
     )
     windows: int = 8
     prompts: int = 16
@@ -90,18 +94,25 @@ def prompt_logits(engine, ids: list[int]) -> torch.Tensor:
 
 def _scores(logits_of, windows: torch.Tensor, cases: list[tuple[list[int], list[int]]]) -> dict[str, float]:
     """Loss over `windows` and teacher-forced agreement over (prompt, continuation) `cases`."""
-    nll = tokens = 0.0
+    per_window = []
     for w in windows:
         logits = logits_of(w[:-1].tolist())
-        nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
-        tokens += len(w) - 1
+        per_window.append(torch.nn.functional.cross_entropy(logits, w[1:]).item())
     same = total = 0
     for prompt, cont in cases:
         logits = logits_of(prompt + cont[:-1])
         guess = logits[len(prompt) - 1 :].argmax(-1)
         same += int((guess == torch.tensor(cont)).sum())
         total += len(cont)
-    return {"loss": nll / tokens, "agreement": same / total}
+    # Windows are equally long: the mean of their means is the mean per token. Each window's loss
+    # is kept so two schemes' difference can be judged against its spread (paired by window).
+    return {"loss": sum(per_window) / len(per_window), "agreement": same / total, "window_losses": per_window}
+
+
+def _paired_se(scores: dict[str, Any], base: dict[str, Any]) -> float:
+    """Standard error of a Δloss, from its per-window differences (0 with one window)."""
+    d = torch.tensor(scores["window_losses"]) - torch.tensor(base["window_losses"])
+    return float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 def _llm(model: str, quantization: Any):
@@ -152,6 +163,8 @@ def layer_errors(model: str, schemes: list[QuantizationConfig]) -> list[dict[str
     """Relative output error of each distinct matrix shape of `model` (one layer of each kind)."""
     from pdserve.engine.config import ModelConfig
     from pdserve.engine.model_source import resolve_model
+    from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
+    from pdserve.engine.quantization.apply import layer_formats
     from pdserve.engine.quantization.formats import quantize
 
     c = ModelConfig.from_hf_dict(resolve_model(model).hf_config)
@@ -164,6 +177,13 @@ def layer_errors(model: str, schemes: list[QuantizationConfig]) -> list[dict[str
         "expert gate/up": (c.moe_intermediate_size, h),
         "expert down": (h, c.moe_intermediate_size),
     }
+    # Which layer of the whole model each row stands for (its format, for wint2's hybrid plan).
+    suffixes = {"q_proj": ".0.self_attn.q_proj", "o_proj": ".0.self_attn.o_proj", "dense gate/up":
+                "layers.0.mlp.gate_proj", "dense down": "layers.0.mlp.down_proj", "expert gate/up":
+                ".experts.0.gate_proj", "expert down": ".experts.0.down_proj"}  # fmt: skip
+    with torch.device("meta"):
+        whole = Ernie45ForCausalLM(c, torch.float32)
+    plans = [layer_formats(whole, q) for q in schemes]
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, (n, k) in shapes.items():
@@ -171,8 +191,9 @@ def layer_errors(model: str, schemes: list[QuantizationConfig]) -> list[dict[str
         x = torch.randn(8, k, generator=g)
         ref = x @ w.t()
         row: dict[str, Any] = {"layer": name, "shape": [n, k]}
-        for q in schemes:
-            wq = quantize(w, q.format, q.group).dequantize()
+        for q, plan in zip(schemes, plans):
+            f = next(f for layer, f in plan.items() if layer.endswith(suffixes[name]))
+            wq = quantize(w, f.fmt, f.group).dequantize()
             row[_label(q)] = round(float((x @ wq.t() - ref).norm() / ref.norm()), 5)
         rows.append(row)
     return rows
@@ -180,7 +201,7 @@ def layer_errors(model: str, schemes: list[QuantizationConfig]) -> list[dict[str
 
 def _label(q: QuantizationConfig) -> str:
     label = f"{q.method}-g{q.group}"
-    if q.code != "ccq":
+    if q.method == "wint2":
         label += f"-{q.code}"
     return label + ("" if q.lm_head else "-fp32head")
 
@@ -194,11 +215,13 @@ def run_quant_accuracy_bench(args: QuantAccuracyArgs, output: Path | None = None
     cases = _cases(fp32, prompt_windows, args)
     base = _scores(lambda ids, llm=fp32: prompt_logits(llm.engine, ids), windows, cases)
     del fp32
-    rows = [{"scheme": "fp32", **base, "delta_loss": 0.0}]
+    rows = [{"scheme": "fp32", **base, "delta_loss": 0.0, "bits_per_weight": 32.0}]
     for q in schemes:
         llm = _llm(args.model, q)
         scores = _scores(lambda ids, llm=llm: prompt_logits(llm.engine, ids), windows, cases)
-        rows.append({"scheme": _label(q), **scores, "delta_loss": scores["loss"] - base["loss"]})
+        packed, full = quantized_bytes(llm.engine.model)
+        rows.append({"scheme": _label(q), **scores, "delta_loss": scores["loss"] - base["loss"],
+                     "delta_loss_se": _paired_se(scores, base), "bits_per_weight": 32 * packed / full})  # fmt: skip
         del llm
     peers = _peer_rows(args, windows, cases, base["loss"]) if args.peers else []
     layers = layer_errors(args.layer_shape_model, [q for q in schemes if q.lm_head])  # type: ignore[union-attr]
@@ -221,9 +244,13 @@ def run_quant_accuracy_bench(args: QuantAccuracyArgs, output: Path | None = None
 
 def _print(doc: dict[str, Any]) -> None:
     print(f"\n{doc['data']}")
-    print(f"{'scheme':>42} {'loss':>8} {'Δloss':>8} {'agreement':>10}")
+    print(f"{'scheme':>42} {'bits/w':>7} {'loss':>8} {'Δloss':>8} {'± se':>7} {'agreement':>10}")
     for r in doc["results"] + [p for p in doc["peers"] if "loss" in p]:
-        print(f"{r['scheme']:>42} {r['loss']:>8.4f} {r['delta_loss']:>+8.4f} {r['agreement']:>10.3f}")
+        bits = f"{r['bits_per_weight']:>7.3f}" if "bits_per_weight" in r else f"{'':>7}"
+        se = f"{r['delta_loss_se']:>7.4f}" if "delta_loss_se" in r else f"{'':>7}"
+        print(
+            f"{r['scheme']:>42} {bits} {r['loss']:>8.4f} {r['delta_loss']:>+8.4f} {se} {r['agreement']:>10.3f}"
+        )
     for p in doc["peers"]:
         if "error" in p:
             print(f"{p['scheme']}: {p['error']}")

@@ -167,7 +167,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     sizes = write_quantized_checkpoint(llm.engine, args.out)
     q = llm.engine.quantization
     print(
-        f"wrote {args.out}: {q.method} (group {q.group}, lm_head {q.lm_head}), quantized layers "
+        f"wrote {args.out}: {q.method} (group {q.group}, lm_head {q.lm_head}"
+        + (f", code {q.code}" if q.method == "wint2" else "")
+        + "), quantized layers "
         f"{sizes['packed_bytes'] / 2**20:.1f} MiB (fp32 {sizes['fp32_bytes'] / 2**20:.1f} MiB, "
         f"{sizes['packed_bytes'] / sizes['fp32_bytes']:.3f}x)"
     )
@@ -224,6 +226,8 @@ def _cmd_bench_quant_accuracy(args: argparse.Namespace) -> int:
 
     bench_args = QuantAccuracyArgs(model=args.model, windows=args.windows, prompts=args.prompts,
                                    peers=not args.skip_peers)  # fmt: skip
+    if args.scheme:
+        bench_args.schemes = tuple(args.scheme)
     if args.threads:
         import torch
 
@@ -509,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _QUANTIZATION_HELP = (
-    "weight-only quantization: wint8, wint4, wint2, or a JSON object of method, group_size, lm_head"
+    "weight-only quantization: wint8, wint4, wint2, or a JSON object of method, group_size, lm_head "
+    "(and code for wint2: hybrid, ccq or plain)"
 )
 
 
@@ -625,6 +630,13 @@ def _add_bench_quant_accuracy(bench_sub) -> None:
     qa.add_argument("--windows", type=_int_at_least("--windows", 1), default=8, help="512-token loss windows")
     qa.add_argument("--prompts", type=_int_at_least("--prompts", 1), default=16, help="agreement prefixes")
     qa.add_argument("--skip-peers", action="store_true", help="leave torchao's schemes out")
+    qa.add_argument(
+        "--scheme",
+        action="append",
+        default=None,
+        help="a scheme to measure (repeatable; a name or a JSON object as for --quantization); "
+        "default: the wint8/wint4/wint2 variants of the closing comparison",
+    )
     qa.add_argument("--threads", type=int, default=None)
     qa.add_argument("--output", type=Path, default=None, help="JSON path")
     qa.set_defaults(func=_cmd_bench_quant_accuracy)

@@ -20,6 +20,7 @@ from pdserve.engine.layers.linear import Linear
 from pdserve.engine.model_source import ModelSource
 from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.engine.quantization.formats import Parallel, QuantizedWeight, check_shape, quantize
+from pdserve.engine.quantization.hybrid import LayerFormat, plan_formats
 
 if TYPE_CHECKING:
     from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
@@ -60,21 +61,29 @@ def _head_shell(model: Ernie45ForCausalLM) -> Linear:
     return shell
 
 
-def check_groups(model: Ernie45ForCausalLM, config: QuantizationConfig) -> None:
-    """Raises ValueError naming the first layer whose input size the group size does not divide."""
+def layer_formats(model: Ernie45ForCausalLM, config: QuantizationConfig) -> dict[str, LayerFormat]:
+    """{target layer name: its packed format and group} (one for all but with wint2's hybrid code)."""
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in _targets(model, config)}
+    return plan_formats(shapes, config)
+
+
+def check_groups(model: Ernie45ForCausalLM, config: QuantizationConfig) -> dict[str, LayerFormat]:
+    """Each target layer's format; raises ValueError naming the first layer whose input size the
+    group size does not divide."""
+    plan = layer_formats(model, config)
     for name, layer in _targets(model, config):
-        check_shape(config.format, layer.out_features, layer.in_features, config.group, name)
+        check_shape(plan[name].fmt, layer.out_features, layer.in_features, plan[name].group, name)
+    return plan
 
 
 def prepare_quantized(model: Ernie45ForCausalLM, config: QuantizationConfig) -> None:
     """Gives every target layer empty packed storage (on the model's device, meta included), so a
     quantized checkpoint loads into it name for name."""
-    check_groups(model, config)
+    plan = check_groups(model, config)
     for name, layer in _targets(model, config):
+        f = plan[name]
         layer.quantize(
-            QuantizedWeight.empty(
-                config.format, layer.out_features, layer.in_features, config.group, _device_of(model)
-            )
+            QuantizedWeight.empty(f.fmt, layer.out_features, layer.in_features, f.group, _device_of(model))
         )
         if name == "lm_head" and model.lm_head is None:
             model.lm_head = layer
@@ -88,11 +97,11 @@ def quantize_model(
 ) -> None:
     """Quantizes the target layers in place from their loaded full-precision weights, freeing
     each fp32 weight as its packed form replaces it. `on_layer(done, total)` hears progress."""
-    check_groups(model, config)
+    plan = check_groups(model, config)
     targets = _targets(model, config)
     for done, (name, layer) in enumerate(targets, start=1):
         source = model.model.embed_tokens.weight if layer.weight.device.type == "meta" else layer.weight
-        layer.quantize(quantize(source, config.format, config.group, parallel, name))
+        layer.quantize(quantize(source, plan[name].fmt, plan[name].group, parallel, name))
         if name == "lm_head" and model.lm_head is None:
             model.lm_head = layer
         if on_layer is not None:

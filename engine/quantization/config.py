@@ -12,9 +12,10 @@ from typing import Any
 
 # Public scheme -> packed format ("q8", "q4": group-wise integers; "ccq": the 2-bit convolutional
 # code; "q2", plain group-wise 2-bit, is wint2 with code "plain", kept for the comparison that
-# chose "ccq", see DECISIONS).
+# chose "ccq", see DECISIONS; wint2 with code "hybrid" packs "ccq" with some layers at a
+# different rate, `hybrid.py`).
 METHOD_FORMATS = {"wint8": "q8", "wint4": "q4", "wint2": "ccq"}
-CODES = ("ccq", "plain")
+CODES = ("ccq", "plain", "hybrid")
 METHODS = tuple(METHOD_FORMATS)
 # Columns per scale/offset pair, chosen by measured accuracy and speed (docs/DECISIONS.md,
 # 2026-12-05): smaller groups cost memory (32 bits of fp16 scale and offset per group) and buy
@@ -38,9 +39,15 @@ class QuantizationConfig:
     method: str
     group_size: int | None = None
     lm_head: bool = True
-    code: str = "ccq"  # wint2's 2-bit code: "ccq" (the convolutional code) or "plain" (for comparison)
+    # wint2's 2-bit code: "hybrid" (the default: the convolutional code with the LM head at 4 bits,
+    # at no more bits a weight, `hybrid.py`), "ccq" (the code everywhere) or "plain" (plain
+    # 2-bit); both kept for the comparison that chose "hybrid" (DECISIONS, 2026-12-06). Unset:
+    # the method's default ("ccq" for wint8/wint4, where it means nothing).
+    code: str | None = None
 
     def __post_init__(self) -> None:
+        if self.code is None:
+            object.__setattr__(self, "code", "hybrid" if self.method == "wint2" else "ccq")
         if self.method not in METHOD_FORMATS:
             raise ValueError(f"quantization.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         g = self.group_size
@@ -64,7 +71,7 @@ class QuantizationConfig:
 
     @property
     def format(self) -> str:
-        """The packed format of the quantized matrices."""
+        """The packed format of the quantized matrices (of most of them with code "hybrid")."""
         return "q2" if self.code == "plain" else METHOD_FORMATS[self.method]
 
     @classmethod

@@ -26,6 +26,7 @@ SCHEMES = [
     {"method": "wint8", "group_size": 32},
     {"method": "wint4", "group_size": 32},
     {"method": "wint2", "group_size": 32},
+    {"method": "wint2", "group_size": 32, "code": "ccq"},
     {"method": "wint2", "group_size": 32, "code": "plain"},
 ]
 
@@ -56,7 +57,7 @@ def _dequantized_checkpoint(engine: Engine, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s['method']}-{s.get('code', 'ccq')}")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s['method']}-{s.get('code', 'default')}")
 def test_quantized_model_equals_plain_path_on_dequantized_weights(moe_checkpoint, tmp_path, scheme):
     quantized = _llm(moe_checkpoint, scheme)
     reference = _llm(_dequantized_checkpoint(quantized.engine, tmp_path / "ref"))
@@ -205,5 +206,96 @@ def _torch_dequantize(q: formats.QuantizedWeight) -> torch.Tensor:
 def test_quantized_model_runs_on_gpu_through_torch(moe_checkpoint):
     cpu = _llm(moe_checkpoint, {"method": "wint4", "group_size": 32})
     gpu = _llm(moe_checkpoint, {"method": "wint4", "group_size": 32}, device="cuda")
+    prompts = prompts_of([5, 9])
+    assert _tokens(gpu, prompts) == _tokens(cpu, prompts)
+
+
+def _meta_model(name: str):
+    from pdserve.engine.config import ModelConfig
+    from pdserve.engine.model_source import resolve_model
+    from pdserve.engine.models.ernie45 import Ernie45ForCausalLM
+
+    with torch.device("meta"):
+        return Ernie45ForCausalLM(ModelConfig.from_hf_dict(resolve_model(name).hf_config), torch.float32)
+
+
+def test_hybrid_plan_raises_the_head_and_pays_for_it_at_the_codes_bits():
+    from pdserve.engine.quantization.apply import _targets, layer_formats
+    from pdserve.engine.quantization.hybrid import LayerFormat, mean_bits
+
+    hybrid, code = QuantizationConfig(method="wint2"), QuantizationConfig(method="wint2", code="ccq")
+    assert hybrid.code == "hybrid"  # wint2's default
+    for name in ("demo", "ernie-4.5-21b-a3b"):
+        model = _meta_model(name)
+        plan = layer_formats(model, hybrid)
+        shapes = {n: (layer.out_features, layer.in_features) for n, layer in _targets(model, hybrid)}
+        assert plan["lm_head"].fmt == "q4"
+        assert mean_bits(shapes, plan) <= mean_bits(shapes, layer_formats(model, code))
+        for layer in range(model.config.num_hidden_layers):  # a layer's experts share one format
+            experts = {f for n, f in plan.items() if n.startswith(f"model.layers.{layer}.mlp.experts.")}
+            assert len(experts) <= 1
+    # The demo's head is 12% of its weights: every other layer pays at g128 and the head is q4/g128.
+    assert set(layer_formats(_meta_model("demo"), hybrid).values()) == {
+        LayerFormat("ccq", 128),
+        LayerFormat("q4", 128),
+    }
+    # 21B-A3B's head is 1%: a few MoE layers' experts at g128 pay for it, the rest stays at g64.
+    plan = layer_formats(_meta_model("ernie-4.5-21b-a3b"), hybrid)
+    assert plan["lm_head"] == LayerFormat("q4", 64)
+    assert plan["model.layers.1.mlp.experts.0.up_proj"] == LayerFormat("ccq", 128)
+    assert (
+        plan["model.layers.27.mlp.experts.0.up_proj"]
+        == plan["model.layers.1.self_attn.q_proj"]
+        == LayerFormat("ccq", 64)
+    )
+    # A head too large for the rest to pay for (0.3B: dense, a 103424 x 1024 head), or none
+    # quantized: the plan is the code's.
+    assert set(layer_formats(_meta_model("ernie-4.5-0.3b"), hybrid).values()) == {LayerFormat("ccq", 64)}
+    no_head = QuantizationConfig(method="wint2", code="hybrid", lm_head=False)
+    assert set(layer_formats(_meta_model("demo"), no_head).values()) == {LayerFormat("ccq", 64)}
+
+
+def test_hybrid_wint2_equals_its_dequantized_weights_and_its_checkpoint_loads(tmp_path, monkeypatch, capsys):
+    scheme = {"method": "wint2", "group_size": 64, "code": "hybrid"}
+    quantized = _llm("demo", scheme)
+    model = quantized.engine.model
+    assert (model.lm_head.quant_format, model.lm_head.quant_group) == ("q4", 128)
+    expert = model.model.layers[1].mlp.experts[0].down_proj
+    assert (expert.quant_format, expert.quant_group) == ("ccq", 128)
+    packed, full = quantized_bytes(model)
+    assert 32 * packed / full <= 2.5625  # wint2's own rate on the demo (K = 256: 2 bytes a row of padding)
+    prompts = prompts_of([5, 9, 17])
+    expected = _tokens(quantized, prompts)
+    # Kernel agreement: the C kernels (decode, block GEMMs, the MoE kernel at g128) compute what
+    # the fp32 path computes on the dequantized weights.
+    reference = _llm(_dequantized_checkpoint(quantized.engine, tmp_path / "ref"))
+    assert _tokens(reference, prompts) == expected
+    del reference
+    from pdserve.cli import main
+
+    assert (
+        main(["quantize", "demo", str(tmp_path / "q"), "--quantization", "wint2"]) == 0
+    )  # hybrid: the default
+    assert "code hybrid" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (recorded["method"], recorded["code"], recorded["format"]) == ("wint2", "hybrid", "ccq")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a quantized checkpoint must not be quantized again")
+
+    monkeypatch.setattr("pdserve.engine.quantization.apply.quantize", refuse)
+    loaded = _llm(tmp_path / "q")
+    assert loaded.engine.prequantized and loaded.engine.quantization == QuantizationConfig(**scheme)
+    assert loaded.engine.model.lm_head.quant_format == "q4"
+    assert _tokens(loaded, prompts) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hybrid_wint2_runs_on_gpu_through_torch():
+    # Mixed formats and groups in one model (q4/g128 head, code/g128 elsewhere on the demo).
+    cpu = _llm("demo", "wint2")
+    gpu = _llm("demo", "wint2", device="cuda")
+    assert gpu.engine.model.lm_head.quant_format == "q4"
     prompts = prompts_of([5, 9])
     assert _tokens(gpu, prompts) == _tokens(cpu, prompts)
