@@ -42,8 +42,11 @@ class DispatchStats:
     compute_seconds: float = 0.0  # running experts for this and other ranks' rows
     rows_sent: int = 0
     rows_received: int = 0
-    # layer -> tokens routed to each logical expert from this rank's sequences
+    # layer -> tokens routed to each logical expert from this rank's sequences (taken and reset
+    # by the group's owner)
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)
+    # layer -> rows this rank's experts computed there since start, for any rank
+    layer_rows: dict[int, int] = field(default_factory=dict)
 
 
 class ExpertDispatcher:
@@ -125,6 +128,7 @@ class ExpertDispatcher:
                 ]
             )
             index = torch.from_numpy(pick).to(in_rows.device)
+            self.stats.layer_rows[src_layer] = self.stats.layer_rows.get(src_layer, 0) + len(pick)
             out[index] = self._layers[src_layer](in_rows[index], in_local[index])
         compute = time.perf_counter() - computed
         back = c.all_to_all(out, recv_counts, send_counts)
