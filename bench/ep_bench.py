@@ -82,14 +82,25 @@ def _decode_run(group: ExpertParallelGroup, prompts: list[list[int]], output_len
         group.add_request(f"r{time.monotonic_ns()}-{i}", ids, params)
     group.step()  # the prefill of every prompt; decode steps follow
     before = group.rank_stats()
-    started, tokens = time.perf_counter(), 0
+    started, tokens, steps = time.perf_counter(), 0, 0
     while group.has_unfinished():
         tokens += sum(len(d.new_token_ids) for d in group.step())
+        steps += 1
     seconds = time.perf_counter() - started
     after = group.rank_stats()
-    dispatch = sum(a["dispatch_seconds"] - b["dispatch_seconds"] for a, b in zip(after, before))
-    step = sum(a["step_seconds"] - b["step_seconds"] for a, b in zip(after, before))
-    return {"decode_tok_s": tokens / seconds, "dispatch_share": dispatch / step if step else 0.0}
+
+    def moved(key: str) -> float:
+        return sum(a[key] - b[key] for a, b in zip(after, before))
+
+    dispatch, step, rounds = moved("dispatch_seconds"), moved("step_seconds"), moved("rounds")
+    return {
+        "decode_tok_s": tokens / seconds,
+        "dispatch_share": dispatch / step if step else 0.0,
+        # one rank's round: header, rows, slot ids and results exchanged (waits for peers included)
+        "dispatch_ms_per_round": 1000 * dispatch / rounds if rounds else 0.0,
+        "rounds_per_step": rounds / len(after) / steps if steps else 0.0,
+        "rows_sent_per_token": moved("rows_sent") / tokens if tokens else 0.0,
+    }
 
 
 def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any]:
@@ -170,10 +181,11 @@ def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(
-        f"\n{'ep':>3} {'batch':>5} {'weights GiB':>11} {'RSS/rank GiB':>12} {'x EP1':>6} {'tok/s':>8} {'x EP1':>6} {'dispatch %':>10}"
+        f"\n{'ep':>3} {'batch':>5} {'weights GiB':>11} {'RSS/rank GiB':>12} {'x EP1':>6} {'tok/s':>8} {'x EP1':>6} {'dispatch %':>10} {'ms/round':>8} {'rows/tok':>8}"
     )
     for r in rows:
         print(
             f"{r['ep']:>3} {r['batch']:>5} {r['weight_gib_per_rank']:>11.2f} {r['peak_rss_gib_per_rank']:>12.2f} {r.get('rss_vs_ep1', 0):>6.2f} "
-            f"{r['decode_tok_s']:>8.1f} {r.get('decode_vs_ep1', 0):>6.2f} {100 * r['dispatch_share']:>10.1f}"
+            f"{r['decode_tok_s']:>8.1f} {r.get('decode_vs_ep1', 0):>6.2f} {100 * r['dispatch_share']:>10.1f} "
+            f"{r['dispatch_ms_per_round']:>8.2f} {r['rows_sent_per_token']:>8.1f}"
         )

@@ -46,6 +46,9 @@ def test_a_memory_limit_refuses_ep1_and_serves_a_group(tmp_path):
     assert "--worker-memory-gb" in refused["error"] and "use --ep 2" in refused["error"]
     [row] = doc["decode"]
     assert row["ep"] == 2 and row["decode_tok_s"] > 0 and row["weight_gib_per_rank"] < limit_gb
+    # A decode step is a round per MoE layer (3 in the demo) and at least one closing round.
+    assert row["rounds_per_step"] >= DEMO_MOE_LAYERS + 1
+    assert row["rows_sent_per_token"] > 0 and row["dispatch_ms_per_round"] > 0
     assert [r["ep"] for r in doc["imbalance"]] == [2]
 
 
