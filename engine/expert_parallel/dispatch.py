@@ -104,8 +104,11 @@ class ExpertDispatcher:
         """One exchange; returns the rows computed for `rows`, or None when all ranks finished."""
         c = self.collective
         started = time.perf_counter()
-        header = torch.tensor([[n, layer, layer < 0] for n in send_counts], dtype=torch.int64)
-        got = c.all_to_all(header, [1] * self.size, [1] * self.size)
+        header = torch.tensor(
+            [[n, layer, layer < 0] for n in send_counts], dtype=torch.int64, device=c.device
+        )
+        # The counts size this round's other collectives, so they come to the host (on a GPU, a sync).
+        got = c.all_to_all(header, [1] * self.size, [1] * self.size).cpu()
         self.stats.rounds += 1
         if bool(got[:, _DONE].all()):
             self.stats.seconds += time.perf_counter() - started
