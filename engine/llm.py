@@ -39,6 +39,13 @@ class LLM:
         if isinstance(self.engine, ExpertParallelGroup):
             self.engine.close()
 
+    def metrics_text(self) -> str:
+        """Prometheus text of an expert-parallel group (tokens per expert and per rank per MoE
+        layer, dispatch/combine seconds, rebalances, imbalance); "" for one engine, which has none."""
+        if isinstance(self.engine, ExpertParallelGroup):
+            return self.engine.metrics_text()
+        return ""
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -713,6 +713,7 @@ def _cmd_bench_ep(args: argparse.Namespace) -> int:
         total_threads=args.threads or 2,
         num_redundant_experts=args.num_redundant_experts,
         worker_memory_gb=args.worker_memory_gb,
+        repeats=args.repeats,
         seed=args.seed,
     )
     run_ep_bench(bench_args, _bench_output(args, "ep"))
@@ -730,13 +731,22 @@ def _add_bench_ep(bench_sub) -> None:
     ep.add_argument("--input-len", type=_int_at_least("--input-len", 4), default=32)
     ep.add_argument("--output-len", type=_int_at_least("--output-len", 2), default=16)
     ep.add_argument(
+        "--repeats",
+        type=_int_at_least("--repeats", 1),
+        default=3,
+        help="decode rounds per size and batch (median)",
+    )
+    ep.add_argument(
         "--num-redundant-experts",
         type=int,
         default=None,
         help="spare slots for the balance run (default: EP size)",
     )
     ep.add_argument(
-        "--worker-memory-gb", type=float, default=None, help="mark which sizes fit a worker of this memory"
+        "--worker-memory-gb",
+        type=float,
+        default=None,
+        help="refuse sizes whose ranks' weights exceed this (GiB); mark which fit by peak RSS",
     )
     ep.add_argument("--output", type=Path, default=None, help="JSON path (default bench-results/ep-*.json)")
     ep.set_defaults(func=_cmd_bench_ep)

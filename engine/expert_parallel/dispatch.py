@@ -2,8 +2,9 @@
 
 Each rank runs its own sequences (attention is data parallel) and reaches its MoE layers on its
 own schedule. Every exchange is one *round* that all ranks enter together: a rank inside a MoE
-layer sends the (token, slot) rows whose expert another rank holds, and a rank that finished its
-step (`finish_step`) sends nothing but still computes what others send it. A round's header says
+layer sends each rank holding some of a token's experts that token's row once, with the
+(row, local slot) pairs to run there, and a rank that finished its step (`finish_step`) sends
+nothing but still computes what others send it. A round's header says
 which layer each sender is in, so ranks need not be in the same layer, pass or step: a rank with
 no tokens, or one running an MTP or verification pass the others are not, never deadlocks them.
 The step ends in the first round where every rank has finished.
@@ -26,8 +27,9 @@ from pdserve.engine.expert_parallel.collective import ExpertCollective
 from pdserve.engine.expert_parallel.placement import ExpertPlacement, base_range
 from pdserve.engine.kernels import moe_cpu
 
-# Header columns: rows sent to that rank, the sender's layer (-1: finished its step), finished.
-_ROWS, _LAYER, _DONE = 0, 1, 2
+# Header columns: (token, slot) pairs sent to that rank, the sender's layer (-1: finished its
+# step), finished, and distinct token rows sent (a token's slots on one rank share its row).
+_SLOTS, _LAYER, _DONE, _ROWS = 0, 1, 2, 3
 
 # (rows [P, H], local slot ids [P]) -> unweighted expert outputs [P, H]
 HeldExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,8 +44,11 @@ class DispatchStats:
     compute_seconds: float = 0.0  # running experts for this and other ranks' rows
     rows_sent: int = 0
     rows_received: int = 0
-    # layer -> tokens routed to each logical expert from this rank's sequences
+    # layer -> tokens routed to each logical expert from this rank's sequences (taken and reset
+    # by the group's owner)
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)
+    # layer -> rows this rank's experts computed there since start, for any rank
+    layer_rows: dict[int, int] = field(default_factory=dict)
 
 
 class ExpertDispatcher:
@@ -82,37 +87,68 @@ class ExpertDispatcher:
         # Copies split an expert's tokens: token i of this rank goes to copy (i + rank) % copies.
         choice = (token + self.rank) % copies[flat]
         dest, local = ranks[flat, choice], slots[flat, choice]
-        order = np.argsort(dest, kind="stable")
-        send_counts = np.bincount(dest, minlength=self.size).tolist()
-        rows = x[torch.from_numpy(token[order])]
-        back = self._round(layer, send_counts, rows, torch.from_numpy(local[order]))
+        order = np.argsort(dest, kind="stable")  # by rank, then (token, slot) as routed
+        dest, token = dest[order], token[order]
+        # One row per (token, rank): a token's slots on one rank are adjacent here and share it.
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (dest[1:] != dest[:-1]) | (token[1:] != token[:-1])
+        row_counts = np.bincount(dest[first], minlength=self.size)
+        row_starts = np.concatenate([[0], np.cumsum(row_counts)[:-1]])
+        # Per pair: the expert's local slot there, and its row's index within that rank's rows.
+        pairs = np.stack([local[order], np.cumsum(first) - 1 - row_starts[dest]], axis=1)
+        back = self._round(
+            layer,
+            np.bincount(dest, minlength=self.size).tolist(),
+            x[torch.from_numpy(token[first])],
+            torch.from_numpy(pairs),
+            row_counts.tolist(),
+        )
         per_slot = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
         per_slot[torch.from_numpy(order)] = back
         return combine(per_slot.view(t, k, -1), weights)
 
     def finish_step(self) -> None:
         """Serves other ranks' rows until every rank has finished its step."""
-        while self._round(-1, [0] * self.size, None, None) is not None:
+        while self._round(-1, [0] * self.size, None, None, [0] * self.size) is not None:
             pass
 
     def _round(
-        self, layer: int, send_counts: list[int], rows: torch.Tensor | None, local: torch.Tensor | None
+        self,
+        layer: int,
+        send_counts: list[int],
+        rows: torch.Tensor | None,
+        pairs: torch.Tensor | None,
+        row_counts: list[int],
     ) -> torch.Tensor | None:
-        """One exchange; returns the rows computed for `rows`, or None when all ranks finished."""
+        """One exchange of `send_counts[r]` (token, slot) pairs with rank r, `pairs` holding each
+        one's (local slot there, index among the `row_counts[r]` rows sent there); returns one
+        computed row per pair, or None when all ranks finished."""
         c = self.collective
         started = time.perf_counter()
-        header = torch.tensor([[n, layer, layer < 0] for n in send_counts], dtype=torch.int64)
-        got = c.all_to_all(header, [1] * self.size, [1] * self.size)
+        header = torch.tensor(
+            [[n, layer, layer < 0, m] for n, m in zip(send_counts, row_counts)],
+            dtype=torch.int64,
+            device=c.device,
+        )
+        # The counts size this round's other collectives, so they come to the host (on a GPU, a sync).
+        got = c.all_to_all(header, [1] * self.size, [1] * self.size).cpu()
         self.stats.rounds += 1
         if bool(got[:, _DONE].all()):
             self.stats.seconds += time.perf_counter() - started
             return None
-        recv_counts = got[:, _ROWS].tolist()
+        recv_counts, recv_rows = got[:, _SLOTS].tolist(), got[:, _ROWS].tolist()
         if rows is None:
             rows = torch.empty(0, self.hidden_size, dtype=self.dtype, device=c.device)
-            local = torch.empty(0, dtype=torch.int64)
-        in_rows = c.all_to_all(rows.to(c.device), send_counts, recv_counts)
-        in_local = c.all_to_all(local.to(c.device), send_counts, recv_counts)
+            pairs = torch.empty(0, 2, dtype=torch.int64)
+        got_rows = c.all_to_all(rows.to(c.device), row_counts, recv_rows)
+        in_pairs = c.all_to_all(pairs.to(c.device), send_counts, recv_counts)
+        # Each pair's row: the sender's block of rows, then the pair's index within it.
+        row_starts = torch.tensor(np.concatenate([[0], np.cumsum(recv_rows)[:-1]]), device=c.device)
+        sender = torch.repeat_interleave(
+            torch.arange(self.size, device=c.device), torch.tensor(recv_counts, device=c.device)
+        )
+        in_rows = got_rows[row_starts[sender] + in_pairs[:, 1]]
+        in_local = in_pairs[:, 0]
         computed = time.perf_counter()
         out = torch.empty_like(in_rows)
         starts = np.concatenate([[0], np.cumsum(recv_counts)])
@@ -125,13 +161,14 @@ class ExpertDispatcher:
                 ]
             )
             index = torch.from_numpy(pick).to(in_rows.device)
+            self.stats.layer_rows[src_layer] = self.stats.layer_rows.get(src_layer, 0) + len(pick)
             out[index] = self._layers[src_layer](in_rows[index], in_local[index])
         compute = time.perf_counter() - computed
         back = c.all_to_all(out, recv_counts, send_counts)
         self.stats.seconds += time.perf_counter() - started - compute
         self.stats.compute_seconds += compute
-        self.stats.rows_sent += sum(n for r, n in enumerate(send_counts) if r != self.rank)
-        self.stats.rows_received += sum(n for r, n in enumerate(recv_counts) if r != self.rank)
+        self.stats.rows_sent += sum(n for r, n in enumerate(row_counts) if r != self.rank)
+        self.stats.rows_received += sum(n for r, n in enumerate(recv_rows) if r != self.rank)
         return back
 
     def copy_spares(

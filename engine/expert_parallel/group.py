@@ -22,6 +22,7 @@ from typing import Any
 
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.expert_parallel.collective import RendezvousStore
+from pdserve.engine.expert_parallel.metrics import ExpertParallelMetrics
 from pdserve.engine.expert_parallel.placement import ExpertPlacement, rank_imbalance
 from pdserve.engine.expert_parallel.rank import ExpertParallelRank, install_placement
 from pdserve.engine.outputs import RequestDelta
@@ -119,6 +120,7 @@ class _RankCommands:
             "rounds": s.rounds,
             "rows_sent": s.rows_sent,
             "rows_received": s.rows_received,
+            "layer_rows": dict(s.layer_rows),
             "step_seconds": self.busy_seconds,
             "steps": self.engine.counters.num_steps,
         }
@@ -133,7 +135,8 @@ class ExpertParallelGroup:
         ep = config.expert_parallel
         self.size = ep.size
         self._timeout_s = ep.timeout_s + 30.0  # a collective's own timeout fires first
-        self._store = RendezvousStore(f"ep-{uuid.uuid4().hex[:12]}", host, ep.timeout_s)
+        self.name = f"ep-{uuid.uuid4().hex[:12]}"  # the store's key prefix and the metrics' label
+        self._store = RendezvousStore(self.name, host, ep.timeout_s)
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
         for rank in range(self.size):
@@ -157,6 +160,9 @@ class ExpertParallelGroup:
         self._tokenizer = None
         self._rebalanced_at = time.monotonic()
         self.expert_tokens: dict[int, list[int]] = {}  # since the last rebalance, summed over ranks
+        self.metrics = ExpertParallelMetrics(self.name)
+        self.metrics.ranks.labels(self.name).set(self.size)
+        self.metrics.placement_version.labels(self.name).set(self.placement.version)
 
     # ------------------------------------------------------------------ Engine's API
 
@@ -210,6 +216,7 @@ class ExpertParallelGroup:
     def collect_expert_tokens(self) -> dict[int, list[int]]:
         """Adds the ranks' token counts per expert since the last call to `expert_tokens`."""
         for counts in self._call_all("take_expert_tokens"):
+            self.metrics.add_expert_tokens(counts)
             for layer, per_expert in counts.items():
                 total = self.expert_tokens.setdefault(layer, [0] * len(per_expert))
                 for e, n in enumerate(per_expert):
@@ -228,12 +235,21 @@ class ExpertParallelGroup:
         self.placement = new
         self.expert_tokens = {}
         self._rebalanced_at = time.monotonic()
+        self.metrics.rebalances.labels(self.name).inc()
+        self.metrics.placement_version.labels(self.name).set(new.version)
         logger.info("expert-parallel group rebalanced (placement v%d)", new.version)
         return new
 
     def rank_stats(self) -> list[dict[str, Any]]:
-        """Per rank: peak RSS, seconds in dispatch/combine, rounds, rows moved, step seconds."""
+        """Per rank: peak RSS, seconds in dispatch/combine, rounds, rows moved, rows computed per
+        MoE layer, step seconds."""
         return self._call_all("stats")
+
+    def metrics_text(self) -> str:
+        """The group's Prometheus metrics (see metrics.py), brought up to date from the ranks."""
+        self.metrics.rank_stats(self.rank_stats())
+        self.metrics.imbalance.labels(self.name).set(self.imbalance())
+        return self.metrics.text()
 
     def close(self) -> None:
         """Stops the rank processes."""

@@ -1,0 +1,61 @@
+"""`pdserve bench ep` on the demo model: a `--worker-memory-gb` one rank's weights exceed is
+refused for EP 1 with the fix named, and served on a group; the weight estimate is the loaded
+model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.bench.ep_bench import EPBenchArgs, run_ep_bench
+from pdserve.engine.engine import Engine
+from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.expert_parallel.memory import rank_weight_bytes, smallest_group_within
+from pdserve.engine.quantization.apply import model_weight_bytes
+
+DEMO_EXPERTS, DEMO_MOE_LAYERS = 8, 3  # engine/demo_models/demo/config.json (layers 1-3 are MoE)
+
+
+def test_rank_weight_estimate_is_the_loaded_models():
+    one = EngineConfig(model="demo", dtype="float32", num_threads=1, progress=False)
+    engine = Engine(one)
+    assert rank_weight_bytes(one) == model_weight_bytes(engine.model)
+    expert = engine.model.moe_layers()[1].experts[0]
+    expert_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
+    two = EngineConfig(model="demo", dtype="float32", expert_parallel={"size": 2, "num_redundant_experts": 2})
+    # Half the routed experts go; one spare slot per MoE layer comes back.
+    gone = DEMO_MOE_LAYERS * (DEMO_EXPERTS // 2 - 1) * expert_bytes
+    assert rank_weight_bytes(one) - rank_weight_bytes(two) == gone
+
+
+def test_a_memory_limit_refuses_ep1_and_serves_a_group(tmp_path):
+    one = EngineConfig(model="demo", dtype="float32")
+    two = EngineConfig(model="demo", dtype="float32", expert_parallel={"size": 2})
+    limit_gb = (rank_weight_bytes(one) + rank_weight_bytes(two)) / 2 / 2**30  # between the two
+    assert smallest_group_within(one, int(limit_gb * 2**30)) == 2
+    args = EPBenchArgs(
+        model="demo", load_format="auto", hf_overrides={}, sizes=(1, 2), batches=(2,),
+        input_len=8, output_len=4, total_threads=2, repeats=1, worker_memory_gb=limit_gb,
+    )  # fmt: skip
+    out = tmp_path / "ep.json"
+    run_ep_bench(args, out)
+    doc = json.loads(out.read_text())
+    [refused] = doc["refused"]
+    assert refused["ep"] == 1 and refused["weight_gib_per_rank"] > limit_gb
+    assert "--worker-memory-gb" in refused["error"] and "use --ep 2" in refused["error"]
+    [row] = doc["decode"]
+    assert row["ep"] == 2 and row["decode_tok_s"] > 0 and row["weight_gib_per_rank"] < limit_gb
+    # A decode step is a round per MoE layer (3 in the demo) and at least one closing round.
+    assert row["rounds_per_step"] >= DEMO_MOE_LAYERS + 1
+    assert row["rows_sent_per_token"] > 0 and row["dispatch_ms_per_round"] > 0
+    assert [r["ep"] for r in doc["imbalance"]] == [2]
+
+
+def test_every_size_refused_is_an_error():
+    args = EPBenchArgs(
+        model="demo", load_format="auto", hf_overrides={}, sizes=(1, 2), batches=(1,),
+        repeats=1, worker_memory_gb=0.001,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="no group size fits it; raise the limit"):
+        run_ep_bench(args)
