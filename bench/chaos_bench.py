@@ -140,21 +140,32 @@ def _answers(port: int) -> bool:
 
 
 class ClusterProbe:
-    """The router's view of the workers (its ClusterState call), as `pdserve status` reads it."""
+    """The router's view of the workers (its ClusterState call), as `pdserve status` reads it.
 
-    def __init__(self, state_dir: Path, name: str) -> None:
-        self._state_dir, self._name = state_dir, name
+    Its own channel rather than `pdserve.cluster_state`'s helper: the CLI package imports the
+    benches, so they must not import it back (tests/pdserve/test_import_graph.py). The clusters
+    this bench starts have no API key."""
+
+    def __init__(self, router_address: str) -> None:
+        import grpc
+
+        from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
+
+        self._channel = grpc.insecure_channel(router_address)
+        self._stub = pdserve_pb2_grpc.RouterStub(self._channel)
+        self._request = pdserve_pb2.ClusterStateRequest()
 
     def state(self):
-        from pdserve.cluster_state import cluster_state
-
-        return cluster_state(self._state_dir, self._name)[1]
+        return self._stub.ClusterState(self._request, timeout=10)
 
     def workers(self) -> list:
         return list(self.state().workers)
 
     def footprint(self) -> dict[str, tuple[int, int]]:
         return {w.worker_id: (w.open_fds, w.threads) for w in self.workers() if w.alive}
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 def make_prompts(args: ChaosArgs) -> list[str]:
@@ -321,7 +332,11 @@ def _cluster(args: ChaosArgs, workdir: Path, redis: PrivateRedis) -> Iterator[tu
              "--redis-url", redis.url]  # fmt: skip
     with launched("chaos", args.model, workdir, None, flags=flags) as url:
         record = json.loads(next(workdir.glob("chaos/clusters/*.json")).read_text())
-        yield url, ClusterProbe(workdir / "chaos", record["name"])
+        probe = ClusterProbe(record["router_address"])
+        try:
+            yield url, probe
+        finally:
+            probe.close()
 
 
 async def _chaos(
