@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pdserve.bench.report_file import write_report
 from pdserve.bench.serve_bench import PROMPT_WORDS, _free_port, launched
 
 
@@ -375,10 +376,7 @@ def run_chaos_bench(args: ChaosArgs, output: Path | None = None) -> ChaosReport:
     finally:
         redis.stop()
     print_table(report, args)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"args": asdict(args), "report": asdict(report)}, indent=2))
-        print(f"wrote {output}")
+    write_report({"args": asdict(args), "report": asdict(report)}, output)
     return report
 
 

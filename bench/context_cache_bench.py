@@ -16,7 +16,6 @@ Prints a table (median over rounds) and writes JSON.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from pdserve.bench.report_file import write_report
 
 
 @dataclass
@@ -129,10 +130,7 @@ def run_context_cache_bench(args: ContextCacheBenchArgs, output: Path | None = N
     cc.close()
     doc = _summary(args, rounds, cc.store.codec.payload_bytes, stats)
     _print(doc)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    write_report(doc, output)
     return doc
 
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from pdserve.bench.report_file import write_report
 from pdserve.engine.kernels import moe_cpu, paged_attention_cpu
 
 T = TypeVar("T")
@@ -398,7 +399,7 @@ def run_engine_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
         rss = f"{r['pdserve_peak_rss_mb']:.0f}/{r['transformers_peak_rss_mb'] or 0:.0f}"
         print(f"{r['batch']:>5} {r['pdserve_tok_s']:>14.1f} {hf:>19} {ratio:>6} {rss:>16}")
-    _write(doc, output)
+    write_report(doc, output)
     return doc
 
 
@@ -416,13 +417,6 @@ def _document(kind: str, args: EngineBenchArgs, table: list[dict], rows: list[Be
         "results": table,
         "rows": [asdict(r) for r in rows],
     }
-
-
-def _write(doc: dict[str, Any], output: Path | None) -> None:
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
 
 
 def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[str, Any]:
@@ -469,7 +463,7 @@ def _run_speculative_bench(args: EngineBenchArgs, output: Path | None) -> dict[s
             f"{r['batch']:>5} {r['system']:>28} {r['tok_s']:>8.1f} {r['plain_tok_s']:>12.1f} "
             f"{r['speedup']:>8.2f} {r['acceptance_rate']:>7.2f} {r['mean_accepted_length']:>9.2f}"
         )
-    _write(doc, output)
+    write_report(doc, output)
     return doc
 
 
@@ -530,7 +524,7 @@ def _run_quantized_bench(args: EngineBenchArgs, output: Path | None) -> dict[str
             f"{r['speedup']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['weight_mb']:>11.0f} "
             f"{r['weight_ratio']:>7.3f} {r['quantized_layers_ratio'] or 1.0:>14.3f}"
         )
-    _write(doc, output)
+    write_report(doc, output)
     return doc
 
 

@@ -8,13 +8,13 @@ Prompts are random token ids (seeded), not text the demo models were trained on.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench.report_file import write_report
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.expert_parallel.group import ExpertParallelGroup
 from pdserve.engine.expert_parallel.memory import rank_weight_bytes, smallest_group_within
@@ -173,9 +173,7 @@ def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any
         "refused": list(refused.values()),
     }
     _print_table(rows)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2, default=list))
+    write_report(doc, output, default=list)
     return doc
 
 

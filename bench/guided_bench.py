@@ -29,9 +29,9 @@ from pdserve.bench.engine_bench import (
     _merge_rounds,
     _peak_rss_mb,
     _prompts,
-    _write,
 )
 from pdserve.bench.json_workload import TYPICAL_SCHEMA, long_schema
+from pdserve.bench.report_file import write_report
 
 
 def _guided_params(args: EngineBenchArgs):
@@ -136,5 +136,5 @@ def run_guided_bench(args: EngineBenchArgs, output: Path | None = None) -> dict[
     print(
         f"typical schema compile: cold {min(cold):.2f}-{max(cold):.2f} ms, cached {max(doc['compile_ms']['cached']):.3f} ms"
     )
-    _write(doc, output)
+    write_report(doc, output)
     return doc

@@ -9,7 +9,6 @@ the receiver's, as the workers' export and import do.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import statistics
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pdserve.bench.report_file import write_report
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.model_source import resolve_model
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport
@@ -146,8 +146,5 @@ def run_kv_transfer_bench(args: KVTransferBenchArgs, output: Path | None = None)
             f"{r['transfer_gb_s']:>6.2f} {r['local_copy_ms']:>8.2f} {r['local_copy_gb_s']:>6.2f} "
             f"{r['ratio_to_local']:>6.2f} {r['end_to_end_ms']:>7.2f}"
         )
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    write_report(doc, output)
     return doc

@@ -20,8 +20,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from pdserve.bench.report_file import write_report
 from pdserve.bench.serve_bench import PROMPT_WORDS, launched
 
 MODES = {"transfer": "0", "local": "1000000"}
@@ -133,12 +133,8 @@ def run_local_prefill_bench(args: LocalPrefillArgs, output: Path | None = None) 
                 rng = random.Random(f"local-prefill-{args.seed}")  # the same prompts in both modes
                 report.cells[mode] = asyncio.run(_measure(url, args, rng))
     print_table(report, args)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {"args": asdict(args), "cells": {m: {w: asdict(c) for w, c in cs.items()}
-                                                               for m, cs in report.cells.items()}}  # fmt: skip
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    cells = {m: {w: asdict(c) for w, c in cs.items()} for m, cs in report.cells.items()}
+    write_report({"args": asdict(args), "cells": cells}, output)
     return report
 
 

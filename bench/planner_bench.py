@@ -12,7 +12,6 @@ switches and their durations. Requests are counted in the phase they arrived in.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from pdserve.bench.planner_sim import (
     weighted_percentile,
     workload,
 )
+from pdserve.bench.report_file import write_report
 from pdserve.cluster.planner import RolePlanner, RolePlannerConfig
 
 
@@ -192,8 +192,5 @@ def run_planner_bench(args: PlannerBenchArgs, output: Path | None = None) -> dic
         runs = [run_size(args, n, progress) for n in args.workers]
     doc = {"benchmark": "planner", "mode": "simulate", "args": asdict(args), "runs": runs}
     _print(doc)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    write_report(doc, output)
     return doc

@@ -20,7 +20,6 @@ packed into windows of its sequence length. For each scheme it reports:
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pdserve.bench.report_file import write_report
 from pdserve.engine.quantization.apply import quantized_bytes
 from pdserve.engine.quantization.config import QuantizationConfig
 
@@ -235,10 +235,7 @@ def run_quant_accuracy_bench(args: QuantAccuracyArgs, output: Path | None = None
         "layer_errors": layers,
     }
     _print(doc)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    write_report(doc, output)
     return doc
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pdserve.bench.report_file import write_report
 from pdserve.cluster.controller import WorkerInfo
 from pdserve.engine.block_hash import hash_blocks
 from pdserve.roles.kv_transfer import Endpoint
@@ -683,8 +683,5 @@ def run_router_bench(args: RouterBenchArgs, output: Path | None = None) -> dict[
         "skipped": skipped,
     }
     _print_tables(doc)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    write_report(doc, output)
     return doc

@@ -59,6 +59,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pdserve.bench.report_file import write_report
+
 # Words for prompts the demo models never saw (they trained on CPython's standard library): the
 # chaos, local-prefill and shifting benches draw their random prompts from them.
 PROMPT_WORDS = (
@@ -787,10 +789,8 @@ def run_serve_bench(args: ServeBenchArgs, output: Path | None = None) -> dict[st
         _print_run(run, args)
     if len(runs) > 1:
         _print_side_by_side(runs)
+    write_report(doc, output)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
         png = plot(doc, output.with_suffix(".png"))
         if png is not None:
             print(f"wrote {png}")

@@ -15,7 +15,6 @@ on (they saw CPython's standard library), so no prefix is shared between request
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from pdserve.bench.report_file import write_report
 from pdserve.bench.serve_bench import (
     PROMPT_WORDS,
     RequestResult,
@@ -206,10 +206,7 @@ def run_shifting_bench(args: ShiftingArgs, output: Path | None = None) -> dict[s
     doc = {"benchmark": "serve-shifting", "args": {**asdict(args), "api_key": None}, "requests": len(arrivals),
            "layouts": rows}  # fmt: skip
     print_table(rows, args)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {output}")
+    write_report(doc, output)
     return doc
 
 
