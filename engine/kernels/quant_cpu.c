@@ -52,7 +52,11 @@ static int matmul_part(const float *x, int M, const QMat *w, float *out, int par
     return 0;
 }
 
-static PyObject *matmul(PyObject *self, PyObject *args) {
+typedef int (*PartFn)(const float *x, int M, const QMat *w, float *out, int part, int parts);
+
+/* The Python side of a product: parse (x, q, scale, offset, out, M, N, K, group, fmt, part, parts),
+   check them, run `fn` on this part's output rows without the GIL. `name` is for the error. */
+static PyObject *run_part(PyObject *args, PartFn fn, const char *name) {
     Py_ssize_t x, q, scale, offset, out;
     int M, N, K, group, fmt, part, parts;
     if (!PyArg_ParseTuple(args, "nnnnniiiiiii", &x, &q, &scale, &offset, &out, &M, &N, &K, &group, &fmt,
@@ -61,14 +65,16 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     QMat w;
     if (parse_qmat(&w, q, scale, offset, N, K, group, fmt)) return NULL;
     if (M < 0 || parts < 1 || part < 0 || part >= parts) {
-        PyErr_SetString(PyExc_ValueError, "quant matmul: bad row count or part");
+        PyErr_Format(PyExc_ValueError, "quant %s: bad row count or part", name);
         return NULL;
     }
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = matmul_part((const float *)x, M, &w, (float *)out, part, parts);
+    Py_BEGIN_ALLOW_THREADS rc = fn((const float *)x, M, &w, (float *)out, part, parts);
     Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
+
+static PyObject *matmul(PyObject *self, PyObject *args) { return run_part(args, matmul_part, "matmul"); }
 
 /* out[(j - j0) * K + k] = w[j, k] for j in [j0, j1): fp32 rows for a GEMM. */
 VECTOR_CLONES
@@ -235,21 +241,7 @@ static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out,
 }
 
 static PyObject *matmul_dequant(PyObject *self, PyObject *args) {
-    Py_ssize_t x, q, scale, offset, out;
-    int M, N, K, group, fmt, part, parts;
-    if (!PyArg_ParseTuple(args, "nnnnniiiiiii", &x, &q, &scale, &offset, &out, &M, &N, &K, &group, &fmt,
-                          &part, &parts))
-        return NULL;
-    QMat w;
-    if (parse_qmat(&w, q, scale, offset, N, K, group, fmt)) return NULL;
-    if (M < 0 || parts < 1 || part < 0 || part >= parts) {
-        PyErr_SetString(PyExc_ValueError, "quant matmul_dequant: bad row count or part");
-        return NULL;
-    }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS rc = matmul_dequant_part((const float *)x, M, &w, (float *)out, part, parts);
-    Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return run_part(args, matmul_dequant_part, "matmul_dequant");
 }
 
 static PyObject *dequantize(PyObject *self, PyObject *args) {
