@@ -121,3 +121,21 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def redis_port():
+    """A redis-server of the test module's own (tests/redis_server.py): for tests that fill, flush,
+    slow down or stop it without touching the shared one."""
+    from tests.redis_server import spare_port, start_redis, stop_redis
+
+    port = spare_port()
+    proc = start_redis(port)
+    yield port
+    stop_redis(proc)
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_port) -> str:
+    """`redis_port`'s server as a URL."""
+    return f"redis://127.0.0.1:{redis_port}"

@@ -29,14 +29,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    port = spare_port()
-    proc = start_redis(port)
-    yield port
-    stop_redis(proc)
-
-
 @pytest.fixture
 def url(redis_port: int) -> Iterator[str]:
     """This module's Redis, emptied before each test."""

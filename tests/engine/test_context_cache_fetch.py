@@ -19,7 +19,6 @@ import redis
 
 from pdserve.engine import LLM, Engine, GuidedDecoding, SamplingParams
 from tests.gated_proxy import GatedProxy
-from tests.redis_server import spare_port, start_redis, stop_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
@@ -28,14 +27,6 @@ PROMPT = list(range(3, 3 + 6 * BLOCK + 5))  # its 6 full blocks are put in Redis
 STREAM = list(range(300, 300 + 3 * BLOCK + 2))  # the running request's prompt, never in Redis
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    port = spare_port()
-    proc = start_redis(port)
-    yield port
-    stop_redis(proc)
 
 
 def make_llm(url: str | None, **cache) -> LLM:

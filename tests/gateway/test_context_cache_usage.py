@@ -15,21 +15,12 @@ import redis
 
 from tests.gateway.stack import BLOCK_SIZE, gateway_stack
 from tests.prompts import prompts_of
-from tests.redis_server import spare_port, start_redis, stop_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
 BLOCKS = 48  # 192 tokens per worker: three other prompts evict a prefix
 DOCUMENT = prompts_of([100], seed=21)[0]  # 25 blocks
 OTHERS = prompts_of([120, 120, 120, 120], seed=22)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    port = spare_port()
-    proc = start_redis(port)
-    yield f"redis://127.0.0.1:{port}"
-    stop_redis(proc)
 
 
 @pytest.fixture(scope="module")

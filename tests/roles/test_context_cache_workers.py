@@ -23,7 +23,6 @@ from pdserve.roles.chunk_feed import ChunkFeeds
 from pdserve.roles.handoff import ChannelGenerations, WorkerRef, generate_colocated, generate_disaggregated
 from pdserve.roles.worker import start_worker
 from tests.prompts import prompts_of
-from tests.redis_server import spare_port, start_redis, stop_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
@@ -32,14 +31,6 @@ SYSTEM = prompts_of([64], seed=11)[0]  # 16 blocks shared by every prompt below
 QUESTIONS = prompts_of([9, 13, 7, 11], seed=12)
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 _ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    port = spare_port()
-    proc = start_redis(port)
-    yield f"redis://127.0.0.1:{port}"
-    stop_redis(proc)
 
 
 @pytest.fixture(scope="module")
