@@ -169,6 +169,13 @@ class ClusterProbe:
     def workers(self) -> list:
         return list(self.state().workers)
 
+    def switches(self) -> list:
+        """The router's latest role switches, oldest first (the planner's `status`)."""
+        from pdserve.proto import pdserve_pb2
+
+        request = pdserve_pb2.PlannerRequest(action="status", requested_by="bench")
+        return list(self._stub.Planner(request, timeout=10).switches)
+
     def footprint(self) -> dict[str, tuple[int, int]]:
         return {w.worker_id: (w.open_fds, w.threads) for w in self.workers() if w.alive}
 

@@ -71,13 +71,17 @@ class ShiftingArgs:
 
     model: str
     seed: int = 0
+    # The load, sized for 4 demo workers of a quarter core each (`--worker-cores 0.25`, measured:
+    # a 100-word prompt is ~315 tokens, ~0.6 s to prefill; a decode step ~45 ms at batch 4 and
+    # ~100 ms at batch 32): the prefill-heavy phase needs 2 prefill workers, the decode-heavy one
+    # 2-3 decode workers, the mixed one both sides' share (docs/DECISIONS.md, 2026-12-06).
     phase_s: float = 40.0
-    prefill_heavy_rate: float = 3.0
-    decode_heavy_rate: float = 8.0
-    long_prompt_words: int = 500
-    long_answer_tokens: int = 192
+    prefill_heavy_rate: float = 4.0
+    decode_heavy_rate: float = 6.0
+    long_prompt_words: int = 100
+    long_answer_tokens: int = 128
     slo_ttft_ms: float = 1500.0
-    slo_tpot_ms: float = 100.0
+    slo_tpot_ms: float = 150.0
     api_key: str | None = None
     layouts: tuple[str, ...] = tuple(SHIFTING_LAYOUTS)
     # Cores each worker may use (a CFS quota, see cpu_quota.py); None: workers share the machine.
@@ -192,6 +196,20 @@ def cluster_counters(url: str, api_key: str | None) -> dict[str, Any]:
     return out
 
 
+def switch_log(state: Path) -> list[dict[str, Any]]:
+    """The cluster's role switches: who, which way, why, how long, how many requests moved."""
+    probe = ClusterProbe.of(state)
+    try:
+        return [
+            {"worker": s.worker_id, "from": s.from_role, "to": s.to_role, "reason": s.reason,
+             "seconds": round(s.seconds, 3), "moved": s.moved, "handed_back": s.handed_back,
+             "error": s.error}
+            for s in probe.switches()
+        ]  # fmt: skip
+    finally:
+        probe.close()
+
+
 def run_layout(layout: str, arrivals: list[Arrival], args: ShiftingArgs, workdir: Path) -> dict[str, Any]:
     """One layout through the whole schedule: per-phase rows, the overall row, the cluster's counters."""
     with (
@@ -201,6 +219,7 @@ def run_layout(layout: str, arrivals: list[Arrival], args: ShiftingArgs, workdir
         results = asyncio.run(run_schedule(url, arrivals, args))
         counters = cluster_counters(url, args.api_key)
         counters["throttled_s"] = throttled()
+        counters["switch_log"] = switch_log(state_dir(workdir, layout))
     row: dict[str, Any] = {"layout": layout, "phases": {}, **counters}
     for phase in args.phases():
         row["phases"][phase.name] = summarize_phase(
@@ -258,7 +277,10 @@ def print_table(rows: list[dict[str, Any]], args: ShiftingArgs) -> None:
         f"\nshifting workload, SLO TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms; goodput req/s"
     )
     head = f"{'layout':<9}" + "".join(f"{p:>15}" for p in [*phases, "overall"])
-    print(head + f"{'TTFT p50/p99 ms':>19}{'ITL p50/p99 ms':>17}{'switches':>9}{'migrated':>9}")
+    print(
+        head
+        + f"{'TTFT p50/p99 ms':>19}{'ITL p50/p99 ms':>17}{'switches':>9}{'migrated':>9}{'switch s p50/max':>18}"
+    )
     for row in rows:
         cells = "".join(f"{row['phases'][p]['goodput']:>15.2f}" for p in phases)
         o = row["overall"]
@@ -266,4 +288,16 @@ def print_table(rows: list[dict[str, Any]], args: ShiftingArgs) -> None:
         itl = f"{o['itl_ms']['p50']:.0f}/{o['itl_ms']['p99']:.0f}" if o["itl_ms"] else "-"
         print(
             f"{row['layout']:<9}{cells}{o['goodput']:>15.2f}{ttft:>19}{itl:>17}{row['switches']:>9}{row['migrated']:>9}"
+            f"{_switch_seconds(row.get('switch_log', [])):>18}"
         )
+    for row in rows:
+        for s in row.get("switch_log", []):
+            print(
+                f"  {row['layout']}: {s['worker']} {s['from']}->{s['to']} ({s['reason']}) {s['seconds']:.2f} s, "
+                f"{s['moved']} moved live, {s['handed_back']} handed back{' ' + s['error'] if s['error'] else ''}"
+            )
+
+
+def _switch_seconds(log: list[dict[str, Any]]) -> str:
+    done = sorted(s["seconds"] for s in log if s["seconds"] >= 0)
+    return f"{done[len(done) // 2]:.2f}/{done[-1]:.2f}" if done else "-"
