@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -43,14 +44,26 @@ from pdserve.bench.serve_bench import (
     state_dir,
 )
 
-# The static splits and the planner's layout, as `pdserve up` flags (4 workers).
-_STATIC = ["--role-planner", '{"enabled": false}']
+# The static splits and the planner's starting split, as `pdserve up` flags (4 workers).
 SHIFTING_LAYOUTS: dict[str, list[str]] = {
-    "1P+3D": ["--prefill", "1", "--decode", "3", "--both", "0", *_STATIC],
-    "2P+2D": ["--prefill", "2", "--decode", "2", "--both", "0", *_STATIC],
-    "3P+1D": ["--prefill", "3", "--decode", "1", "--both", "0", *_STATIC],
-    "planner": ["--prefill", "2", "--decode", "2", "--both", "0", "--role-planner", '{"enabled": true}'],
+    "1P+3D": ["--prefill", "1", "--decode", "3", "--both", "0"],
+    "2P+2D": ["--prefill", "2", "--decode", "2", "--both", "0"],
+    "3P+1D": ["--prefill", "3", "--decode", "1", "--both", "0"],
+    "planner": ["--prefill", "2", "--decode", "2", "--both", "0"],
 }
+# The planner's targets below the SLO, as an operator would set them: a side is pressed before its
+# requests miss (a decode step at 2/3 of the TPOT SLO, queued prompts' wait at 1/3 of the TTFT SLO).
+ITL_TARGET_OF_SLO, TTFT_TARGET_OF_SLO = 2 / 3, 1 / 3
+
+
+def layout_flags(layout: str, args: ShiftingArgs) -> list[str]:
+    """`pdserve up` flags of one layout: its split, and the role planner off or on (with targets
+    from the SLO)."""
+    if layout != "planner":
+        return [*SHIFTING_LAYOUTS[layout], "--role-planner", '{"enabled": false}']
+    planner = {"enabled": True, "itl_target_ms": round(args.slo_tpot_ms * ITL_TARGET_OF_SLO, 1),
+               "ttft_target_ms": round(args.slo_ttft_ms * TTFT_TARGET_OF_SLO, 1)}  # fmt: skip
+    return [*SHIFTING_LAYOUTS[layout], "--role-planner", json.dumps(planner)]
 
 
 @dataclass(frozen=True)
@@ -71,15 +84,16 @@ class ShiftingArgs:
 
     model: str
     seed: int = 0
-    # The load, sized for 4 demo workers of a quarter core each (`--worker-cores 0.25`, measured:
-    # a 100-word prompt is ~315 tokens, ~0.6 s to prefill; a decode step ~45 ms at batch 4 and
-    # ~100 ms at batch 32): the prefill-heavy phase needs 2 prefill workers, the decode-heavy one
-    # 2-3 decode workers, the mixed one both sides' share (docs/DECISIONS.md, 2026-12-06).
-    phase_s: float = 40.0
-    prefill_heavy_rate: float = 4.0
-    decode_heavy_rate: float = 6.0
+    # The load, sized for 4 demo workers of a quarter core each (`--worker-cores 0.25`; measured
+    # there: a prefill worker computes ~2 of the 100-word (~315-token) prompts a second, a decode
+    # worker at most ~580 tok/s at batch 64 with a step of ~110 ms): the prefill-heavy phase needs
+    # 3 prefill workers, the decode-heavy one 3 decode workers, the mixed one 2 of each, so no
+    # static split serves every phase (docs/DECISIONS.md, 2026-12-06).
+    phase_s: float = 45.0
+    prefill_heavy_rate: float = 5.5
+    decode_heavy_rate: float = 5.0
     long_prompt_words: int = 100
-    long_answer_tokens: int = 128
+    long_answer_tokens: int = 256
     slo_ttft_ms: float = 1500.0
     slo_tpot_ms: float = 150.0
     api_key: str | None = None
@@ -213,7 +227,7 @@ def switch_log(state: Path) -> list[dict[str, Any]]:
 def run_layout(layout: str, arrivals: list[Arrival], args: ShiftingArgs, workdir: Path) -> dict[str, Any]:
     """One layout through the whole schedule: per-phase rows, the overall row, the cluster's counters."""
     with (
-        launched(layout, args.model, workdir, args.api_key, flags=SHIFTING_LAYOUTS[layout]) as url,
+        launched(layout, args.model, workdir, args.api_key, flags=layout_flags(layout, args)) as url,
         worker_quotas(state_dir(workdir, layout), args.worker_cores) as throttled,
     ):
         results = asyncio.run(run_schedule(url, arrivals, args))

@@ -28,20 +28,18 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
+
+# Masks are filled through llguidance's numpy helpers into memory torch shares, not through
+# llguidance.torch: importing that wraps a function in torch.compile, which loads torch._dynamo and
+# sympy (~140 MB per worker) and, on a worker's first guided request, held the GIL long enough under
+# load (>10 s at load average ~20) for the controller to declare the worker dead.
+import llguidance.numpy
 import torch
 
 from pdserve.engine.guided_grammar import GuidedDecodingError, check_guided
 from pdserve.engine.sampling_params import GuidedDecoding
 
 log = logging.getLogger(__name__)
-
-
-def _llg_torch():
-    """llguidance's torch helpers, imported on first use: at import the module wraps a function
-    in torch.compile, which loads torch._dynamo and sympy (~140 MB in every worker, guided or not)."""
-    import llguidance.torch
-
-    return llguidance.torch
 
 
 # Compiled grammars kept (LRU); a JSON schema's matcher is a few hundred kB at most.
@@ -104,7 +102,7 @@ class GrammarCompiler:
         `mask_logits` itself, since that advances and rolls back their matchers.
         """
         n = sum(1 + len(r.guesses) for r in rows)
-        bitmask = _llg_torch().allocate_token_bitmask(n, self.vocab_size)
+        bitmask = torch.from_numpy(llguidance.numpy.allocate_token_bitmask(n, self.vocab_size))
         plain: list[tuple[llguidance.LLMatcher, int]] = []
         broken: list[int] = []
         k = 0
@@ -117,7 +115,7 @@ class GrammarCompiler:
         filled = None
         if plain:
             filled = self._masks.submit(
-                _llg_torch().fill_next_token_bitmask_par, self._executor, plain, bitmask
+                llguidance.numpy.fill_next_token_bitmask_par, self._executor, plain, bitmask.numpy()
             )
         return PendingMasks(list(rows), bitmask, broken, filled)
 
@@ -149,9 +147,9 @@ class GrammarCompiler:
             logits[:, : self.vocab_size].index_add_(0, rows_index, penalties)
 
     def _fill_through_guesses(self, r: GuidedRows, bitmask: torch.Tensor, k: int) -> None:
-        consumed = 0
+        consumed, rows = 0, bitmask.numpy()  # the same memory
         for j in range(len(r.guesses) + 1):
-            _llg_torch().fill_next_token_bitmask(r.matcher, bitmask, k + j)
+            llguidance.numpy.fill_next_token_bitmask(r.matcher, rows, k + j)
             if j == len(r.guesses) or not r.matcher.consume_token(r.guesses[j]):
                 # Rows after a refused guess are never reached: the refused token is masked,
                 # so the row's sample differs from the guess and verification stops there.

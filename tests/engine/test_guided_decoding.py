@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -261,3 +263,22 @@ def test_a_request_resumed_with_its_output_in_the_prompt_continues_its_grammar(l
     rest = llm.generate([prompt + out[:done]], guided(None, guided_decoding=resumed_guided))[0].outputs[0]
     assert out[:done] + rest.token_ids == out
     jsonschema.validate(json.loads(whole.outputs[0].text), SCHEMA)
+
+
+def test_a_guided_request_does_not_load_torch_compile():
+    # llguidance.torch wraps a function in torch.compile at import: torch._dynamo and sympy, ~140 MB
+    # and seconds holding the GIL on a worker's first guided request (under load, long enough for
+    # the controller to miss its heartbeats and kill it). The numpy helpers fill the same masks.
+    script = (
+        "import sys, json\n"
+        "from pdserve.engine import LLM, GuidedDecoding, SamplingParams\n"
+        "llm = LLM(model='demo', num_threads=1, progress=False)\n"
+        "params = SamplingParams(max_tokens=8, guided_decoding=GuidedDecoding('json_object', ''))\n"
+        "out = llm.generate(['Answer in JSON:'], params)[0].outputs[0]\n"
+        "print(json.dumps([out.text, 'torch._dynamo' in sys.modules, 'sympy' in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text, dynamo, sympy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert text.startswith("{")  # the mask applied
+    assert not dynamo and not sympy
