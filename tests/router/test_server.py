@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import threading
 import time
 
@@ -20,6 +18,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.request_runner import RunnerConfig
 from pdserve.router.server import start_router
 from tests.prompts import prompts_of
+from tests.redis_server import spare_port, start_redis, stop_redis
 from tests.roles.test_worker import metric
 
 BLOCKS = 96
@@ -47,10 +46,7 @@ class RouterThread:
         self.thread.join(5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = spare_port  # the name other test modules import
 
 
 @pytest.fixture(scope="module")
@@ -250,25 +246,12 @@ def test_metrics_merge_every_live_workers_exposition(ray_session, router, contro
 
 @pytest.fixture
 def own_redis():
-    port = free_port()
-
-    def start():
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.1).close()
-                return proc
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    procs = [start()]
-    yield port, procs, start
+    """A redis-server of the test's own (tests/redis_server.py): (port, its processes, restart)."""
+    port = spare_port()
+    procs = [start_redis(port)]
+    yield port, procs, lambda: start_redis(port)
     for p in procs:
-        p.kill()
+        stop_redis(p)
 
 
 def test_redis_index_survives_redis_going_away_and_coming_back(ray_session, controller, own_redis):
@@ -282,8 +265,7 @@ def test_redis_index_survives_redis_going_away_and_coming_back(ray_session, cont
         assert state.index_backend == "redis" and state.index_available and state.index_entries > 0
         assert generate(r.stub, prompt, max_tokens=2)[1][-1].usage.cached_tokens == 32
 
-        procs[0].kill()
-        procs[0].wait()
+        stop_redis(procs[0])
         # Still serving, by load only.
         got, chunks = generate(r.stub, prompts_of([9], seed=49)[0], max_tokens=3)
         assert len(got) == 3 and chunks[-1].finished
