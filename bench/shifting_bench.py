@@ -21,6 +21,7 @@ import os
 import random
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,6 +187,7 @@ def summarize_phase(results: list[RequestResult], duration_s: float, args: Shift
     return {
         "requests": len(results),
         "failed": len(results) - len(ok),
+        "errors": dict(Counter((r.error or "")[:200] for r in results if not r.ok)),
         "slo_met": sum(meets(r) for r in ok),
         "goodput": round(sum(meets(r) for r in ok) / duration_s, 3),
         "ttft_ms": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
