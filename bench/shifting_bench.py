@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import tempfile
 import time
 from collections import Counter
@@ -187,12 +188,17 @@ def summarize_phase(results: list[RequestResult], duration_s: float, args: Shift
     return {
         "requests": len(results),
         "failed": len(results) - len(ok),
-        "errors": dict(Counter((r.error or "")[:200] for r in results if not r.ok)),
+        "errors": dict(Counter(_error_kind(r.error) for r in results if not r.ok)),
         "slo_met": sum(meets(r) for r in ok),
         "goodput": round(sum(meets(r) for r in ok) / duration_s, 3),
         "ttft_ms": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
         "itl_ms": distribution([g for r in ok for g in r.itl_s]),
     }
+
+
+def _error_kind(error: str | None) -> str:
+    """An error message without its request id, so that equal failures count together."""
+    return re.sub(r"req-[0-9a-f]+(~\d+)?", "req-…", error or "")[:200]
 
 
 def cluster_counters(url: str, api_key: str | None) -> dict[str, Any]:
