@@ -701,6 +701,11 @@ class Engine:
         """Shape of one block's KV across layers, as `KVPayload.kv` holds it minus the block axis."""
         return self.kv_handoff.kv_block_shape
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV pool's dtype, which a received `KVPayload.kv` must have."""
+        return self.kv_cache.tensor.dtype
+
     def import_kv(self, payload: KVPayload) -> None:
         """Continues decoding a request prefilled elsewhere, in the blocks `reserve_kv` set aside.
 
