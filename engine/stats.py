@@ -56,6 +56,7 @@ class RankLoad:
     experts computed since start (its own tokens' and other ranks')."""
 
     rank: int
+    pid: int  # its process
     kv_blocks_total: int
     kv_blocks_free: int
     num_running: int

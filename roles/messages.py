@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 
 from pdserve.engine.outputs import RequestDelta, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.stats import EngineStats
+from pdserve.engine.stats import EngineStats, RankLoad
 from pdserve.roles.process_usage import ProcessUsage
 
 ROLES = ("prefill", "decode", "both")
@@ -161,6 +161,8 @@ class WorkerLoad:
     context_cache_bytes_read: int = 0
     context_cache_bytes_written: int = 0
     context_cache_available: bool = True
+    # An expert-parallel group's ranks (their blocks and queues are summed in the fields above).
+    ranks: list[RankLoad] = field(default_factory=list)
 
     @classmethod
     def from_stats(
@@ -208,4 +210,5 @@ class WorkerLoad:
             context_cache_bytes_read=cc.bytes_read if cc else 0,
             context_cache_bytes_written=cc.bytes_written if cc else 0,
             context_cache_available=cc.available if cc else True,
+            ranks=list(stats.ranks),
         )

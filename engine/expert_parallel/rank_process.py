@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import resource
 import time
 import traceback
@@ -106,6 +107,7 @@ class _RankCommands:
         stats.ranks = [
             RankLoad(
                 rank=self.dispatcher.rank,
+                pid=os.getpid(),
                 kv_blocks_total=stats.kv_blocks_total,
                 kv_blocks_free=stats.kv_blocks_free,
                 num_running=stats.num_running,
