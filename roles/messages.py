@@ -151,6 +151,15 @@ class WorkerLoad:
         return not (self.draining or self.drained)
 
     @property
+    def room_blocks(self) -> int:
+        """The most KV blocks one request can get here now: all free blocks of one engine; of an
+        expert-parallel group, its roomiest rank's (a request's KV lives on one rank), at most the
+        group's total (which placement lowers by what it placed since this report)."""
+        if not self.ranks:
+            return self.kv_blocks_free
+        return min(self.kv_blocks_free, max(r.kv_blocks_free for r in self.ranks))
+
+    @property
     def prefix_cache_hit_rate(self) -> float | None:
         """Prompt tokens found in its prefix cache per token looked up, since start (None before any)."""
         queried = self.prefix_cache_queried_tokens
