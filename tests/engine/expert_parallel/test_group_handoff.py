@@ -82,3 +82,22 @@ def test_reservations_are_refused_without_room_and_cancelled(group):
     assert group.stats().kv_blocks_free == 64
     with pytest.raises(KeyError, match="not in this group"):
         group.export_kv("nobody")
+
+
+def test_a_guided_request_imported_into_a_group_keeps_its_grammar(moe_checkpoint, group):
+    from pdserve.engine import GuidedDecoding
+
+    params = SamplingParams(
+        temperature=0.9, seed=5, max_tokens=8, guided_decoding=GuidedDecoding("regex", "(ab|cd)+ ?x?")
+    )
+    prompt = prompts_of([8], seed=61)[0]
+    alone = LLM(str(moe_checkpoint), **ARGS).generate([prompt], params)[0].outputs[0]
+    plain = LLM(str(moe_checkpoint), **ARGS).engine
+    assert group.compile_grammar(params).done()  # the rank importing it compiles the grammar
+    assert group.reserve_kv("g", len(prompt))
+    payload = prefill(plain, "g", prompt, params)
+    group.import_kv(payload)
+    out = list(payload.output_token_ids)
+    while group.has_unfinished():
+        out += [t for d in group.step() for t in d.new_token_ids]
+    assert out == alone.token_ids
