@@ -220,6 +220,7 @@ class Controller:
             "model": served,
             "device": self.config.engine.device,
             "workers": {role: getattr(self.config, role) for role in ROLES},
+            "expert_parallel": asdict(self.config.engine.expert_parallel),
             "role_planner": asdict(self.config.role_planner),
             "restart_dead": self.config.restart_dead,
         }
@@ -313,7 +314,10 @@ class Controller:
         except asyncio.TimeoutError:
             why = f"no heartbeat for {self.config.heartbeat_timeout_s} s"
         except Exception as e:  # RayActorError and friends: the process is gone
-            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            # A worker whose engine stopped (an expert-parallel group lost a rank) raises from
+            # `load`; Ray's wrapper starts with the call's name, its cause says what happened.
+            cause = getattr(e, "cause", None) or e
+            why = f"{type(cause).__name__}: {cause}".splitlines()[0]
         if not info.alive:
             return
         info.alive = False

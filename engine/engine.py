@@ -21,6 +21,7 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.expert_parallel.dispatch import ExpertDispatcher
+from pdserve.engine.expert_parallel.placement import ExpertPlacement
 from pdserve.engine.expert_parallel.rank import ROUTED_EXPERT_TENSORS, ExpertParallelRank, join_group
 from pdserve.engine.guided_grammar import GuidedDecodingError
 from pdserve.engine.kv_cache_manager import KVCacheManager
@@ -701,6 +702,11 @@ class Engine:
         """Shape of one block's KV across layers, as `KVPayload.kv` holds it minus the block axis."""
         return self.kv_handoff.kv_block_shape
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV pool's dtype, which a received `KVPayload.kv` must have."""
+        return self.kv_cache.tensor.dtype
+
     def import_kv(self, payload: KVPayload) -> None:
         """Continues decoding a request prefilled elsewhere, in the blocks `reserve_kv` set aside.
 
@@ -761,8 +767,9 @@ def model_config_of(source: ModelSource, hf_overrides: dict[str, Any]) -> ModelC
 
 def check_model(config: EngineConfig) -> None:
     """What can be checked of `config`'s model before any engine starts, without loading weights:
-    the model resolves, its config reads, the quantization fits every layer, and the checkpoint's
-    tensor names, shapes and dtypes (from the file headers) are the ones the model needs.
+    the model resolves, its config reads, the quantization fits every layer, the checkpoint's
+    tensor names, shapes and dtypes (from the file headers) are the ones the model needs, and an
+    expert-parallel group's size fits the model's routed experts.
     Raises ValueError (or its `CheckpointError`) naming the field or tensor."""
     source = resolve_model(config.model)
     model_config = model_config_of(source, config.hf_overrides)
@@ -773,6 +780,14 @@ def check_model(config: EngineConfig) -> None:
     if config.load_format != "dummy" and source.has_weights:
         assert source.path is not None
         check_checkpoint(model, source.path)
+    ep = config.expert_parallel
+    if ep.size > 1:  # ValueError naming expert_parallel.size or .num_redundant_experts
+        if not model.moe_layers():
+            raise ValueError(
+                f"expert_parallel.size is {ep.size} but {source.name!r} has no routed experts (not a MoE "
+                "model); set expert_parallel.size to 1"
+            )
+        ExpertPlacement.initial([], model_config.moe_num_experts, ep.size, ep.num_redundant_experts)
 
 
 def _cpu_gemm(config: EngineConfig) -> CpuGemm:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -50,6 +50,20 @@ class ContextCacheStats:
     fetch_seconds: list[float] = field(default_factory=list)
 
 
+@dataclass
+class RankLoad:
+    """One rank of an expert-parallel group: its KV pool, its queues, and the token slots its
+    experts computed since start (its own tokens' and other ranks')."""
+
+    rank: int
+    pid: int  # its process
+    kv_blocks_total: int
+    kv_blocks_free: int
+    num_running: int
+    num_waiting: int
+    expert_tokens: int = 0
+
+
 @dataclass(kw_only=True)
 class EngineStats(EngineCounters):
     """A snapshot of the engine's load and counters (read by workers and metrics): the counters
@@ -68,6 +82,7 @@ class EngineStats(EngineCounters):
     grammar_cache_size: int = 0  # compiled grammars kept
     num_fetching_context: int = 0  # new requests waiting for their prefix's lookup in Redis
     context_cache: ContextCacheStats | None = None  # None: the context cache is off
+    ranks: list[RankLoad] = field(default_factory=list)  # an expert-parallel group's, by rank
 
     @property
     def kv_blocks_used(self) -> int:
@@ -81,3 +96,40 @@ class EngineStats(EngineCounters):
     def spec_mean_accepted_length(self) -> float:
         """Tokens emitted per verification (accepted guesses + 1); 1.0 means guessing never paid."""
         return self.spec_emitted_tokens / self.spec_verifications if self.spec_verifications else 0.0
+
+
+# Fields of a group's stats that are not the ranks' sum: the ranks step together, so the group's
+# step count and step time are each rank's (the slowest's), not their total.
+_GROUP_MAX_FIELDS = ("num_steps", "last_step_seconds", "step_seconds_total")
+
+
+def summed_stats(per_rank: list[EngineStats]) -> EngineStats:
+    """One expert-parallel group's stats from its ranks': queues, KV blocks and token counts
+    summed, step counts and times the slowest rank's, the ranks' own lines kept in `ranks`."""
+    values: dict[str, object] = {}
+    for f in fields(EngineStats):
+        column = [getattr(s, f.name) for s in per_rank]
+        if f.name == "ranks":
+            values[f.name] = [line for lines in column for line in lines]
+        elif f.name == "context_cache":
+            values[f.name] = _summed_context_cache([c for c in column if c is not None])
+        elif f.name in _GROUP_MAX_FIELDS:
+            values[f.name] = max(column)
+        else:
+            values[f.name] = sum(column)
+    return EngineStats(**values)  # type: ignore[arg-type]
+
+
+def _summed_context_cache(per_rank: list[ContextCacheStats]) -> ContextCacheStats | None:
+    if not per_rank:
+        return None
+    values: dict[str, object] = {}
+    for f in fields(ContextCacheStats):
+        column = [getattr(c, f.name) for c in per_rank]
+        if f.name == "available":
+            values[f.name] = all(column)
+        elif f.name == "fetch_seconds":
+            values[f.name] = [s for seconds in column for s in seconds]
+        else:
+            values[f.name] = sum(column)
+    return ContextCacheStats(**values)  # type: ignore[arg-type]

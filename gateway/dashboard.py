@@ -41,6 +41,17 @@ SAMPLES_PER_PUSH = 5
 STREAM_MAX_S = 600.0
 
 
+class RankView(BaseModel):
+    """One rank of an expert-parallel worker: its KV, queues and the token slots its experts ran."""
+
+    rank: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    running: int
+    waiting: int
+    expert_tokens: int
+
+
 class WorkerView(BaseModel):
     """One worker slot: identity, state, queues, KV, cache and speculation."""
 
@@ -61,6 +72,7 @@ class WorkerView(BaseModel):
     spec_acceptance_rate: float | None  # None when it has not verified a guess
     spec_mean_accepted_length: float | None
     rss_bytes: int
+    ranks: list[RankView] = []  # an expert-parallel group's; empty for one engine
 
 
 class TimelinePoint(BaseModel):
@@ -132,6 +144,9 @@ def _worker(w: pdserve_pb2.WorkerStatus) -> WorkerView:
         prefix_cache_hit_rate=None if w.prefix_cache_hit_rate < 0 else w.prefix_cache_hit_rate,
         step_ms=s.last_step_seconds * 1e3, spec_acceptance_rate=s.spec_acceptance_rate if spec else None,
         spec_mean_accepted_length=s.spec_mean_accepted_length if spec else None, rss_bytes=s.rss_bytes,
+        ranks=[RankView(rank=r.rank, kv_blocks_used=r.kv_blocks_total - r.kv_blocks_free,
+                        kv_blocks_total=r.kv_blocks_total, running=r.num_running, waiting=r.num_waiting,
+                        expert_tokens=r.expert_tokens) for r in s.ranks],
     )  # fmt: skip
 
 

@@ -355,7 +355,17 @@ def status(state_dir: Path, name: str | None = None, api_key: str | None = None)
         lines.append(f"{w.worker_id:<16} {w.role:<8} {'yes' if w.alive else 'no':<5} {w.num_running:>7} "
                      f"{w.num_waiting:>7} {used:>12} {w.restarts:>8} {accept:>11} {length:>10} "
                      f"{w.rss_bytes / 2**20:>8.0f} {w.open_fds:>5} {w.threads:>7}")  # fmt: skip
+        lines += _rank_lines(w)
     return "\n".join(lines + _context_cache_lines(cs) + _planner_lines(planner_state))
+
+
+def _rank_lines(w) -> list[str]:
+    """An expert-parallel worker's ranks under its line: each one's queues, KV and expert load."""
+    return [
+        f"  rank {r.rank:<9} {'pid':<8} {r.pid:<5} {r.num_running:>7} {r.num_waiting:>7} "
+        f"{f'{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}':>12}   expert tokens {r.expert_tokens}"
+        for r in w.ranks
+    ]
 
 
 def _context_cache_lines(cs) -> list[str]:

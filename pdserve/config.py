@@ -41,6 +41,7 @@ from pydantic_core import PydanticCustomError
 
 from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.engine.context_cache_config import ContextCacheConfig
+from pdserve.engine.expert_parallel.config import ExpertParallelConfig
 from pdserve.engine.quantization.config import METHODS as QUANTIZATION_METHODS
 from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.gateway.config import GatewayConfig
@@ -226,6 +227,14 @@ class ClusterConfig(BaseModel):
         + ', e.g. {"redis_url": "redis://127.0.0.1:6379", "max_bytes": 4294967296}; off without redis_url',
     )
 
+    expert_parallel: _settings_group(ExpertParallelConfig) = Field(  # type: ignore[valid-type]
+        default_factory=ExpertParallelConfig,
+        description="run each worker as an expert-parallel group of `size` rank processes (one MoE replica, "
+        "the routed experts split over the ranks, the worker's threads shared among them); keys "
+        + ", ".join(f.name for f in dataclasses.fields(ExpertParallelConfig))
+        + ', e.g. {"size": 2, "num_redundant_experts": 2}; size 1: no expert parallelism',
+    )
+
     @field_validator("quantization")
     @classmethod
     def _quantization(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
@@ -268,6 +277,13 @@ class ClusterConfig(BaseModel):
                 "{prefill} prefill and {decode} decode workers cannot serve a request: a prompt needs "
                 "both kinds, or set both for colocated workers",
                 {"prefill": self.prefill, "decode": self.decode},
+            )
+        if self.expert_parallel.size > 1 and self.device == "cuda":
+            raise PydanticCustomError(
+                "ep_on_gpu",
+                "expert_parallel.size {size} with device cuda: an expert-parallel worker needs a GPU per rank "
+                "and a worker gets one; use device cpu, or expert_parallel.size 1",
+                {"size": self.expert_parallel.size},
             )
         if self.port == self.router_port:
             raise PydanticCustomError(

@@ -56,6 +56,7 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
         num_threads=c.threads or 1,  # several workers share the machine's cores
         cpu_gemm=c.cpu_gemm,
         speculative_config=c.speculative_config, context_cache=c.context_cache, quantization=c.quantization,
+        expert_parallel=c.expert_parallel,
     )  # fmt: skip
 
 

@@ -146,7 +146,7 @@ class ClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker_id", "role", "alive", "num_waiting", "num_running", "kv_blocks_total", "kv_blocks_free", "waiting_prefill_tokens", "last_step_seconds", "restarts", "spec_acceptance_rate", "spec_mean_accepted_length", "rss_bytes", "open_fds", "threads", "pid", "context_cache_hit_tokens", "context_cache_bytes_read", "context_cache_bytes_written", "context_cache_available")
+    __slots__ = ("worker_id", "role", "alive", "num_waiting", "num_running", "kv_blocks_total", "kv_blocks_free", "waiting_prefill_tokens", "last_step_seconds", "restarts", "spec_acceptance_rate", "spec_mean_accepted_length", "rss_bytes", "open_fds", "threads", "pid", "context_cache_hit_tokens", "context_cache_bytes_read", "context_cache_bytes_written", "context_cache_available", "ranks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class WorkerState(_message.Message):
     CONTEXT_CACHE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_CACHE_BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_CACHE_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     alive: bool
@@ -187,7 +188,26 @@ class WorkerState(_message.Message):
     context_cache_bytes_read: int
     context_cache_bytes_written: int
     context_cache_available: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ..., pid: _Optional[int] = ..., context_cache_hit_tokens: _Optional[int] = ..., context_cache_bytes_read: _Optional[int] = ..., context_cache_bytes_written: _Optional[int] = ..., context_cache_available: _Optional[bool] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankState]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ..., pid: _Optional[int] = ..., context_cache_hit_tokens: _Optional[int] = ..., context_cache_bytes_read: _Optional[int] = ..., context_cache_bytes_written: _Optional[int] = ..., context_cache_available: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ...) -> None: ...
+
+class RankState(_message.Message):
+    __slots__ = ("rank", "pid", "kv_blocks_total", "kv_blocks_free", "num_running", "num_waiting", "expert_tokens")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    pid: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    num_running: int
+    num_waiting: int
+    expert_tokens: int
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., expert_tokens: _Optional[int] = ...) -> None: ...
 
 class ClusterStateResponse(_message.Message):
     __slots__ = ("model", "policy", "workers", "index_entries", "index_backend", "index_available", "requests_in_flight", "context_cache")

@@ -3,7 +3,9 @@
 The engine is not thread-safe, so every touch of it (adding, aborting, exporting, importing)
 is a command run on the loop thread between two steps; tokens go back to per-request streams
 (an asyncio queue, or a worker's `RequestSink`), a whole step's in one hop to the event loop.
-The event loop therefore never blocks on a forward pass.
+The event loop therefore never blocks on a forward pass. A step that fails stops the loop for
+good: every command then fails with `EngineStopped` (a worker's load report too, so the controller
+sees the worker as dead and replaces it).
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pdserve.engine import Engine, RequestDelta
+from pdserve.engine.expert_parallel.group import ExpertParallelGroup
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """The engine's step failed (an expert-parallel group lost a rank, a bug); it runs no more."""
 
 
 class Stream(Protocol):
@@ -30,22 +37,28 @@ class Stream(Protocol):
 class EngineLoop:
     """Owns the engine thread: runs commands, steps while there is work, routes deltas."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05) -> None:
+    def __init__(
+        self, engine: Engine | ExpertParallelGroup, loop: asyncio.AbstractEventLoop, idle_wait_s: float = 0.05
+    ) -> None:
         self.engine = engine
         self._loop = loop
         self._idle_wait_s = idle_wait_s
-        self._commands: queue.SimpleQueue[tuple[Callable[[Engine], object], asyncio.Future]] = (
+        self._commands: queue.SimpleQueue[tuple[Callable[[Any], object], asyncio.Future]] = (
             queue.SimpleQueue()
         )
         self._streams: dict[str, Stream] = {}
         self._stopped = threading.Event()
+        self.failure: str | None = None  # why the step failed; set once, before _stopped
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
-    async def call(self, fn: Callable[[Engine], T]) -> T:
-        """Runs `fn(engine)` on the engine thread and returns its result (or raises its error)."""
+    async def call(self, fn: Callable[[Any], T]) -> T:
+        """Runs `fn(engine)` on the engine thread and returns its result (or raises its error;
+        `EngineStopped` once a step has failed)."""
         future: asyncio.Future = self._loop.create_future()
         self._commands.put((fn, future))
+        if self.failure is not None:  # the engine thread is gone: nobody else will answer it
+            self._fail_pending()
         return await future
 
     def open_stream(self, request_id: str) -> asyncio.Queue[RequestDelta]:
@@ -85,11 +98,13 @@ class EngineLoop:
                 continue
             try:
                 deltas = self.engine.step()
-            except Exception:
+            except Exception as e:
                 # A failing step would fail every later one the same way; stop loudly.
                 log.exception("engine step failed; the worker stops serving")
+                self.failure = f"the engine stopped: {type(e).__name__}: {e}".splitlines()[0]
                 self._stopped.set()
-                raise
+                self._fail_pending()
+                return
             if deltas:  # one wake-up of the event loop per step, however many requests stepped
                 self._loop.call_soon_threadsafe(self._deliver, deltas)
 
@@ -110,6 +125,15 @@ class EngineLoop:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _fail_pending(self) -> None:
+        """Fails every command waiting for the stopped engine thread with `EngineStopped`."""
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            self._loop.call_soon_threadsafe(_set_exception, future, EngineStopped(self.failure))
 
     def _deliver(self, deltas: list[RequestDelta]) -> None:
         for delta in deltas:

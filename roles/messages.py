@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 
 from pdserve.engine.outputs import RequestDelta, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.stats import EngineStats
+from pdserve.engine.stats import EngineStats, RankLoad
 from pdserve.roles.process_usage import ProcessUsage
 
 ROLES = ("prefill", "decode", "both")
@@ -153,6 +153,15 @@ class WorkerLoad:
         return not (self.draining or self.drained)
 
     @property
+    def room_blocks(self) -> int:
+        """The most KV blocks one request can get here now: all free blocks of one engine; of an
+        expert-parallel group, its roomiest rank's (a request's KV lives on one rank), at most the
+        group's total (which placement lowers by what it placed since this report)."""
+        if not self.ranks:
+            return self.kv_blocks_free
+        return min(self.kv_blocks_free, max(r.kv_blocks_free for r in self.ranks))
+
+    @property
     def prefix_cache_hit_rate(self) -> float | None:
         """Prompt tokens found in its prefix cache per token looked up, since start (None before any)."""
         queried = self.prefix_cache_queried_tokens
@@ -163,6 +172,8 @@ class WorkerLoad:
     context_cache_bytes_read: int = 0
     context_cache_bytes_written: int = 0
     context_cache_available: bool = True
+    # An expert-parallel group's ranks (their blocks and queues are summed in the fields above).
+    ranks: list[RankLoad] = field(default_factory=list)
 
     @classmethod
     def from_stats(
@@ -212,4 +223,5 @@ class WorkerLoad:
             context_cache_bytes_read=cc.bytes_read if cc else 0,
             context_cache_bytes_written=cc.bytes_written if cc else 0,
             context_cache_available=cc.available if cc else True,
+            ranks=list(stats.ranks),
         )

@@ -24,7 +24,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from pdserve.engine import Engine, EngineConfig, KVPayload, SamplingParams
+from pdserve.engine import Engine, EngineConfig, KVCacheEvent, KVPayload, SamplingParams
+from pdserve.engine.expert_parallel.group import ExpertParallelGroup
 from pdserve.engine.served_model import ServedModel
 from pdserve.roles.aborted_requests import AbortedRequests
 from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
@@ -91,7 +92,7 @@ class Worker:
     async def _build(self) -> EngineLoop:
         # In a thread, so the actor keeps answering (startup_phase) while weights load.
         engine = await asyncio.to_thread(
-            Engine, self._engine_config, on_cache_event=self._cache_events.record, on_phase=self._set_phase
+            build_engine, self._engine_config, self.worker_id, self._cache_events.record, self._set_phase
         )
         self._set_phase("opening the KV transport")
         self._transport = await asyncio.to_thread(
@@ -408,7 +409,7 @@ class Worker:
         assert self._transport is not None
         block_shape = loop.engine.kv_block_shape
         shape = (*block_shape[:2], handoff.num_blocks, *block_shape[2:])
-        buffer = torch.empty(shape, dtype=loop.engine.kv_cache.tensor.dtype)
+        buffer = torch.empty(shape, dtype=loop.engine.kv_dtype)
         # A guided request's grammar compiles (or comes from the cache) while its KV travels, so
         # the import on the engine thread only replays the output so far through it.
         guided = handoff.params.guided_decoding is not None and not moving_on
@@ -449,9 +450,14 @@ class Worker:
         return CacheEventBatch(self.worker_id, seq, snapshot=hashes)
 
     async def metrics_text(self) -> str:
-        """This worker's Prometheus metrics, text exposition format (gauges refreshed now)."""
+        """This worker's Prometheus metrics, text exposition format (gauges refreshed now); an
+        expert-parallel group's own families (tokens per expert and rank, dispatch time) after."""
         await self.load()
-        return self.metrics.exposition()
+        text = self.metrics.exposition()
+        loop = await self._engine()
+        if isinstance(loop.engine, ExpertParallelGroup):
+            text += await loop.call(lambda group: group.metrics_text())
+        return text
 
     async def abort(self, request_id: str) -> bool:
         """Stops a request and frees its blocks, its reservation or its outbox entry.
@@ -487,6 +493,23 @@ class Worker:
         allowed = {"both": ("both",), "prefill": ("prefill", "both"), "decode": ("decode", "both")}[needed]
         if self.role not in allowed:
             raise RoleError(f"worker {self.worker_id} has role {self.role!r}, not {needed!r}", self.worker_id)
+
+
+def build_engine(
+    config: EngineConfig,
+    worker_id: str,
+    on_cache_event: Callable[[KVCacheEvent], None],
+    on_phase: Callable[[str], None],
+) -> Engine | ExpertParallelGroup:
+    """The worker's engine: one `Engine`, or with `expert_parallel.size` > 1 a group of that many
+    rank processes sharing the worker's threads (each rank gets `num_threads // size`, at least
+    one), named after the worker in its metrics. A group reports no cache events (group.py)."""
+    size = config.expert_parallel.size
+    if size == 1:
+        return Engine(config, on_cache_event=on_cache_event, on_phase=on_phase)
+    on_phase(f"starting {size} expert-parallel ranks")
+    threads = max(1, (config.num_threads or 1) // size)
+    return ExpertParallelGroup(replace(config, num_threads=threads), name=worker_id)
 
 
 def _moved_chunk(request_id: str, handoff: Handoff) -> TokenChunk:

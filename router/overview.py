@@ -32,6 +32,13 @@ def worker_state(worker_id: str, role: str, alive: bool, restarts: int, load: Wo
             )
         )  # fmt: skip
         msg.context_cache_available = load.context_cache_available  # a false would not merge
+        msg.ranks.extend(
+            pdserve_pb2.RankState(
+                rank=r.rank, pid=r.pid, kv_blocks_total=r.kv_blocks_total, kv_blocks_free=r.kv_blocks_free,
+                num_running=r.num_running, num_waiting=r.num_waiting, expert_tokens=r.expert_tokens,
+            )
+            for r in load.ranks
+        )  # fmt: skip
     return msg
 
 

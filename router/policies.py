@@ -196,13 +196,13 @@ def make_policy(name: str, seed: int = 0) -> PrefillPolicy:
 def choose_decode(candidates: list[Candidate], prompt_tokens: int) -> Candidate | None:
     """The decode worker for a prompt: KV headroom first, then running load.
 
-    Only workers with room for the prompt plus the first generated token count (free blocks x
-    block size); None when there is none. Among them, workers that keep DECODE_HEADROOM_FRACTION
+    Only workers with room for the prompt plus the first generated token count (`room_blocks` x
+    block size: an expert-parallel group's roomiest rank); None when there is none. Among them, workers that keep DECODE_HEADROOM_FRACTION
     of their blocks free after admitting the request come first; then fewest sequences (running
     plus waiting: each one slows every decode step), then most free blocks, then worker id.
     """
     needed_tokens = prompt_tokens + 1
-    fits = [c for c in candidates if c.load.kv_blocks_free * c.load.block_size >= needed_tokens]
+    fits = [c for c in candidates if c.load.room_blocks * c.load.block_size >= needed_tokens]
     if not fits:
         return None
 

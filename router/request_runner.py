@@ -225,7 +225,7 @@ class RequestRunner:
                 avoid.add(route.decode.worker_id)
                 await self.placement.failed(route.decode.worker_id)
             # Disaggregated runs need the prompt's blocks now.
-            if load is not None and load.kv_blocks_free * load.block_size >= len(prompt) + 1:
+            if load is not None and load.room_blocks * load.block_size >= len(prompt) + 1:
                 if self.metrics is not None:
                     self.metrics.admission_wait_seconds.observe(asyncio.get_running_loop().time() - started)
                 return route

@@ -1,32 +1,37 @@
 """`ExpertParallelGroup`: one MoE replica on N rank processes, driven like one `Engine`.
 
 Each rank is a process with its own `Engine` (its own scheduler and paged KV cache: attention is
-data parallel) holding its share of the routed experts. The group places each request on the
-rank with the fewest unfinished ones, and steps all ranks together: a rank with nothing to run
-still serves the others' dispatch rounds (see dispatch.py). Every wait on a rank is bounded, and
-a rank that dies or fails takes the group down with a `GroupFailed` naming it.
+data parallel) holding its share of the routed experts (rank_process.py). The group places each
+request on the rank with the fewest unfinished ones (KV arriving from elsewhere: the first such
+rank with room) and forwards every later call about it to that rank; it steps all ranks together:
+a rank with nothing to run still serves the others' dispatch rounds (see dispatch.py). Every wait
+on a rank is bounded, and a rank that dies or fails takes the group down with a `GroupFailed`
+naming it.
+
+It offers what a cluster worker calls on `Engine` (roles/worker.py): requests, the PD hooks
+(`reserve_kv`, `import_kv`, `export_kv`, ...), `stats` summed over the ranks with each rank's line
+kept, `served_model`. The ranks' prefix caches are not reported (`cached_block_hashes` is empty,
+no cache events): a request would go to the least-loaded rank, not the one holding its prefix.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import logging
-import multiprocessing as mp
 import time
-import traceback
 import uuid
-import weakref
-from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from pdserve.engine.engine_config import EngineConfig
-from pdserve.engine.expert_parallel.collective import RendezvousStore
 from pdserve.engine.expert_parallel.metrics import ExpertParallelMetrics
 from pdserve.engine.expert_parallel.placement import ExpertPlacement, rank_imbalance
-from pdserve.engine.expert_parallel.rank import ExpertParallelRank, install_placement
+from pdserve.engine.expert_parallel.rank_process import GroupFailed, RankProcesses
+from pdserve.engine.kv_handoff import KVPayload
 from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.stats import EngineStats, summed_stats
+
+__all__ = ["ExpertParallelGroup", "GroupFailed"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,128 +39,20 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0
 
 
-class GroupFailed(RuntimeError):
-    """A rank died, timed out or failed a step; the group is closed."""
-
-
-def _rank_main(config: EngineConfig, ep: ExpertParallelRank, conn) -> None:
-    """A rank process: builds its engine, then runs the owner's commands until told to close."""
-    from pdserve.engine.engine import Engine
-
-    try:
-        engine = Engine(config, expert_parallel_rank=ep)
-    except BaseException as e:
-        conn.send(("err", _portable(e)))
-        return
-    conn.send(("ok", engine.dispatcher.placement))
-    commands = _RankCommands(engine)
-    while True:
-        try:
-            name, args = conn.recv()
-        except EOFError:
-            return
-        if name == "close":
-            conn.send(("ok", None))
-            return
-        try:
-            conn.send(("ok", getattr(commands, name)(*args)))
-        except BaseException as e:
-            conn.send(("err", _portable(e)))
-
-
-def _portable(e: BaseException) -> BaseException:
-    """The exception if it pickles (ValueError and the like do), else a RuntimeError with its text."""
-    import pickle
-
-    try:
-        pickle.dumps(e)
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-
-
-class _RankCommands:
-    """What a rank process does for its owner (one method per command)."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.dispatcher = engine.dispatcher
-        self.busy_seconds = 0.0  # group steps, own step and serving others' rounds together
-
-    def step(self) -> tuple[list[RequestDelta], bool]:
-        started = time.perf_counter()
-        try:
-            return self.engine.step(), self.engine.has_unfinished()
-        finally:
-            # Even after an error: the other ranks' rounds need this one until they finish too.
-            self.dispatcher.finish_step()
-            self.busy_seconds += time.perf_counter() - started
-
-    def add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
-        self.engine.add_request(request_id, ids, params)
-
-    def abort(self, request_id: str) -> bool:
-        return self.engine.abort(request_id)
-
-    def tokenize(self, prompt) -> list[int]:
-        return self.engine.tokenize(prompt)
-
-    def install(self, placement: ExpertPlacement) -> None:
-        install_placement(self.engine.model, self.dispatcher, placement)
-
-    def take_expert_tokens(self) -> dict[int, list[int]]:
-        counts = self.dispatcher.stats.expert_tokens
-        self.dispatcher.stats.expert_tokens = {}
-        return counts
-
-    def stats(self) -> dict[str, Any]:
-        import resource
-
-        s = self.dispatcher.stats
-        return {
-            "rank": self.dispatcher.rank,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "dispatch_seconds": s.seconds,
-            "expert_compute_seconds": s.compute_seconds,
-            "rounds": s.rounds,
-            "rows_sent": s.rows_sent,
-            "rows_received": s.rows_received,
-            "layer_rows": dict(s.layer_rows),
-            "step_seconds": self.busy_seconds,
-            "steps": self.engine.counters.num_steps,
-        }
-
-
 class ExpertParallelGroup:
     """N ranks serving one MoE replica (`config.expert_parallel.size`), with `Engine`'s driving API:
-    `tokenize`, `add_request`, `abort`, `has_unfinished`, `step`, `tokenizer`."""
+    `tokenize`, `add_request`, `abort`, `has_unfinished`, `step`, `tokenizer`, and the PD hooks and
+    stats a cluster worker uses. `name` labels its metrics (a worker passes its id)."""
 
-    def __init__(self, config: EngineConfig, host: str = "127.0.0.1") -> None:
+    def __init__(self, config: EngineConfig, host: str = "127.0.0.1", name: str | None = None) -> None:
         self.config = config
-        ep = config.expert_parallel
-        self.size = ep.size
-        self._timeout_s = ep.timeout_s + 30.0  # a collective's own timeout fires first
-        self.name = f"ep-{uuid.uuid4().hex[:12]}"  # the store's key prefix and the metrics' label
-        self._store = RendezvousStore(self.name, host, ep.timeout_s)
-        ctx = mp.get_context("spawn")
-        self._conns, self._procs = [], []
-        for rank in range(self.size):
-            parent, child = ctx.Pipe()
-            rank_config = replace(config, expert_parallel=replace(ep, size=ep.size))
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(rank_config, ExpertParallelRank(rank, ep, self._store.address), child),
-                name=f"pdserve-ep-rank{rank}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs, self._store)
-        placements = self._gather(START_TIMEOUT_S)
-        self.placement: ExpertPlacement = placements[0]
-        self._rank_of: dict[str, int] = {}
+        self.size = config.expert_parallel.size
+        store_prefix = f"ep-{uuid.uuid4().hex[:12]}"  # the rendezvous keys of this group alone
+        self.name = name or store_prefix
+        self.ranks = RankProcesses(config, store_prefix, host, START_TIMEOUT_S)
+        self.placement: ExpertPlacement = self.ranks.placements[0]
+        self.served_model, self.kv_block_shape, self.kv_dtype = self.ranks.call(0, "facts")
+        self._rank_of: dict[str, int] = {}  # requests and reservations, by the rank holding them
         self._unfinished = [False] * self.size
         self._tokenizer = None
         self._rebalanced_at = time.monotonic()
@@ -178,21 +75,20 @@ class ExpertParallelGroup:
         return self._tokenizer
 
     def tokenize(self, prompt) -> list[int]:
-        return self._call(0, "tokenize", prompt)
+        return self.ranks.call(0, "engine_call", "tokenize", prompt)
 
-    def add_request(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, ids: list[int], params: SamplingParams, *, prefill_only: bool = False
+    ) -> None:
         """Queues a request on the rank with the fewest unfinished requests."""
-        load = [0] * self.size
-        for rank in self._rank_of.values():
-            load[rank] += 1
-        rank = min(range(self.size), key=lambda r: (load[r], r))
-        self._call(rank, "add_request", request_id, ids, params)
+        rank = self._by_load()[0]
+        self.ranks.call(rank, "add_request", request_id, ids, params, prefill_only)
         self._rank_of[request_id] = rank
         self._unfinished[rank] = True
 
     def abort(self, request_id: str) -> bool:
         rank = self._rank_of.pop(request_id, None)
-        return rank is not None and self._call(rank, "abort", request_id)
+        return rank is not None and self.ranks.call(rank, "engine_call", "abort", request_id)
 
     def has_unfinished(self) -> bool:
         return any(self._unfinished)
@@ -203,7 +99,7 @@ class ExpertParallelGroup:
         if interval is not None and time.monotonic() - self._rebalanced_at >= interval:
             self.rebalance()
         deltas = []
-        for rank, (rank_deltas, unfinished) in enumerate(self._call_all("step")):
+        for rank, (rank_deltas, unfinished) in enumerate(self.ranks.call_all("step")):
             self._unfinished[rank] = unfinished
             for delta in rank_deltas:
                 if delta.finished:
@@ -211,11 +107,71 @@ class ExpertParallelGroup:
             deltas.extend(rank_deltas)
         return deltas
 
+    def request_ids(self) -> list[str]:
+        """Every request the ranks hold (see `Engine.request_ids`)."""
+        return [r for ids in self.ranks.call_all("engine_call", "request_ids") for r in ids]
+
+    def unstarted_request_ids(self) -> list[str]:
+        """Requests no token of which has been computed on any rank."""
+        return [r for ids in self.ranks.call_all("engine_call", "unstarted_request_ids") for r in ids]
+
+    # ------------------------------------------------------------------ the PD hooks
+
+    def reserve_kv(self, request_id: str, num_tokens: int) -> bool:
+        """Reserves blocks on the least-loaded rank with room; that rank imports and decodes the
+        request. False when no rank has room."""
+        for rank in self._by_load():
+            if self.ranks.call(rank, "engine_call", "reserve_kv", request_id, num_tokens):
+                self._rank_of[request_id] = rank
+                return True
+        return False
+
+    def has_reservation(self, request_id: str) -> bool:
+        return self._forward(request_id, "has_reservation", default=False)
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        found = self._forward(request_id, "cancel_reservation", default=False)
+        if found:
+            self._rank_of.pop(request_id, None)
+        return found
+
+    def import_kv(self, payload: KVPayload) -> None:
+        """Continues the request on the rank that reserved its blocks."""
+        rank = self._rank_of.get(payload.request_id)
+        if rank is None:
+            raise KeyError(f"no reservation for request {payload.request_id!r}; call reserve_kv first")
+        self.ranks.call(rank, "engine_call", "import_kv", payload)
+        self._unfinished[rank] = True
+
+    def export_kv(self, request_id: str) -> KVPayload:
+        if request_id not in self._rank_of:
+            raise KeyError(f"request {request_id!r} is not in this group")
+        return self._forward(request_id, "export_kv")
+
+    def release_exported(self, request_id: str) -> None:
+        self._forward(request_id, "release_exported")
+        self._rank_of.pop(request_id, None)
+
+    def compile_grammar(self, params: SamplingParams) -> concurrent.futures.Future:
+        """A done future: the rank importing a guided request compiles its grammar itself (the
+        owner's thread may not call the ranks, and holds no tokenizer-bound compiler)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+
+    def cached_block_hashes(self) -> list[int]:
+        """None reported: the ranks' prefix caches are their own (see the module's docstring)."""
+        return []
+
+    def stats(self) -> EngineStats:
+        """The ranks' stats summed (see `summed_stats`), each rank's line in `ranks`."""
+        return summed_stats(self.ranks.call_all("engine_stats"))
+
     # ------------------------------------------------------------------ balancing and stats
 
     def collect_expert_tokens(self) -> dict[int, list[int]]:
         """Adds the ranks' token counts per expert since the last call to `expert_tokens`."""
-        for counts in self._call_all("take_expert_tokens"):
+        for counts in self.ranks.call_all("take_expert_tokens"):
             self.metrics.add_expert_tokens(counts)
             for layer, per_expert in counts.items():
                 total = self.expert_tokens.setdefault(layer, [0] * len(per_expert))
@@ -231,19 +187,19 @@ class ExpertParallelGroup:
         """Re-places spare copies from the counted tokens: weights first, then the routing table,
         between steps; the counts start over."""
         new = self.placement.rebalanced(self.collect_expert_tokens())
-        self._call_all("install", new)
+        self.ranks.call_all("install", new)
         self.placement = new
         self.expert_tokens = {}
         self._rebalanced_at = time.monotonic()
         self.metrics.rebalances.labels(self.name).inc()
         self.metrics.placement_version.labels(self.name).set(new.version)
-        logger.info("expert-parallel group rebalanced (placement v%d)", new.version)
+        logger.info("expert-parallel group %s rebalanced (placement v%d)", self.name, new.version)
         return new
 
     def rank_stats(self) -> list[dict[str, Any]]:
         """Per rank: peak RSS, seconds in dispatch/combine, rounds, rows moved, rows computed per
         MoE layer, step seconds."""
-        return self._call_all("stats")
+        return self.ranks.call_all("stats")
 
     def metrics_text(self) -> str:
         """The group's Prometheus metrics (see metrics.py), brought up to date from the ranks."""
@@ -253,70 +209,20 @@ class ExpertParallelGroup:
 
     def close(self) -> None:
         """Stops the rank processes."""
-        self._finalizer()
+        self.ranks.close()
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, rank: int, name: str, *args):
-        self._send(rank, name, args)
-        return self._receive(rank, self._timeout_s)
+    def _by_load(self) -> list[int]:
+        """Ranks from the fewest requests held (running, waiting or reserved) to the most."""
+        load = [0] * self.size
+        for rank in self._rank_of.values():
+            load[rank] += 1
+        return sorted(range(self.size), key=lambda r: (load[r], r))
 
-    def _call_all(self, name: str, *args) -> list:
-        for rank in range(self.size):
-            self._send(rank, name, args)
-        return self._gather(self._timeout_s)
-
-    def _send(self, rank: int, name: str, args: Sequence) -> None:
-        try:
-            self._conns[rank].send((name, tuple(args)))
-        except (OSError, EOFError) as e:
-            self._fail(f"rank {rank} is gone ({e})")
-
-    def _gather(self, timeout_s: float) -> list:
-        results, error = [], None
-        for rank in range(self.size):
-            try:
-                results.append(self._receive(rank, timeout_s))
-            except GroupFailed:
-                raise
-            except Exception as e:
-                error = error or e
-                results.append(None)
-        if error is not None:
-            raise error
-        return results
-
-    def _receive(self, rank: int, timeout_s: float):
-        conn, proc = self._conns[rank], self._procs[rank]
-        deadline = time.monotonic() + timeout_s
-        while not conn.poll(0.2):
-            if not proc.is_alive():
-                self._fail(f"rank {rank} exited (code {proc.exitcode})")
-            if time.monotonic() > deadline:
-                self._fail(f"rank {rank} did not answer within {timeout_s:.0f} s")
-        try:
-            status, value = conn.recv()
-        except (OSError, EOFError) as e:
-            self._fail(f"rank {rank} is gone ({e})")
-        if status == "err":
-            raise value
-        return value
-
-    def _fail(self, why: str) -> None:
-        self.close()
-        raise GroupFailed(f"expert-parallel group failed: {why}; the group was closed")
-
-
-def _stop(conns, procs, store: RendezvousStore) -> None:
-    for conn, proc in zip(conns, procs):
-        if proc.is_alive():
-            with contextlib.suppress(OSError, EOFError):
-                conn.send(("close", ()))
-    for proc in procs:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-    for conn in conns:
-        conn.close()
-    store.close()
+    def _forward(self, request_id: str, method: str, *args, default: Any = None) -> Any:
+        """`method(request_id, *args)` on the rank holding the request; `default` if none does."""
+        rank = self._rank_of.get(request_id)
+        if rank is None:
+            return default
+        return self.ranks.call(rank, "engine_call", method, request_id, *args)

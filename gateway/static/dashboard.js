@@ -284,9 +284,22 @@ function renderEvents(o) {
     el("span", { class: "kind kind-" + e.kind }, e.kind), " ", e.text,
     e.requested_by ? el("span", { class: "by" }, ` — by ${e.requested_by}`) : null));
   $("events").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "nothing yet")]));
-  $("experts").textContent = o.settings.expert_parallel
-    ? JSON.stringify(o.settings.expert_parallel)
-    : "Expert parallelism is not running in this cluster (each worker holds every expert): no per-rank load to show.";
+  renderExperts(o);
+}
+
+function renderExperts(o) {
+  // Token slots each rank's experts computed since the worker started, with its queues and KV.
+  const groups = o.workers.filter((w) => w.ranks && w.ranks.length);
+  if (!groups.length) {
+    $("experts").replaceChildren("Expert parallelism is not running in this cluster (each worker holds every expert): no per-rank load to show.");
+    return;
+  }
+  $("experts").replaceChildren(...groups.map((w) => {
+    const top = Math.max(1, ...w.ranks.map((r) => r.expert_tokens));
+    return el("div", { "data-group": w.worker_id }, el("b", {}, w.worker_id), " ",
+      ...w.ranks.map((r) => el("span", { class: "rank", title: `rank ${r.rank}: ${r.expert_tokens} expert token slots, ${r.waiting} waiting / ${r.running} running` },
+        ` rank ${r.rank}: ${r.expert_tokens} (${pct(r.expert_tokens / top)} of max), ${r.waiting} / ${r.running}, KV ${r.kv_blocks_used}/${r.kv_blocks_total};`)));
+  }));
 }
 
 function renderSettings(o) {

@@ -52,6 +52,7 @@ SAMPLES: dict[str, Any] = {
     "quantization": "wint4",
     "role_planner": {"enabled": False, "ttft_target_ms": 800, "hysteresis": 2},
     "context_cache": {"redis_url": "redis://10.0.0.5:6379/1", "max_bytes": 2**30, "min_reuse": 2},
+    "expert_parallel": {"size": 1, "timeout_s": 30},  # size 2 would be refused on cuda
 }
 
 
@@ -262,6 +263,46 @@ def test_context_cache_settings_keep_defaults_and_reach_every_engine():
     engine = launcher.engine_config(config)
     assert engine.context_cache == ContextCacheConfig(redis_url="redis://127.0.0.1:6399", ttl_s=60)
     assert launcher.controller_config(config).engine.context_cache == engine.context_cache
+
+
+def test_expert_parallel_settings_reach_every_engine_and_bad_ones_are_named(
+    tmp_path, moe_checkpoint, dense_checkpoint
+):
+    from pdserve import launcher
+    from pdserve.engine.engine import check_model
+    from pdserve.engine.expert_parallel.config import ExpertParallelConfig
+
+    assert load_config({}, {}).expert_parallel == ExpertParallelConfig()  # size 1: plain workers
+    file = write_yaml(tmp_path / "ep.yaml", "expert_parallel:\n  size: 2\n  rebalance_interval_s: 30\n")
+    ep = load_config({}, {}, file).expert_parallel
+    assert ep == ExpertParallelConfig(size=2, rebalance_interval_s=30)
+    config = load_config({}, {"PDSERVE_EXPERT_PARALLEL": '{"size": 2}'})
+    assert launcher.controller_config(config).engine.expert_parallel == ExpertParallelConfig(size=2)
+    with pytest.raises(ConfigError, match=r"--expert-parallel: unknown key 'sise' \(did you mean 'size'\?\)"):
+        load_config(flags_of(["--expert-parallel", '{"sise": 2}']), {})
+    with pytest.raises(
+        ConfigError, match=r"PDSERVE_EXPERT_PARALLEL: expert_parallel\.size must be an integer"
+    ):
+        load_config({}, {"PDSERVE_EXPERT_PARALLEL": '{"size": 0}'})
+    with pytest.raises(ConfigError, match="needs a GPU per rank"):
+        load_config(flags_of(["--expert-parallel", '{"size": 2}', "--device", "cuda"]), {})
+    # What needs the model is checked before any worker starts (`up` runs check_model first).
+    engine = launcher.engine_config(
+        load_config({"model": str(moe_checkpoint), "expert_parallel": '{"size": 2}'}, {})
+    )
+    check_model(engine)
+    with pytest.raises(ValueError, match=r"expert_parallel\.size \(8\) exceeds the model's 6 routed experts"):
+        check_model(
+            launcher.engine_config(
+                load_config({"model": str(moe_checkpoint), "expert_parallel": '{"size": 8}'}, {})
+            )
+        )
+    with pytest.raises(ValueError, match="has no routed experts"):
+        check_model(
+            launcher.engine_config(
+                load_config({"model": str(dense_checkpoint), "expert_parallel": '{"size": 2}'}, {})
+            )
+        )
 
 
 def test_the_gateway_takes_its_limits_from_the_served_model():

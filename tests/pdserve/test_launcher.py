@@ -241,3 +241,55 @@ def test_a_live_name_is_refused_and_a_stale_record_replaced(tmp_path):
         claim(tmp_path, "x", 1)
     remove_record(tmp_path, "x", dead.pid)  # not its record any more: kept
     assert [c.pid for c in running(tmp_path)] == [os.getpid()]
+
+
+def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkpoint, tmp_path):
+    """`pdserve up --expert-parallel '{"size": 2}'`: each worker a group of 2 rank processes; a
+    request served through them; `status` and the dashboard list the ranks; `down` leaves none."""
+    port, router_port = free_port(), free_port()
+    state = tmp_path / "state"
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this block: the process writes to it)
+    up = subprocess.Popen(
+        [*PDSERVE, "up", "--model", str(moe_checkpoint), "--port", str(port), "--router-port", str(router_port),
+         "--kv-cache-blocks", "32", "--expert-parallel", '{"size": 2}', "--state-dir", str(state)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not any(c.ready for c in running(state)):
+            assert up.poll() is None, Path(tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "pdserve up did not come up"
+            time.sleep(0.5)
+        body = {"prompt": "def f(a, b):", "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+        lines = run("status", "--state-dir", str(state)).stdout.splitlines()
+        for worker in ("prefill-0", "decode-0"):
+            at = next(i for i, ln in enumerate(lines) if ln.startswith(worker))
+            assert lines[at].split()[5] == "0/64"  # two ranks' 32 blocks, summed
+            assert [ln.split()[:2] for ln in lines[at + 1 : at + 3]] == [["rank", "0"], ["rank", "1"]]
+            assert all(ln.split()[6] == "0/32" for ln in lines[at + 1 : at + 3])
+        pids = [int(ln.split()[3]) for ln in lines if ln.strip().startswith("rank ")]
+        overview = httpx.get(f"http://127.0.0.1:{port}/admin/overview", timeout=10).json()
+        assert overview["settings"]["expert_parallel"]["size"] == 2
+        decode = next(w for w in overview["workers"] if w["role"] == "decode")
+        assert [r["rank"] for r in decode["ranks"]] == [0, 1]
+        assert all(r["expert_tokens"] > 0 for r in decode["ranks"])  # both ranks' experts ran
+        assert run("down", "--state-dir", str(state)).returncode == 0
+        assert up.wait(30) == 0
+        deadline = time.monotonic() + 30  # the ranks end with their workers
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(pids) == 4 and not any(_alive(pid) for pid in pids)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -153,6 +153,26 @@ def test_choose_decode_needs_room_for_the_prompt_and_one_token() -> None:
     assert choose_decode([exact], 64) is None
 
 
+def test_choose_decode_needs_room_on_one_rank_of_an_expert_parallel_group() -> None:
+    from dataclasses import replace
+
+    from pdserve.engine.stats import RankLoad
+
+    def group(worker_id: str, free: list[int]) -> Candidate:
+        ranks = [RankLoad(r, 100 + r, 50, f, 0, 0) for r, f in enumerate(free)]
+        c = cand(worker_id, free=sum(free), total=50 * len(free))
+        return Candidate(worker_id, replace(c.load, ranks=ranks))
+
+    split = group("split", [3, 3])  # 6 blocks free in all, 3 on each rank
+    assert split.load.kv_blocks_free == 6 and split.load.room_blocks == 3
+    assert choose_decode([split], 4 * BS - 1) is None  # 4 blocks fit the sum, no single rank
+    assert choose_decode([split], 3 * BS - 1) is split
+    lopsided = group("lopsided", [0, 5])
+    assert choose_decode([split, lopsided], 4 * BS - 1) is lopsided
+    # Placement lowers the group's free blocks by what it placed since the report; room follows.
+    assert replace(lopsided.load, kv_blocks_free=2).room_blocks == 2
+
+
 def test_choose_decode_weighs_headroom_then_running_load() -> None:
     roomy_busy = cand("roomy_busy", running=6, waiting=1, free=600, total=1000)
     roomy_calm = cand("roomy_calm", running=2, free=300, total=1000)
