@@ -322,7 +322,9 @@ def test_no_live_worker_is_unavailable(ray_session, moe_checkpoint):
 
 def test_a_burst_spreads_over_equally_loaded_prefill_workers(ray_session, router, controller):
     # All four arrive within one load report; without counting what it just placed, the router
-    # would send every one of them to the same (tie-winning) worker.
+    # would send every one of them to the same (tie-winning) worker. The prompts are as long as
+    # four fit the decode worker at once, so that the first is still being computed when the last
+    # is placed (a charge ends with its prefill: the worker is then idle, and may rightly get more).
     prefills = ray_session.get(controller.workers.remote("prefill"))
 
     def queried():
@@ -335,12 +337,12 @@ def test_a_burst_spreads_over_equally_loaded_prefill_workers(ray_session, router
 
     before = queried()
     streams = [
-        router.stub.Generate(request(p, max_tokens=1), timeout=60) for p in prompts_of([30] * 4, seed=50)
+        router.stub.Generate(request(p, max_tokens=1), timeout=60) for p in prompts_of([80] * 4, seed=50)
     ]
     for s in streams:
         list(s)
     after = queried()
-    assert sorted(after[w] - before[w] for w in after) == [60, 60]
+    assert sorted(after[w] - before[w] for w in after) == [160, 160]
 
 
 def test_multi_turn_conversation_lands_where_its_earlier_turns_live(router):
