@@ -590,6 +590,7 @@ async def start_router(controller, config: RouterConfig) -> Router:
         context_cache,
     )
     runner = RequestRunner(placement, config.runner, metrics)
+    view.watch_cache(runner.feeds)  # every worker's cache changes come on its feed link
     slo = SLO(ttft_ms=config.slo_ttft_ms, itl_ms=config.slo_itl_ms)
     service = RouterService(runner, view, metrics, config, served, slo, context_cache)
     view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner
