@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pdserve.bench.report_file import write_report
-from pdserve.bench.serve_bench import PROMPT_WORDS, _free_port, launched
+from pdserve.bench.serve_bench import PROMPT_WORDS, _free_port, launched, state_dir
 
 
 @dataclass(frozen=True)
@@ -147,14 +147,21 @@ class ClusterProbe:
     benches, so they must not import it back (tests/pdserve/test_import_graph.py). The clusters
     this bench starts have no API key."""
 
-    def __init__(self, router_address: str) -> None:
+    def __init__(self, router_address: str, record: dict | None = None) -> None:
         import grpc
 
         from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 
+        self.up_pid: int | None = (record or {}).get("pid")  # the `pdserve up` that runs the router
         self._channel = grpc.insecure_channel(router_address)
         self._stub = pdserve_pb2_grpc.RouterStub(self._channel)
         self._request = pdserve_pb2.ClusterStateRequest()
+
+    @classmethod
+    def of(cls, state: Path) -> ClusterProbe:
+        """The probe of the cluster whose state directory (`pdserve up --state-dir`) is `state`."""
+        record = json.loads(next(state.glob("clusters/*.json")).read_text())
+        return cls(record["router_address"], record)
 
     def state(self):
         return self._stub.ClusterState(self._request, timeout=10)
@@ -332,8 +339,7 @@ def _cluster(args: ChaosArgs, workdir: Path, redis: PrivateRedis) -> Iterator[tu
     flags = ["--prefill", "2", "--decode", "2", "--both", "0", "--role-planner", '{"enabled": false}',
              "--redis-url", redis.url]  # fmt: skip
     with launched("chaos", args.model, workdir, None, flags=flags) as url:
-        record = json.loads(next(workdir.glob("chaos/clusters/*.json")).read_text())
-        probe = ClusterProbe(record["router_address"])
+        probe = ClusterProbe.of(state_dir(workdir, "chaos"))
         try:
             yield url, probe
         finally:

@@ -113,6 +113,7 @@ class ServeBenchArgs:
     baseline_url: str | None = None  # another OpenAI server on the same workload (vllm serve)
     baseline_label: str = "baseline"
     engine_throughput: bool = True  # with --model: each level on the engine alone too
+    worker_cores: float | None = None  # shifting: a CPU quota per worker (bench/cpu_quota.py)
 
     def __post_init__(self) -> None:
         self.concurrency = tuple(self.concurrency)
@@ -123,6 +124,10 @@ class ServeBenchArgs:
         for name in ("num_prompts", "max_tokens", "prefix_words", "num_prefixes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.worker_cores is not None and self.workload != "shifting":
+            raise ValueError("--worker-cores applies to --workload shifting (the clusters it starts)")
+        if self.worker_cores is not None and not self.worker_cores > 0:
+            raise ValueError(f"worker-cores must be > 0, got {self.worker_cores}")
         if self.overhead_probes < 0:
             raise ValueError(f"overhead-probes must be >= 0, got {self.overhead_probes}")
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
@@ -580,6 +585,11 @@ def _serving(url: str) -> bool:
         return False
 
 
+def state_dir(workdir: Path, layout: str) -> Path:
+    """Where `launched(layout, ...)` keeps that cluster's state (its record under `clusters/`)."""
+    return workdir / layout.replace(" ", "-").replace("+", "")
+
+
 @contextlib.contextmanager
 def launched(
     layout: str, model: str, workdir: Path, api_key: str | None, timeout_s: float = 600,
@@ -587,7 +597,7 @@ def launched(
 ) -> Iterator[str]:  # fmt: skip
     """`pdserve up` with `layout`'s workers (or `flags`) in a subprocess; yields its URL, stops it after."""
     port, router_port = _free_port(), _free_port()
-    state = workdir / layout.replace(" ", "-").replace("+", "")
+    state = state_dir(workdir, layout)
     flags = LAYOUTS[layout] if flags is None else flags
     cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", model, *flags, "--port", str(port),
            "--router-port", str(router_port), "--state-dir", str(state)]  # fmt: skip

@@ -15,9 +15,12 @@ on (they saw CPython's standard library), so no prefix is shared between request
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from pdserve.bench.chaos_bench import ClusterProbe
+from pdserve.bench.cpu_quota import CpuQuotas
 from pdserve.bench.report_file import write_report
 from pdserve.bench.serve_bench import (
     PROMPT_WORDS,
@@ -35,6 +40,7 @@ from pdserve.bench.serve_bench import (
     distribution,
     launched,
     send_chat,
+    state_dir,
 )
 
 # The static splits and the planner's layout, as `pdserve up` flags (4 workers).
@@ -74,6 +80,8 @@ class ShiftingArgs:
     slo_tpot_ms: float = 100.0
     api_key: str | None = None
     layouts: tuple[str, ...] = tuple(SHIFTING_LAYOUTS)
+    # Cores each worker may use (a CFS quota, see cpu_quota.py); None: workers share the machine.
+    worker_cores: float | None = None
 
     @classmethod
     def from_serve(cls, args: ServeBenchArgs) -> ShiftingArgs:
@@ -85,6 +93,7 @@ class ShiftingArgs:
             slo_ttft_ms=args.slo_ttft_ms or cls.slo_ttft_ms,
             slo_tpot_ms=args.slo_tpot_ms or cls.slo_tpot_ms,
             api_key=args.api_key,
+            worker_cores=args.worker_cores,
         )
 
     def phases(self) -> list[Phase]:
@@ -185,9 +194,13 @@ def cluster_counters(url: str, api_key: str | None) -> dict[str, Any]:
 
 def run_layout(layout: str, arrivals: list[Arrival], args: ShiftingArgs, workdir: Path) -> dict[str, Any]:
     """One layout through the whole schedule: per-phase rows, the overall row, the cluster's counters."""
-    with launched(layout, args.model, workdir, args.api_key, flags=SHIFTING_LAYOUTS[layout]) as url:
+    with (
+        launched(layout, args.model, workdir, args.api_key, flags=SHIFTING_LAYOUTS[layout]) as url,
+        worker_quotas(state_dir(workdir, layout), args.worker_cores) as throttled,
+    ):
         results = asyncio.run(run_schedule(url, arrivals, args))
         counters = cluster_counters(url, args.api_key)
+        counters["throttled_s"] = throttled()
     row: dict[str, Any] = {"layout": layout, "phases": {}, **counters}
     for phase in args.phases():
         row["phases"][phase.name] = summarize_phase(
@@ -198,8 +211,36 @@ def run_layout(layout: str, arrivals: list[Arrival], args: ShiftingArgs, workdir
     return row
 
 
+@contextlib.contextmanager
+def worker_quotas(state: Path, cores: float | None, timeout_s: float = 60) -> Iterator:
+    """Puts each worker of the cluster kept in `state` under a quota of `cores` CPUs, and weighs
+    the `up` process (router and gateway) and this one (the load) like them; yields a function
+    giving the seconds each worker has waited for its quota so far."""
+    if cores is None:
+        yield dict
+        return
+    probe = ClusterProbe.of(state)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (workers := [w for w in probe.workers() if w.alive]) or not all(w.pid for w in workers):
+            if time.monotonic() > deadline:  # pids come with the first load report
+                raise RuntimeError(f"the workers did not report their pids within {timeout_s:.0f} s")
+            time.sleep(0.2)
+    finally:
+        probe.close()
+    with CpuQuotas(cores) as quotas:
+        for w in workers:
+            quotas.limit(w.worker_id, w.pid)
+        if probe.up_pid:
+            quotas.favor("up", probe.up_pid)
+        quotas.favor("load", os.getpid())
+        yield lambda: {w.worker_id: round(quotas.throttled_s(w.worker_id), 1) for w in workers}
+
+
 def run_shifting_bench(args: ShiftingArgs, output: Path | None = None) -> dict[str, Any]:
     """Every layout through the same schedule, one after the other; prints the table, writes JSON."""
+    if args.worker_cores is not None and (why := CpuQuotas.available()):
+        raise RuntimeError(f"--worker-cores: {why}; run without it to let the workers share the cores")
     arrivals = schedule(args)
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-shifting-") as tmp:
         rows = [run_layout(layout, arrivals, args, Path(tmp)) for layout in args.layouts]

@@ -298,6 +298,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         baseline_url=args.baseline_url.rstrip("/") if args.baseline_url else None,
         baseline_label=args.baseline_label,
         engine_throughput=not args.skip_engine,
+        worker_cores=args.worker_cores,
     )
     output = _bench_output(args, "serve")
     try:
@@ -855,6 +856,13 @@ def _add_bench_serve(bench_sub) -> None:
     )
     sb.add_argument(
         "--kv-cache-blocks", type=int, default=None, help="KV blocks per worker of the clusters it starts"
+    )
+    sb.add_argument(
+        "--worker-cores",
+        type=float,
+        default=None,
+        help="shifting: limit each worker to this many CPUs (a cgroup quota), as if each had its own device; "
+        "on a machine with fewer cores than workers a split otherwise changes batching, not capacity",
     )
     sb.add_argument(
         "--compare-layouts",

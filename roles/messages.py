@@ -144,6 +144,8 @@ class WorkerLoad:
     prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in its prefix cache since start
     prefix_cache_hit_tokens: int = 0  # ... and found there
     kv_sent_bytes: dict[str, int] = field(default_factory=dict)  # KV bytes sent to each worker id
+    # Wall-clock time the worker read these numbers (router placement: what a report can show).
+    measured_at: float = 0.0
 
     @property
     def serving(self) -> bool:
@@ -175,6 +177,7 @@ class WorkerLoad:
         usage: ProcessUsage | None = None,
         drained: bool = False,
         kv_sent_bytes: dict[str, int] | None = None,
+        measured_at: float = 0.0,
     ) -> WorkerLoad:
         """The report of a worker whose engine gave `stats`; the rest is the worker's own state."""
         cc = stats.context_cache
@@ -204,6 +207,7 @@ class WorkerLoad:
             prefix_cache_queried_tokens=stats.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
             kv_sent_bytes=dict(kv_sent_bytes or {}),
+            measured_at=measured_at,
             context_cache_hit_tokens=stats.context_cache_hit_tokens,
             context_cache_bytes_read=cc.bytes_read if cc else 0,
             context_cache_bytes_written=cc.bytes_written if cc else 0,

@@ -139,6 +139,7 @@ class Worker:
     async def load(self) -> WorkerLoad:
         """Current load, for the controller and the router."""
         loop = await self._engine()
+        measured_at = time.time()  # before the engine reads its queues: errs toward "not shown yet"
         stats = await loop.call(lambda e: e.stats())
         usage = ProcessUsage.of_this_process()
         load = WorkerLoad.from_stats(
@@ -151,6 +152,7 @@ class Worker:
             usage=usage,
             drained=self._drained,
             kv_sent_bytes=self._kv_sent,
+            measured_at=measured_at,
         )
         self.metrics.engine_stats(stats, load.num_pending_sends, usage)
         self.metrics.kv_channels(self._transport.open_channels if self._transport else 0)

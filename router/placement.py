@@ -45,12 +45,18 @@ def prefer_not(avoid: set[str], workers: list) -> list:
     return [w for w in workers if w.worker_id not in avoid] or workers
 
 
-@dataclass
+# A request placed this long before a load report was measured is taken to be in it: the time from
+# the router's choice to the worker's engine holding the request (a feed-link message and a queue hop;
+# milliseconds here, more across machines whose clocks differ by a few ms).
+IN_TRANSIT_S = 0.05
+
+
+@dataclass(eq=False)  # a charge is one route's: settled by identity
 class Charge:
-    """Work counted against one worker for one route, on top of a given load report."""
+    """Work counted against one worker for one route until its load reports show it."""
 
     worker_id: str
-    report: float  # the worker's `last_heartbeat` when the charge was made
+    placed_at: float  # wall-clock seconds (the workers' reports carry the same clock)
     prefill_tokens: int = 0
     blocks: int = 0
 
@@ -60,48 +66,47 @@ class PlacedSinceReport:
 
     Loads reach the router once per controller heartbeat; without this, every request of a
     burst sees the same numbers and lands on the same worker. A charge lasts until its route's
-    prefill is over (`settle`) or until a newer report arrives, which shows whatever is still
-    queued by itself.
+    prefill is over (`settle`) or until a report measured after it arrives (that report shows
+    whatever of it is still queued). Only charges placed before the report's measurement are
+    dropped: a report measured just before a burst must not hide the burst.
     """
 
     def __init__(self) -> None:
-        self._report: dict[str, float] = {}
-        self._prefill_tokens: dict[str, int] = {}
-        self._blocks: dict[str, int] = {}
+        self._charges: dict[str, list[Charge]] = {}
 
-    def _sync(self, worker) -> None:
-        if self._report.get(worker.worker_id) != worker.last_heartbeat:
-            self._report[worker.worker_id] = worker.last_heartbeat
-            self._prefill_tokens.pop(worker.worker_id, None)
-            self._blocks.pop(worker.worker_id, None)
+    def _pending(self, worker) -> list[Charge]:
+        """The worker's charges its latest report does not show (older ones are dropped here)."""
+        charges = self._charges.get(worker.worker_id)
+        if not charges:
+            return []
+        seen_until = worker.load.measured_at - IN_TRANSIT_S
+        if charges[0].placed_at < seen_until:
+            charges[:] = [c for c in charges if c.placed_at >= seen_until]
+        return charges
 
     def adjusted(self, worker):
         """The worker's load with what was placed on it since its report."""
-        self._sync(worker)
+        pending = self._pending(worker)
         load = worker.load
-        if not self._prefill_tokens.get(worker.worker_id) and not self._blocks.get(worker.worker_id):
+        if not pending:
             return load  # the common case: nothing placed since the report, no copy needed
         return replace(
             load,
-            waiting_prefill_tokens=load.waiting_prefill_tokens
-            + self._prefill_tokens.get(worker.worker_id, 0),
-            kv_blocks_free=max(0, load.kv_blocks_free - self._blocks.get(worker.worker_id, 0)),
+            waiting_prefill_tokens=load.waiting_prefill_tokens + sum(c.prefill_tokens for c in pending),
+            kv_blocks_free=max(0, load.kv_blocks_free - sum(c.blocks for c in pending)),
         )
 
     def charge(self, worker, prefill_tokens: int = 0, blocks: int = 0) -> Charge:
         """Counts work just placed on a worker (seen through `adjusted` first)."""
-        wid = worker.worker_id
-        self._prefill_tokens[wid] = self._prefill_tokens.get(wid, 0) + prefill_tokens
-        self._blocks[wid] = self._blocks.get(wid, 0) + blocks
-        return Charge(wid, worker.last_heartbeat, prefill_tokens, blocks)
+        charge = Charge(worker.worker_id, time.time(), prefill_tokens, blocks)
+        self._charges.setdefault(worker.worker_id, []).append(charge)
+        return charge
 
     def settle(self, charge: Charge) -> None:
-        """Takes a charge back, unless a newer report already replaced it."""
-        if self._report.get(charge.worker_id) != charge.report:
-            return
-        wid = charge.worker_id
-        self._prefill_tokens[wid] = max(0, self._prefill_tokens.get(wid, 0) - charge.prefill_tokens)
-        self._blocks[wid] = max(0, self._blocks.get(wid, 0) - charge.blocks)
+        """Takes a charge back (its prefill is over), if a report has not dropped it already."""
+        charges = self._charges.get(charge.worker_id, [])
+        if charge in charges:
+            charges.remove(charge)
 
 
 class PrefillGroups:
