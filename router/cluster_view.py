@@ -51,6 +51,7 @@ class ClusterView:
         # What the router measured, sent to the controller's role planner every SIGNALS_EVERY_S.
         self.signals: Callable[[], RouterSignals] | None = None
         self._signalled = 0.0
+        self._last_signals: RouterSignals | None = None
 
     async def start(self) -> None:
         await self.refresh()
@@ -140,4 +141,8 @@ class ClusterView:
         if self.signals is None or now - self._signalled < SIGNALS_EVERY_S:
             return
         self._signalled = now
-        await self.controller.report_router_signals.remote(self.signals())
+        signals = self.signals()
+        # The planner keeps the last report: an unchanged one (an idle router's) is not sent again.
+        if signals != self._last_signals:
+            await self.controller.report_router_signals.remote(signals)
+            self._last_signals = signals
