@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 CONTROLLER_NAME = "pdserve-controller"
 # How long startup_phases waits for one worker's answer before calling it "starting".
 STARTUP_PHASE_WAIT_S = 0.3
+# How often a router's waiting `workers_changed` call looks for a change (in memory, no calls).
+WATCH_EVERY_S = 0.05
 
 
 @dataclass
@@ -74,6 +76,14 @@ class ControllerConfig:
             raise ValueError("prefill and decode workers come together; use --both N for colocated serving")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
+
+
+@dataclass
+class WorkerList:
+    """The live workers (`Controller.workers`) as of `version`, which changes with any of them."""
+
+    version: int
+    workers: list[WorkerInfo]
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Controller:
         self.switcher = RoleSwitcher(lambda: list(self._workers.values()), config.role_planner, self.registry)
         self._planner: asyncio.Task | None = None
         self.events = EventLog()  # deaths, restarts, drains, operator actions (operator_actions.py)
+        self._version, self._fingerprint = 0, ()  # of the live workers, for `workers_changed`
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
@@ -126,6 +137,22 @@ class Controller:
     async def workers(self, role: str | None = None) -> list[WorkerInfo]:
         """Live workers (optionally of one role) with their latest load (never None)."""
         return [w for w in self._workers.values() if w.alive and (role is None or w.role == role)]
+
+    async def workers_changed(self, version: int, wait_s: float) -> WorkerList:
+        """The live workers once they differ from `version` (a worker came, went, changed role
+        or reported a load), or after `wait_s` if nothing changed: a router waits here instead
+        of polling the controller (docs/DECISIONS.md, 2026-12-06)."""
+        deadline = time.monotonic() + wait_s
+        while self._current_version() == version and time.monotonic() < deadline:
+            await asyncio.sleep(WATCH_EVERY_S)
+        return WorkerList(self._current_version(), await self.workers())
+
+    def _current_version(self) -> int:
+        # The fields `workers()` callers read; each load report is a new object (compared by value).
+        fingerprint = tuple((w.slot, w.worker_id, w.role, w.alive, w.load) for w in self._workers.values())
+        if fingerprint != self._fingerprint:
+            self._version, self._fingerprint = self._version + 1, fingerprint
+        return self._version
 
     async def served_model(self) -> ServedModel:
         """The served model's limits as the workers' engines computed them (after `start`)."""

@@ -35,7 +35,7 @@ class GatewayConfig:
     keep_alive_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
-    max_header_bytes: int = 16 * 1024  # h11's own default, set explicitly
+    max_header_bytes: int = 16 * 1024  # a request line and headers (gateway/http_server.py enforces it)
 
     @property
     def max_prompt_chars(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import orjson
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pdserve.engine.guided_grammar import GuidedDecodingError, check_guided
@@ -115,8 +116,9 @@ def usage(prompt_tokens: int, completion: int, cached: int, from_redis: int = 0)
 
 
 def sse(obj: Any) -> bytes:
-    """One server-sent event carrying `obj` as JSON."""
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    """One server-sent event carrying `obj` as JSON (orjson: UTF-8 out, no escaping, one call
+    for what `json.dumps` and `str.encode` took per streamed chunk)."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 class OpenAIServing:

@@ -9,12 +9,12 @@ item when the template opened ERNIE's thinking section), or, streamed, its event
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import orjson
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pdserve.gateway.errors import APIError
@@ -161,7 +161,7 @@ class ResponseEvents:
 
 def sse_event(event: dict[str, Any]) -> bytes:
     """One server-sent event named by its type, as the Responses API sends them."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+    return f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n"
 
 
 # The chat body's fields that a Responses body names otherwise (most specific first).

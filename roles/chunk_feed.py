@@ -55,9 +55,17 @@ class ChunkOutbox:
         self._pending.append(chunk)
         self._ready.set()
 
-    async def take(self) -> list[TokenChunk]:
-        """Every chunk put since the last take (waits for at least one)."""
-        await self._ready.wait()
+    async def take(self, timeout_s: float | None = None) -> list[TokenChunk]:
+        """Every chunk put since the last take (waits for at least one, or `timeout_s`: then [])."""
+        # A timer that sets the event, not `wait_for`: that would make a task per engine step.
+        timer = (
+            None if timeout_s is None else asyncio.get_running_loop().call_later(timeout_s, self._ready.set)
+        )
+        try:
+            await self._ready.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._ready.clear()
         batch, self._pending = self._pending, []
         return batch
@@ -92,9 +100,11 @@ class ChunkFeed:
     def __init__(
         self, handle: object, subscriber: str, on_close: Callable[[ChunkFeed], None],
         on_batch: Callable[[int], None] | None = None, open_link: OpenLink | None = None,
+        on_cache_events: Callable[[object], None] | None = None,
     ) -> None:  # fmt: skip
         self.subscriber = subscriber
         self._on_batch = on_batch  # told each batch's size (the router's metrics)
+        self._on_cache_events = on_cache_events  # told the worker's prefix-cache changes (the index)
         self._queues: dict[str, asyncio.Queue[TokenChunk | BaseException]] = {}
         self._on_close = on_close
         self.error: BaseException | None = None  # set once the feed ended
@@ -149,6 +159,11 @@ class ChunkFeed:
         link = await asyncio.shield(self._link)
         return await link.start(request_id, prompt_token_ids, params)
 
+    async def resync(self) -> None:
+        """Asks the worker for a full snapshot of its prefix cache (the router's index lost it)."""
+        link = await asyncio.shield(self._link)
+        await link.resync()
+
     async def _run(self, handle: object, open_link: OpenLink) -> None:
         error: BaseException = FeedClosed(f"the chunk feed {self.subscriber} ended")
         link: Link | None = None
@@ -156,6 +171,10 @@ class ChunkFeed:
             link = await open_link(handle, self.subscriber)
             self._link.set_result(link)
             async for batch in link.batches():
+                if isinstance(batch, feed_link.CacheEvents):
+                    if self._on_cache_events is not None:
+                        self._on_cache_events(batch.batch)
+                    continue
                 if self._on_batch is not None:
                     self._on_batch(len(batch))
                 for chunk in batch:
@@ -184,13 +203,15 @@ class ChunkFeeds:
 
     `on_batch(n)` hears of each batch of n chunks, `on_count(k)` of the number of open feeds;
     `open_link` opens a worker's link (default: its `feed_address` over Ray, then TCP; tests
-    script it)."""
+    script it). `on_cache_events(batch)`, when set (the router's `ClusterView`), hears every
+    worker's prefix-cache changes (`roles.cache_events.CacheEventBatch`, a snapshot first)."""
 
     def __init__(
         self, on_batch: Callable[[int], None] | None = None, on_count: Callable[[int], None] | None = None,
         open_link: OpenLink | None = None,
     ) -> None:  # fmt: skip
         self._on_batch, self._on_count, self._open_link = on_batch, on_count, open_link
+        self.on_cache_events: Callable[[object], None] | None = None
         self._feeds: dict[tuple[str, str], ChunkFeed] = {}
         self._router = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
@@ -205,7 +226,12 @@ class ChunkFeeds:
             # what nobody reads any more) never meets the next feed's requests.
             subscriber = f"router-{self._router}-{next(self._counter)}"
             feed = self._feeds[key] = ChunkFeed(
-                handle, subscriber, lambda f, k=key: self._forget(k, f), self._on_batch, self._open_link
+                handle,
+                subscriber,
+                lambda f, k=key: self._forget(k, f),
+                self._on_batch,
+                self._open_link,
+                self.on_cache_events,
             )
             self._counted()
         return feed
@@ -219,6 +245,10 @@ class ChunkFeeds:
         if self._on_count is not None:
             self._on_count(len(self._feeds))
 
+    def open_feeds(self) -> list[ChunkFeed]:
+        """The feeds open now."""
+        return [feed for feed in self._feeds.values() if not feed.closed]
+
     async def stop(self) -> None:
         """Closes every feed (the router is stopping)."""
         for feed in list(self._feeds.values()):
@@ -230,7 +260,9 @@ class Link(Protocol):
 
     async def start(self, request_id: str, prompt_token_ids: list[int], params: object) -> Started: ...
 
-    def batches(self) -> AsyncIterator[list[TokenChunk]]: ...
+    def batches(self) -> AsyncIterator[list[TokenChunk] | feed_link.CacheEvents]: ...
+
+    async def resync(self) -> None: ...
 
     def close(self) -> None: ...
 

@@ -12,6 +12,10 @@ must send the token first, so only those who can call the actor (who can already
 can connect. Frames are a 4-byte length and a pickle (`TokenChunk`, `SamplingParams`, errors:
 the same objects Ray would pickle).
 
+The link also carries the worker's prefix-cache changes to the router's index (`CacheEvents`: a
+full snapshot first, then what changed), so the router never polls workers for them; a router
+whose index lost its entries asks for a fresh snapshot (`Resync`).
+
 Torch-free: the router imports it.
 """
 
@@ -75,6 +79,19 @@ class Batch:
     chunks: list
 
 
+@dataclass(frozen=True)
+class CacheEvents:
+    """The worker's prefix-cache changes since the last `CacheEvents` on this link, or a snapshot
+    (a `roles.cache_events.CacheEventBatch`, pickled: this module stays torch-free)."""
+
+    batch: Any
+
+
+@dataclass(frozen=True)
+class Resync:
+    """A router's request for a full snapshot of the worker's prefix cache (its index lost entries)."""
+
+
 async def write_frame(writer: asyncio.StreamWriter, obj: object) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     writer.write(len(data).to_bytes(_HEADER, "big") + data)
@@ -115,15 +132,15 @@ class WorkerLink:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
 
-    async def calls(self) -> AsyncIterator[StartCall]:
-        """The router's start calls, until it closes the link."""
+    async def calls(self) -> AsyncIterator[StartCall | Resync]:
+        """The router's start calls and resync requests, until it closes the link."""
         while True:
             call = await read_frame(self._reader)
-            if not isinstance(call, StartCall):
+            if not isinstance(call, (StartCall, Resync)):
                 raise LinkClosed(f"unexpected frame {type(call).__name__} on a feed link")
             yield call
 
-    async def send(self, frame: Batch | Reply) -> None:
+    async def send(self, frame: Batch | CacheEvents | Reply) -> None:
         if isinstance(frame, Reply) and frame.error is not None:
             frame = Reply(frame.call_id, error=_picklable(frame.error))
         await write_frame(self._writer, frame)
@@ -185,13 +202,20 @@ class RouterLink:
         finally:
             self._pending.pop(call_id, None)
 
-    async def batches(self) -> AsyncIterator[list]:
-        """The worker's batches (answering start calls on the way) until the link ends."""
+    async def resync(self) -> None:
+        """Asks the worker for a full snapshot of its prefix cache (it comes as `CacheEvents`)."""
+        await write_frame(self._writer, Resync())
+
+    async def batches(self) -> AsyncIterator[list | CacheEvents]:
+        """The worker's batches and cache events (answering start calls on the way) until the
+        link ends."""
         try:
             while True:
                 frame = await read_frame(self._reader)
                 if isinstance(frame, Batch):
                     yield frame.chunks
+                elif isinstance(frame, CacheEvents):
+                    yield frame
                 elif isinstance(frame, Reply):
                     future = self._pending.get(frame.call_id)
                     if future is not None and not future.done():

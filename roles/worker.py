@@ -8,7 +8,8 @@
 
 The tokens of requests started by `generate` and `decode` reach their router on its chunk feed
 (a link, `roles.feed_link`, opened at `feed_address`; see `roles.chunk_feed`): one batch per
-engine step for all of them.
+engine step for all of them. The same link carries the worker's prefix-cache changes to the
+router's index (a snapshot first, then what changed).
 
 `set_role` switches role without reloading weights once the old role's work has drained.
 """
@@ -32,13 +33,26 @@ from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.chunk_feed import ChunkOutbox
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.errors import RoleError
-from pdserve.roles.feed_link import Batch, FeedAddress, FeedServer, Reply, StartCall, WorkerLink
+from pdserve.roles.feed_link import (
+    Batch,
+    CacheEvents,
+    FeedAddress,
+    FeedServer,
+    Reply,
+    Resync,
+    StartCall,
+    WorkerLink,
+)
 from pdserve.roles.kv_transfer import Channel, Endpoint, make_transport, transfer_tag
 from pdserve.roles.messages import ROLES, Handoff, PrefillResult, RoleSwitch, Started, TokenChunk, WorkerLoad
 from pdserve.roles.metrics import WorkerMetrics
 from pdserve.roles.process_usage import ProcessUsage
 
 log = logging.getLogger(__name__)
+
+# How soon a feed link carries prefix-cache changes made while none of its requests stepped (a
+# prefill worker's, say); with requests stepping, they go with the step's batch.
+CACHE_EVENTS_EVERY_S = 0.1
 
 
 @dataclass
@@ -254,13 +268,17 @@ class Worker:
 
     async def _serve_feed(self, subscriber: str, link: WorkerLink) -> None:
         """One router's link: its start calls in, every chunk its requests make out, a batch per
-        engine step. When the link ends, what the router still ran here is aborted (nobody would
-        read it)."""
+        engine step, and this worker's prefix-cache changes. When the link ends, what the router
+        still ran here is aborted (nobody would read it)."""
         outbox = self._feeds.setdefault(subscriber, ChunkOutbox())
-        sender = asyncio.get_running_loop().create_task(_send_batches(outbox, link))
+        cursor = _CacheCursor()
+        sender = asyncio.get_running_loop().create_task(self._send_batches(outbox, link, cursor))
         starts: set[asyncio.Task] = set()
         try:
             async for call in link.calls():
+                if isinstance(call, Resync):
+                    cursor.seq = None
+                    continue
                 task = asyncio.get_running_loop().create_task(self._answer(call, subscriber, link))
                 starts.add(task)
                 task.add_done_callback(starts.discard)
@@ -276,6 +294,25 @@ class Worker:
                 for request_id in orphans:
                     self._loop.close_stream(request_id)
                 await self._loop.call(lambda e: [e.abort(r) for r in orphans])
+
+    async def _send_batches(self, outbox: ChunkOutbox, link: WorkerLink, cursor: _CacheCursor) -> None:
+        """The link's outgoing side: each step's chunks as one batch, and the cache changes since
+        the last ones sent (checked after each batch, and every CACHE_EVENTS_EVERY_S)."""
+        with contextlib.suppress(ConnectionError):
+            while True:
+                chunks = await outbox.take(CACHE_EVENTS_EVERY_S)
+                if chunks:
+                    await link.send(Batch(chunks))
+                events = await self._cache_events_after(cursor.seq)
+                if events is not None:
+                    cursor.seq = events.seq
+                    await link.send(CacheEvents(events))
+
+    async def _cache_events_after(self, seq: int | None) -> CacheEventBatch | None:
+        """The prefix-cache changes after `seq` (None: a snapshot); None when there are none."""
+        if seq is not None and seq == self._cache_events.seq:
+            return None
+        return await self.cache_events(-1 if seq is None else seq)
 
     async def _answer(self, call: StartCall, subscriber: str, link: WorkerLink) -> None:
         try:
@@ -517,10 +554,11 @@ def _moved_chunk(request_id: str, handoff: Handoff) -> TokenChunk:
     return TokenChunk(request_id, [], "", False, None, None, 0, 0, moved=handoff)
 
 
-async def _send_batches(outbox: ChunkOutbox, link: WorkerLink) -> None:
-    with contextlib.suppress(ConnectionError):
-        while True:
-            await link.send(Batch(await outbox.take()))
+@dataclass
+class _CacheCursor:
+    """The last prefix-cache change one feed link carried (None: it needs a snapshot next)."""
+
+    seq: int | None = None
 
 
 def _node_address() -> str:

@@ -28,7 +28,9 @@ class RouterConfig:
     cluster: str = "pdserve"
     index_ttl_s: int = 30  # Redis index entries outlive a dead router this long at most
     max_in_flight: int = 1024
-    view_interval_s: float = 0.1
+    # The longest the cluster view waits for news of the workers (it hears of changes at once;
+    # this paces the latencies it reports to the role planner).
+    view_interval_s: float = 0.5
     metrics_timeout_s: float = 2.0  # per worker in `Metrics`: a stuck worker must not stall a scrape
     # When set, every call but the health service's must carry `authorization: Bearer KEY` (router/auth.py).
     api_key: str | None = field(default=None, repr=False)

@@ -84,7 +84,27 @@ class ChunkQueue:
             self._items.append(item)
         self._ready.set()
 
-    async def get(self) -> object:
+    async def get(self, timeout_s: float | None = None) -> object:
+        """The next item; asyncio.TimeoutError when none came within `timeout_s` (None: no limit).
+
+        A timer on the event, not `asyncio.wait_for`: that makes a task per chunk."""
+        if not self._items and timeout_s is not None:
+            expired = False
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                self._ready.set()
+
+            timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+            try:
+                while not self._items and not expired:
+                    self._ready.clear()
+                    await self._ready.wait()
+            finally:
+                timer.cancel()
+            if not self._items:
+                raise asyncio.TimeoutError
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
@@ -259,7 +279,7 @@ class RouterService(pdserve_pb2_grpc.RouterServicer):
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
+                    item = await queue.get(timeout)
                 except asyncio.TimeoutError:
                     outcome = "deadline"
                     await context.abort(
@@ -590,6 +610,7 @@ async def start_router(controller, config: RouterConfig) -> Router:
         context_cache,
     )
     runner = RequestRunner(placement, config.runner, metrics)
+    view.watch_cache(runner.feeds)  # every worker's cache changes come on its feed link
     slo = SLO(ttft_ms=config.slo_ttft_ms, itl_ms=config.slo_itl_ms)
     service = RouterService(runner, view, metrics, config, served, slo, context_cache)
     view.signals = lambda: service.latencies.signals(runner.waiting_for_room)  # for the role planner

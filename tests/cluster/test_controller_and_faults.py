@@ -106,6 +106,34 @@ def test_controller_reports_workers_roles_and_load(ray_session, controller):
     assert [w.slot for w in ray_session.get(controller.workers.remote("decode"))] == ["decode-0", "decode-1"]
 
 
+def test_workers_changed_answers_with_news_and_only_then(ray_session, controller):
+    """A router's long poll: a stale version is answered at once; a drain is news at once
+    (before the next heartbeat would be due at a poll's pace); every answer moves the version."""
+
+    async def run():
+        start = time.monotonic()
+        listing = await controller.workers_changed.remote(-1, 30.0)
+        stale_s = time.monotonic() - start
+        target = next(w for w in listing.workers if w.slot == "decode-1")
+        await controller.drain.remote(target.worker_id, True)
+        start, versions = time.monotonic(), [listing.version]
+        try:
+            while True:
+                listing = await controller.workers_changed.remote(listing.version, 30.0)
+                versions.append(listing.version)
+                now = next(w for w in listing.workers if w.worker_id == target.worker_id)
+                if now.load.drained:
+                    break
+            news_s = time.monotonic() - start
+        finally:
+            await controller.drain.remote(target.worker_id, False)
+        return stale_s, news_s, versions
+
+    stale_s, news_s, versions = asyncio.run(run())
+    assert stale_s < 1.0 and news_s < 1.0, (stale_s, news_s)
+    assert versions == sorted(set(versions))  # each answer is a newer version
+
+
 @pytest.mark.parametrize(
     "params",
     [

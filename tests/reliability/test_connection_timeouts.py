@@ -73,3 +73,41 @@ def test_an_idle_connection_is_closed_after_its_response_and_the_server_keeps_se
         assert status == 200 and body["data"][0]["id"] == "tiny"
         assert 0.9 <= waited < 10, waited
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 200
+
+
+def status_of(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+def test_headers_over_the_size_limit_are_refused_and_the_connection_closed(stack):
+    """`max_header_bytes` holds on the httptools parser: headers that arrive whole over the limit,
+    and a header that never ends, get a 400 and a closed connection; headers under it are served."""
+    with gateway(stack, **DEADLINES, max_header_bytes=4096) as url:
+        answers = []
+        for head in (
+            b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Pad: " + b"a" * 6000 + b"\r\n\r\n",
+        ):
+            sock = connect(url)
+            sock.sendall(head)
+            if b"a" * 6000 not in head:
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            answers.append(read_until_closed(sock))
+            sock.close()
+        sock = connect(url)
+        start = time.monotonic()
+        try:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Endless: ")
+            for _ in range(64):  # a header value that never ends, 1 KiB at a time
+                sock.sendall(b"b" * 1024)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            endless = read_until_closed(sock)
+        except ConnectionResetError:  # closed with our bytes unread: the 400 may be lost to the reset
+            endless = b"HTTP/1.1 400 (reset)"
+        closed_s = time.monotonic() - start
+        sock.close()
+    assert status_of(answers[0]) == 200 and answers[0].count(b"HTTP/1.1 200") == 2
+    assert status_of(answers[1]) == 400 and b"HTTP/1.1 200" not in answers[1]
+    assert status_of(endless) == 400 and closed_s < 0.9  # closed long before the header deadline

@@ -243,6 +243,47 @@ def test_a_closed_feed_aborts_what_it_still_runs(ray_session, workers):
     assert load.num_running == 0 and load.kv_blocks_free == BLOCKS
 
 
+def test_the_feed_link_carries_the_workers_cache_changes(ray_session, workers):
+    """A router's index is fed on its link: a snapshot at once, then the blocks a request stored,
+    and a fresh snapshot when the router asks (its index lost entries); each agrees with the
+    worker's own log read over Ray."""
+    both = workers["both"]
+    prompt = prompts_of([17], seed=71)[0]
+
+    async def until(received, done):
+        for _ in range(200):
+            if done(received):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"cache events never arrived: {received}")
+
+    async def run():
+        feeds, received = ChunkFeeds(), []
+        feeds.on_cache_events = received.append
+        feed = feeds.of(both.worker_id, both.handle)
+        await until(received, lambda r: r)
+        first = received[0]
+        before = await both.handle.cache_events.remote(-1)
+        await colocated(both, "cached-now", prompt, SamplingParams(max_tokens=3), feeds)
+        after = await both.handle.cache_events.remote(-1)
+        await until(received, lambda r: r[-1].seq >= after.seq)
+        changes = received[1:]
+        seen = len(received)
+        await feed.resync()
+        await until(received, lambda r: len(r) > seen and r[-1].snapshot is not None)
+        again = received[-1]
+        await feeds.stop()
+        return first, before, changes, after, again
+
+    first, before, changes, after, again = asyncio.run(run())
+    assert first.snapshot is not None and set(first.snapshot) == set(before.snapshot)
+    new = set(after.snapshot) - set(before.snapshot)
+    assert len(new) >= len(prompt) // 4  # every full block of the prompt, stored
+    assert all(c.snapshot is None for c in changes)
+    assert new <= {h for c in changes for h in c.stored}
+    assert set(again.snapshot) == set(after.snapshot) and again.seq >= after.seq
+
+
 def test_set_role_switches_without_reloading(ray_session, moe_checkpoint, reference):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompt = prompts_of([8], seed=8)[0]

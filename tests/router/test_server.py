@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.cluster.controller import ControllerConfig, WorkerList, start_controller
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.engine.served_model import ServedModel
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
@@ -296,6 +296,10 @@ def test_no_live_worker_is_unavailable(ray_session, moe_checkpoint):
 
         async def workers(self, role=None):
             return []
+
+        async def workers_changed(self, version, wait_s):
+            await asyncio.sleep(wait_s)
+            return WorkerList(0, [])
 
         async def served_model(self):
             return self.served
