@@ -263,9 +263,19 @@ def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkp
         body = {"prompt": "def f(a, b):", "max_tokens": 6, "ignore_eos": True, "temperature": 0}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
-        lines = run("status", "--state-dir", str(state)).stdout.splitlines()
-        for worker in ("prefill-0", "decode-0"):
-            at = next(i for i, ln in enumerate(lines) if ln.startswith(worker))
+        # `status` shows the last load reports: one taken before the request's blocks were freed
+        # may still count them, so wait (bounded) for reports that show every block free again.
+        deadline = time.monotonic() + 20
+        while True:
+            lines = run("status", "--state-dir", str(state)).stdout.splitlines()
+            rows = {
+                w: next(i for i, ln in enumerate(lines) if ln.startswith(w))
+                for w in ("prefill-0", "decode-0")
+            }
+            if all(lines[at].split()[5] == "0/64" for at in rows.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for at in rows.values():
             assert lines[at].split()[5] == "0/64"  # two ranks' 32 blocks, summed
             assert [ln.split()[:2] for ln in lines[at + 1 : at + 3]] == [["rank", "0"], ["rank", "1"]]
             assert all(ln.split()[6] == "0/32" for ln in lines[at + 1 : at + 3])
