@@ -280,9 +280,14 @@ def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkp
             assert [ln.split()[:2] for ln in lines[at + 1 : at + 3]] == [["rank", "0"], ["rank", "1"]]
             assert all(ln.split()[6] == "0/32" for ln in lines[at + 1 : at + 3])
         pids = [int(ln.split()[3]) for ln in lines if ln.strip().startswith("rank ")]
-        overview = httpx.get(f"http://127.0.0.1:{port}/admin/overview", timeout=10).json()
+        deadline = time.monotonic() + 20  # the overview, too, shows the last load reports
+        while True:
+            overview = httpx.get(f"http://127.0.0.1:{port}/admin/overview", timeout=10).json()
+            decode = next(w for w in overview["workers"] if w["role"] == "decode")
+            if all(r["expert_tokens"] > 0 for r in decode["ranks"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert overview["settings"]["expert_parallel"]["size"] == 2
-        decode = next(w for w in overview["workers"] if w["role"] == "decode")
         assert [r["rank"] for r in decode["ranks"]] == [0, 1]
         assert all(r["expert_tokens"] > 0 for r in decode["ranks"])  # both ranks' experts ran
         assert run("down", "--state-dir", str(state)).returncode == 0
