@@ -22,34 +22,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_busy_process_gets_its_quota_and_no_more():
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        with CpuQuotas(0.2) as quotas:
-            quotas.limit("busy", busy.pid)
-            start, t0 = cpu_seconds(busy.pid), time.monotonic()
-            time.sleep(2.0)
-            share = (cpu_seconds(busy.pid) - start) / (time.monotonic() - t0)
-            assert share <= 0.2 * 1.25  # an unlimited busy loop takes a whole core
-            assert quotas.throttled_s("busy") > 0.5  # it spent most of the time waiting for quota
-            groups = list(quotas._made.values())
-        assert groups and not any(g.exists() for g in groups)
-    finally:
-        busy.kill()
-        busy.wait()
+@pytest.fixture
+def busy():
+    """A process spinning on one core."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield proc
+    proc.kill()
+    proc.wait()
 
 
-def test_a_favored_process_is_not_capped():
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        with CpuQuotas(0.2) as quotas:
-            quotas.favor("load", busy.pid)
-            start, t0 = cpu_seconds(busy.pid), time.monotonic()
-            time.sleep(1.0)
-            assert (cpu_seconds(busy.pid) - start) / (time.monotonic() - t0) > 0.4
-    finally:
-        busy.kill()
-        busy.wait()
+def cpu_share(pid: int, seconds: float) -> float:
+    """The share of a core `pid` used over the next `seconds`."""
+    start, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - start) / (time.monotonic() - t0)
+
+
+def test_a_busy_process_gets_its_quota_and_no_more(busy):
+    with CpuQuotas(0.2) as quotas:
+        quotas.limit("busy", busy.pid)
+        assert cpu_share(busy.pid, 2.0) <= 0.2 * 1.25  # an unlimited busy loop takes a whole core
+        assert quotas.throttled_s("busy") > 0.5  # it spent most of the time waiting for quota
+        groups = list(quotas._made.values())
+    assert groups and not any(g.exists() for g in groups)
+
+
+def test_a_favored_process_is_not_capped(busy):
+    with CpuQuotas(0.2) as quotas:
+        quotas.favor("load", busy.pid)
+        assert cpu_share(busy.pid, 1.0) > 0.4
 
 
 def test_a_quota_beyond_the_machine_is_refused():
