@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from pdserve.cluster.expert_parallel_workers import ExpertParallelWorkers
 from pdserve.cluster.load_pressure import RouterSignals
 from pdserve.cluster.operator_actions import (
     ActionRefused,
@@ -32,6 +33,7 @@ from pdserve.cluster.operator_actions import (
 from pdserve.cluster.planner import DecisionRecord, RolePlannerConfig
 from pdserve.cluster.role_switching import PlannerState, RoleSwitcher, SwitchRecord, SwitchRefused
 from pdserve.engine import EngineConfig
+from pdserve.engine.expert_parallel.config import ExpertParallelConfig
 from pdserve.engine.served_model import ServedModel
 from pdserve.roles.handoff import WorkerRef
 from pdserve.roles.kv_transfer import Endpoint
@@ -65,6 +67,9 @@ class ControllerConfig:
     kv_host: str | None = "127.0.0.1"
     # The role planner's settings (cluster/planner.py); the controller runs it (role_switching.py).
     role_planner: RolePlannerConfig = field(default_factory=RolePlannerConfig)
+    # The roles whose slots run `engine.expert_parallel` as groups; the others' workers are plain
+    # engines. A slot keeps its kind through role switches and restarts (expert_parallel_workers.py).
+    expert_parallel_roles: tuple[str, ...] = ROLES
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -76,6 +81,18 @@ class ControllerConfig:
             raise ValueError("prefill and decode workers come together; use --both N for colocated serving")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
+        # Checks the roles (a typo named); frozen, so a YAML list reads as a tuple.
+        self.expert_parallel_roles = self.slot_kinds().roles
+
+    def slot_kinds(self) -> ExpertParallelWorkers:
+        """Which slots run `engine.expert_parallel` as a group."""
+        return ExpertParallelWorkers(self.engine.expert_parallel, self.expert_parallel_roles)
+
+    def slot_engine(self, slot_role: str) -> EngineConfig:
+        """The engine of a slot started in `slot_role`: the group's, or a plain one."""
+        if self.slot_kinds().runs_group(slot_role):
+            return self.engine
+        return replace(self.engine, expert_parallel=ExpertParallelConfig())
 
 
 @dataclass
@@ -122,11 +139,14 @@ class Controller:
         self._planner: asyncio.Task | None = None
         self.events = EventLog()  # deaths, restarts, drains, operator actions (operator_actions.py)
         self._version, self._fingerprint = 0, ()  # of the live workers, for `workers_changed`
+        self._slot_engines: dict[str, EngineConfig] = {}  # what each slot's worker hosts (see start)
 
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
         if not self._started:
             slots = [(f"{role}-{i}", role) for role in ROLES for i in range(getattr(self.config, role))]
+            # By the role a slot starts in, kept through switches and restarts.
+            self._slot_engines = {slot: self.config.slot_engine(role) for slot, role in slots}
             infos = await asyncio.gather(*(self._launch(slot, role, 0) for slot, role in slots))
             self._workers = {info.slot: info for info in infos}
             self._started = True
@@ -247,7 +267,7 @@ class Controller:
             "model": served,
             "device": self.config.engine.device,
             "workers": {role: getattr(self.config, role) for role in ROLES},
-            "expert_parallel": asdict(self.config.engine.expert_parallel),
+            "expert_parallel": self.config.slot_kinds().as_mapping(),
             "role_planner": asdict(self.config.role_planner),
             "restart_dead": self.config.restart_dead,
         }
@@ -307,7 +327,7 @@ class Controller:
     async def _launch(self, slot: str, role: str, restarts: int) -> WorkerInfo:
         worker_id = slot if restarts == 0 else f"{slot}.r{restarts}"
         handle = start_worker(
-            worker_id, self.config.engine, role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus,
+            worker_id, self._slot_engines[slot], role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus,
             host=self.config.kv_host,
         )  # fmt: skip
         self._starting[worker_id] = handle

@@ -39,6 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pdserve.cluster.expert_parallel_workers import ExpertParallelWorkers
 from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.engine.context_cache_config import ContextCacheConfig
 from pdserve.engine.expert_parallel.config import ExpertParallelConfig
@@ -74,22 +75,35 @@ Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
-def settings_group(cls: type[T], value: Any) -> T:
+def settings_group(cls: type[T], value: Any, extra_keys: tuple[str, ...] = ()) -> T:
     """A mapping-valued setting read into its owner's frozen dataclass `cls`, which checks the values.
 
     Keys are checked here, so an unknown one is named with a suggestion; a partial mapping keeps
-    the owner's defaults for the keys it leaves out. Raises ValueError (without the setting's name,
-    which the caller adds: the schema adds the key and its source).
+    the owner's defaults for the keys it leaves out. `extra_keys`: keys of the setting that the
+    caller took out of `value` before (named in the suggestions too). Raises ValueError (without
+    the setting's name, which the caller adds: the schema adds the key and its source).
     """
     if isinstance(value, cls):
         return value
-    keys = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    keys = [f.name for f in dataclasses.fields(cls)] + list(extra_keys)  # type: ignore[arg-type]
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object (a mapping in YAML) of {', '.join(keys)}, got {value!r}")
     for key in value:
         if key not in keys:
             raise ValueError(f"unknown key {key!r}{_suggest(str(key), keys)}; keys are {', '.join(keys)}")
     return cls(**value)  # its __post_init__ raises ValueError naming the key
+
+
+def expert_parallel_setting(value: Any) -> ExpertParallelWorkers:
+    """The `expert_parallel` mapping: `roles` says which slots run groups, the other keys are the
+    group's own (`ExpertParallelConfig`). Raises ValueError naming the key."""
+    if isinstance(value, ExpertParallelWorkers):
+        return value
+    if isinstance(value, dict) and "roles" in value:
+        rest = {key: v for key, v in value.items() if key != "roles"}
+        group = settings_group(ExpertParallelConfig, rest, extra_keys=("roles",))
+        return ExpertParallelWorkers(group, value["roles"])
+    return ExpertParallelWorkers(settings_group(ExpertParallelConfig, value, extra_keys=("roles",)))
 
 
 def _settings_group(cls: type) -> Any:
@@ -227,12 +241,15 @@ class ClusterConfig(BaseModel):
         + ', e.g. {"redis_url": "redis://127.0.0.1:6379", "max_bytes": 4294967296}; off without redis_url',
     )
 
-    expert_parallel: _settings_group(ExpertParallelConfig) = Field(  # type: ignore[valid-type]
-        default_factory=ExpertParallelConfig,
-        description="run each worker as an expert-parallel group of `size` rank processes (one MoE replica, "
+    expert_parallel: Annotated[  # type: ignore[valid-type]
+        InstanceOf[ExpertParallelWorkers], BeforeValidator(expert_parallel_setting)
+    ] = Field(
+        default_factory=ExpertParallelWorkers,
+        description="run workers as expert-parallel groups of `size` rank processes (one MoE replica, "
         "the routed experts split over the ranks, the worker's threads shared among them); keys "
         + ", ".join(f.name for f in dataclasses.fields(ExpertParallelConfig))
-        + ', e.g. {"size": 2, "num_redundant_experts": 2}; size 1: no expert parallelism',
+        + ", and roles: the roles whose workers are groups (all when left out; a group keeps being one "
+        'when it switches role), e.g. {"size": 2, "roles": ["decode"]}; size 1: no expert parallelism',
     )
 
     @field_validator("quantization")
@@ -278,13 +295,7 @@ class ClusterConfig(BaseModel):
                 "both kinds, or set both for colocated workers",
                 {"prefill": self.prefill, "decode": self.decode},
             )
-        if self.expert_parallel.size > 1 and self.device == "cuda":
-            raise PydanticCustomError(
-                "ep_on_gpu",
-                "expert_parallel.size {size} with device cuda: an expert-parallel worker needs a GPU per rank "
-                "and a worker gets one; use device cpu, or expert_parallel.size 1",
-                {"size": self.expert_parallel.size},
-            )
+        self._expert_parallel_fits()
         if self.port == self.router_port:
             raise PydanticCustomError(
                 "same_ports",
@@ -292,6 +303,27 @@ class ClusterConfig(BaseModel):
                 {"port": self.port},
             )
         return self
+
+    def _expert_parallel_fits(self) -> None:
+        size = self.expert_parallel.group.size
+        if size > 1 and self.device == "cuda":
+            raise PydanticCustomError(
+                "ep_on_gpu",
+                "expert_parallel.size {size} with device cuda: an expert-parallel worker needs a GPU per rank "
+                "and a worker gets one; use device cpu, or expert_parallel.size 1",
+                {"size": size},
+            )
+        counts = {role: getattr(self, role) for role in ("prefill", "decode", "both")}
+        if size > 1 and not any(counts[role] for role in self.expert_parallel.roles):
+            raise PydanticCustomError(
+                "ep_no_slots",
+                "expert_parallel.roles {roles} names no role this cluster has workers in ({counts}): "
+                "no worker would be a group; list one of the roles with workers, or leave roles out",
+                {
+                    "roles": list(self.expert_parallel.roles),
+                    "counts": ", ".join(f"{r} {n}" for r, n in counts.items()),
+                },
+            )
 
     @model_validator(mode="after")
     def _default_name(self) -> ClusterConfig:
@@ -448,7 +480,9 @@ def _shown(default: Any) -> str:
     """A default as a user would type it."""
     if default is None:
         return "unset"
-    if dataclasses.is_dataclass(default):
+    if isinstance(default, ExpertParallelWorkers):
+        default = default.as_mapping()
+    elif dataclasses.is_dataclass(default):
         default = dataclasses.asdict(default)
     return json.dumps(default) if isinstance(default, dict) else str(default)
 

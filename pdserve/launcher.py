@@ -46,7 +46,8 @@ class LaunchError(RuntimeError):
 
 
 def engine_config(c: ClusterConfig) -> EngineConfig:
-    """The engine every worker hosts, from the cluster settings."""
+    """The engine every worker hosts, from the cluster settings (the controller drops the
+    expert-parallel group from it for the slots `expert_parallel.roles` leaves plain)."""
     # Every worker gets the same engine, speculation included: roles switch at run time without
     # reloading, and with MTP the layer's KV travels in the handoff, so both sides must have it
     # (a prefill worker feeds it while computing prompts; only decoding guesses).
@@ -56,7 +57,7 @@ def engine_config(c: ClusterConfig) -> EngineConfig:
         num_threads=c.threads or 1,  # several workers share the machine's cores
         cpu_gemm=c.cpu_gemm,
         speculative_config=c.speculative_config, context_cache=c.context_cache, quantization=c.quantization,
-        expert_parallel=c.expert_parallel,
+        expert_parallel=c.expert_parallel.group,
     )  # fmt: skip
 
 
@@ -66,6 +67,7 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
     Each worker's CPU share is set once Ray says what the cluster has (`worker_cpus`)."""
     return ControllerConfig(
         engine_config(c), prefill=c.prefill, decode=c.decode, both=c.both, role_planner=c.role_planner,
+        expert_parallel_roles=c.expert_parallel.roles,
         # Joined to a Ray cluster, workers may be on other machines: each listens on its node's address.
         kv_host=None if c.address else LOOPBACK,
     )  # fmt: skip

@@ -10,8 +10,10 @@ naming it.
 
 It offers what a cluster worker calls on `Engine` (roles/worker.py): requests, the PD hooks
 (`reserve_kv`, `import_kv`, `export_kv`, ...), `stats` summed over the ranks with each rank's line
-kept, `served_model`. The ranks' prefix caches are not reported (`cached_block_hashes` is empty,
-no cache events): a request would go to the least-loaded rank, not the one holding its prefix.
+kept, `served_model`, and the prefix cache of the group: a block is cached when some rank holds
+it (`cached_block_hashes`, and `on_cache_event` hears a block when its first rank stores it and
+when its last rank drops it), and a new request goes to the rank holding the longest prefix of its
+prompt unless that rank is `PREFIX_LOAD_SLACK` requests busier than the least-loaded one.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import concurrent.futures
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+from pdserve.engine.block_hash import hash_blocks
+from pdserve.engine.block_pool import KVCacheEvent
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.expert_parallel.metrics import ExpertParallelMetrics
 from pdserve.engine.expert_parallel.placement import ExpertPlacement, rank_imbalance
@@ -37,19 +42,34 @@ logger = logging.getLogger(__name__)
 
 # How long a rank may take to load its share of the model before the group gives up on it.
 START_TIMEOUT_S = 600.0
+# A rank holding a prompt's prefix gets the request while it holds at most this many requests more
+# than the least-loaded rank. The ranks step together, so a step lasts as long as the busiest
+# rank's batch: a request or two more there costs a few rows, against recomputing a whole prefix;
+# beyond that, a shared system prompt would pile every request on the rank that computed it first.
+PREFIX_LOAD_SLACK = 2
 
 
 class ExpertParallelGroup:
     """N ranks serving one MoE replica (`config.expert_parallel.size`), with `Engine`'s driving API:
     `tokenize`, `add_request`, `abort`, `has_unfinished`, `step`, `tokenizer`, and the PD hooks and
-    stats a cluster worker uses. `name` labels its metrics (a worker passes its id)."""
+    stats a cluster worker uses. `name` labels its metrics (a worker passes its id);
+    `on_cache_event` hears the group's prefix-cache changes, as `Engine`'s does."""
 
-    def __init__(self, config: EngineConfig, host: str = "127.0.0.1", name: str | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        host: str = "127.0.0.1",
+        name: str | None = None,
+        on_cache_event: Callable[[KVCacheEvent], None] | None = None,
+    ) -> None:
         self.config = config
         self.size = config.expert_parallel.size
         store_prefix = f"ep-{uuid.uuid4().hex[:12]}"  # the rendezvous keys of this group alone
         self.name = name or store_prefix
-        self.ranks = RankProcesses(config, store_prefix, host, START_TIMEOUT_S)
+        self.on_cache_event = on_cache_event
+        self._rank_blocks: list[set[int]] = [set() for _ in range(self.size)]  # each rank's cached hashes
+        self._holders: dict[int, int] = {}  # a cached hash -> how many ranks hold it
+        self.ranks = RankProcesses(config, store_prefix, host, START_TIMEOUT_S, self._rank_cache_events)
         self.placement: ExpertPlacement = self.ranks.placements[0]
         self.served_model, self.kv_block_shape, self.kv_dtype = self.ranks.call(0, "facts")
         self._rank_of: dict[str, int] = {}  # requests and reservations, by the rank holding them
@@ -80,8 +100,9 @@ class ExpertParallelGroup:
     def add_request(
         self, request_id: str, ids: list[int], params: SamplingParams, *, prefill_only: bool = False
     ) -> None:
-        """Queues a request on the rank with the fewest unfinished requests."""
-        rank = self._by_load()[0]
+        """Queues a request on the rank holding the longest prefix of it, unless that rank is
+        `PREFIX_LOAD_SLACK` requests busier than the least-loaded one (then by load)."""
+        rank = self._by_prefix_then_load(ids)
         self.ranks.call(rank, "add_request", request_id, ids, params, prefill_only)
         self._rank_of[request_id] = rank
         self._unfinished[rank] = True
@@ -160,8 +181,8 @@ class ExpertParallelGroup:
         return done
 
     def cached_block_hashes(self) -> list[int]:
-        """None reported: the ranks' prefix caches are their own (see the module's docstring)."""
-        return []
+        """Hashes of every block some rank holds in its prefix cache."""
+        return list(self._holders)
 
     def stats(self) -> EngineStats:
         """The ranks' stats summed (see `summed_stats`), each rank's line in `ranks`."""
@@ -213,12 +234,56 @@ class ExpertParallelGroup:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _by_load(self) -> list[int]:
-        """Ranks from the fewest requests held (running, waiting or reserved) to the most."""
+    def _held(self) -> list[int]:
+        """Requests each rank holds (running, waiting or reserved)."""
         load = [0] * self.size
         for rank in self._rank_of.values():
             load[rank] += 1
+        return load
+
+    def _by_load(self) -> list[int]:
+        """Ranks from the fewest requests held to the most."""
+        load = self._held()
         return sorted(range(self.size), key=lambda r: (load[r], r))
+
+    def _by_prefix_then_load(self, ids: Any) -> int:
+        """The rank for a new request of prompt `ids` (see `add_request`)."""
+        load = self._held()
+        if not isinstance(ids, list) or not any(self._rank_blocks):
+            return self._by_load()[0]
+        hashes = hash_blocks(ids, self.config.block_size)
+        cached = [_leading(hashes, blocks) for blocks in self._rank_blocks]
+        near = min(load) + PREFIX_LOAD_SLACK
+        return min(range(self.size), key=lambda r: (load[r] > near, -cached[r], load[r], r))
+
+    def _rank_cache_events(self, rank: int, events: list[KVCacheEvent]) -> None:
+        """Folds one rank's cache changes into the group's: a block is the group's while any rank
+        holds it, so only a first store and a last removal are the group's changes."""
+        blocks, stored, removed = self._rank_blocks[rank], [], []
+        for event in events:
+            for h in event.stored:
+                if h not in blocks:
+                    blocks.add(h)
+                    self._holders[h] = self._holders.get(h, 0) + 1
+                    if self._holders[h] == 1:
+                        stored.append(h)
+            for h in event.removed:
+                if h in blocks:
+                    blocks.discard(h)
+                    self._holders[h] -= 1
+                    if not self._holders[h]:
+                        del self._holders[h]
+                        removed.append(h)
+        if (stored or removed) and self.on_cache_event is not None:
+            self.on_cache_event(KVCacheEvent(stored, removed))
+
+
+def _leading(hashes: list[int], blocks: set[int]) -> int:
+    """How many of a prompt's block hashes, from its first, a rank holds."""
+    n = 0
+    while n < len(hashes) and hashes[n] in blocks:
+        n += 1
+    return n
 
     def _forward(self, request_id: str, method: str, *args, default: Any = None) -> Any:
         """`method(request_id, *args)` on the rank holding the request; `default` if none does."""

@@ -16,9 +16,10 @@ import resource
 import time
 import traceback
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from pdserve.engine.block_pool import KVCacheEvent
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.expert_parallel.collective import RendezvousStore
 from pdserve.engine.expert_parallel.placement import ExpertPlacement
@@ -36,15 +37,24 @@ class GroupFailed(RuntimeError):
 
 
 def _rank_main(config: EngineConfig, ep: ExpertParallelRank, conn) -> None:
-    """A rank process: builds its engine, then runs the owner's commands until told to close."""
+    """A rank process: builds its engine, then runs the owner's commands until told to close.
+
+    Every answer is (status, value, the prefix-cache changes since the last answer), so the
+    owner sees a rank's cache in the order its commands changed it."""
     from pdserve.engine.engine import Engine
 
+    cache_events: list[KVCacheEvent] = []
+
+    def answer(status: str, value: Any) -> None:
+        conn.send((status, value, cache_events[:]))
+        cache_events.clear()
+
     try:
-        engine = Engine(config, expert_parallel_rank=ep)
+        engine = Engine(config, expert_parallel_rank=ep, on_cache_event=cache_events.append)
     except BaseException as e:
-        conn.send(("err", _portable(e)))
+        answer("err", _portable(e))
         return
-    conn.send(("ok", engine.dispatcher.placement))
+    answer("ok", engine.dispatcher.placement)
     commands = _RankCommands(engine)
     while True:
         try:
@@ -52,12 +62,12 @@ def _rank_main(config: EngineConfig, ep: ExpertParallelRank, conn) -> None:
         except EOFError:  # the owner is gone
             return
         if name == "close":
-            conn.send(("ok", None))
+            answer("ok", None)
             return
         try:
-            conn.send(("ok", getattr(commands, name)(*args, **kwargs)))
+            answer("ok", getattr(commands, name)(*args, **kwargs))
         except BaseException as e:
-            conn.send(("err", _portable(e)))
+            answer("err", _portable(e))
 
 
 def _portable(e: BaseException) -> BaseException:
@@ -146,14 +156,23 @@ class RankProcesses:
 
     `call(rank, name, ...)` and `call_all(name, ...)` run a `_RankCommands` method and return its
     result, re-raising a command's own error; any sign of a dead or stuck rank raises
-    `GroupFailed` after killing every rank.
+    `GroupFailed` after killing every rank. `on_cache_events(rank, events)` hears each rank's
+    prefix-cache changes as its answers bring them.
     """
 
-    def __init__(self, config: EngineConfig, store_prefix: str, host: str, start_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        store_prefix: str,
+        host: str,
+        start_timeout_s: float,
+        on_cache_events: Callable[[int, list[KVCacheEvent]], None] | None = None,
+    ) -> None:
         ep = config.expert_parallel
         self.size = ep.size
         self.timeout_s = ep.timeout_s + 30.0  # a collective's own timeout fires first
         self.failure: str | None = None
+        self._on_cache_events = on_cache_events
         self._store = RendezvousStore(store_prefix, host, ep.timeout_s)
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
@@ -205,7 +224,7 @@ class RankProcesses:
     def _gather(self, ranks: Sequence[int], timeout_s: float) -> list:
         """The answers of `ranks`, in order, waiting on all of them at once. Every rank's answer
         is taken before a command's error is raised (the pipes stay in step)."""
-        answers: dict[int, tuple[str, Any]] = {}
+        answers: dict[int, tuple[str, Any, list[KVCacheEvent]]] = {}
         deadline = time.monotonic() + timeout_s
         while len(answers) < len(ranks):
             waiting = [r for r in ranks if r not in answers]
@@ -223,7 +242,11 @@ class RankProcesses:
             if time.monotonic() > deadline:
                 late = [r for r in ranks if r not in answers]
                 self._fail(f"rank {late[0]} did not answer within {timeout_s:.0f} s")
-        errors = [value for status, value in answers.values() if status == "err"]
+        if self._on_cache_events is not None:
+            for rank in ranks:
+                if answers[rank][2]:
+                    self._on_cache_events(rank, answers[rank][2])
+        errors = [value for status, value, _ in answers.values() if status == "err"]
         if errors:
             raise errors[0]
         return [answers[r][1] for r in ranks]

@@ -272,14 +272,21 @@ def test_expert_parallel_settings_reach_every_engine_and_bad_ones_are_named(
     from pdserve.engine.engine import check_model
     from pdserve.engine.expert_parallel.config import ExpertParallelConfig
 
-    assert load_config({}, {}).expert_parallel == ExpertParallelConfig()  # size 1: plain workers
+    assert load_config({}, {}).expert_parallel.group == ExpertParallelConfig()  # size 1: plain workers
     file = write_yaml(tmp_path / "ep.yaml", "expert_parallel:\n  size: 2\n  rebalance_interval_s: 30\n")
     ep = load_config({}, {}, file).expert_parallel
-    assert ep == ExpertParallelConfig(size=2, rebalance_interval_s=30)
+    assert ep.group == ExpertParallelConfig(size=2, rebalance_interval_s=30)
+    assert ep.roles == ("prefill", "decode", "both")  # every worker a group unless roles says which
     config = load_config({}, {"PDSERVE_EXPERT_PARALLEL": '{"size": 2}'})
-    assert launcher.controller_config(config).engine.expert_parallel == ExpertParallelConfig(size=2)
+    controller = launcher.controller_config(config)
+    assert controller.engine.expert_parallel == ExpertParallelConfig(size=2)
+    assert controller.slot_engine("prefill") == controller.slot_engine("decode") == controller.engine
     with pytest.raises(ConfigError, match=r"--expert-parallel: unknown key 'sise' \(did you mean 'size'\?\)"):
         load_config(flags_of(["--expert-parallel", '{"sise": 2}']), {})
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'role' \(did you mean 'roles'\?\); keys are .*, roles"
+    ):
+        load_config(flags_of(["--expert-parallel", '{"size": 2, "role": ["decode"]}']), {})
     with pytest.raises(
         ConfigError, match=r"PDSERVE_EXPERT_PARALLEL: expert_parallel\.size must be an integer"
     ):
@@ -303,6 +310,32 @@ def test_expert_parallel_settings_reach_every_engine_and_bad_ones_are_named(
                 load_config({"model": str(dense_checkpoint), "expert_parallel": '{"size": 2}'}, {})
             )
         )
+
+
+def test_expert_parallel_roles_make_a_mixed_cluster_and_bad_roles_are_named(tmp_path):
+    from pdserve import launcher
+    from pdserve.engine.expert_parallel.config import ExpertParallelConfig
+
+    file = write_yaml(tmp_path / "mixed.yaml", "expert_parallel:\n  size: 2\n  roles: [decode]\n")
+    config = load_config({}, {}, file)
+    assert config.expert_parallel.roles == ("decode",)
+    controller = launcher.controller_config(config)
+    assert controller.expert_parallel_roles == ("decode",)
+    assert controller.slot_engine("decode").expert_parallel == ExpertParallelConfig(size=2)
+    assert controller.slot_engine("prefill").expert_parallel == ExpertParallelConfig()  # a plain engine
+    assert controller.slot_engine("prefill").model == controller.engine.model
+    with pytest.raises(ConfigError, match=r"--expert-parallel: expert_parallel\.roles: unknown role 'decod' "
+                                          r"\(did you mean 'decode'\?\); roles are prefill, decode, both"):  # fmt: skip
+        load_config(flags_of(["--expert-parallel", '{"size": 2, "roles": ["decod"]}']), {})
+    with pytest.raises(ConfigError, match=r"expert_parallel\.roles must be a non-empty list"):
+        load_config(flags_of(["--expert-parallel", '{"size": 2, "roles": "decode"}']), {})
+    with pytest.raises(ConfigError, match=r"expert_parallel\.roles lists a role twice"):
+        load_config(flags_of(["--expert-parallel", '{"size": 2, "roles": ["decode", "decode"]}']), {})
+    with pytest.raises(
+        ConfigError, match=r"expert_parallel\.roles \['decode'\] names no role this cluster has workers in "
+        r"\(prefill 0, decode 0, both 2\)"
+    ):  # fmt: skip
+        load_config(flags_of(["--expert-parallel", '{"size": 2, "roles": ["decode"]}', "--both", "2"]), {})
 
 
 def test_the_gateway_takes_its_limits_from_the_served_model():
