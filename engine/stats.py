@@ -62,6 +62,7 @@ class RankLoad:
     num_running: int
     num_waiting: int
     expert_tokens: int = 0
+    rss_bytes: int = 0  # its process's resident memory (the worker's RSS counts it)
 
 
 @dataclass(kw_only=True)

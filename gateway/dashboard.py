@@ -50,6 +50,7 @@ class RankView(BaseModel):
     running: int
     waiting: int
     expert_tokens: int
+    rss_bytes: int  # the rank process's (the worker's rss_bytes counts it)
 
 
 class WorkerView(BaseModel):
@@ -146,7 +147,7 @@ def _worker(w: pdserve_pb2.WorkerStatus) -> WorkerView:
         spec_mean_accepted_length=s.spec_mean_accepted_length if spec else None, rss_bytes=s.rss_bytes,
         ranks=[RankView(rank=r.rank, kv_blocks_used=r.kv_blocks_total - r.kv_blocks_free,
                         kv_blocks_total=r.kv_blocks_total, running=r.num_running, waiting=r.num_waiting,
-                        expert_tokens=r.expert_tokens) for r in s.ranks],
+                        expert_tokens=r.expert_tokens, rss_bytes=r.rss_bytes) for r in s.ranks],
     )  # fmt: skip
 
 

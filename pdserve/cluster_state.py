@@ -360,10 +360,12 @@ def status(state_dir: Path, name: str | None = None, api_key: str | None = None)
 
 
 def _rank_lines(w) -> list[str]:
-    """An expert-parallel worker's ranks under its line: each one's queues, KV and expert load."""
+    """An expert-parallel worker's ranks under its line: each one's queues, KV, memory (the
+    worker's RSS above counts them) and expert load."""
     return [
         f"  rank {r.rank:<9} {'pid':<8} {r.pid:<5} {r.num_running:>7} {r.num_waiting:>7} "
-        f"{f'{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}':>12}   expert tokens {r.expert_tokens}"
+        f"{f'{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}':>12} {'':>8} {'':>11} {'':>10} "
+        f"{r.rss_bytes / 2**20:>8.0f}   expert tokens {r.expert_tokens}"
         for r in w.ranks
     ]
 

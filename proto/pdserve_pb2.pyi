@@ -192,7 +192,7 @@ class WorkerState(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., alive: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., spec_acceptance_rate: _Optional[float] = ..., spec_mean_accepted_length: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., threads: _Optional[int] = ..., pid: _Optional[int] = ..., context_cache_hit_tokens: _Optional[int] = ..., context_cache_bytes_read: _Optional[int] = ..., context_cache_bytes_written: _Optional[int] = ..., context_cache_available: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ...) -> None: ...
 
 class RankState(_message.Message):
-    __slots__ = ("rank", "pid", "kv_blocks_total", "kv_blocks_free", "num_running", "num_waiting", "expert_tokens")
+    __slots__ = ("rank", "pid", "kv_blocks_total", "kv_blocks_free", "num_running", "num_waiting", "expert_tokens", "rss_bytes")
     RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class RankState(_message.Message):
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     pid: int
     kv_blocks_total: int
@@ -207,7 +208,8 @@ class RankState(_message.Message):
     num_running: int
     num_waiting: int
     expert_tokens: int
-    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., expert_tokens: _Optional[int] = ...) -> None: ...
+    rss_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., expert_tokens: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterStateResponse(_message.Message):
     __slots__ = ("model", "policy", "workers", "index_entries", "index_backend", "index_available", "requests_in_flight", "context_cache")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from pdserve.engine.stats import RankLoad
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,8 @@ class ProcessUsage:
         except OSError:
             return cls()
         return cls(rss_pages * resource.getpagesize(), open_fds, threads, os.getpid())
+
+    def with_ranks(self, ranks: Sequence[RankLoad]) -> ProcessUsage:
+        """This worker's footprint with its expert-parallel ranks' memory added: the ranks are its
+        child processes and hold most of the model (the pid stays the worker's own)."""
+        return replace(self, rss_bytes=self.rss_bytes + sum(r.rss_bytes for r in ranks))

@@ -142,7 +142,7 @@ class Worker:
         loop = await self._engine()
         measured_at = time.time()  # before the engine reads its queues: errs toward "not shown yet"
         stats = await loop.call(lambda e: e.stats())
-        usage = ProcessUsage.of_this_process()
+        usage = ProcessUsage.of_this_process().with_ranks(stats.ranks)
         load = WorkerLoad.from_stats(
             stats,
             worker_id=self.worker_id,

@@ -36,6 +36,7 @@ def worker_state(worker_id: str, role: str, alive: bool, restarts: int, load: Wo
             pdserve_pb2.RankState(
                 rank=r.rank, pid=r.pid, kv_blocks_total=r.kv_blocks_total, kv_blocks_free=r.kv_blocks_free,
                 num_running=r.num_running, num_waiting=r.num_waiting, expert_tokens=r.expert_tokens,
+                rss_bytes=r.rss_bytes,
             )
             for r in load.ranks
         )  # fmt: skip

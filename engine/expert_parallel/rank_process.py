@@ -123,6 +123,7 @@ class _RankCommands:
                 num_running=stats.num_running,
                 num_waiting=stats.num_waiting,
                 expert_tokens=sum(self.dispatcher.stats.layer_rows.values()),
+                rss_bytes=_resident_bytes(),
             )
         ]
         return stats
@@ -258,6 +259,15 @@ class RankProcesses:
                 proc.kill()
         self.close()
         raise GroupFailed(self.failure)
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def _stop(conns, procs, store: RendezvousStore) -> None:

@@ -297,8 +297,8 @@ function renderExperts(o) {
   $("experts").replaceChildren(...groups.map((w) => {
     const top = Math.max(1, ...w.ranks.map((r) => r.expert_tokens));
     return el("div", { "data-group": w.worker_id }, el("b", {}, w.worker_id), " ",
-      ...w.ranks.map((r) => el("span", { class: "rank", title: `rank ${r.rank}: ${r.expert_tokens} expert token slots, ${r.waiting} waiting / ${r.running} running` },
-        ` rank ${r.rank}: ${r.expert_tokens} (${pct(r.expert_tokens / top)} of max), ${r.waiting} / ${r.running}, KV ${r.kv_blocks_used}/${r.kv_blocks_total};`)));
+      ...w.ranks.map((r) => el("span", { class: "rank", title: `rank ${r.rank}: ${r.expert_tokens} expert token slots, ${r.waiting} waiting / ${r.running} running, RSS ${bytes(r.rss_bytes)}` },
+        ` rank ${r.rank}: ${r.expert_tokens} (${pct(r.expert_tokens / top)} of max), ${r.waiting} / ${r.running}, KV ${r.kv_blocks_used}/${r.kv_blocks_total}, RSS ${bytes(r.rss_bytes)};`)));
   }));
 }
 
