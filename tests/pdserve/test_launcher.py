@@ -243,15 +243,17 @@ def test_a_live_name_is_refused_and_a_stale_record_replaced(tmp_path):
     assert [c.pid for c in running(tmp_path)] == [os.getpid()]
 
 
-def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkpoint, tmp_path):
-    """`pdserve up --expert-parallel '{"size": 2}'`: each worker a group of 2 rank processes; a
-    request served through them; `status` and the dashboard list the ranks; `down` leaves none."""
+def test_up_with_expert_parallel_decode_groups_serves_and_shows_their_ranks(moe_checkpoint, tmp_path):
+    """`pdserve up --expert-parallel '{"size": 2, "roles": ["decode"]}'`: a plain prefill worker and
+    a decode group of 2 rank processes; a request served through them; `status` and the dashboard
+    list the ranks and their memory (in the worker's); `down` leaves none."""
     port, router_port = free_port(), free_port()
     state = tmp_path / "state"
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this block: the process writes to it)
     up = subprocess.Popen(
         [*PDSERVE, "up", "--model", str(moe_checkpoint), "--port", str(port), "--router-port", str(router_port),
-         "--kv-cache-blocks", "32", "--expert-parallel", '{"size": 2}', "--state-dir", str(state)],
+         "--kv-cache-blocks", "32", "--expert-parallel", '{"size": 2, "roles": ["decode"]}', "--state-dir",
+         str(state)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
@@ -272,13 +274,20 @@ def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkp
                 w: next(i for i, ln in enumerate(lines) if ln.startswith(w))
                 for w in ("prefill-0", "decode-0")
             }
-            if all(lines[at].split()[5] == "0/64" for at in rows.values()) or time.monotonic() > deadline:
+            used = [lines[at].split()[5] for at in rows.values()]
+            if used == ["0/32", "0/64"] or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        for at in rows.values():
-            assert lines[at].split()[5] == "0/64"  # two ranks' 32 blocks, summed
-            assert [ln.split()[:2] for ln in lines[at + 1 : at + 3]] == [["rank", "0"], ["rank", "1"]]
-            assert all(ln.split()[6] == "0/32" for ln in lines[at + 1 : at + 3])
+        prefill, decode_at = rows["prefill-0"], rows["decode-0"]
+        assert lines[prefill].split()[5] == "0/32" and not lines[prefill + 1].strip().startswith(
+            "rank "
+        )  # plain
+        assert lines[decode_at].split()[5] == "0/64"  # two ranks' 32 blocks, summed
+        rank_lines = [ln.split() for ln in lines[decode_at + 1 : decode_at + 3]]
+        assert [ln[:2] for ln in rank_lines] == [["rank", "0"], ["rank", "1"]]
+        assert all(ln[6] == "0/32" for ln in rank_lines)
+        rank_rss = [int(ln[7]) for ln in rank_lines]  # MiB
+        assert all(rss > 50 for rss in rank_rss) and int(lines[decode_at].split()[9]) > sum(rank_rss)
         pids = [int(ln.split()[3]) for ln in lines if ln.strip().startswith("rank ")]
         deadline = time.monotonic() + 20  # the overview, too, shows the last load reports
         while True:
@@ -288,6 +297,8 @@ def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkp
                 break
             time.sleep(0.5)
         assert overview["settings"]["expert_parallel"]["size"] == 2
+        assert overview["settings"]["expert_parallel"]["roles"] == ["decode"]
+        assert all(r["rss_bytes"] > 50 * 2**20 for r in decode["ranks"])
         assert [r["rank"] for r in decode["ranks"]] == [0, 1]
         assert all(r["expert_tokens"] > 0 for r in decode["ranks"])  # both ranks' experts ran
         assert run("down", "--state-dir", str(state)).returncode == 0
@@ -295,7 +306,7 @@ def test_up_with_expert_parallel_workers_serves_and_shows_their_ranks(moe_checkp
         deadline = time.monotonic() + 30  # the ranks end with their workers
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(pids) == 4 and not any(_alive(pid) for pid in pids)
+        assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
     finally:
         if up.poll() is None:
             up.kill()
