@@ -277,6 +277,13 @@ class ExpertParallelGroup:
         if (stored or removed) and self.on_cache_event is not None:
             self.on_cache_event(KVCacheEvent(stored, removed))
 
+    def _forward(self, request_id: str, method: str, *args, default: Any = None) -> Any:
+        """`method(request_id, *args)` on the rank holding the request; `default` if none does."""
+        rank = self._rank_of.get(request_id)
+        if rank is None:
+            return default
+        return self.ranks.call(rank, "engine_call", method, request_id, *args)
+
 
 def _leading(hashes: list[int], blocks: set[int]) -> int:
     """How many of a prompt's block hashes, from its first, a rank holds."""
@@ -284,10 +291,3 @@ def _leading(hashes: list[int], blocks: set[int]) -> int:
     while n < len(hashes) and hashes[n] in blocks:
         n += 1
     return n
-
-    def _forward(self, request_id: str, method: str, *args, default: Any = None) -> Any:
-        """`method(request_id, *args)` on the rank holding the request; `default` if none does."""
-        rank = self._rank_of.get(request_id)
-        if rank is None:
-            return default
-        return self.ranks.call(rank, "engine_call", method, request_id, *args)
