@@ -540,14 +540,15 @@ def build_engine(
 ) -> Engine | ExpertParallelGroup:
     """The worker's engine: one `Engine`, or with `expert_parallel.size` > 1 a group of that many
     rank processes sharing the worker's threads (each rank gets `num_threads // size`, at least
-    one), named after the worker in its metrics, reporting its ranks' prefix caches as one."""
+    one), named after the worker in its metrics, reporting its ranks' prefix caches as one and
+    its ranks' start-up phases as the worker's."""
     size = config.expert_parallel.size
     if size == 1:
         return Engine(config, on_cache_event=on_cache_event, on_phase=on_phase)
     on_phase(f"starting {size} expert-parallel ranks")
     threads = max(1, (config.num_threads or 1) // size)
     return ExpertParallelGroup(
-        replace(config, num_threads=threads), name=worker_id, on_cache_event=on_cache_event
+        replace(config, num_threads=threads), name=worker_id, on_cache_event=on_cache_event, on_phase=on_phase
     )
 
 

@@ -53,7 +53,8 @@ class ExpertParallelGroup:
     """N ranks serving one MoE replica (`config.expert_parallel.size`), with `Engine`'s driving API:
     `tokenize`, `add_request`, `abort`, `has_unfinished`, `step`, `tokenizer`, and the PD hooks and
     stats a cluster worker uses. `name` labels its metrics (a worker passes its id);
-    `on_cache_event` hears the group's prefix-cache changes, as `Engine`'s does."""
+    `on_cache_event` hears the group's prefix-cache changes, as `Engine`'s does, and `on_phase`
+    what the ranks are doing while they start ("rank 0 loading weights 3/57, rank 1 ...")."""
 
     def __init__(
         self,
@@ -61,6 +62,7 @@ class ExpertParallelGroup:
         host: str = "127.0.0.1",
         name: str | None = None,
         on_cache_event: Callable[[KVCacheEvent], None] | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.size = config.expert_parallel.size
@@ -69,7 +71,16 @@ class ExpertParallelGroup:
         self.on_cache_event = on_cache_event
         self._rank_blocks: list[set[int]] = [set() for _ in range(self.size)]  # each rank's cached hashes
         self._holders: dict[int, int] = {}  # a cached hash -> how many ranks hold it
-        self.ranks = RankProcesses(config, store_prefix, host, START_TIMEOUT_S, self._rank_cache_events)
+        phases = ["starting"] * self.size
+
+        def rank_phase(rank: int, phase: str) -> None:
+            phases[rank] = phase
+            if on_phase is not None:
+                on_phase(", ".join(f"rank {r} {p}" for r, p in enumerate(phases)))
+
+        self.ranks = RankProcesses(
+            config, store_prefix, host, START_TIMEOUT_S, self._rank_cache_events, rank_phase
+        )
         self.placement: ExpertPlacement = self.ranks.placements[0]
         self.served_model, self.kv_block_shape, self.kv_dtype = self.ranks.call(0, "facts")
         self._rank_of: dict[str, int] = {}  # requests and reservations, by the rank holding them

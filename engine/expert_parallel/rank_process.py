@@ -40,7 +40,9 @@ def _rank_main(config: EngineConfig, ep: ExpertParallelRank, conn) -> None:
     """A rank process: builds its engine, then runs the owner's commands until told to close.
 
     Every answer is (status, value, the prefix-cache changes since the last answer), so the
-    owner sees a rank's cache in the order its commands changed it."""
+    owner sees a rank's cache in the order its commands changed it. While the engine is built,
+    ("phase", what it is doing, []) messages come first, for the worker's start-up progress."""
+    conn.send(("phase", "importing the engine", []))
     from pdserve.engine.engine import Engine
 
     cache_events: list[KVCacheEvent] = []
@@ -50,7 +52,12 @@ def _rank_main(config: EngineConfig, ep: ExpertParallelRank, conn) -> None:
         cache_events.clear()
 
     try:
-        engine = Engine(config, expert_parallel_rank=ep, on_cache_event=cache_events.append)
+        engine = Engine(
+            config,
+            expert_parallel_rank=ep,
+            on_cache_event=cache_events.append,
+            on_phase=lambda phase: conn.send(("phase", phase, [])),
+        )
     except BaseException as e:
         answer("err", _portable(e))
         return
@@ -158,7 +165,8 @@ class RankProcesses:
     `call(rank, name, ...)` and `call_all(name, ...)` run a `_RankCommands` method and return its
     result, re-raising a command's own error; any sign of a dead or stuck rank raises
     `GroupFailed` after killing every rank. `on_cache_events(rank, events)` hears each rank's
-    prefix-cache changes as its answers bring them.
+    prefix-cache changes as its answers bring them, `on_phase(rank, phase)` what each rank is doing
+    while it starts.
     """
 
     def __init__(
@@ -168,12 +176,14 @@ class RankProcesses:
         host: str,
         start_timeout_s: float,
         on_cache_events: Callable[[int, list[KVCacheEvent]], None] | None = None,
+        on_phase: Callable[[int, str], None] | None = None,
     ) -> None:
         ep = config.expert_parallel
         self.size = ep.size
         self.timeout_s = ep.timeout_s + 30.0  # a collective's own timeout fires first
         self.failure: str | None = None
         self._on_cache_events = on_cache_events
+        self._on_phase = on_phase
         self._store = RendezvousStore(store_prefix, host, ep.timeout_s)
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
@@ -234,9 +244,13 @@ class RankProcesses:
                 conn = self._conns[rank]
                 if conn in ready:
                     try:
-                        answers[rank] = conn.recv()
+                        message = conn.recv()
                     except (OSError, EOFError) as e:
                         self._fail(f"rank {rank} is gone ({e})")
+                    if message[0] != "phase":
+                        answers[rank] = message
+                    elif self._on_phase is not None:
+                        self._on_phase(rank, message[1])
             for rank in range(self.size):  # any rank's death stops the others' collectives too
                 if not self._procs[rank].is_alive():
                     self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode})")

@@ -1,6 +1,7 @@
 """An expert-parallel group's prefix cache (real rank processes): the ranks' cached blocks are the
 group's, reported as one engine reports its own, and a prompt goes to the rank holding its prefix
-until that rank is PREFIX_LOAD_SLACK requests busier than the least-loaded one."""
+until that rank is PREFIX_LOAD_SLACK requests busier than the least-loaded one. Its ranks' start-up
+phases reach the owner."""
 
 from __future__ import annotations
 
@@ -30,8 +31,22 @@ def test_the_ranks_prefix_caches_are_the_groups_and_a_prompt_follows_its_prefix(
         expert_parallel={"size": 2},
     )  # fmt: skip
     events: list[KVCacheEvent] = []
-    group = ExpertParallelGroup(config, on_cache_event=events.append)
+    phases: list[str] = []
+    group = ExpertParallelGroup(config, on_cache_event=events.append, on_phase=phases.append)
     try:
+        # The ranks' start-up phases reach the owner (the worker's progress line), each rank's
+        # ending with its KV pool.
+        assert phases[0] in (
+            "rank 0 importing the engine, rank 1 starting",
+            "rank 0 starting, rank 1 importing the engine",
+        )
+        assert any("rank 1 loading weights" in p for p in phases) and any(
+            "rank 0 joining" in p for p in phases
+        )
+        assert [p.split(" (")[0] for p in phases[-1].split("), ")] == [
+            "rank 0 allocating KV cache",
+            "rank 1 allocating KV cache",
+        ]
         a, b = prompts_of([41, 41], seed=71)
         group.add_request("a", a, PARAMS)  # both idle: rank 0
         group.add_request("b", b, PARAMS)  # rank 0 holds one: rank 1
