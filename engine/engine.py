@@ -251,6 +251,9 @@ class Engine:
                 self.gemm.parallel,
                 lambda done, total: self._on_phase(f"quantizing weights {done}/{total}"),
             )
+        vocab_slice = ep.vocab_slice(self.model_config.vocab_size) if ep is not None else None
+        if vocab_slice is not None:  # before packing: the head's copies are made of the slice alone
+            model.keep_vocab_slice(vocab_slice.start, vocab_slice.stop)
         model.pack_for_cpu(self.gemm)
         if ep is not None:
             self._on_phase(f"joining expert-parallel group as rank {ep.rank}/{ep.config.size}")

@@ -18,6 +18,8 @@ class ExpertParallelConfig:
     token counts it measured (None: never; the initial copies stay). `backend`: the collective
     ("gloo" on CPUs, "nccl" on GPUs; "auto" picks by device). `timeout_s`: the longest any
     collective may wait for a peer before the rank gives up (a dead peer must not hang the rest).
+    `split_lm_head`: each rank holds 1/size of the LM head's vocabulary rows and the group
+    computes logits together (dispatch.py); false: every rank holds the whole head.
     """
 
     size: int = 1
@@ -25,6 +27,7 @@ class ExpertParallelConfig:
     rebalance_interval_s: float | None = None
     backend: str = "auto"
     timeout_s: float = 60.0
+    split_lm_head: bool = True
 
     def __post_init__(self) -> None:
         size = self.size
@@ -51,6 +54,8 @@ class ExpertParallelConfig:
             or self.timeout_s <= 0
         ):
             raise ValueError(f"expert_parallel.timeout_s must be > 0, got {self.timeout_s!r}")
+        if not isinstance(self.split_lm_head, bool):
+            raise ValueError(f"expert_parallel.split_lm_head must be true or false, got {self.split_lm_head!r}")
 
     @classmethod
     def from_dict(cls, value: dict[str, Any] | ExpertParallelConfig | None) -> ExpertParallelConfig:

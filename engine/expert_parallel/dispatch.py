@@ -9,6 +9,12 @@ which layer each sender is in, so ranks need not be in the same layer, pass or s
 no tokens, or one running an MTP or verification pass the others are not, never deadlocks them.
 The step ends in the first round where every rank has finished.
 
+The LM head is split the same way (`head_logits`): each rank holds a contiguous slice of the
+vocabulary's head rows; a rank computing logits sends its normed rows to every rank in a round
+tagged `HEAD`, each rank multiplies all the rows it got (every sender's at once) by its slice, and
+the sender puts the slices side by side. A logit is the same dot product over the hidden size as
+one engine's, so sampling sees the same logits, and the group reads the head once per step.
+
 Experts return unweighted rows; the sender weighs them and sums a token's k slots in slot order
 (the C kernel's `combine_slots`), so a token's result is the same float for float whichever
 rank ran its experts, and the same as one engine's decode-sized MoE path.
@@ -28,11 +34,15 @@ from pdserve.engine.expert_parallel.placement import ExpertPlacement, base_range
 from pdserve.engine.kernels import moe_cpu
 
 # Header columns: (token, slot) pairs sent to that rank, the sender's layer (-1: finished its
-# step), finished, and distinct token rows sent (a token's slots on one rank share its row).
+# step, HEAD: computing logits), finished, and distinct token rows sent (a token's slots on one
+# rank share its row; in a HEAD round, the sender's normed rows, sent to every rank).
 _SLOTS, _LAYER, _DONE, _ROWS = 0, 1, 2, 3
+FINISHED, HEAD = -1, -2
 
 # (rows [P, H], local slot ids [P]) -> unweighted expert outputs [P, H]
 HeldExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# normed rows [R, H] -> logits of this rank's vocabulary slice [R, slice], fp32
+HeadSliceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,6 +52,8 @@ class DispatchStats:
     rounds: int = 0
     seconds: float = 0.0  # in collectives (waiting included), not expert compute
     compute_seconds: float = 0.0  # running experts for this and other ranks' rows
+    head_seconds: float = 0.0  # computing this rank's vocabulary slice of any rank's logits
+    head_rounds: int = 0  # rounds this rank computed logits in
     rows_sent: int = 0
     rows_received: int = 0
     # layer -> tokens routed to each logical expert from this rank's sequences (taken and reset
@@ -64,6 +76,28 @@ class ExpertDispatcher:
         self._layers: dict[int, HeldExpertsFn] = {}
         self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.placement = placement
+        self._head: HeadSliceFn | None = None
+        self._vocab_size = 0
+
+    def register_head(self, head_slice: HeadSliceFn, vocab_size: int) -> None:
+        """`head_slice` computes this rank's slice (`base_range(rank, size, vocab_size)`) of the
+        logits; every rank of the group registers one before the first step."""
+        self._head = head_slice
+        self._vocab_size = vocab_size
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [R, V] of normed rows [R, H], each rank computing its vocabulary slice."""
+        r = normed.shape[0]
+        if r == 0:  # nothing to ask the others for (a round is only needed by a rank with rows)
+            return torch.zeros(0, self._vocab_size, dtype=torch.float32, device=normed.device)
+        rows = normed.to(self.dtype).contiguous()
+        sent = self._round(HEAD, [0] * self.size, rows.repeat(self.size, 1), None, [r] * self.size)
+        assert sent is not None  # this rank has not finished, so the round is not the last
+        slices = sent.view(self.size, r, -1)
+        return torch.cat(
+            [slices[k, :, : len(base_range(k, self.size, self._vocab_size))] for k in range(self.size)],
+            dim=1,
+        )
 
     def register(self, layer: int, run_held: HeldExpertsFn) -> None:
         """`run_held` computes this rank's held experts of MoE layer `layer`."""
@@ -109,7 +143,7 @@ class ExpertDispatcher:
 
     def finish_step(self) -> None:
         """Serves other ranks' rows until every rank has finished its step."""
-        while self._round(-1, [0] * self.size, None, None, [0] * self.size) is not None:
+        while self._round(FINISHED, [0] * self.size, None, None, [0] * self.size) is not None:
             pass
 
     def _round(
@@ -122,11 +156,12 @@ class ExpertDispatcher:
     ) -> torch.Tensor | None:
         """One exchange of `send_counts[r]` (token, slot) pairs with rank r, `pairs` holding each
         one's (local slot there, index among the `row_counts[r]` rows sent there); returns one
-        computed row per pair, or None when all ranks finished."""
+        computed row per pair (in a HEAD round: every rank's logit slice of every row sent, padded
+        to the widest slice, rank 0's first), or None when all ranks finished."""
         c = self.collective
         started = time.perf_counter()
         header = torch.tensor(
-            [[n, layer, layer < 0, m] for n, m in zip(send_counts, row_counts)],
+            [[n, layer, layer == FINISHED, m] for n, m in zip(send_counts, row_counts)],
             dtype=torch.int64,
             device=c.device,
         )
@@ -139,9 +174,43 @@ class ExpertDispatcher:
         recv_counts, recv_rows = got[:, _SLOTS].tolist(), got[:, _ROWS].tolist()
         if rows is None:
             rows = torch.empty(0, self.hidden_size, dtype=self.dtype, device=c.device)
+        if pairs is None:
             pairs = torch.empty(0, 2, dtype=torch.int64)
         got_rows = c.all_to_all(rows.to(c.device), row_counts, recv_rows)
         in_pairs = c.all_to_all(pairs.to(c.device), send_counts, recv_counts)
+        computed = time.perf_counter()
+        out = self._run_experts(got, got_rows, in_pairs)
+        experts = time.perf_counter() - computed
+        back = c.all_to_all(out, recv_counts, send_counts)
+        head = 0.0
+        head_senders = [s for s in range(self.size) if int(got[s, _LAYER]) == HEAD]
+        if head_senders:  # every rank sees every sender's layer, so all take this branch together
+            computed = time.perf_counter()
+            slices = self._run_head(got_rows, recv_rows, head_senders)
+            head = time.perf_counter() - computed
+            self.stats.head_rounds += layer == HEAD
+            logits = c.all_to_all(
+                slices,
+                [recv_rows[s] if s in head_senders else 0 for s in range(self.size)],
+                [row_counts[0] if layer == HEAD else 0] * self.size,
+            )
+            if layer == HEAD:  # a rank in a MoE layer keeps its experts' rows
+                back = logits
+        self.stats.seconds += time.perf_counter() - started - experts - head
+        self.stats.compute_seconds += experts
+        self.stats.head_seconds += head
+        # Token rows moved for experts; a HEAD round's rows are counted by `head_rounds`.
+        if layer != HEAD:
+            self.stats.rows_sent += sum(n for r, n in enumerate(row_counts) if r != self.rank)
+        self.stats.rows_received += sum(
+            n for r, n in enumerate(recv_rows) if r != self.rank and r not in head_senders
+        )
+        return back
+
+    def _run_experts(self, got: torch.Tensor, got_rows: torch.Tensor, in_pairs: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the (row, local slot) pairs other ranks sent, by sender layer."""
+        c = self.collective
+        recv_counts, recv_rows = got[:, _SLOTS].tolist(), got[:, _ROWS].tolist()
         # Each pair's row: the sender's block of rows, then the pair's index within it.
         row_starts = torch.tensor(np.concatenate([[0], np.cumsum(recv_rows)[:-1]]), device=c.device)
         sender = torch.repeat_interleave(
@@ -149,7 +218,6 @@ class ExpertDispatcher:
         )
         in_rows = got_rows[row_starts[sender] + in_pairs[:, 1]]
         in_local = in_pairs[:, 0]
-        computed = time.perf_counter()
         out = torch.empty_like(in_rows)
         starts = np.concatenate([[0], np.cumsum(recv_counts)])
         for src_layer in sorted({int(v) for v, n in zip(got[:, _LAYER].tolist(), recv_counts) if n}):
@@ -163,13 +231,20 @@ class ExpertDispatcher:
             index = torch.from_numpy(pick).to(in_rows.device)
             self.stats.layer_rows[src_layer] = self.stats.layer_rows.get(src_layer, 0) + len(pick)
             out[index] = self._layers[src_layer](in_rows[index], in_local[index])
-        compute = time.perf_counter() - computed
-        back = c.all_to_all(out, recv_counts, send_counts)
-        self.stats.seconds += time.perf_counter() - started - compute
-        self.stats.compute_seconds += compute
-        self.stats.rows_sent += sum(n for r, n in enumerate(row_counts) if r != self.rank)
-        self.stats.rows_received += sum(n for r, n in enumerate(recv_rows) if r != self.rank)
-        return back
+        return out
+
+    def _run_head(self, got_rows: torch.Tensor, recv_rows: list[int], senders: list[int]) -> torch.Tensor:
+        """This rank's logit slice of every row the `senders` (in a HEAD round) sent, in one
+        product, padded to the widest rank's slice: [their rows, ceil(V / size)]."""
+        if self._head is None:
+            raise RuntimeError("a rank asked for logits but this rank has no LM head slice registered")
+        starts = np.concatenate([[0], np.cumsum(recv_rows)])
+        rows = torch.cat([got_rows[starts[s] : starts[s + 1]] for s in senders])
+        logits = self._head(rows)
+        width = -(-self._vocab_size // self.size)
+        if logits.shape[1] < width:
+            logits = torch.nn.functional.pad(logits, (0, width - logits.shape[1]))
+        return logits.contiguous()
 
     def copy_spares(
         self,

@@ -27,9 +27,17 @@ class ExpertParallelRank:
         share = list(base_range(self.rank, self.config.size, num_experts))
         return lambda layer: share
 
+    def vocab_slice(self, vocab_size: int) -> range | None:
+        """The vocabulary ids whose LM head rows this rank holds (a contiguous split, as the
+        experts'), or None when it holds them all."""
+        if self.config.size == 1 or not self.config.split_lm_head:
+            return None
+        return base_range(self.rank, self.config.size, vocab_size)
+
 
 def join_group(model, ep: ExpertParallelRank, backend: str, device: str) -> ExpertDispatcher:
-    """Connects a loaded, packed model's MoE layers to the group and fills its spare slots.
+    """Connects a loaded, packed model's MoE layers (and its LM head slice, see
+    `ExpertParallelRank.vocab_slice`) to the group and fills its spare slots.
 
     Every rank calls this at the same time (it is a rendezvous and a collective copy).
     """
@@ -44,6 +52,9 @@ def join_group(model, ep: ExpertParallelRank, backend: str, device: str) -> Expe
     dispatcher.dtype = model.model.embed_tokens.weight.dtype  # the rows' compute dtype
     for layer_id, moe in layers.items():
         moe.attach(dispatcher, layer_id)
+    if ep.vocab_slice(model.config.vocab_size) is not None:  # the model kept only its slice
+        dispatcher.register_head(model.head_slice_logits, model.config.vocab_size)
+        model.gather_logits = dispatcher.head_logits
     install_placement(model, dispatcher, placement)
     return dispatcher
 

@@ -132,6 +132,8 @@ class _RankCommands:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "dispatch_seconds": s.seconds,
             "expert_compute_seconds": s.compute_seconds,
+            "head_compute_seconds": s.head_seconds,
+            "head_rounds": s.head_rounds,
             "rounds": s.rounds,
             "rows_sent": s.rows_sent,
             "rows_received": s.rows_received,
