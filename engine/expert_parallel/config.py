@@ -55,7 +55,9 @@ class ExpertParallelConfig:
         ):
             raise ValueError(f"expert_parallel.timeout_s must be > 0, got {self.timeout_s!r}")
         if not isinstance(self.split_lm_head, bool):
-            raise ValueError(f"expert_parallel.split_lm_head must be true or false, got {self.split_lm_head!r}")
+            raise ValueError(
+                f"expert_parallel.split_lm_head must be true or false, got {self.split_lm_head!r}"
+            )
 
     @classmethod
     def from_dict(cls, value: dict[str, Any] | ExpertParallelConfig | None) -> ExpertParallelConfig:

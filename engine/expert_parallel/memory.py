@@ -38,8 +38,13 @@ def rank_weight_bytes(config: EngineConfig) -> int:
         )
         total += len(moe_layers) * (ep.num_redundant_experts // ep.size) * one_expert
     embed = model.model.embed_tokens.weight
+    vocab = model_config.vocab_size
+    rows = vocab if ep.size == 1 or not ep.split_lm_head else -(-vocab // ep.size)  # the widest slice
+    row_bytes = embed.shape[1] * embed.element_size()
     if model.lm_head is None and embed.dtype == torch.float32:
-        total += embed.numel() * embed.element_size()  # the CPU path's input-major head copy
+        total += rows * row_bytes  # the CPU path's input-major head copy
+    elif model.lm_head is not None:
+        total -= (vocab - rows) * row_bytes  # an untied head keeps its slice alone
     return total
 
 

@@ -1,0 +1,101 @@
+"""The LM head split over an expert-parallel group's ranks by vocabulary (`split_lm_head`): each
+rank holds a slice of the head's rows and the group gathers logits in HEAD rounds. Outputs must
+stay token-identical to one engine (greedy and seeded), with slices of unequal width too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.engine.engine import _materialize, build_model_shell, model_config_of
+from pdserve.engine.expert_parallel.config import ExpertParallelConfig
+from pdserve.engine.expert_parallel.placement import base_range
+from pdserve.engine.layers.linear import CpuGemm, is_input_major
+from pdserve.engine.llm import LLM
+from pdserve.engine.loader import init_dummy_weights
+from pdserve.engine.model_source import resolve_model
+from pdserve.engine.sampling_params import SamplingParams
+
+from .test_group import ARGS, GREEDY, SEEDED, tokens
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[list[int]]]:
+    one = LLM("demo", **ARGS)
+    return {"greedy": tokens(one, GREEDY), "seeded": tokens(one, SEEDED)}
+
+
+def _model(overrides: dict, vocab_slice: range | None = None):
+    config = model_config_of(resolve_model("demo"), overrides)
+    model = build_model_shell(config, torch.float32, None, False)
+    _materialize(model, torch.device("cpu"))
+    init_dummy_weights(model, seed=0, dtype=torch.float32)
+    if vocab_slice is not None:
+        model.keep_vocab_slice(vocab_slice.start, vocab_slice.stop)
+    model.pack_for_cpu(CpuGemm(1, "torch"))
+    return model.eval()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_slice_of_the_head_computes_those_logits(rows):
+    # 8199 x 256 crosses the oneDNN prepacking threshold (the 21B head's path); 8199 is odd, so
+    # the two slices differ in width.
+    overrides = {"vocab_size": 8199, "num_hidden_layers": 1, "num_nextn_predict_layers": 0}
+    whole = _model(overrides)
+    normed = torch.randn(rows, whole.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    want = whole.head_slice_logits(normed)
+    for rank in range(2):
+        part = base_range(rank, 2, 8199)
+        sliced = _model(overrides, part)
+        assert sliced._tied_head_input_major is not None and is_input_major(sliced._tied_head_input_major)
+        assert sliced._tied_head_input_major.shape[0] == len(part)  # the copy holds the slice alone
+        assert sliced.model.embed_tokens.weight.shape[0] == 8199  # lookups still see every row
+        got = sliced.head_slice_logits(normed)
+        assert got.shape == (rows, len(part))
+        torch.testing.assert_close(got, want[:, part.start : part.stop], rtol=1e-6, atol=1e-5)
+    with pytest.raises(AssertionError, match="gather_logits"):
+        sliced.compute_logits(normed)  # a slice alone cannot give the whole vocabulary's logits
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_split_head_matches_one_engine(reference, size):
+    # 4096 over 3 ranks: slices of 1365 and 1366 rows, so the gathered slices are padded.
+    group = LLM("demo", **ARGS, expert_parallel={"size": size})
+    try:
+        assert tokens(group, GREEDY) == reference["greedy"]
+        assert tokens(group, SEEDED) == reference["seeded"]
+        stats = group.engine.rank_stats()
+        # Every rank asked the group for logits and computed its slice for the others' rows.
+        assert all(s["head_rounds"] > 0 and s["head_compute_seconds"] > 0 for s in stats)
+    finally:
+        group.close()
+
+
+def test_whole_head_per_rank_still_matches(reference):
+    group = LLM("demo", **ARGS, expert_parallel={"size": 2, "split_lm_head": False})
+    try:
+        assert tokens(group, GREEDY) == reference["greedy"]
+        assert all(
+            s["head_rounds"] == 0 and s["head_compute_seconds"] == 0 for s in group.engine.rank_stats()
+        )
+    finally:
+        group.close()
+
+
+def test_ranks_at_different_passes_share_head_rounds():
+    # MTP with 3 guesses: ranks run proposal, verification and catch-up passes of their own, so
+    # one rank's HEAD round meets another's MoE round; one rank decodes alone at the end.
+    spec = {"method": "mtp", "num_speculative_tokens": 3}
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (4, 16, 9, 12, 3)]
+    prompts = ["def add(a, b):", "import os\nimport", "class Engine:", "The quick brown", "x = [1,"]
+    plain = [o.outputs[0].token_ids for o in LLM("demo", **ARGS).generate(prompts, params)]
+    group = LLM("demo", **ARGS, speculative_config=spec, expert_parallel={"size": 2})
+    try:
+        assert [o.outputs[0].token_ids for o in group.generate(prompts, params)] == plain
+    finally:
+        group.close()
+
+
+def test_split_lm_head_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"expert_parallel\.split_lm_head must be true or false"):
+        ExpertParallelConfig.from_dict({"size": 2, "split_lm_head": "yes"})
