@@ -716,7 +716,7 @@ def _cmd_bench_ep(args: argparse.Namespace) -> int:
         worker_memory_gb=args.worker_memory_gb,
         repeats=args.repeats,
         seed=args.seed,
-        split_lm_head=not args.whole_lm_head,
+        split_dense=not args.no_split_dense,
     )
     run_ep_bench(bench_args, _bench_output(args, "ep"))
     return 0
@@ -745,9 +745,9 @@ def _add_bench_ep(bench_sub) -> None:
         help="spare slots for the balance run (default: EP size)",
     )
     ep.add_argument(
-        "--whole-lm-head",
+        "--no-split-dense",
         action="store_true",
-        help="every rank holds the whole LM head (expert_parallel.split_lm_head false), for comparison",
+        help="every rank holds the LM head and dense MLPs whole (expert_parallel.split_dense false), for comparison",
     )
     ep.add_argument(
         "--worker-memory-gb",

@@ -20,12 +20,15 @@ RANK_COUNTERS = {
     "expert_compute_seconds": ("expert_compute_seconds", "Seconds running experts for any rank's rows"),
     "rows_sent": ("rows_sent", "Token rows sent to other ranks' experts"),
     "rows_received": ("rows_received", "Token rows received from other ranks for this rank's experts"),
-    "rounds": ("rounds", "All-to-all rounds (one per MoE layer pass and logits pass, plus closing rounds)"),
-    "head_compute_seconds": (
-        "head_compute_seconds",
-        "Seconds computing this rank's vocabulary slice of any rank's logits (split LM head)",
+    "rounds": ("rounds", "All-to-all rounds (one per MoE layer pass and split product, plus closing rounds)"),
+    "split_compute_seconds": (
+        "split_compute_seconds",
+        "Seconds computing this rank's columns of split products (LM head, dense MLPs) for any rank",
     ),
-    "head_rounds": ("head_rounds", "Rounds in which this rank gathered logits from the group's head slices"),
+    "split_rounds": (
+        "split_rounds",
+        "Rounds in which this rank gathered a split product's columns from the group",
+    ),
 }
 
 

@@ -207,6 +207,14 @@ class Ernie45ForCausalLM(nn.Module):
         embed = self.model.embed_tokens.weight
         return embed if self._vocab_slice is None else embed[self._vocab_slice[0] : self._vocab_slice[1]]
 
+    def batch_mlps(self) -> list[GatedMLP]:
+        """The MLPs every token runs (dense layers', shared experts'), in layer order."""
+        layers = [*self.model.layers, *self.model.mtp_block]
+        mlps = [
+            layer.mlp.shared_experts if isinstance(layer.mlp, SparseMoE) else layer.mlp for layer in layers
+        ]
+        return [m for m in mlps if isinstance(m, GatedMLP)]
+
     def moe_layers(self) -> dict[int, SparseMoE]:
         """MoE layers by decoder-layer index (MTP layers numbered after the main ones)."""
         layers = [*self.model.layers, *self.model.mtp_block]

@@ -1,4 +1,4 @@
-"""The LM head split over an expert-parallel group's ranks by vocabulary (`split_lm_head`): each
+"""The LM head split over an expert-parallel group's ranks by vocabulary (`split_dense`): each
 rank holds a slice of the head's rows and the group gathers logits in HEAD rounds. Outputs must
 stay token-identical to one engine (greedy and seeded), with slices of unequal width too."""
 
@@ -66,17 +66,17 @@ def test_split_head_matches_one_engine(reference, size):
         assert tokens(group, SEEDED) == reference["seeded"]
         stats = group.engine.rank_stats()
         # Every rank asked the group for logits and computed its slice for the others' rows.
-        assert all(s["head_rounds"] > 0 and s["head_compute_seconds"] > 0 for s in stats)
+        assert all(s["split_rounds"] > 0 and s["split_compute_seconds"] > 0 for s in stats)
     finally:
         group.close()
 
 
 def test_whole_head_per_rank_still_matches(reference):
-    group = LLM("demo", **ARGS, expert_parallel={"size": 2, "split_lm_head": False})
+    group = LLM("demo", **ARGS, expert_parallel={"size": 2, "split_dense": False})
     try:
         assert tokens(group, GREEDY) == reference["greedy"]
         assert all(
-            s["head_rounds"] == 0 and s["head_compute_seconds"] == 0 for s in group.engine.rank_stats()
+            s["split_rounds"] == 0 and s["split_compute_seconds"] == 0 for s in group.engine.rank_stats()
         )
     finally:
         group.close()
@@ -96,6 +96,36 @@ def test_ranks_at_different_passes_share_head_rounds():
         group.close()
 
 
-def test_split_lm_head_must_be_a_bool():
-    with pytest.raises(ValueError, match=r"expert_parallel\.split_lm_head must be true or false"):
-        ExpertParallelConfig.from_dict({"size": 2, "split_lm_head": "yes"})
+def test_split_dense_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"expert_parallel\.split_dense must be true or false"):
+        ExpertParallelConfig.from_dict({"size": 2, "split_dense": "yes"})
+
+
+# Dense layer 0 (2 x 256 x 6144) and the shared experts (16 x 256 units: 2 x 256 x 4096) at or
+# over SPLIT_MIN_ELEMENTS, so a group splits them beside the head (4096 rows, slices of 2048 at
+# EP 2 against 3072 for layer 0: one round can carry products of different widths).
+BIG_MLPS = {
+    "load_format": "dummy",
+    "hf_overrides": {"intermediate_size": 6144, "moe_num_shared_experts": 16},
+}
+
+
+def test_split_mlps_match_one_engine():
+    params = [GREEDY, SEEDED]
+    one = LLM("demo", **ARGS, **BIG_MLPS)
+    want = [tokens(one, p) for p in params]
+    spec = {"method": "mtp", "num_speculative_tokens": 2}
+    mtp_want = tokens(LLM("demo", **ARGS, **BIG_MLPS), GREEDY)
+    group = LLM("demo", **ARGS, **BIG_MLPS, expert_parallel={"size": 2})
+    try:
+        assert [tokens(group, p) for p in params] == want
+        stats = group.engine.rank_stats()
+        # Per forward pass: dense layer 0, 3 shared-expert MLPs and the head, 5 split rounds.
+        assert all(s["split_rounds"] >= 5 * s["steps"] > 0 for s in stats)
+    finally:
+        group.close()
+    group = LLM("demo", **ARGS, **BIG_MLPS, speculative_config=spec, expert_parallel={"size": 2})
+    try:
+        assert tokens(group, GREEDY) == mtp_want
+    finally:
+        group.close()
