@@ -1,6 +1,7 @@
-"""The LM head split over an expert-parallel group's ranks by vocabulary (`split_dense`): each
-rank holds a slice of the head's rows and the group gathers logits in HEAD rounds. Outputs must
-stay token-identical to one engine (greedy and seeded), with slices of unequal width too."""
+"""Products split over an expert-parallel group's ranks (`split_dense`): the LM head by vocabulary
+row, large dense and shared-expert MLPs by intermediate unit; each rank holds a slice and the group
+gathers the columns in split-product rounds. Outputs must stay token-identical to one engine
+(greedy and seeded, with MTP), with slices of unequal width and products of different widths."""
 
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ def test_whole_head_per_rank_still_matches(reference):
         group.close()
 
 
-def test_ranks_at_different_passes_share_head_rounds():
+def test_ranks_at_different_passes_share_split_rounds():
     # MTP with 3 guesses: ranks run proposal, verification and catch-up passes of their own, so
-    # one rank's HEAD round meets another's MoE round; one rank decodes alone at the end.
+    # one rank's head round meets another's MoE round; one rank decodes alone at the end.
     spec = {"method": "mtp", "num_speculative_tokens": 3}
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (4, 16, 9, 12, 3)]
     prompts = ["def add(a, b):", "import os\nimport", "class Engine:", "The quick brown", "x = [1,"]
