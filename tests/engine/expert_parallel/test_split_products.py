@@ -130,3 +130,21 @@ def test_split_mlps_match_one_engine():
         assert tokens(group, GREEDY) == mtp_want
     finally:
         group.close()
+
+
+def test_a_slice_of_an_mlp_computes_those_units():
+    overrides = {"intermediate_size": 6144, "num_hidden_layers": 1, "num_nextn_predict_layers": 0}
+    whole = _model(overrides).model.layers[0].mlp
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
+    want = whole.intermediate(x)
+    config = model_config_of(resolve_model("demo"), overrides)
+    model = build_model_shell(config, torch.float32, None, False)
+    _materialize(model, torch.device("cpu"))
+    init_dummy_weights(model, seed=0, dtype=torch.float32)
+    sliced = model.model.layers[0].mlp
+    sliced.keep_intermediate_slice(1000, 4000)
+    model.pack_for_cpu(CpuGemm(1, "torch"))
+    assert sliced.gate_proj.weight.shape == (3000, 256) and sliced.down_proj.weight.shape == (256, 6144)
+    torch.testing.assert_close(sliced.intermediate(x), want[:, 1000:4000], rtol=1e-6, atol=1e-6)
+    with pytest.raises(AssertionError, match="gather_intermediate"):
+        sliced(x)  # the other units live on other ranks
