@@ -200,6 +200,7 @@ class Ernie45ForCausalLM(nn.Module):
             raise ValueError("a quantized LM head cannot be split over expert-parallel ranks")
         if self.lm_head is not None:
             self.lm_head.weight.data = self.lm_head.weight.data[start:end].clone()
+            self.lm_head.out_features = end - start
         self._vocab_slice = (start, end)
 
     def _head_rows(self) -> torch.Tensor:
