@@ -148,3 +148,16 @@ def test_a_slice_of_an_mlp_computes_those_units():
     torch.testing.assert_close(sliced.intermediate(x), want[:, 1000:4000], rtol=1e-6, atol=1e-6)
     with pytest.raises(AssertionError, match="gather_intermediate"):
         sliced(x)  # the other units live on other ranks
+
+
+def test_an_untied_head_keeps_its_slice_alone():
+    overrides = {"vocab_size": 8199, "num_hidden_layers": 1, "num_nextn_predict_layers": 0}
+    overrides |= {"tie_word_embeddings": False}
+    whole = _model(overrides)
+    normed = torch.randn(3, whole.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    want = whole.head_slice_logits(normed)
+    part = base_range(1, 2, 8199)
+    sliced = _model(overrides, part)
+    assert sliced.lm_head is not None and sliced.lm_head.weight.shape == (len(part), 256)
+    assert sliced.lm_head.out_features == len(part)
+    torch.testing.assert_close(sliced.head_slice_logits(normed), want[:, part.start :], rtol=1e-6, atol=1e-5)
