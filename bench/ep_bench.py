@@ -37,6 +37,7 @@ class EPBenchArgs:
     num_redundant_experts: int | None = None  # default: one spare per rank
     worker_memory_gb: float | None = None
     seed: int = 0
+    split_dense: bool = True  # False: every rank holds the LM head and dense MLPs whole
 
 
 def _config(args: EPBenchArgs, size: int, redundant: int = 0) -> EngineConfig:
@@ -50,7 +51,11 @@ def _config(args: EPBenchArgs, size: int, redundant: int = 0) -> EngineConfig:
         num_threads=max(1, args.total_threads // size),  # the same cores in all, split over ranks
         max_num_seqs=max(args.batches),
         kv_cache_blocks=max(args.batches) * -(-(args.input_len + args.output_len) // 16) + 8,
-        expert_parallel={"size": size, "num_redundant_experts": redundant},
+        expert_parallel={
+            "size": size,
+            "num_redundant_experts": redundant,
+            "split_dense": args.split_dense,
+        },
     )
 
 
@@ -96,6 +101,8 @@ def _decode_run(group: ExpertParallelGroup, prompts: list[list[int]], output_len
     return {
         "decode_tok_s": tokens / seconds,
         "dispatch_share": dispatch / step if step else 0.0,
+        # computing this rank's columns of split products (LM head, dense MLPs) for any rank
+        "split_share": moved("split_compute_seconds") / step if step else 0.0,
         # one rank's round: header, rows, slot ids and results exchanged (waits for peers included)
         "dispatch_ms_per_round": 1000 * dispatch / rounds if rounds else 0.0,
         "rounds_per_step": rounds / len(after) / steps if steps else 0.0,
@@ -179,11 +186,11 @@ def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(
-        f"\n{'ep':>3} {'batch':>5} {'weights GiB':>11} {'RSS/rank GiB':>12} {'x EP1':>6} {'tok/s':>8} {'x EP1':>6} {'dispatch %':>10} {'ms/round':>8} {'rows/tok':>8}"
+        f"\n{'ep':>3} {'batch':>5} {'weights GiB':>11} {'RSS/rank GiB':>12} {'x EP1':>6} {'tok/s':>8} {'x EP1':>6} {'dispatch %':>10} {'split %':>7} {'ms/round':>8} {'rows/tok':>8}"
     )
     for r in rows:
         print(
             f"{r['ep']:>3} {r['batch']:>5} {r['weight_gib_per_rank']:>11.2f} {r['peak_rss_gib_per_rank']:>12.2f} {r.get('rss_vs_ep1', 0):>6.2f} "
-            f"{r['decode_tok_s']:>8.1f} {r.get('decode_vs_ep1', 0):>6.2f} {100 * r['dispatch_share']:>10.1f} "
+            f"{r['decode_tok_s']:>8.1f} {r.get('decode_vs_ep1', 0):>6.2f} {100 * r['dispatch_share']:>10.1f} {100 * r['split_share']:>7.1f} "
             f"{r['dispatch_ms_per_round']:>8.2f} {r['rows_sent_per_token']:>8.1f}"
         )

@@ -22,7 +22,12 @@ from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.expert_parallel.dispatch import ExpertDispatcher
 from pdserve.engine.expert_parallel.placement import ExpertPlacement
-from pdserve.engine.expert_parallel.rank import ROUTED_EXPERT_TENSORS, ExpertParallelRank, join_group
+from pdserve.engine.expert_parallel.rank import (
+    ROUTED_EXPERT_TENSORS,
+    ExpertParallelRank,
+    join_group,
+    keep_rank_slices,
+)
 from pdserve.engine.guided_grammar import GuidedDecodingError
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_handoff import KVHandoff, KVPayload
@@ -251,6 +256,8 @@ class Engine:
                 self.gemm.parallel,
                 lambda done, total: self._on_phase(f"quantizing weights {done}/{total}"),
             )
+        if ep is not None:  # before packing: the packed copies are made of the rank's slices alone
+            keep_rank_slices(model, ep)
         model.pack_for_cpu(self.gemm)
         if ep is not None:
             self._on_phase(f"joining expert-parallel group as rank {ep.rank}/{ep.config.size}")

@@ -716,6 +716,7 @@ def _cmd_bench_ep(args: argparse.Namespace) -> int:
         worker_memory_gb=args.worker_memory_gb,
         repeats=args.repeats,
         seed=args.seed,
+        split_dense=not args.no_split_dense,
     )
     run_ep_bench(bench_args, _bench_output(args, "ep"))
     return 0
@@ -742,6 +743,11 @@ def _add_bench_ep(bench_sub) -> None:
         type=int,
         default=None,
         help="spare slots for the balance run (default: EP size)",
+    )
+    ep.add_argument(
+        "--no-split-dense",
+        action="store_true",
+        help="every rank holds the LM head and dense MLPs whole (expert_parallel.split_dense false), for comparison",
     )
     ep.add_argument(
         "--worker-memory-gb",

@@ -18,6 +18,9 @@ class ExpertParallelConfig:
     token counts it measured (None: never; the initial copies stay). `backend`: the collective
     ("gloo" on CPUs, "nccl" on GPUs; "auto" picks by device). `timeout_s`: the longest any
     collective may wait for a peer before the rank gives up (a dead peer must not hang the rest).
+    `split_dense`: each rank holds 1/size of the output columns of the products every token
+    runs (the LM head; the gate/up of dense-layer and shared-expert MLPs of `SPLIT_MIN_ELEMENTS`
+    or more) and the group computes them together (dispatch.py); false: every rank holds them whole.
     """
 
     size: int = 1
@@ -25,6 +28,7 @@ class ExpertParallelConfig:
     rebalance_interval_s: float | None = None
     backend: str = "auto"
     timeout_s: float = 60.0
+    split_dense: bool = True
 
     def __post_init__(self) -> None:
         size = self.size
@@ -51,6 +55,8 @@ class ExpertParallelConfig:
             or self.timeout_s <= 0
         ):
             raise ValueError(f"expert_parallel.timeout_s must be > 0, got {self.timeout_s!r}")
+        if not isinstance(self.split_dense, bool):
+            raise ValueError(f"expert_parallel.split_dense must be true or false, got {self.split_dense!r}")
 
     @classmethod
     def from_dict(cls, value: dict[str, Any] | ExpertParallelConfig | None) -> ExpertParallelConfig:

@@ -9,6 +9,14 @@ which layer each sender is in, so ranks need not be in the same layer, pass or s
 no tokens, or one running an MTP or verification pass the others are not, never deadlocks them.
 The step ends in the first round where every rank has finished.
 
+Products every token runs and whose weights would otherwise be read by every rank (the LM head,
+large dense and shared-expert MLPs' gate/up) are split the same way (`gather_columns`): each rank
+holds a contiguous slice of the product's output columns; a rank sends its input rows to every
+rank in a round tagged with the product (`split_tag`), each rank computes its columns for all the
+rows it got (every sender's at once), and the sender puts the slices side by side. An output is
+the same dot product as one engine's, so results stay those of one engine, and the group reads
+such a weight once per step instead of once per rank.
+
 Experts return unweighted rows; the sender weighs them and sums a token's k slots in slot order
 (the C kernel's `combine_slots`), so a token's result is the same float for float whichever
 rank ran its experts, and the same as one engine's decode-sized MoE path.
@@ -27,12 +35,22 @@ from pdserve.engine.expert_parallel.collective import ExpertCollective
 from pdserve.engine.expert_parallel.placement import ExpertPlacement, base_range
 from pdserve.engine.kernels import moe_cpu
 
-# Header columns: (token, slot) pairs sent to that rank, the sender's layer (-1: finished its
-# step), finished, and distinct token rows sent (a token's slots on one rank share its row).
+# Header columns: (token, slot) pairs sent to that rank, the sender's layer (FINISHED: finished
+# its step; `split_tag(p)`: in split product p), finished, and distinct token rows sent (a token's
+# slots on one rank share its row; in a split product's round, all the sender's rows, to every rank).
 _SLOTS, _LAYER, _DONE, _ROWS = 0, 1, 2, 3
+FINISHED = -1
+
+
+def split_tag(product: int) -> int:
+    """The header layer of a round in split product `product` (MoE layers are >= 0)."""
+    return -2 - product
+
 
 # (rows [P, H], local slot ids [P]) -> unweighted expert outputs [P, H]
 HeldExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# input rows [R, H] -> this rank's slice of the product's output columns [R, slice]
+ColumnSliceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,6 +60,8 @@ class DispatchStats:
     rounds: int = 0
     seconds: float = 0.0  # in collectives (waiting included), not expert compute
     compute_seconds: float = 0.0  # running experts for this and other ranks' rows
+    split_seconds: float = 0.0  # computing this rank's columns of split products for any rank
+    split_rounds: int = 0  # rounds in which this rank gathered a split product's columns
     rows_sent: int = 0
     rows_received: int = 0
     # layer -> tokens routed to each logical expert from this rank's sequences (taken and reset
@@ -64,6 +84,31 @@ class ExpertDispatcher:
         self._layers: dict[int, HeldExpertsFn] = {}
         self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.placement = placement
+        self._products: list[tuple[ColumnSliceFn, int]] = []
+
+    def register_columns(self, column_slice: ColumnSliceFn, width: int) -> int:
+        """Registers a split product of `width` output columns, this rank computing columns
+        `base_range(rank, size, width)` with `column_slice`; returns its id for `gather_columns`.
+        Every rank registers the same products in the same order before the first step."""
+        self._products.append((column_slice, width))
+        return len(self._products) - 1
+
+    def gather_columns(self, product: int, rows: torch.Tensor) -> torch.Tensor:
+        """All `width` output columns of split product `product` for input rows [R, H], each
+        rank computing its slice; in fp32 (products of one round travel together, and the LM
+        head's logits are fp32 whatever the model's dtype)."""
+        r, width = rows.shape[0], self._products[product][1]
+        if r == 0:  # nothing to ask the others for (a round is only needed by a rank with rows)
+            return torch.zeros(0, width, dtype=torch.float32, device=rows.device)
+        rows = rows.to(self.dtype).contiguous()
+        sent = self._round(
+            split_tag(product), [0] * self.size, rows.repeat(self.size, 1), None, [r] * self.size
+        )
+        assert sent is not None  # this rank has not finished, so the round is not the last
+        slices = sent.view(self.size, r, -1)
+        return torch.cat(
+            [slices[k, :, : len(base_range(k, self.size, width))] for k in range(self.size)], dim=1
+        )
 
     def register(self, layer: int, run_held: HeldExpertsFn) -> None:
         """`run_held` computes this rank's held experts of MoE layer `layer`."""
@@ -109,7 +154,7 @@ class ExpertDispatcher:
 
     def finish_step(self) -> None:
         """Serves other ranks' rows until every rank has finished its step."""
-        while self._round(-1, [0] * self.size, None, None, [0] * self.size) is not None:
+        while self._round(FINISHED, [0] * self.size, None, None, [0] * self.size) is not None:
             pass
 
     def _round(
@@ -122,11 +167,12 @@ class ExpertDispatcher:
     ) -> torch.Tensor | None:
         """One exchange of `send_counts[r]` (token, slot) pairs with rank r, `pairs` holding each
         one's (local slot there, index among the `row_counts[r]` rows sent there); returns one
-        computed row per pair, or None when all ranks finished."""
+        computed row per pair (in a split product's round: every rank's columns of the rows sent,
+        padded to the widest slice in the round, rank 0's first), or None when all ranks finished."""
         c = self.collective
         started = time.perf_counter()
         header = torch.tensor(
-            [[n, layer, layer < 0, m] for n, m in zip(send_counts, row_counts)],
+            [[n, layer, layer == FINISHED, m] for n, m in zip(send_counts, row_counts)],
             dtype=torch.int64,
             device=c.device,
         )
@@ -139,9 +185,45 @@ class ExpertDispatcher:
         recv_counts, recv_rows = got[:, _SLOTS].tolist(), got[:, _ROWS].tolist()
         if rows is None:
             rows = torch.empty(0, self.hidden_size, dtype=self.dtype, device=c.device)
+        if pairs is None:
             pairs = torch.empty(0, 2, dtype=torch.int64)
         got_rows = c.all_to_all(rows.to(c.device), row_counts, recv_rows)
         in_pairs = c.all_to_all(pairs.to(c.device), send_counts, recv_counts)
+        computed = time.perf_counter()
+        out = self._run_experts(got, got_rows, in_pairs)
+        experts = time.perf_counter() - computed
+        back = c.all_to_all(out, recv_counts, send_counts)
+        split = 0.0
+        # Senders in a split product, and which; every rank sees every sender's layer, so all
+        # ranks take this branch together.
+        products = {s: -2 - int(got[s, _LAYER]) for s in range(self.size) if int(got[s, _LAYER]) < FINISHED}
+        if products:
+            computed = time.perf_counter()
+            slices = self._run_columns(got_rows, recv_rows, products)
+            split = time.perf_counter() - computed
+            self.stats.split_rounds += layer < FINISHED
+            columns = c.all_to_all(
+                slices,
+                [recv_rows[s] if s in products else 0 for s in range(self.size)],
+                [row_counts[0] if layer < FINISHED else 0] * self.size,
+            )
+            if layer < FINISHED:  # a rank in a MoE layer keeps its experts' rows
+                back = columns
+        self.stats.seconds += time.perf_counter() - started - experts - split
+        self.stats.compute_seconds += experts
+        self.stats.split_seconds += split
+        # Token rows moved for experts; split products' rows are counted by `split_rounds`.
+        if layer >= FINISHED:
+            self.stats.rows_sent += sum(n for r, n in enumerate(row_counts) if r != self.rank)
+        self.stats.rows_received += sum(
+            n for r, n in enumerate(recv_rows) if r != self.rank and r not in products
+        )
+        return back
+
+    def _run_experts(self, got: torch.Tensor, got_rows: torch.Tensor, in_pairs: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the (row, local slot) pairs other ranks sent, by sender layer."""
+        c = self.collective
+        recv_counts, recv_rows = got[:, _SLOTS].tolist(), got[:, _ROWS].tolist()
         # Each pair's row: the sender's block of rows, then the pair's index within it.
         row_starts = torch.tensor(np.concatenate([[0], np.cumsum(recv_rows)[:-1]]), device=c.device)
         sender = torch.repeat_interleave(
@@ -149,7 +231,6 @@ class ExpertDispatcher:
         )
         in_rows = got_rows[row_starts[sender] + in_pairs[:, 1]]
         in_local = in_pairs[:, 0]
-        computed = time.perf_counter()
         out = torch.empty_like(in_rows)
         starts = np.concatenate([[0], np.cumsum(recv_counts)])
         for src_layer in sorted({int(v) for v, n in zip(got[:, _LAYER].tolist(), recv_counts) if n}):
@@ -163,13 +244,30 @@ class ExpertDispatcher:
             index = torch.from_numpy(pick).to(in_rows.device)
             self.stats.layer_rows[src_layer] = self.stats.layer_rows.get(src_layer, 0) + len(pick)
             out[index] = self._layers[src_layer](in_rows[index], in_local[index])
-        compute = time.perf_counter() - computed
-        back = c.all_to_all(out, recv_counts, send_counts)
-        self.stats.seconds += time.perf_counter() - started - compute
-        self.stats.compute_seconds += compute
-        self.stats.rows_sent += sum(n for r, n in enumerate(row_counts) if r != self.rank)
-        self.stats.rows_received += sum(n for r, n in enumerate(recv_rows) if r != self.rank)
-        return back
+        return out
+
+    def _run_columns(
+        self, got_rows: torch.Tensor, recv_rows: list[int], products: dict[int, int]
+    ) -> torch.Tensor:
+        """This rank's columns of every row the senders in `products` (sender -> product) sent,
+        one product call per product over all its senders' rows, in sender order and padded to
+        the widest slice of any product in the round: [their rows, widest]."""
+        if any(p >= len(self._products) for p in products.values()):
+            raise RuntimeError(
+                f"a rank asked for split products {sorted(set(products.values()))} but this rank registered {len(self._products)}"
+            )
+        starts = np.concatenate([[0], np.cumsum(recv_rows)])
+        width = max(-(-self._products[p][1] // self.size) for p in products.values())
+        block: dict[int, torch.Tensor] = {}
+        for product in sorted(set(products.values())):
+            senders = [s for s in sorted(products) if products[s] == product]
+            out = self._products[product][0](
+                torch.cat([got_rows[starts[s] : starts[s + 1]] for s in senders])
+            )
+            out = torch.nn.functional.pad(out.float(), (0, width - out.shape[1]))
+            for s, part in zip(senders, out.split([recv_rows[s] for s in senders])):
+                block[s] = part
+        return torch.cat([block[s] for s in sorted(block)]).contiguous()
 
     def copy_spares(
         self,

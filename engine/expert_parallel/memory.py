@@ -18,6 +18,7 @@ from pdserve.engine.engine import build_model_shell, model_config_of
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.expert_parallel.config import MAX_EP_SIZE
 from pdserve.engine.expert_parallel.placement import base_range
+from pdserve.engine.expert_parallel.rank import split_mlps
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.quantization.apply import model_weight_bytes
 
@@ -38,8 +39,16 @@ def rank_weight_bytes(config: EngineConfig) -> int:
         )
         total += len(moe_layers) * (ep.num_redundant_experts // ep.size) * one_expert
     embed = model.model.embed_tokens.weight
+    vocab = model_config.vocab_size
+    rows = vocab if ep.size == 1 or not ep.split_dense else -(-vocab // ep.size)  # the widest slice
+    row_bytes = embed.shape[1] * embed.element_size()
     if model.lm_head is None and embed.dtype == torch.float32:
-        total += embed.numel() * embed.element_size()  # the CPU path's input-major head copy
+        total += rows * row_bytes  # the CPU path's input-major head copy
+    elif model.lm_head is not None:
+        total -= (vocab - rows) * row_bytes  # an untied head keeps its slice alone
+    for mlp in split_mlps(model, ep):  # gate and up keep the widest rank's units alone
+        gone = mlp.intermediate_size - len(base_range(0, ep.size, mlp.intermediate_size))
+        total -= 2 * gone * mlp.gate_proj.in_features * mlp.gate_proj.weight.element_size()
     return total
 
 

@@ -20,7 +20,15 @@ RANK_COUNTERS = {
     "expert_compute_seconds": ("expert_compute_seconds", "Seconds running experts for any rank's rows"),
     "rows_sent": ("rows_sent", "Token rows sent to other ranks' experts"),
     "rows_received": ("rows_received", "Token rows received from other ranks for this rank's experts"),
-    "rounds": ("rounds", "All-to-all rounds (one per MoE layer pass, plus closing rounds)"),
+    "rounds": ("rounds", "All-to-all rounds (one per MoE layer pass and split product, plus closing rounds)"),
+    "split_compute_seconds": (
+        "split_compute_seconds",
+        "Seconds computing this rank's columns of split products (LM head, dense MLPs) for any rank",
+    ),
+    "split_rounds": (
+        "split_rounds",
+        "Rounds in which this rank gathered a split product's columns from the group",
+    ),
 }
 
 
@@ -80,7 +88,7 @@ class ExpertParallelMetrics:
             rank = s["rank"]
             for key, counter in self.rank_counters.items():
                 seen = self._rank_seen.get((rank, key), 0)
-                if s[key] > seen:
+                if s.get(key, 0) > seen:  # a total a rank does not report stays at zero
                     counter.labels(self.group, str(rank)).inc(s[key] - seen)
                     self._rank_seen[(rank, key)] = s[key]
             for layer, n in s["layer_rows"].items():

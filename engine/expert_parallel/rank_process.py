@@ -150,6 +150,8 @@ class _RankCommands:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "dispatch_seconds": s.seconds,
             "expert_compute_seconds": s.compute_seconds,
+            "split_compute_seconds": s.split_seconds,
+            "split_rounds": s.split_rounds,
             "rounds": s.rounds,
             "rows_sent": s.rows_sent,
             "rows_received": s.rows_received,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
+        self.intermediate_size = intermediate_size  # the whole MLP's, whatever slice is kept
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
@@ -31,6 +34,21 @@ class GatedMLP(nn.Module):
         # [in, out] numpy views of the fused gate/up and the down weight, for `forward_numpy`.
         self._gate_up_in_out: np.ndarray | None = None
         self._down_in_out: np.ndarray | None = None
+        # An expert-parallel rank's slice of the intermediate units (`keep_intermediate_slice`),
+        # and how `forward` gathers all of them from the group (rows -> [R, intermediate_size]).
+        self.intermediate_slice: tuple[int, int] | None = None
+        self.gather_intermediate: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def keep_intermediate_slice(self, start: int, end: int) -> None:
+        """Keeps gate/up for intermediate units [start, end) alone (an expert-parallel rank's
+        slice); call after loading, before `fuse`. `intermediate` then computes the slice, and
+        `forward` needs `gather_intermediate` for the rest; down stays whole."""
+        for layer in (self.gate_proj, self.up_proj):
+            layer.weight.data = layer.weight.data[start:end].clone()
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data[start:end].clone()
+            layer.out_features = end - start
+        self.intermediate_slice = (start, end)
 
     def fuse(self, gemm: CpuGemm, prepack: bool = False) -> None:
         """Computes gate and up with one matmul, and the whole MLP in numpy where the weights
@@ -97,7 +115,19 @@ class GatedMLP(nn.Module):
             return self.down_proj(hidden).numpy()
         return self._gemm.matmul(hidden.numpy(), self._down_in_out)
 
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x) for the intermediate units held (all, or the slice)."""
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return F.silu(gate) * up
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.intermediate_slice is not None:
+            assert self.gather_intermediate is not None, "a sliced MLP needs its group's gather_intermediate"
+            rows = x.reshape(-1, x.shape[-1])
+            return self.down_proj(self.gather_intermediate(rows).to(x.dtype)).view(*x.shape[:-1], -1)
         if self.numpy_ready:
             rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).numpy())
             return torch.from_numpy(self.forward_numpy(rows)).view(*x.shape[:-1], -1)

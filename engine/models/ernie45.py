@@ -155,6 +155,10 @@ class Ernie45ForCausalLM(nn.Module):
         self._tied_head_input_major: torch.Tensor | None = None
         self._gemm: CpuGemm | None = None
         self._head_packed: PrepackedWeight | None = None
+        # An expert-parallel rank's slice of the head (`keep_vocab_slice`) and how its
+        # `compute_logits` gathers the whole vocabulary's logits from the group (`gather_logits`).
+        self._vocab_slice: tuple[int, int] | None = None
+        self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
         """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded.
@@ -181,11 +185,36 @@ class Ernie45ForCausalLM(nn.Module):
             elif isinstance(module, GatedMLP) and id(module) not in routed_ids:
                 module.fuse(gemm, prepack)
         self._gemm = gemm
-        embed = self.model.embed_tokens.weight
+        embed = self._head_rows()
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
             self._tied_head_input_major = pack_input_major(embed)
         if prepack and (self.lm_head is None or self.lm_head.quant_format is None):
             self._head_packed = prepack_if_large(embed if self.lm_head is None else self.lm_head.weight)
+
+    def keep_vocab_slice(self, start: int, end: int) -> None:
+        """Keeps only the LM head's rows for vocabulary ids [start, end) (an expert-parallel
+        rank's slice); call after loading, before `pack_for_cpu`, so no whole copy is ever made.
+        A tied head's embedding stays whole (lookups need every row); its matmul copies cover the
+        slice. `head_slice_logits` computes the slice; `compute_logits` needs `gather_logits`."""
+        if self.lm_head is not None and self.lm_head.quant_format is not None:
+            raise ValueError("a quantized LM head cannot be split over expert-parallel ranks")
+        if self.lm_head is not None:
+            self.lm_head.weight.data = self.lm_head.weight.data[start:end].clone()
+            self.lm_head.out_features = end - start
+        self._vocab_slice = (start, end)
+
+    def _head_rows(self) -> torch.Tensor:
+        """The tied head's rows this instance computes logits for (all, or its vocab slice)."""
+        embed = self.model.embed_tokens.weight
+        return embed if self._vocab_slice is None else embed[self._vocab_slice[0] : self._vocab_slice[1]]
+
+    def batch_mlps(self) -> list[GatedMLP]:
+        """The MLPs every token runs (dense layers', shared experts'), in layer order."""
+        layers = [*self.model.layers, *self.model.mtp_block]
+        mlps = [
+            layer.mlp.shared_experts if isinstance(layer.mlp, SparseMoE) else layer.mlp for layer in layers
+        ]
+        return [m for m in mlps if isinstance(m, GatedMLP)]
 
     def moe_layers(self) -> dict[int, SparseMoE]:
         """MoE layers by decoder-layer index (MTP layers numbered after the main ones)."""
@@ -236,12 +265,19 @@ class Ernie45ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] for the given rows of pre-norm hidden states."""
+        if self._vocab_slice is not None:
+            assert self.gather_logits is not None, "a vocab slice needs its group's gather_logits"
+            return self.gather_logits(self.model.norm(hidden))
+        return self.head_slice_logits(self.model.norm(hidden))
+
+    def head_slice_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of normed rows for the vocabulary this instance holds (all, or its slice)."""
         if self.lm_head is not None and self.lm_head.quant_format is not None:
-            return self.lm_head(self.model.norm(hidden)).float()
+            return self.lm_head(normed).float()
         if self.lm_head is not None:
             weight = self.lm_head.weight
         elif self._tied_head_input_major is not None:
             weight = self._tied_head_input_major
         else:
-            weight = self.model.embed_tokens.weight
-        return linear(self.model.norm(hidden), weight, gemm=self._gemm, prepacked=self._head_packed).float()
+            weight = self._head_rows()
+        return linear(normed, weight, gemm=self._gemm, prepacked=self._head_packed).float()

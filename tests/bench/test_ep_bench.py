@@ -24,9 +24,17 @@ def test_rank_weight_estimate_is_the_loaded_models():
     expert = engine.model.moe_layers()[1].experts[0]
     expert_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
     two = EngineConfig(model="demo", dtype="float32", expert_parallel={"size": 2, "num_redundant_experts": 2})
-    # Half the routed experts go; one spare slot per MoE layer comes back.
+    # Half the routed experts go; one spare slot per MoE layer comes back; of the tied head's
+    # input-major copy a rank keeps its half of the vocabulary (split_dense, the default).
+    head_row_bytes = engine.model.config.hidden_size * 4
     gone = DEMO_MOE_LAYERS * (DEMO_EXPERTS // 2 - 1) * expert_bytes
-    assert rank_weight_bytes(one) - rank_weight_bytes(two) == gone
+    half_head = engine.model.config.vocab_size // 2 * head_row_bytes
+    assert rank_weight_bytes(one) - rank_weight_bytes(two) == gone + half_head
+    whole = EngineConfig(
+        model="demo", dtype="float32",
+        expert_parallel={"size": 2, "num_redundant_experts": 2, "split_dense": False},
+    )  # fmt: skip
+    assert rank_weight_bytes(one) - rank_weight_bytes(whole) == gone
 
 
 def test_a_memory_limit_refuses_ep1_and_serves_a_group(tmp_path):
