@@ -81,7 +81,7 @@ def claim(state_dir: Path, name: str, pid: int) -> None:
             if held is None and _age_s(path) < 2.0:
                 time.sleep(0.05)  # another claim has created the file and is writing it: look again
                 continue
-            if held is not None and _alive(held.pid):
+            if held is not None and process_alive(held.pid):
                 where = f" at {held.gateway_url}" if held.gateway_url else " (starting)"
                 raise ClusterStateError(
                     f"a cluster named {name!r} is already running (pid {held.pid}){where}; "
@@ -98,7 +98,7 @@ def running(state_dir: Path, echo=None) -> list[ClusterRecord]:
     found = []
     for path in sorted((Path(state_dir) / "clusters").glob("*.json")):
         record = _read(path)
-        if record is not None and _alive(record.pid):
+        if record is not None and process_alive(record.pid):
             found.append(record)
         elif record is not None:
             said = forget_stale(path, record)
@@ -170,7 +170,8 @@ def _age_s(path: Path) -> float:
         return 0.0  # gone meanwhile: the next look sees that
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -209,7 +210,7 @@ def down(state_dir: Path, name: str | None = None, timeout_s: float = 60.0, echo
         echo(f"pdserve {record.name} (pid {record.pid}) was not running; cleared its record")
         return
     deadline = time.monotonic() + record.drain_timeout_s + timeout_s
-    while _alive(record.pid):
+    while process_alive(record.pid):
         if time.monotonic() > deadline:
             raise ClusterStateError(
                 f"pdserve {record.name} (pid {record.pid}) did not stop within {timeout_s} s"

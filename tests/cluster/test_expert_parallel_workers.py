@@ -15,6 +15,7 @@ import pytest
 
 from pdserve.cluster.controller import ControllerConfig, start_controller
 from pdserve.cluster.planner import RolePlannerConfig
+from pdserve.cluster_state import process_alive
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from tests.cluster.test_controller_and_faults import (
     expected,
@@ -127,18 +128,10 @@ def test_a_dead_rank_takes_its_worker_down_and_the_group_restarts(ray_session, c
     fresh_load = ray_session.get(fresh.handle.load.remote())
     assert len(fresh_load.ranks) == 2 and not {r.pid for r in fresh_load.ranks} & set(victim["pids"])
     deadline = time.monotonic() + 30  # the surviving rank went down with its group
-    while _alive(victim["pids"][0]) and time.monotonic() < deadline:
+    while process_alive(victim["pids"][0]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(victim["pids"][0])
+    assert not process_alive(victim["pids"][0])
     overview = ray_session.get(controller.overview.remote())
     death = next(e for e in overview.events if e.kind == "death" and e.worker_id == victim["id"])
     assert "expert-parallel group failed: rank 1" in death.text
     wait_until_all_released(ray_session, controller)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -19,7 +19,8 @@ from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.gateway.app import GatewayConfig, create_app
 from pdserve.gateway.http_server import server_config
 from pdserve.router.config import RouterConfig
-from tests.router.test_server import RouterThread, free_port
+from tests.redis_server import spare_port
+from tests.router.test_server import RouterThread
 
 # ERNIE 4.5's turn layout (begin-of-sentence, "User: "/"Assistant: ", thinking switch), small.
 TEMPLATE = (
@@ -62,7 +63,7 @@ class GatewayStack:
 def served(app: Any, config: GatewayConfig | None = None) -> Iterator[str]:
     """Serves `app` under uvicorn on a free loopback port, with the connection limits of `config`
     (`GatewayConfig`'s defaults when None) as `pdserve up` does; yields its base URL."""
-    port = free_port()
+    port = spare_port()
     limits = config or GatewayConfig(router_address="", model_name="", tokenizer_path="", max_model_len=1)
     server = uvicorn.Server(server_config(app, limits, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -21,7 +21,7 @@ import pytest
 
 from tests.pdserve.test_launcher import PDSERVE, run
 from tests.pdserve.test_worker_fit import httpx_ready
-from tests.router.test_server import free_port
+from tests.redis_server import spare_port
 
 CHROMIUM = "/usr/bin/chromium"
 ADMIN = "admin-key-of-the-browser-test"
@@ -46,11 +46,11 @@ def chromium() -> str:
 def cluster(tmp_path_factory):
     """`pdserve up` on the demo model: 1 prefill + 2 decode workers, an admin key, planner paused."""
     tmp = tmp_path_factory.mktemp("dashboard-up")
-    port, state, out = free_port(), tmp / "state", tmp / "up.log"
+    port, state, out = spare_port(), tmp / "state", tmp / "up.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_ADMIN_KEY": ADMIN}
     with open(out, "w") as log:
         up = subprocess.Popen(
-            [*PDSERVE, "up", "--port", str(port), "--router-port", str(free_port()), "--state-dir", str(state),
+            [*PDSERVE, "up", "--port", str(port), "--router-port", str(spare_port()), "--state-dir", str(state),
              "--name", "dashboard-browser-test", "--prefill", "1", "--decode", "2",
              # Every prompt through the prefill worker, so that the page has KV flows to show.
              "--role-planner", '{"enabled": false}', "--local-prefill-tokens", "0"],

@@ -15,7 +15,7 @@ import httpx
 
 from tests.pdserve.test_launcher import PDSERVE, run
 from tests.pdserve.test_worker_fit import httpx_ready
-from tests.router.test_server import free_port
+from tests.redis_server import spare_port
 
 ADMIN = "admin-key-for-tests"
 WORDS = [
@@ -54,11 +54,11 @@ async def prompt_heavy_load(url: str, switched, limit_s: float) -> list[int]:
 
 
 def test_the_planner_moves_a_worker_under_prompt_heavy_load_and_operators_can_switch(tmp_path):
-    port, state, out = free_port(), tmp_path / "state", tmp_path / "up.log"
+    port, state, out = spare_port(), tmp_path / "state", tmp_path / "up.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_ADMIN_KEY": ADMIN}
     with open(out, "w") as log:
         up = subprocess.Popen(
-            [*PDSERVE, "up", "--port", str(port), "--router-port", str(free_port()), "--state-dir", str(state),
+            [*PDSERVE, "up", "--port", str(port), "--router-port", str(spare_port()), "--state-dir", str(state),
              "--prefill", "2", "--decode", "2", "--role-planner", '{"hysteresis": 2, "cooldown_s": 5}'],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip

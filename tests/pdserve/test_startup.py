@@ -19,7 +19,7 @@ from pdserve.roles.process_usage import ProcessUsage
 from pdserve.roles.worker import Worker
 from tests.pdserve.test_launcher import PDSERVE, run
 from tests.pdserve.test_worker_fit import httpx_ready
-from tests.router.test_server import free_port
+from tests.redis_server import spare_port
 
 DEMO_WORKER_RSS_LIMIT = 600 * 2**20
 
@@ -78,10 +78,10 @@ def test_process_usage_sees_a_new_file_descriptor():
 
 
 def test_the_demo_cluster_names_worker_phases_and_each_worker_fits_600_mb(tmp_path):
-    port, state, out = free_port(), tmp_path / "state", tmp_path / "up.log"
+    port, state, out = spare_port(), tmp_path / "state", tmp_path / "up.log"
     with open(out, "w") as log:
         up = subprocess.Popen(
-            [*PDSERVE, "up", "--port", str(port), "--router-port", str(free_port()), "--state-dir", str(state)],
+            [*PDSERVE, "up", "--port", str(port), "--router-port", str(spare_port()), "--state-dir", str(state)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         try:
@@ -130,9 +130,9 @@ def test_a_setting_that_cannot_work_is_one_line_before_anything_starts(args, mes
     cmd = [
         "up",
         "--port",
-        str(free_port()),
+        str(spare_port()),
         "--router-port",
-        str(free_port()),
+        str(spare_port()),
         "--state-dir",
         str(tmp_path),
         *args,
@@ -149,7 +149,7 @@ def test_sigterm_while_starting_stops_cleanly_and_leaves_no_ray_process(tmp_path
     out = tmp_path / "up.log"
     with open(out, "w") as log:
         up = subprocess.Popen(
-            [*PDSERVE, "up", "--port", str(free_port()), "--router-port", str(free_port()),
+            [*PDSERVE, "up", "--port", str(spare_port()), "--router-port", str(spare_port()),
              "--state-dir", str(tmp_path / "state")],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 from pdserve.config import ClusterConfig
 from pdserve.launcher import LaunchError, worker_cpus
 from tests.pdserve.test_launcher import PDSERVE, run
-from tests.router.test_server import free_port
+from tests.redis_server import spare_port
 
 
 def test_each_worker_asks_for_its_share_of_the_cpus():
@@ -36,11 +36,11 @@ def test_too_many_workers_are_refused_with_the_numbers_and_the_flag():
 def test_four_workers_start_on_a_two_core_machine(moe_checkpoint, tmp_path):
     # README's own example (2 prefill + 2 decode) waited for ever when each worker asked Ray for
     # a whole CPU and the machine had two.
-    port, state = free_port(), tmp_path / "state"
+    port, state = spare_port(), tmp_path / "state"
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (the process writes to it)
     up = subprocess.Popen(
         [*PDSERVE, "up", "--model", str(moe_checkpoint), "--prefill", "2", "--decode", "2",
-         "--kv-cache-blocks", "32", "--port", str(port), "--router-port", str(free_port()),
+         "--kv-cache-blocks", "32", "--port", str(port), "--router-port", str(spare_port()),
          "--state-dir", str(state)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -79,7 +79,7 @@ def test_ctrl_c_while_the_workers_load_exits_cleanly(tmp_path):
     out = tmp_path / "up.log"
     with open(out, "w") as log:
         up = subprocess.Popen(
-            [*PDSERVE, "up", "--port", str(free_port()), "--router-port", str(free_port()),
+            [*PDSERVE, "up", "--port", str(spare_port()), "--router-port", str(spare_port()),
              "--state-dir", str(tmp_path / "state")],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 from pdserve.cluster_state import running
 from pdserve.proto import pdserve_pb2, pdserve_pb2_grpc
 from tests.pdserve.test_launcher import PDSERVE, run
-from tests.router.test_server import free_port
+from tests.redis_server import spare_port
 
 KEY = "Up-k3y-never-printed"
 
@@ -23,7 +23,7 @@ KEY = "Up-k3y-never-printed"
 def test_up_with_a_key_hides_it_guards_the_router_and_status_reads_it_from_the_environment(
     moe_checkpoint, tmp_path
 ):
-    port, router_port, state, out = free_port(), free_port(), tmp_path / "state", tmp_path / "up.log"
+    port, router_port, state, out = spare_port(), spare_port(), tmp_path / "state", tmp_path / "up.log"
     env = {k: v for k, v in os.environ.items() if k != "PDSERVE_API_KEY"}
     with open(out, "w") as log:
         up = subprocess.Popen(

@@ -22,13 +22,13 @@ import httpx
 
 from pdserve.cluster_state import running
 from pdserve.ray_leftovers import leftover_pids
-from tests.router.test_server import free_port
+from tests.redis_server import spare_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 
 
 def _start(checkpoint: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, int, Path]:
-    port, router_port, state = free_port(), free_port(), tmp_path / "state"
+    port, router_port, state = spare_port(), spare_port(), tmp_path / "state"
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this function: the process writes to it)
     up = subprocess.Popen(
         [*PDSERVE, "up", "--model", str(checkpoint), "--port", str(port), "--router-port", str(router_port),

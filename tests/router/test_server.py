@@ -46,9 +46,6 @@ class RouterThread:
         self.thread.join(5)
 
 
-free_port = spare_port  # the name other test modules import
-
-
 @pytest.fixture(scope="module")
 def controller(ray_session, moe_checkpoint):
     engine = EngineConfig(
