@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 NAMESPACE = "pdserve"
 # What a single-machine cluster's own parts bind and dial: Ray, the workers' KV transfer, the router.
 LOOPBACK = "127.0.0.1"
+# Ray starts its worker processes at nice 15, as background work; here they are the engines, and at
+# 15 every nice-0 process on the machine (the gateway, anything else running) outweighs them 29 to 1
+# for the CPU. A Ray cluster that `up` joins (--address) keeps its own setting.
+WORKER_NICENESS = 0
 KEY_ENV = env_name("api_key")  # PDSERVE_API_KEY: what the start-up lines show instead of the key
 
 
@@ -251,6 +255,7 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
                     include_dashboard=False,
                     namespace=NAMESPACE,
                     log_to_driver=False,
+                    _system_config={"worker_niceness": WORKER_NICENESS},
                 )
         except Exception as e:
             raise LaunchError(f"cannot start or join Ray ({str(e).splitlines()[0]}); check --address") from e

@@ -13,9 +13,8 @@ import httpx
 import pytest
 import redis
 
-from pdserve.cluster_state import ClusterStateError, claim, remove_record, running
+from pdserve.cluster_state import ClusterStateError, claim, process_alive, remove_record, running
 from tests.redis_server import spare_port, start_redis, stop_redis
-from tests.router.test_server import free_port
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 REDIS_URL = os.environ.get("PDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -26,7 +25,7 @@ def run(*args, **kw):
 
 
 def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
-    port, router_port = free_port(), free_port()
+    port, router_port = spare_port(), spare_port()
     state = tmp_path / "state"
     # Settings from all three sources (pdserve.config): the file's port is used, and the
     # environment's policy beats the file's.
@@ -128,7 +127,7 @@ def test_a_worker_that_cannot_load_is_one_line_and_leaves_nothing(tmp_path):
     # MTP speculation on a model without an MTP layer passes the config check but fails in the
     # workers, after Ray has started: still one line, and everything is torn down.
     bad = run(
-        "up", "--model", "demo-draft", "--port", str(free_port()), "--router-port", str(free_port()),
+        "up", "--model", "demo-draft", "--port", str(spare_port()), "--router-port", str(spare_port()),
         "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}', "--state-dir", str(tmp_path),
     )  # fmt: skip
     assert bad.returncode == 1
@@ -171,14 +170,14 @@ def _wait_ready(state: Path, names: set[str], procs: list[subprocess.Popen], log
 def test_two_clusters_on_one_machine_and_one_redis(moe_checkpoint, tmp_path):
     state, tag = tmp_path / "state", uuid.uuid4().hex[:8]
     names = {"a": f"a-{tag}", "b": f"b-{tag}"}
-    ports = {k: free_port() for k in names}
+    ports = {k: spare_port() for k in names}
     procs, logs = [], []
     for k, name in names.items():
         logs.append(tmp_path / f"{k}.log")
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen(
                 [*PDSERVE, "up", "--model", str(moe_checkpoint), "--name", name, "--port", str(ports[k]),
-                 "--router-port", str(free_port()), "--kv-cache-blocks", "64", "--redis-url", REDIS_URL,
+                 "--router-port", str(spare_port()), "--kv-cache-blocks", "64", "--redis-url", REDIS_URL,
                  "--state-dir", str(state)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             ))  # fmt: skip
@@ -247,7 +246,7 @@ def test_up_with_expert_parallel_decode_groups_serves_and_shows_their_ranks(moe_
     """`pdserve up --expert-parallel '{"size": 2, "roles": ["decode"]}'`: a plain prefill worker and
     a decode group of 2 rank processes; a request served through them; `status` and the dashboard
     list the ranks and their memory (in the worker's); `down` leaves none."""
-    port, router_port = free_port(), free_port()
+    port, router_port = spare_port(), spare_port()
     state = tmp_path / "state"
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (outlives this block: the process writes to it)
     up = subprocess.Popen(
@@ -289,6 +288,8 @@ def test_up_with_expert_parallel_decode_groups_serves_and_shows_their_ranks(moe_
         rank_rss = [int(ln[7]) for ln in rank_lines]  # MiB
         assert all(rss > 50 for rss in rank_rss) and int(lines[decode_at].split()[9]) > sum(rank_rss)
         pids = [int(ln.split()[3]) for ln in lines if ln.strip().startswith("rank ")]
+        # The ranks run at the worker's priority: `up`'s own Ray starts workers at nice 0, not 15.
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [0, 0]
         deadline = time.monotonic() + 20  # the overview, too, shows the last load reports
         while True:
             overview = httpx.get(f"http://127.0.0.1:{port}/admin/overview", timeout=10).json()
@@ -304,18 +305,10 @@ def test_up_with_expert_parallel_decode_groups_serves_and_shows_their_ranks(moe_
         assert run("down", "--state-dir", str(state)).returncode == 0
         assert up.wait(30) == 0
         deadline = time.monotonic() + 30  # the ranks end with their workers
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+        assert len(pids) == 2 and not any(process_alive(pid) for pid in pids)
     finally:
         if up.poll() is None:
             up.kill()
         log.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

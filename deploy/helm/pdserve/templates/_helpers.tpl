@@ -88,7 +88,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "pdserve.headCommand" -}}
 - /bin/bash
 - -c
-- ulimit -n 65536; ray start --head --port=6379 --num-cpus=0 --dashboard-host=0.0.0.0 --disable-usage-stats && exec pdserve up
+- ulimit -n 65536; RAY_worker_niceness=0 ray start --head --port=6379 --num-cpus=0 --dashboard-host=0.0.0.0 --disable-usage-stats && exec pdserve up
 {{- end -}}
 
 {{/* A worker pod's command: a Ray node with one CPU slot per engine (Ray's CPUs are slots that
@@ -99,7 +99,7 @@ pdserve's workers ask for, not cores), a GPU per engine with device cuda, and it
 - /bin/bash
 - -c
 - >-
-  ulimit -n 65536; exec ray start --address="$RAY_HEAD_ADDRESS" --block --disable-usage-stats
+  ulimit -n 65536; RAY_worker_niceness=0 exec ray start --address="$RAY_HEAD_ADDRESS" --block --disable-usage-stats
   --num-cpus={{ $w.enginesPerPod }} --num-gpus={{ $gpus }} --resources='{"pdserve_{{ .role }}": {{ $w.enginesPerPod }}}'
 {{- end -}}
 
