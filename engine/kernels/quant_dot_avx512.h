@@ -31,75 +31,131 @@
 #define INLINE_AVX512 static inline __attribute__((always_inline)) AVX512_TARGET
 
 #define Z_TOKENS 4 /* token rows per pass at most */
+#define Z_WIDE 4   /* weight rows per pass at most */
 
-/* Weights decoded per block: 32 for Q4 (two vectors, even then odd weights), 16 for Q8. */
-INLINE_AVX512 int z_block(int fmt) { return fmt == FMT_Q4 ? 32 : 16; }
-
-/* The levels of block b of a row as floats: lo (and hi for Q4). `fmt` is a constant where inlined. */
-INLINE_AVX512 void z_decode(int fmt, const uint8_t *row, int b, __m512 *lo, __m512 *hi) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (size_t)16 * b)));
-    if (fmt == FMT_Q4) {
-        *lo = _mm512_cvtepi32_ps(_mm512_and_si512(d, _mm512_set1_epi32(15)));
-        *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4));
-    } else {
-        *lo = _mm512_cvtepi32_ps(d);
+/* sc[r * groups + G], of[...] = the fp32 scale and offset of group G of row j0 + r, r < n. */
+INLINE_AVX512 void z_scales(const QMat *w, int j0, int n, float *sc, float *of) {
+    const int groups = w->K / w->group;
+    for (int r = 0; r < n; r++) {
+        const size_t at = (size_t)(j0 + r) * groups;
+        float *s = sc + (size_t)r * groups, *o = of + (size_t)r * groups;
+        int g = 0;
+        for (; g + 16 <= groups; g += 16) {
+            _mm512_storeu_ps(s + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + at + g))));
+            _mm512_storeu_ps(o + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->offset + at + g))));
+        }
+        for (; g < groups; g++) s[g] = half_to_float(w->scale[at + g]), o[g] = half_to_float(w->offset[at + g]);
     }
 }
 
-/* c[i * ldc + j] = dot(a[i], w row j) for i < m and j in [j0, j0 + n), a[i] in the block order
- * above. Called with constant fmt, m and n (m * n <= 8: 8 accumulators and their weights). */
-INLINE_AVX512 void z_tile(
-    int fmt, int m, int n, const float *const *a, const QMat *w, int j0, const float *xsum, float *c,
+/* Q4, token rows a[i] (i < m, in the block order above) by weight rows [j0, j0 + n). Per group
+ * and row a 16-entry table, scale * level + offset for the 16 levels, and `vpermps` (which reads
+ * the low 4 bits of each index) turns the nibbles into weights: per 32 weights one widening
+ * load, one shift, two permutes and an FMA per token row for each half, nothing per group but
+ * the table. Even and odd weights sum in separate accumulators, added at the end. Called with
+ * constant m and n (m * n <= 8). */
+INLINE_AVX512 void z4_tile(
+    int m, int n, const float *const *a, const QMat *w, int j0, const float *sc, const float *of, float *c,
     int ldc) {
-    const int groups = w->K / w->group, blocks = w->group / z_block(fmt), width = z_block(fmt);
-    __m512 tot[Z_TOKENS][4];
-    float off[Z_TOKENS][4];
-    const uint8_t *row[4];
+    const int groups = w->K / w->group, blocks = w->group / 32;
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 even[Z_TOKENS][Z_WIDE], odd[Z_TOKENS][Z_WIDE];
+    const uint8_t *row[Z_WIDE];
     for (int j = 0; j < n; j++) row[j] = w->q + (size_t)(j0 + j) * w->row_bytes;
     for (int i = 0; i < m; i++)
-        for (int j = 0; j < n; j++) tot[i][j] = _mm512_setzero_ps(), off[i][j] = 0.0f;
+        for (int j = 0; j < n; j++) even[i][j] = odd[i][j] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m512 acc[Z_TOKENS][4];
-        for (int i = 0; i < m; i++)
-            for (int j = 0; j < n; j++) acc[i][j] = _mm512_setzero_ps();
+        __m512 table[Z_WIDE];
+        for (int j = 0; j < n; j++)
+            table[j] = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[(size_t)j * groups + g]),
+                                       _mm512_set1_ps(of[(size_t)j * groups + g]));
         for (int b = g * blocks; b < (g + 1) * blocks; b++) {
-            __m512 lo[4], hi[4];
-            for (int j = 0; j < n; j++) z_decode(fmt, row[j], b, &lo[j], &hi[j]);
+            __m512 lo[Z_WIDE], hi[Z_WIDE];
+            for (int j = 0; j < n; j++) {
+                const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row[j] + (size_t)16 * b)));
+                lo[j] = _mm512_permutexvar_ps(d, table[j]);
+                hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table[j]);
+            }
             for (int i = 0; i < m; i++) {
-                const float *x = a[i] + (size_t)width * b;
-                const __m512 xl = _mm512_loadu_ps(x);
-                for (int j = 0; j < n; j++) acc[i][j] = _mm512_fmadd_ps(xl, lo[j], acc[i][j]);
-                if (fmt == FMT_Q4) {
-                    const __m512 xh = _mm512_loadu_ps(x + 16);
-                    for (int j = 0; j < n; j++) acc[i][j] = _mm512_fmadd_ps(xh, hi[j], acc[i][j]);
+                const __m512 xl = _mm512_loadu_ps(a[i] + (size_t)32 * b), xh = _mm512_loadu_ps(a[i] + (size_t)32 * b + 16);
+                for (int j = 0; j < n; j++) {
+                    even[i][j] = _mm512_fmadd_ps(xl, lo[j], even[i][j]);
+                    odd[i][j] = _mm512_fmadd_ps(xh, hi[j], odd[i][j]);
                 }
             }
         }
-        for (int j = 0; j < n; j++) {
-            size_t at = (size_t)(j0 + j) * groups + g;
-            const float s = half_to_float(w->scale[at]), o = half_to_float(w->offset[at]);
-            for (int i = 0; i < m; i++) {
-                tot[i][j] = _mm512_fmadd_ps(acc[i][j], _mm512_set1_ps(s), tot[i][j]);
-                off[i][j] += o * xsum[(size_t)i * groups + g];
-            }
-        }
     }
     for (int i = 0; i < m; i++)
-        for (int j = 0; j < n; j++) c[(size_t)i * ldc + j0 + j] = _mm512_reduce_add_ps(tot[i][j]) + off[i][j];
+        for (int j = 0; j < n; j++)
+            c[(size_t)i * ldc + j0 + j] = _mm512_reduce_add_ps(_mm512_add_ps(even[i][j], odd[i][j]));
 }
 
-/* Rows [j0, j1) for token rows a[m0 .. m0 + m): 4 weight rows a pass for up to 2 token rows, 2
- * for 3-4 (the accumulators fit the registers); a tail of single rows. */
-#define Z_ROWS_FOR(fmt, m, wide)                                                                       \
-    do {                                                                                               \
-        int j = j0;                                                                                    \
-        for (; j + (wide) <= j1; j += (wide)) z_tile(fmt, m, wide, a, w, j, xsum, c, ldc);              \
-        for (; j < j1; j++) z_tile(fmt, m, 1, a, w, j, xsum, c, ldc);                                  \
+/* Q8, as quant_dot.h's qdot_tile: per group x . levels (16 bytes widened, converted, an FMA),
+ * times the group's scale; the offsets' share, sum over groups of offset * sum(x), at the end
+ * in 16-group vectors. Called with constant m and n (m * n <= 8). */
+INLINE_AVX512 void z8_tile(
+    int m, int n, const float *const *a, const QMat *w, int j0, const float *xsum, const float *sc,
+    const float *of, float *c, int ldc) {
+    const int groups = w->K / w->group, blocks = w->group / 16;
+    __m512 tot[Z_TOKENS][Z_WIDE];
+    const uint8_t *row[Z_WIDE];
+    for (int j = 0; j < n; j++) row[j] = w->q + (size_t)(j0 + j) * w->row_bytes;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) tot[i][j] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512 acc[Z_TOKENS][Z_WIDE];
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int b = g * blocks; b < (g + 1) * blocks; b++) {
+            __m512 lv[Z_WIDE];
+            for (int j = 0; j < n; j++)
+                lv[j] = _mm512_cvtepi32_ps(
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row[j] + (size_t)16 * b))));
+            for (int i = 0; i < m; i++) {
+                const __m512 xv = _mm512_loadu_ps(a[i] + (size_t)16 * b);
+                for (int j = 0; j < n; j++) acc[i][j] = _mm512_fmadd_ps(xv, lv[j], acc[i][j]);
+            }
+        }
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++)
+                tot[i][j] = _mm512_fmadd_ps(acc[i][j], _mm512_set1_ps(sc[(size_t)j * groups + g]), tot[i][j]);
+    }
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            __m512 off = _mm512_setzero_ps();
+            const float *o = of + (size_t)j * groups, *xs = xsum + (size_t)i * groups;
+            for (int g = 0; g < groups; g += 16) {
+                const __mmask16 live = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+                off = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, o + g), _mm512_maskz_loadu_ps(live, xs + g), off);
+            }
+            c[(size_t)i * ldc + j0 + j] = _mm512_reduce_add_ps(tot[i][j]) + _mm512_reduce_add_ps(off);
+        }
+}
+
+/* Rows [j0, j1) for token rows a[0 .. m): `wide` weight rows a pass (their scales converted
+ * into sc/of first), then single rows. */
+#define Z_ROWS_FOR(fmt, m, wide)                                                             \
+    do {                                                                                     \
+        int j = j0;                                                                          \
+        for (; j + (wide) <= j1; j += (wide)) {                                              \
+            z_scales(w, j, wide, sc, of);                                                    \
+            if (fmt == FMT_Q4)                                                               \
+                z4_tile(m, wide, a, w, j, sc, of, c, ldc);                                   \
+            else                                                                             \
+                z8_tile(m, wide, a, w, j, xsum, sc, of, c, ldc);                             \
+        }                                                                                    \
+        for (; j < j1; j++) {                                                                \
+            z_scales(w, j, 1, sc, of);                                                       \
+            if (fmt == FMT_Q4)                                                               \
+                z4_tile(m, 1, a, w, j, sc, of, c, ldc);                                      \
+            else                                                                             \
+                z8_tile(m, 1, a, w, j, xsum, sc, of, c, ldc);                                \
+        }                                                                                    \
     } while (0)
 
 INLINE_AVX512 void z_rows_fmt(
-    int fmt, const float *const *a, int m, const QMat *w, int j0, int j1, const float *xsum, float *c,
-    int ldc) {
+    int fmt, const float *const *a, int m, const QMat *w, int j0, int j1, const float *xsum, float *sc,
+    float *of, float *c, int ldc) {
     switch (m) {
     case 1:
         Z_ROWS_FOR(fmt, 1, 4);
@@ -133,34 +189,34 @@ static void z_split_even_odd(const float *src, int K, float *dst) {
 }
 
 /* qdot_rows for a matrix qdot_avx512_handles: c[i * ldc + j] = dot(a[i], row j of w) for i < M,
- * j in [j0, j1). Returns -1 when out of memory (the Q4 token rows' reordered copy). */
+ * j in [j0, j1). Returns -1 when out of memory (scratch: the Q4 token rows' reordered copy, and
+ * the fp32 scales and offsets of the rows in a pass). */
 AVX512_TARGET
 static int qdot_rows_avx512(
     const float *const *a, int M, const QMat *w, int j0, int j1, const float *xsum, float *c, int ldc) {
     const int groups = w->K / w->group;
     const float *rows[Z_TOKENS];
-    float *split = NULL;
-    if (w->fmt == FMT_Q4) {
-        split = malloc((size_t)(M < Z_TOKENS ? M : Z_TOKENS) * w->K * sizeof(float));
-        if (!split) return -1;
-    }
+    const size_t split_floats = w->fmt == FMT_Q4 ? (size_t)(M < Z_TOKENS ? M : Z_TOKENS) * w->K : 0;
+    float *scratch = malloc((split_floats + (size_t)2 * Z_WIDE * groups) * sizeof(float));
+    if (!scratch) return -1;
+    float *sc = scratch + split_floats, *of = sc + (size_t)Z_WIDE * groups;
     for (int m0 = 0; m0 < M; m0 += Z_TOKENS) {
         const int m = M - m0 < Z_TOKENS ? M - m0 : Z_TOKENS;
         for (int i = 0; i < m; i++) {
             rows[i] = a[m0 + i];
-            if (split) {
-                z_split_even_odd(a[m0 + i], w->K, split + (size_t)i * w->K);
-                rows[i] = split + (size_t)i * w->K;
+            if (w->fmt == FMT_Q4) {
+                z_split_even_odd(a[m0 + i], w->K, scratch + (size_t)i * w->K);
+                rows[i] = scratch + (size_t)i * w->K;
             }
         }
         const float *xs = xsum + (size_t)m0 * groups;
         float *cm = c + (size_t)m0 * ldc;
         if (w->fmt == FMT_Q4)
-            z_rows_fmt(FMT_Q4, rows, m, w, j0, j1, xs, cm, ldc);
+            z_rows_fmt(FMT_Q4, rows, m, w, j0, j1, xs, sc, of, cm, ldc);
         else
-            z_rows_fmt(FMT_Q8, rows, m, w, j0, j1, xs, cm, ldc);
+            z_rows_fmt(FMT_Q8, rows, m, w, j0, j1, xs, sc, of, cm, ldc);
     }
-    free(split);
+    free(scratch);
     return 0;
 }
 
