@@ -3,17 +3,20 @@
  * DECISIONS.md, 2026-12-06, "wint4 decode in AVX-512").
  *
  * At one token row the 8-lane kernel is bound by its instructions, not by memory: per 8 weights a
- * broadcast load, a per-lane shift, a mask, a conversion and an FMA. Here:
+ * broadcast load, a per-lane shift, a mask, a conversion and an FMA, and per group a scale and an
+ * offset. Here:
  *   Q4  16 bytes (32 weights) widen to 16 dwords in one load (vpmovzxbd); lane l holds weights
- *       2l (low nibble) and 2l + 1 (high nibble), so a mask gives the even weights and a shift
- *       the odd ones. The token row is reordered once per call to match ([x0 x2 .. x30 | x1 x3
- *       .. x31] per 32 columns), so the packed format and checkpoints stay as they are. About 7
- *       operations per 32 weights and token row instead of ~22.
- *   Q8  16 bytes widen to 16 dwords (one load), a conversion, an FMA: 3 per 16 weights.
- * The group's scale and offset are applied as in quant_dot.h: scale * (x . levels) + offset *
- * sum(x). Each output's summation order depends only on K and the group, not on M, on the tile
- * or on the part, so a token's result does not depend on its batch (the tests check it); it
- * differs from the 8-lane path's by rounding only.
+ *       2l (low nibble) and 2l + 1 (high nibble). Each row's group has a 16-entry table of its
+ *       weights, scale * level + offset (one FMA), and vpermps, which reads only an index's low 4
+ *       bits, looks both nibbles up (the high ones after a shift): the weights come out scaled,
+ *       with no conversion and nothing else per group. The token row is reordered once per call
+ *       to match ([x0 x2 .. x30 | x1 x3 .. x31] per 32 columns), so the packed format and
+ *       checkpoints stay as they are. ~6 operations per 32 weights and token row instead of ~22.
+ *   Q8  16 bytes widen to 16 dwords (one load), a conversion, an FMA: 3 per 16 weights; the
+ *       group's scale is applied to its sum, the offsets' share at the end (quant_dot.h's form).
+ * Each output's summation order depends only on K and the group, not on M, on the tile or on the
+ * part, so a token's result does not depend on its batch (the tests check it); it differs from
+ * the 8-lane path's by rounding only.
  *
  * Compiled for AVX-512 by target attributes and called only when the CPU has it (quant_path.h).
  */
