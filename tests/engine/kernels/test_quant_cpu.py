@@ -85,9 +85,12 @@ def _check_routed_experts(fmt: str, group: int, gemm) -> None:
     g = torch.Generator().manual_seed(4)
     hidden, inter, experts, k = 128, 64, 6, 2
     gate_up = [
-        formats.quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, fmt, group) for _ in range(experts)
+        formats.quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, fmt, group)
+        for _ in range(experts)
     ]
-    down = [formats.quantize(torch.randn(hidden, inter, generator=g) * 0.1, fmt, group) for _ in range(experts)]
+    down = [
+        formats.quantize(torch.randn(hidden, inter, generator=g) * 0.1, fmt, group) for _ in range(experts)
+    ]
     kernel = moe_cpu.RoutedExpertsKernel.quantized(gate_up, down)
     x = torch.randn(5, hidden, generator=g)
     ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(5)])
@@ -148,9 +151,11 @@ def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
 
 @needs_kernel
 def test_a_path_the_cpu_lacks_is_refused():
-    with pytest.raises(ValueError, match="kernel path 'sse9' is not one this CPU runs"):
-        with quant_cpu.use_kernel_path("sse9"):
-            pass
+    with (
+        pytest.raises(ValueError, match="kernel path 'sse9' is not one this CPU runs"),
+        quant_cpu.use_kernel_path("sse9"),
+    ):
+        pass
 
 
 @needs_kernel
