@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "quant_dot.h"
+#include "quant_path.h"
 #include "vector.h"
 #include "work_split.h"
 
@@ -117,18 +118,19 @@ typedef struct {
     int fmt, group; /* the experts' quantized format (-1: fp32) and group size */
 } Problem;
 
-/* Expert e's [n, K] product out = rows @ W.T, fp32 or packed. xsum: room for n * K / group. */
-static void expert_product(const Problem *p, const int64_t *table, int e, int N, int K,
+/* Expert e's [n, K] product out = rows @ W.T, fp32 or packed. xsum: room for n * K / group.
+ * Returns -1 when out of memory. */
+static int expert_product(const Problem *p, const int64_t *table, int e, int N, int K,
                            const float **rows, int n, float *xsum, float *out) {
     if (p->fmt < 0) {
         dot_rows(rows, n, (const float *)(intptr_t)table[e], N, K, out, N);
-        return;
+        return 0;
     }
     const int64_t *at = table + (size_t)3 * e;
     QMat w = {(const uint8_t *)(intptr_t)at[0], (const uint16_t *)(intptr_t)at[1],
               (const uint16_t *)(intptr_t)at[2], N, K, p->group, p->fmt, qmat_row_bytes(p->fmt, K)};
     group_sums(rows, n, K, p->group, xsum);
-    qdot_rows(rows, n, &w, 0, N, xsum, out, N);
+    return qdot_rows(rows, n, &w, 0, N, xsum, out, N);
 }
 
 static int run_part(const Problem *p, int part, int parts) {
@@ -178,12 +180,16 @@ static int run_part(const Problem *p, int part, int parts) {
         if (!n) continue;
         const int *mine = order + starts[e];
         for (int i = 0; i < n; i++) rows[i] = p->x + (size_t)(mine[i] / k) * H;
-        expert_product(p, p->gate_up, e, 2 * I, H, rows, n, xsum, gu);
+        int rc = expert_product(p, p->gate_up, e, 2 * I, H, rows, n, xsum, gu);
         for (int i = 0; i < n; i++) {
             silu_mul(gu + (size_t)i * 2 * I, gu + (size_t)i * 2 * I + I, h + (size_t)i * I, I);
             h_rows[i] = h + (size_t)i * I;
         }
-        expert_product(p, p->down, e, H, I, h_rows, n, xsum, out);
+        if (!rc) rc = expert_product(p, p->down, e, H, I, h_rows, n, xsum, out);
+        if (rc) {
+            free(rows), free(gu), free(h), free(out), free(h_rows), free(xsum);
+            goto oom;
+        }
         for (int i = 0; i < n; i++) {
             float wt = p->weights[mine[i]];
             float *dst = p->y + (size_t)mine[i] * H;
@@ -315,6 +321,7 @@ static PyMethodDef methods[] = {
      "[T, k] (int64) and weights [T, k]. bias may be 0 (none)."},
     {"combine_slots", combine_slots, METH_VARARGS,
      "combine_slots(y, out, T, k, H): out[t] = sum over s of y[t, s], in slot order."},
+    QDOT_PATH_METHODS,
     {NULL, NULL, 0, NULL},
 };
 

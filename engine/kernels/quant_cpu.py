@@ -6,6 +6,8 @@ it quantized matrices are dequantized in torch (slower, same numbers up to round
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +21,10 @@ try:
     from pdserve.engine.kernels import _quant_cpu
 except ImportError:  # built as an optional extension: no compiler at install time
     _quant_cpu = None
+try:  # the MoE kernel reads packed experts through the same product (quant_path.h)
+    from pdserve.engine.kernels import _moe_cpu
+except ImportError:
+    _moe_cpu = None
 
 # The format codes of quant_dot.h.
 FORMAT_CODES = {"q8": 0, "q4": 1, "q2": 2, "ccq": 3}
@@ -27,9 +33,38 @@ FORMAT_CODES = {"q8": 0, "q4": 1, "q2": 2, "ccq": 3}
 _SPLIT_MIN_WEIGHTS = 1 << 20
 
 
+# The builds of the decode-sized packed product (quant_path.h), slowest first: the C kernels run
+# the fastest one the CPU has (AVX-512 handles q4 and q8; other formats take the AVX2 build).
+KERNEL_PATHS = ("default", "avx2", "avx512")
+
+
 def available() -> bool:
     """True when the C kernel was built and imports."""
     return _quant_cpu is not None
+
+
+def kernel_paths() -> tuple[str, ...]:
+    """The builds of the packed product this CPU can run (empty without the C kernel)."""
+    if _quant_cpu is None:
+        return ()
+    return KERNEL_PATHS[: _quant_cpu.qdot_best_path() + 1]
+
+
+@contextmanager
+def use_kernel_path(name: str) -> Iterator[None]:
+    """Runs the packed products (dense and MoE experts) on build `name` of `kernel_paths()`
+    inside the block, for tests that check every build against the reference; not thread-safe."""
+    if name not in kernel_paths():
+        raise ValueError(f"kernel path {name!r} is not one this CPU runs: {kernel_paths()}")
+    modules = [m for m in (_quant_cpu, _moe_cpu) if m is not None]
+    before = [m.qdot_path() for m in modules]
+    for m in modules:
+        m.qdot_path(KERNEL_PATHS.index(name))
+    try:
+        yield
+    finally:
+        for m, code in zip(modules, before):
+            m.qdot_path(code)
 
 
 def _kernel():

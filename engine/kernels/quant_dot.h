@@ -91,10 +91,15 @@ INLINE void qdot_tile(
     float off[QA_ROWS][Q_ROWS];
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) tot[i][j] = (v8){0}, off[i][j] = 0.0f;
+    const size_t group_bytes = (size_t)w->row_bytes * w->group / w->K;
     for (int g = 0; g < groups; g++) {
         v8 acc[QA_ROWS][Q_ROWS];
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++) acc[i][j] = (v8){0};
+        /* The next pass's rows, this group's bytes: the hardware prefetcher alone left the q4
+         * LM head at 34.6 ms on one thread, 22.6 with this (DECISIONS.md, 2026-12-06). */
+        for (int j = 0; j < n; j++)
+            __builtin_prefetch(w->q + (size_t)(j0 + n + j) * w->row_bytes + g * group_bytes);
         for (int b = g * blocks; b < (g + 1) * blocks; b++) {
             v8 wv[Q_ROWS];
             for (int j = 0; j < n; j++) wv[j] = decode8(fmt, w->q + (size_t)(j0 + j) * w->row_bytes, b);
@@ -157,24 +162,35 @@ static void group_sums(const float *const *a, int M, int K, int group, float *xs
 
 /* c[i * ldc + j] = dot(a[i], row j of w) for i < M, j in [j0, j1). `xsum` from group_sums. Each
  * value's summation order depends only on K and the group, not on M or j0, so a token's result
- * does not depend on the batch it is in. */
-VECTOR_CLONES
-static void qdot_rows(
-    const float *const *a, int M, const QMat *w, int j0, int j1, const float *xsum, float *c, int ldc) {
-    switch (w->fmt) {
-    case FMT_Q8:
-        qdot_rows_fmt(FMT_Q8, a, M, w, j0, j1, xsum, c, ldc);
-        break;
-    case FMT_Q4:
-        qdot_rows_fmt(FMT_Q4, a, M, w, j0, j1, xsum, c, ldc);
-        break;
-    case FMT_Q2:
-        qdot_rows_fmt(FMT_Q2, a, M, w, j0, j1, xsum, c, ldc);
-        break;
-    default:
-        qdot_rows_fmt(FMT_CCQ, a, M, w, j0, j1, xsum, c, ldc);
-        break;
+ * does not depend on the batch it is in. Two builds of the same code, AVX2 + FMA and plain
+ * x86-64, chosen at run time by quant_path.h (not by target_clones, so a test can force each). */
+#define QDOT_ROWS_BY_FORMAT                                          \
+    switch (w->fmt) {                                                \
+    case FMT_Q8:                                                     \
+        qdot_rows_fmt(FMT_Q8, a, M, w, j0, j1, xsum, c, ldc);        \
+        break;                                                       \
+    case FMT_Q4:                                                     \
+        qdot_rows_fmt(FMT_Q4, a, M, w, j0, j1, xsum, c, ldc);        \
+        break;                                                       \
+    case FMT_Q2:                                                     \
+        qdot_rows_fmt(FMT_Q2, a, M, w, j0, j1, xsum, c, ldc);        \
+        break;                                                       \
+    default:                                                         \
+        qdot_rows_fmt(FMT_CCQ, a, M, w, j0, j1, xsum, c, ldc);       \
+        break;                                                       \
     }
+
+#if defined(__x86_64__)
+__attribute__((target("arch=x86-64-v3")))
+static void qdot_rows_avx2(
+    const float *const *a, int M, const QMat *w, int j0, int j1, const float *xsum, float *c, int ldc) {
+    QDOT_ROWS_BY_FORMAT
+}
+#endif
+
+static void qdot_rows_default(
+    const float *const *a, int M, const QMat *w, int j0, int j1, const float *xsum, float *c, int ldc) {
+    QDOT_ROWS_BY_FORMAT
 }
 
 /* The bytes one packed row takes. */

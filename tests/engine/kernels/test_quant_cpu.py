@@ -81,16 +81,16 @@ def test_ccq_encoder_finds_the_best_bit_string():
     assert got_cost == pytest.approx(best, rel=1e-5)
 
 
-@needs_kernel
-@pytest.mark.skipif(not moe_cpu.available(), reason="MoE CPU kernel not built")
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_quantized_routed_experts_match_the_dequantized_reference(fmt, gemm):
+def _check_routed_experts(fmt: str, group: int, gemm) -> None:
     g = torch.Generator().manual_seed(4)
-    hidden, inter, experts, k = 64, 32, 6, 2
+    hidden, inter, experts, k = 128, 64, 6, 2
     gate_up = [
-        formats.quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, fmt, 32) for _ in range(experts)
+        formats.quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, fmt, group)
+        for _ in range(experts)
     ]
-    down = [formats.quantize(torch.randn(hidden, inter, generator=g) * 0.1, fmt, 32) for _ in range(experts)]
+    down = [
+        formats.quantize(torch.randn(hidden, inter, generator=g) * 0.1, fmt, group) for _ in range(experts)
+    ]
     kernel = moe_cpu.RoutedExpertsKernel.quantized(gate_up, down)
     x = torch.randn(5, hidden, generator=g)
     ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(5)])
@@ -102,6 +102,60 @@ def test_quantized_routed_experts_match_the_dequantized_reference(fmt, gemm):
         gate, up = F.linear(x[t].double(), _reference(gate_up[e])).chunk(2)
         want[t] += weights[t, s].double() * F.linear(F.silu(gate) * up, _reference(down[e]))
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.skipif(not moe_cpu.available(), reason="MoE CPU kernel not built")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_routed_experts_match_the_dequantized_reference(fmt, gemm):
+    _check_routed_experts(fmt, 32, gemm)
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", quant_cpu.KERNEL_PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
+    """Each build of the packed product this CPU runs (AVX-512, AVX2, plain x86-64), forced in
+    turn: products and routed experts against the float64 reference, a token's row the same in
+    any batch and any split, and within rounding of the best build's result."""
+    if path not in quant_cpu.kernel_paths():
+        pytest.skip(f"this CPU does not run the {path} build")
+    g = torch.Generator().manual_seed(6)
+    # 1024 x 1024 weights: large enough to split over the threads; groups of 16 and 32 are
+    # not whole 32-weight blocks for the AVX-512 q4 decoding (it hands them to the AVX2 build).
+    for group in (16, 32, 64):
+        q = formats.quantize(torch.randn(1026, 1024, generator=g), fmt, group)
+        ref = _reference(q)
+        for m in (1, 2, 3, 4, 5, 8):
+            x = torch.randn(m, 1024, generator=g)
+            best = quant_cpu.matmul(q, x)
+            with quant_cpu.use_kernel_path(path):
+                assert quant_cpu._quant_cpu.qdot_path() == quant_cpu.KERNEL_PATHS.index(path)
+                got = quant_cpu.matmul(q, x)
+                torch.testing.assert_close(got.double(), x.double() @ ref.t(), rtol=1e-5, atol=1e-4)
+                assert torch.equal(quant_cpu.matmul(q, x, gemm.parallel), got)
+                assert torch.equal(quant_cpu.matmul(q, x[:1]), got[:1])
+                assert torch.equal(quant_cpu.matmul(q, x[-1:]), got[-1:])
+            torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-4)
+        # Prefill-sized products: every build sums each output over k in order with FMAs, so
+        # the AVX-512 GEMM gives the AVX2 build's bits.
+        x = torch.randn(29, 1024, generator=g)
+        best = quant_cpu.matmul_dequantized(q, x)
+        with quant_cpu.use_kernel_path(path):
+            assert torch.equal(quant_cpu.matmul_dequantized(q, x, gemm.parallel), best)
+        if moe_cpu.available():
+            with quant_cpu.use_kernel_path(path):
+                _check_routed_experts(fmt, group if group >= 32 else 32, gemm)
+    assert quant_cpu._quant_cpu.qdot_path() == len(quant_cpu.kernel_paths()) - 1  # restored
+
+
+@needs_kernel
+def test_a_path_the_cpu_lacks_is_refused():
+    with (
+        pytest.raises(ValueError, match="kernel path 'sse9' is not one this CPU runs"),
+        quant_cpu.use_kernel_path("sse9"),
+    ):
+        pass
 
 
 @needs_kernel
