@@ -181,7 +181,7 @@ def _shares(
                 rank_load[r] += n - portion[e][r]
                 portion[e][r] = n
     return [
-        [portion[e][r] / load[e] if load[e] > 0 else 1.0 / len(portion[e]) for r in sorted(portion[e])]
+        [float(portion[e][r] / load[e]) if load[e] > 0 else 1.0 / len(portion[e]) for r in sorted(portion[e])]
         for e in range(len(load))
     ]
 
