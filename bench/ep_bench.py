@@ -110,6 +110,18 @@ def _decode_run(group: ExpertParallelGroup, prompts: list[list[int]], output_len
     }
 
 
+def _ran_imbalance(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
+    """max/mean token slots per rank that the ranks' experts ran between two `rank_stats()`, the
+    mean over MoE layers (as `rank_imbalance` takes it)."""
+    layers = sorted({layer for s in after for layer in s["layer_rows"]})
+    worst = []
+    for layer in layers:
+        ran = [a["layer_rows"].get(layer, 0) - b["layer_rows"].get(layer, 0) for a, b in zip(after, before)]
+        if sum(ran):
+            worst.append(max(ran) * len(ran) / sum(ran))
+    return sum(worst) / len(worst) if worst else 1.0
+
+
 def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any]:
     """Runs every size and batch, prints the tables, writes JSON to `output`."""
     rng = random.Random(args.seed)
@@ -151,14 +163,26 @@ def run_ep_bench(args: EPBenchArgs, output: Path | None = None) -> dict[str, Any
         try:
             skewed = [[rng.randrange(3, 250) for _ in range(4)] * (args.input_len // 4)] * max(args.batches)
             group.collect_expert_tokens()
+            start = group.rank_stats()
             _decode_run(group, skewed, args.output_len)
+            rebalanced = group.rank_stats()
             before = group.imbalance()
             group.rebalance()
             _decode_run(group, skewed, args.output_len)
             after = group.imbalance()
-            imbalance.append({"ep": size, "redundant": redundant, "before": before, "after": after})
+            row = {
+                "ep": size,
+                "redundant": redundant,
+                "before": before,
+                "after": after,
+                # the slots each rank's experts actually ran, not the counts under the placement
+                "measured_before": _ran_imbalance(start, rebalanced),
+                "measured_after": _ran_imbalance(rebalanced, group.rank_stats()),
+            }
+            imbalance.append(row)
             print(
-                f"ep {size}: imbalance (max/mean tokens per rank) {before:.2f} before, {after:.2f} after rebalancing"
+                f"ep {size}: imbalance (max/mean tokens per rank) {before:.2f} before, {after:.2f} after "
+                f"rebalancing; as run {row['measured_before']:.2f} -> {row['measured_after']:.2f}"
             )
         finally:
             group.close()

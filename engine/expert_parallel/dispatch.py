@@ -40,6 +40,7 @@ from pdserve.engine.kernels import moe_cpu
 # slots on one rank share its row; in a split product's round, all the sender's rows, to every rank).
 _SLOTS, _LAYER, _DONE, _ROWS = 0, 1, 2, 3
 FINISHED = -1
+_GOLDEN = (5**0.5 - 1) / 2  # the fractional part of the golden ratio
 
 
 def split_tag(product: int) -> int:
@@ -83,6 +84,8 @@ class ExpertDispatcher:
         self.stats = DispatchStats()
         self._layers: dict[int, HeldExpertsFn] = {}
         self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cumulative: dict[int, np.ndarray] = {}  # layer -> `cumulative_shares`
+        self._seen: dict[int, np.ndarray] = {}  # layer -> slots this rank routed to each expert
         self.placement = placement
         self._products: list[tuple[ColumnSliceFn, int]] = []
 
@@ -114,11 +117,13 @@ class ExpertDispatcher:
         """`run_held` computes this rank's held experts of MoE layer `layer`."""
         self._layers[layer] = run_held
         self._tables[layer] = self.placement.replica_table(layer)
+        self._cumulative[layer] = cumulative_shares(self.placement, layer)
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Swaps the routing table (between steps, after the held copies were filled)."""
         self.placement = placement
         self._tables = {layer: placement.replica_table(layer) for layer in self._layers}
+        self._cumulative = {layer: cumulative_shares(placement, layer) for layer in self._layers}
 
     def dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]), experts wherever held."""
@@ -127,10 +132,11 @@ class ExpertDispatcher:
         counts = self.stats.expert_tokens.setdefault(layer, [0] * self.placement.num_experts)
         for e, n in enumerate(np.bincount(flat, minlength=self.placement.num_experts)):
             counts[e] += int(n)
-        ranks, slots, copies = self._tables[layer]
+        ranks, slots, _ = self._tables[layer]
         token = np.arange(t * k) // k
-        # Copies split an expert's tokens: token i of this rank goes to copy (i + rank) % copies.
-        choice = (token + self.rank) % copies[flat]
+        cumulative = self._cumulative[layer]
+        seen = self._seen.setdefault(layer, np.zeros(len(cumulative), dtype=np.int64))
+        choice = choose_copies(cumulative, seen, flat, self.rank / self.size)
         dest, local = ranks[flat, choice], slots[flat, choice]
         order = np.argsort(dest, kind="stable")  # by rank, then (token, slot) as routed
         dest, token = dest[order], token[order]
@@ -295,6 +301,32 @@ class ExpertDispatcher:
             got = c.all_to_all(send.to(c.device), [len(s) for s in sends], [len(r) for r in recvs])
             by_expert = dict(zip([e for src in recvs for e in src], got))
             install(layer, [by_expert[e] for e in spares[self.rank]])
+
+
+def choose_copies(cumulative: np.ndarray, seen: np.ndarray, flat: np.ndarray, offset: float) -> np.ndarray:
+    """Which copy of its expert each routed slot (`flat`: logical experts) goes to, so that each
+    copy takes its share of the expert's slots (`cumulative`: `cumulative_shares`). The n-th slot
+    a rank routes to expert e (`seen[e]` before this call, counted up here) picks by where
+    frac(n * golden ratio + offset) falls in e's cumulative shares: that sequence fills [0, 1)
+    evenly for any n, so shares hold in every window. Outputs do not depend on the choice."""
+    by_expert = np.argsort(flat, kind="stable")
+    per_expert = np.bincount(flat, minlength=len(cumulative))
+    nth = np.empty(len(flat), dtype=np.int64)  # index among this call's slots for its expert
+    nth[by_expert] = np.arange(len(flat)) - (np.cumsum(per_expert) - per_expert)[flat[by_expert]]
+    u = np.modf((seen[flat] + nth) * _GOLDEN + offset)[0]
+    seen += per_expert
+    return (cumulative[flat] <= u[:, None]).sum(axis=1)
+
+
+def cumulative_shares(placement: ExpertPlacement, layer: int) -> np.ndarray:
+    """[E, C]: where each copy's share of its expert's slots ends in [0, 1); the last copy's end
+    (and the unused columns after it) is 2, above any draw, so rounding never picks past it."""
+    shares = placement.copy_shares(layer)
+    cumulative = np.cumsum(shares, axis=1)
+    _, _, copies = placement.replica_table(layer)
+    for e, n in enumerate(copies):
+        cumulative[e, n - 1 :] = 2.0
+    return cumulative
 
 
 def combine(per_slot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,15 @@ def test_every_size_refused_is_an_error():
     )  # fmt: skip
     with pytest.raises(SystemExit, match="no group size fits it; raise the limit"):
         run_ep_bench(args)
+
+
+def test_rebalancing_evens_the_slots_the_ranks_ran():
+    # EP 4 of the demo's 8 experts, one spare slot per rank, one prompt repeated: the counted
+    # imbalance and the one from the rows each rank's experts ran agree, and the rebalance evens it.
+    args = EPBenchArgs(
+        model="demo", load_format="auto", hf_overrides={}, sizes=(4,), batches=(8,),
+        input_len=8, output_len=4, total_threads=2, repeats=1,
+    )  # fmt: skip
+    [row] = run_ep_bench(args, None)["imbalance"]
+    assert row["before"] >= 1.2 and row["measured_before"] == pytest.approx(row["before"], abs=0.02)
+    assert row["after"] <= 1.05 and row["measured_after"] <= 1.1
