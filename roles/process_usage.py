@@ -8,10 +8,10 @@ grow with cancelled requests). Zeros where /proc is missing (not Linux).
 from __future__ import annotations
 
 import os
-import resource
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from pdserve.engine.process_memory import resident_bytes
 from pdserve.engine.stats import RankLoad
 
 
@@ -28,13 +28,11 @@ class ProcessUsage:
     def of_this_process(cls) -> ProcessUsage:
         """This process's usage, from /proc/self (zeros where /proc is missing)."""
         try:
-            with open("/proc/self/statm") as f:
-                rss_pages = int(f.read().split()[1])
             open_fds = len(os.listdir("/proc/self/fd"))
             threads = len(os.listdir("/proc/self/task"))
         except OSError:
             return cls()
-        return cls(rss_pages * resource.getpagesize(), open_fds, threads, os.getpid())
+        return cls(resident_bytes(), open_fds, threads, os.getpid())
 
     def with_ranks(self, ranks: Sequence[RankLoad]) -> ProcessUsage:
         """This worker's footprint with its expert-parallel ranks' memory added: the ranks are its

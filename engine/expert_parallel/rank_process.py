@@ -25,6 +25,7 @@ from pdserve.engine.expert_parallel.collective import RendezvousStore
 from pdserve.engine.expert_parallel.placement import ExpertPlacement
 from pdserve.engine.expert_parallel.rank import ExpertParallelRank, install_placement
 from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.process_memory import resident_bytes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.stats import EngineStats, RankLoad
 
@@ -130,7 +131,7 @@ class _RankCommands:
                 num_running=stats.num_running,
                 num_waiting=stats.num_waiting,
                 expert_tokens=sum(self.dispatcher.stats.layer_rows.values()),
-                rss_bytes=_resident_bytes(),
+                rss_bytes=resident_bytes(),
             )
         ]
         return stats
@@ -275,15 +276,6 @@ class RankProcesses:
                 proc.kill()
         self.close()
         raise GroupFailed(self.failure)
-
-
-def _resident_bytes() -> int:
-    """This process's resident memory now (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return 0
 
 
 def _stop(conns, procs, store: RendezvousStore) -> None:
