@@ -70,6 +70,9 @@ class ControllerConfig:
     # The roles whose slots run `engine.expert_parallel` as groups; the others' workers are plain
     # engines. A slot keeps its kind through role switches and restarts (expert_parallel_workers.py).
     expert_parallel_roles: tuple[str, ...] = ROLES
+    # Cores of their own for some slots (core_plan.py, set by `pdserve up`); the others run where
+    # the OS puts them. A slot keeps its cores through role switches and restarts.
+    slot_cores: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -83,6 +86,10 @@ class ControllerConfig:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
         # Checks the roles (a typo named); frozen, so a YAML list reads as a tuple.
         self.expert_parallel_roles = self.slot_kinds().roles
+
+    def slots(self) -> list[tuple[str, str]]:
+        """(slot name, role it starts in) for every worker, in start order: "prefill-0", ..."""
+        return [(f"{role}-{i}", role) for role in ROLES for i in range(getattr(self, role))]
 
     def slot_kinds(self) -> ExpertParallelWorkers:
         """Which slots run `engine.expert_parallel` as a group."""
@@ -144,7 +151,7 @@ class Controller:
     async def start(self) -> list[WorkerInfo]:
         """Starts every worker and waits until each has loaded its model."""
         if not self._started:
-            slots = [(f"{role}-{i}", role) for role in ROLES for i in range(getattr(self.config, role))]
+            slots = self.config.slots()
             # By the role a slot starts in, kept through switches and restarts.
             self._slot_engines = {slot: self.config.slot_engine(role) for slot, role in slots}
             infos = await asyncio.gather(*(self._launch(slot, role, 0) for slot, role in slots))
@@ -328,7 +335,7 @@ class Controller:
         worker_id = slot if restarts == 0 else f"{slot}.r{restarts}"
         handle = start_worker(
             worker_id, self._slot_engines[slot], role, self.config.kv_backend, num_cpus=self.config.worker_num_cpus,
-            host=self.config.kv_host,
+            host=self.config.kv_host, cores=self.config.slot_cores.get(slot),
         )  # fmt: skip
         self._starting[worker_id] = handle
         try:

@@ -137,6 +137,13 @@ class ClusterConfig(BaseModel):
         "auto",
         description="BLAS for fp32 CPU matmuls: auto (OpenBLAS on AMD, MKL elsewhere), torch or openblas",
     )
+    cpu_binding: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: when `up` starts its own Ray with CPU workers, each decode (and colocated) "
+        "worker keeps --threads cores to itself, prefill workers next while cores last, and the gateway, "
+        "router and Ray share the rest (nothing is bound when that leaves no core over); off: the OS "
+        "places every process",
+    )
     prefill: Int = Field(1, ge=0, description="prefill workers")
     decode: Int = Field(1, ge=0, description="decode workers")
     both: Int = Field(0, ge=0, description="colocated (prefill+decode) workers")

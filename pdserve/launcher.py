@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from pdserve.cluster.controller import CONTROLLER_NAME, ControllerConfig, start_controller
+from pdserve.cluster.core_plan import CorePlan, plan_cores
 from pdserve.cluster_state import ClusterRecord, claim, remove_record, running, write_record
 from pdserve.config import ClusterConfig, env_name
 from pdserve.engine.engine_config import EngineConfig
+from pdserve.roles.cpu_binding import bind_this_process, can_bind
 
 if TYPE_CHECKING:
     from pdserve.engine.served_model import ServedModel
@@ -105,6 +107,26 @@ def worker_cpus(c: ClusterConfig, resources: dict[str, float], on_gpu: bool) -> 
             f"Ray cluster has {cpus:g}; lower --prefill/--decode/--both"
         )
     return min(1.0, cpus / n)
+
+
+def core_plan(c: ClusterConfig, controllers: ControllerConfig) -> tuple[CorePlan | None, str]:
+    """Which cores the workers keep to themselves under `cpu_binding: auto`, and the start-up line
+    that says so (or why nothing is bound)."""
+    if c.cpu_binding == "off":
+        return None, ""
+    if c.address or controllers.engine.on_gpu or not can_bind():
+        return None, ""  # a joined Ray's nodes are not this machine's; GPU workers wait on the device
+    if others := [r.name for r in running(c.state_dir) if r.name != c.name]:
+        # Their workers hold cores this process cannot see; binding ours to the same ones would be worse.
+        return None, f"cores: not bound, another cluster runs on this machine ({', '.join(others)})"
+    threads = controllers.engine.num_threads or 1
+    plan = plan_cores(sorted(os.sched_getaffinity(0)), controllers.slots(), threads)
+    if plan is None:
+        return None, (
+            f"cores: not bound, {len(os.sched_getaffinity(0))} cores do not give each decode and colocated "
+            f"worker {threads} of its own and one for the rest (cpu_binding: off silences this)"
+        )
+    return plan, plan.describe()
 
 
 def router_config(c: ClusterConfig) -> RouterConfig:
@@ -244,6 +266,12 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
     if config.context_cache.redis_url:
         # Workers would go on without it (recomputing), but a wrong URL at start is a mistake to say.
         _check_redis(config.context_cache.redis_url, "context_cache.redis_url")
+    plan, said = core_plan(config, controllers)
+    if plan is not None:
+        bind_this_process(plan.serving)  # before Ray starts: its processes inherit the cores
+        controllers = replace(controllers, slot_cores=plan.slots)
+    if said:
+        echo(said)
     try:
         try:
             if config.address:

@@ -31,6 +31,7 @@ from pdserve.engine.served_model import ServedModel
 from pdserve.roles.aborted_requests import AbortedRequests
 from pdserve.roles.cache_events import CacheEventBatch, CacheEventLog
 from pdserve.roles.chunk_feed import ChunkOutbox
+from pdserve.roles.cpu_binding import bind_this_process
 from pdserve.roles.engine_loop import EngineLoop
 from pdserve.roles.errors import RoleError
 from pdserve.roles.feed_link import (
@@ -70,10 +71,13 @@ class Worker:
         role: str = "both",
         kv_backend: str = "gloo",
         host: str | None = "127.0.0.1",
+        cores: tuple[int, ...] | None = None,
     ) -> None:
         """`host`: the address its KV transport listens on; None: this node's address as Ray
-        knows it (workers on other machines must reach it)."""
+        knows it (workers on other machines must reach it). `cores`: the CPU cores it keeps to
+        itself (cluster/core_plan.py), bound before any engine thread starts; None: the OS places it."""
         _check_role(role)
+        self.cores = bind_this_process(cores) if cores else None
         self.worker_id = worker_id
         self.role = role
         self._draining = False  # switching role: refuses new work until the switch is done
@@ -584,6 +588,7 @@ def start_worker(
     num_cpus: float = 1,
     name: str | None = None,
     host: str | None = "127.0.0.1",
+    cores: tuple[int, ...] | None = None,
 ):
     """Starts a `Worker` actor: one GPU when the engine runs on CUDA (and NCCL transfers), CPU otherwise.
 
@@ -598,4 +603,4 @@ def start_worker(
         name=name,
         max_concurrency=1000,  # an async actor: many streams at once
     )
-    return actor.remote(worker_id, engine_config, role, backend, host)
+    return actor.remote(worker_id, engine_config, role, backend, host, cores)

@@ -25,6 +25,7 @@ SAMPLES: dict[str, Any] = {
     "threads": 2,
     "device": "cuda",
     "cpu_gemm": "openblas",
+    "cpu_binding": "off",
     "prefill": 3,
     "decode": 2,
     "both": 1,

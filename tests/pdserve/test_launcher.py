@@ -15,6 +15,7 @@ import redis
 
 from pdserve.cluster_state import ClusterStateError, claim, process_alive, remove_record, running
 from tests.redis_server import spare_port, start_redis, stop_redis
+from tests.thread_affinity import allowed_by_thread, descendants
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 REDIS_URL = os.environ.get("PDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -56,6 +57,14 @@ def test_up_serves_status_reports_down_stops(moe_checkpoint, tmp_path):
         assert f"`pdserve down --name pdserve-{port}`" in printed
         assert "curl http://" in printed
         assert f"router 127.0.0.1:{router_port})" in printed
+        if len(os.sched_getaffinity(0)) >= 2:  # cpu_binding: auto gives the decode worker a core of its own
+            top = max(os.sched_getaffinity(0))
+            assert f"cores: decode-0 on core {top};" in printed
+            workers = [
+                p for p in descendants(up.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "ray::Worker"
+            ]
+            bound = [set(allowed_by_thread(p).values()) for p in workers]
+            assert bound.count({str(top)}) == 1, bound  # every thread of one worker, the others elsewhere
 
         # A prompt that repeats itself, so n-gram lookup has something to guess from.
         prompt = "def f(a, b):\n    return a + b\n\n\ndef f(a, b):"
