@@ -49,7 +49,7 @@ def rank_weight_bytes(config: EngineConfig) -> int:
     if model.lm_head is None and embed.dtype == torch.float32:
         total += rows * row_bytes  # the CPU path's input-major copy of the tied head's rows
     for mlp in split_mlps(model, ep):  # gate and up keep the widest rank's units alone
-        gone = mlp.intermediate_size - len(base_range(0, ep.size, mlp.intermediate_size))
+        gone = mlp.intermediate_size - -(-mlp.intermediate_size // ep.size)
         total -= 2 * gone * mlp.gate_proj.in_features * mlp.gate_proj.weight.element_size()
     return total
 
