@@ -143,7 +143,9 @@ class ExpertDispatcher:
         if len(flat) == 0:  # no round: the others need none from a rank that asks for nothing
             return torch.zeros(*ids.shape, self.hidden_size, dtype=self.dtype, device=ids.device)
         if flat.min() < 0 or flat.max() >= num_rows:
-            raise ValueError(f"token ids must lie in [0, {num_rows}) (the vocabulary), got {flat.min()}..{flat.max()}")
+            raise ValueError(
+                f"token ids must lie in [0, {num_rows}) (the vocabulary), got {flat.min()}..{flat.max()}"
+            )
         starts = np.array([base_range(r, self.size, num_rows).start for r in range(self.size)])
         owner = np.searchsorted(starts, flat, side="right") - 1
         order = np.argsort(owner, kind="stable")  # by owning rank, then as asked

@@ -23,7 +23,10 @@ RANK_COUNTERS = {
     ),
     "rows_sent": ("rows_sent", "Token rows sent to other ranks' experts"),
     "rows_received": ("rows_received", "Token rows received from other ranks for this rank's experts"),
-    "rounds": ("rounds", "All-to-all rounds (one per MoE layer pass, split product and embedding lookup, plus closing rounds)"),
+    "rounds": (
+        "rounds",
+        "All-to-all rounds (one per MoE layer pass, split product and embedding lookup, plus closing rounds)",
+    ),
     "split_compute_seconds": (
         "split_compute_seconds",
         "Seconds computing this rank's columns of split products (LM head, dense MLPs) for any rank",

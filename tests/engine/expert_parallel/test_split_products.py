@@ -54,7 +54,9 @@ def test_a_slice_of_the_head_computes_those_logits(rows):
         assert sliced._tied_head_input_major is not None and is_input_major(sliced._tied_head_input_major)
         assert sliced._tied_head_input_major.shape[0] == len(part)  # the copy holds the slice alone
         # The embedding keeps the same rows: a tied head's slice is the embedding's.
-        assert torch.equal(sliced.model.embed_tokens.weight, whole.model.embed_tokens.weight[part.start : part.stop])
+        assert torch.equal(
+            sliced.model.embed_tokens.weight, whole.model.embed_tokens.weight[part.start : part.stop]
+        )
         got = sliced.head_slice_logits(normed)
         assert got.shape == (rows, len(part))
         torch.testing.assert_close(got, want[:, part.start : part.stop], rtol=1e-6, atol=1e-5)
