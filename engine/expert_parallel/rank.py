@@ -54,8 +54,9 @@ def split_mlps(model, config: ExpertParallelConfig) -> list:
 
 def keep_rank_slices(model, ep: ExpertParallelRank) -> None:
     """Drops what other ranks compute or look up for this one: all but the rank's slice of the
-    LM head's and the embedding's vocabulary and of the split MLPs' intermediate units. After loading, before packing (so no
-    whole copy is made); `join_group` then connects the slices to the group."""
+    LM head's and the embedding's vocabulary and of the split MLPs' intermediate units. After
+    loading, before packing (so no whole copy is made); `join_group` then connects the slices to
+    the group."""
     vocab = ep.vocab_slice(model.config.vocab_size)
     if vocab is not None:
         model.keep_vocab_slice(vocab.start, vocab.stop)
