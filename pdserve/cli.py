@@ -747,7 +747,7 @@ def _add_bench_ep(bench_sub) -> None:
     ep.add_argument(
         "--no-split-dense",
         action="store_true",
-        help="every rank holds the LM head and dense MLPs whole (expert_parallel.split_dense false), for comparison",
+        help="every rank holds the LM head, embedding and dense MLPs whole (expert_parallel.split_dense false), for comparison",
     )
     ep.add_argument(
         "--worker-memory-gb",

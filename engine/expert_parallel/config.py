@@ -20,7 +20,8 @@ class ExpertParallelConfig:
     collective may wait for a peer before the rank gives up (a dead peer must not hang the rest).
     `split_dense`: each rank holds 1/size of the output columns of the products every token
     runs (the LM head; the gate/up of dense-layer and shared-expert MLPs of `SPLIT_MIN_ELEMENTS`
-    or more) and the group computes them together (dispatch.py); false: every rank holds them whole.
+    or more) and the group computes them together (dispatch.py), and 1/size of the embedding's
+    rows (the head's vocabulary slice), fetching other rows by id; false: every rank holds them whole.
     """
 
     size: int = 1

@@ -17,6 +17,11 @@ rows it got (every sender's at once), and the sender puts the slices side by sid
 the same dot product as one engine's, so results stay those of one engine, and the group reads
 such a weight once per step instead of once per rank.
 
+Tables every token reads (the embedding) are split by row (`gather_rows`): each rank holds a
+contiguous slice of the rows, and a rank sends each token's id to the rank holding its row in a
+`LOOKUP` round (no hidden rows travel out, one row per id comes back), as a MoE round sends a token
+to its experts' ranks. A lookup is a copy, so the rows are one engine's bit for bit.
+
 Experts return unweighted rows; the sender weighs them and sums a token's k slots in slot order
 (the C kernel's `combine_slots`), so a token's result is the same float for float whichever
 rank ran its experts, and the same as one engine's decode-sized MoE path.
@@ -36,22 +41,31 @@ from pdserve.engine.expert_parallel.placement import ExpertPlacement, base_range
 from pdserve.engine.kernels import moe_cpu
 
 # Header columns: (token, slot) pairs sent to that rank, the sender's layer (FINISHED: finished
-# its step; `split_tag(p)`: in split product p), finished, and distinct token rows sent (a token's
-# slots on one rank share its row; in a split product's round, all the sender's rows, to every rank).
+# its step; LOOKUP: reading the split table, one pair per id; `split_tag(p)`: in split product p),
+# finished, and distinct token rows sent (a token's slots on one rank share its row; in a split
+# product's round, all the sender's rows, to every rank; in a lookup, none).
 _SLOTS, _LAYER, _DONE, _ROWS = 0, 1, 2, 3
 FINISHED = -1
+LOOKUP = -2
 _GOLDEN = (5**0.5 - 1) / 2  # the fractional part of the golden ratio
 
 
 def split_tag(product: int) -> int:
     """The header layer of a round in split product `product` (MoE layers are >= 0)."""
-    return -2 - product
+    return -3 - product
+
+
+def is_split(tag: int) -> bool:
+    """Whether a header layer is a split product's (`split_tag`)."""
+    return tag <= split_tag(0)
 
 
 # (rows [P, H], local slot ids [P]) -> unweighted expert outputs [P, H]
 HeldExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # input rows [R, H] -> this rank's slice of the product's output columns [R, slice]
 ColumnSliceFn = Callable[[torch.Tensor], torch.Tensor]
+# ids [N] within this rank's slice of a split table -> its rows there [N, H]
+RowSliceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -60,9 +74,10 @@ class DispatchStats:
 
     rounds: int = 0
     seconds: float = 0.0  # in collectives (waiting included), not expert compute
-    compute_seconds: float = 0.0  # running experts for this and other ranks' rows
+    compute_seconds: float = 0.0  # running experts (and table lookups) for this and other ranks' rows
     split_seconds: float = 0.0  # computing this rank's columns of split products for any rank
     split_rounds: int = 0  # rounds in which this rank gathered a split product's columns
+    lookup_rounds: int = 0  # rounds in which this rank gathered rows of the split table
     rows_sent: int = 0
     rows_received: int = 0
     # layer -> tokens routed to each logical expert from this rank's sequences (taken and reset
@@ -88,6 +103,7 @@ class ExpertDispatcher:
         self._seen: dict[int, np.ndarray] = {}  # layer -> slots this rank routed to each expert
         self.placement = placement
         self._products: list[tuple[ColumnSliceFn, int]] = []
+        self._table: tuple[RowSliceFn, int] | None = None
 
     def register_columns(self, column_slice: ColumnSliceFn, width: int) -> int:
         """Registers a split product of `width` output columns, this rank computing columns
@@ -112,6 +128,36 @@ class ExpertDispatcher:
         return torch.cat(
             [slices[k, :, : len(base_range(k, self.size, width))] for k in range(self.size)], dim=1
         )
+
+    def register_table(self, row_slice: RowSliceFn, num_rows: int) -> None:
+        """Registers the split table of `num_rows` rows (the embedding), this rank holding rows
+        `base_range(rank, size, num_rows)` and reading them with `row_slice` (ids within the slice)."""
+        self._table = (row_slice, num_rows)
+
+    def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The split table's rows for `ids` (any shape; rows [*ids.shape, H]), each fetched from
+        the rank holding it in one `LOOKUP` round: exact copies, in this rank's compute dtype."""
+        assert self._table is not None, "gather_rows needs register_table first"
+        num_rows = self._table[1]
+        flat = ids.reshape(-1).cpu().numpy()
+        if len(flat) == 0:  # no round: the others need none from a rank that asks for nothing
+            return torch.zeros(*ids.shape, self.hidden_size, dtype=self.dtype, device=ids.device)
+        if flat.min() < 0 or flat.max() >= num_rows:
+            raise ValueError(
+                f"token ids must lie in [0, {num_rows}) (the vocabulary), got {flat.min()}..{flat.max()}"
+            )
+        starts = np.array([base_range(r, self.size, num_rows).start for r in range(self.size)])
+        owner = np.searchsorted(starts, flat, side="right") - 1
+        order = np.argsort(owner, kind="stable")  # by owning rank, then as asked
+        local = flat[order] - starts[owner[order]]
+        pairs = torch.from_numpy(np.stack([local, np.zeros_like(local)], axis=1).astype(np.int64))
+        back = self._round(
+            LOOKUP, np.bincount(owner, minlength=self.size).tolist(), None, pairs, [0] * self.size
+        )
+        assert back is not None  # this rank has not finished, so the round is not the last
+        out = torch.empty(len(flat), self.hidden_size, dtype=back.dtype, device=back.device)
+        out[torch.from_numpy(order).to(back.device)] = back
+        return out.view(*ids.shape, self.hidden_size).to(ids.device)
 
     def register(self, layer: int, run_held: HeldExpertsFn) -> None:
         """`run_held` computes this rank's held experts of MoE layer `layer`."""
@@ -172,9 +218,10 @@ class ExpertDispatcher:
         row_counts: list[int],
     ) -> torch.Tensor | None:
         """One exchange of `send_counts[r]` (token, slot) pairs with rank r, `pairs` holding each
-        one's (local slot there, index among the `row_counts[r]` rows sent there); returns one
-        computed row per pair (in a split product's round: every rank's columns of the rows sent,
-        padded to the widest slice in the round, rank 0's first), or None when all ranks finished."""
+        one's (local slot there, index among the `row_counts[r]` rows sent there; in a lookup:
+        (row id within rank r's slice, 0)); returns one computed row per pair (in a split product's
+        round: every rank's columns of the rows sent, padded to the widest slice in the round, rank
+        0's first), or None when all ranks finished."""
         c = self.collective
         started = time.perf_counter()
         header = torch.tensor(
@@ -202,24 +249,27 @@ class ExpertDispatcher:
         split = 0.0
         # Senders in a split product, and which; every rank sees every sender's layer, so all
         # ranks take this branch together.
-        products = {s: -2 - int(got[s, _LAYER]) for s in range(self.size) if int(got[s, _LAYER]) < FINISHED}
+        products = {
+            s: split_tag(0) - int(got[s, _LAYER]) for s in range(self.size) if is_split(int(got[s, _LAYER]))
+        }
         if products:
             computed = time.perf_counter()
             slices = self._run_columns(got_rows, recv_rows, products)
             split = time.perf_counter() - computed
-            self.stats.split_rounds += layer < FINISHED
+            self.stats.split_rounds += is_split(layer)
             columns = c.all_to_all(
                 slices,
                 [recv_rows[s] if s in products else 0 for s in range(self.size)],
-                [row_counts[0] if layer < FINISHED else 0] * self.size,
+                [row_counts[0] if is_split(layer) else 0] * self.size,
             )
-            if layer < FINISHED:  # a rank in a MoE layer keeps its experts' rows
+            if is_split(layer):  # a rank in a MoE layer or lookup keeps its pairs' rows
                 back = columns
         self.stats.seconds += time.perf_counter() - started - experts - split
         self.stats.compute_seconds += experts
         self.stats.split_seconds += split
+        self.stats.lookup_rounds += layer == LOOKUP
         # Token rows moved for experts; split products' rows are counted by `split_rounds`.
-        if layer >= FINISHED:
+        if not is_split(layer):
             self.stats.rows_sent += sum(n for r, n in enumerate(row_counts) if r != self.rank)
         self.stats.rows_received += sum(
             n for r, n in enumerate(recv_rows) if r != self.rank and r not in products
@@ -227,7 +277,8 @@ class ExpertDispatcher:
         return back
 
     def _run_experts(self, got: torch.Tensor, got_rows: torch.Tensor, in_pairs: torch.Tensor) -> torch.Tensor:
-        """This rank's experts on the (row, local slot) pairs other ranks sent, by sender layer."""
+        """This rank's experts on the (row, local slot) pairs other ranks sent, by sender layer,
+        and its table rows for the ids senders in a lookup sent."""
         c = self.collective
         recv_counts, recv_rows = got[:, _SLOTS].tolist(), got[:, _ROWS].tolist()
         # Each pair's row: the sender's block of rows, then the pair's index within it.
@@ -235,9 +286,8 @@ class ExpertDispatcher:
         sender = torch.repeat_interleave(
             torch.arange(self.size, device=c.device), torch.tensor(recv_counts, device=c.device)
         )
-        in_rows = got_rows[row_starts[sender] + in_pairs[:, 1]]
         in_local = in_pairs[:, 0]
-        out = torch.empty_like(in_rows)
+        out = torch.empty(len(in_pairs), self.hidden_size, dtype=self.dtype, device=c.device)
         starts = np.concatenate([[0], np.cumsum(recv_counts)])
         for src_layer in sorted({int(v) for v, n in zip(got[:, _LAYER].tolist(), recv_counts) if n}):
             pick = np.concatenate(
@@ -247,9 +297,14 @@ class ExpertDispatcher:
                     if int(got[s, _LAYER]) == src_layer
                 ]
             )
-            index = torch.from_numpy(pick).to(in_rows.device)
+            index = torch.from_numpy(pick).to(c.device)
+            if src_layer == LOOKUP:
+                assert self._table is not None, "a rank asked for table rows this rank did not register"
+                out[index] = self._table[0](in_local[index]).to(self.dtype)
+                continue
+            rows = got_rows[row_starts[sender[index]] + in_pairs[index, 1]]
             self.stats.layer_rows[src_layer] = self.stats.layer_rows.get(src_layer, 0) + len(pick)
-            out[index] = self._layers[src_layer](in_rows[index], in_local[index])
+            out[index] = self._layers[src_layer](rows, in_local[index])
         return out
 
     def _run_columns(

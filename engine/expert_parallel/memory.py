@@ -1,9 +1,11 @@
 """`rank_weight_bytes`: the weight memory one rank of an expert-parallel group needs, from the
 model's shape alone (a meta-device model: nothing is allocated or loaded).
 
-A rank holds every attention, dense-layer, shared-expert and embedding weight, its base share of
-the routed experts, and `num_redundant_experts / size` spare expert slots per MoE layer. On CPUs
-an fp32 tied head also keeps an input-major copy of the embedding (see `model_weight_bytes`).
+A rank holds every attention, norm and small dense-layer or shared-expert weight, its base share
+of the routed experts, and `num_redundant_experts / size` spare expert slots per MoE layer; with
+`split_dense`, its vocabulary slice of the embedding (and of an untied head) and its units of the
+large MLPs' gate and up. On CPUs an fp32 tied head also keeps an input-major copy of its rows (see
+`model_weight_bytes`).
 Full-precision shapes in `config.dtype`: weight-only quantization is not counted.
 """
 
@@ -42,12 +44,12 @@ def rank_weight_bytes(config: EngineConfig) -> int:
     vocab = model_config.vocab_size
     rows = vocab if ep.size == 1 or not ep.split_dense else -(-vocab // ep.size)  # the widest slice
     row_bytes = embed.shape[1] * embed.element_size()
+    tables = 1 if model.lm_head is None else 2  # the embedding, and an untied head beside it
+    total -= tables * (vocab - rows) * row_bytes  # each keeps its vocabulary slice alone
     if model.lm_head is None and embed.dtype == torch.float32:
-        total += rows * row_bytes  # the CPU path's input-major head copy
-    elif model.lm_head is not None:
-        total -= (vocab - rows) * row_bytes  # an untied head keeps its slice alone
+        total += rows * row_bytes  # the CPU path's input-major copy of the tied head's rows
     for mlp in split_mlps(model, ep):  # gate and up keep the widest rank's units alone
-        gone = mlp.intermediate_size - len(base_range(0, ep.size, mlp.intermediate_size))
+        gone = mlp.intermediate_size - -(-mlp.intermediate_size // ep.size)
         total -= 2 * gone * mlp.gate_proj.in_features * mlp.gate_proj.weight.element_size()
     return total
 

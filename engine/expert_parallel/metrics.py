@@ -17,10 +17,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 # Per-rank totals in `ExpertParallelGroup.rank_stats()` -> counter name suffix and help.
 RANK_COUNTERS = {
     "dispatch_seconds": ("dispatch_seconds", "Seconds in dispatch/combine collectives (waits included)"),
-    "expert_compute_seconds": ("expert_compute_seconds", "Seconds running experts for any rank's rows"),
+    "expert_compute_seconds": (
+        "expert_compute_seconds",
+        "Seconds running experts for any rank's rows (and looking up embedding rows for any rank)",
+    ),
     "rows_sent": ("rows_sent", "Token rows sent to other ranks' experts"),
     "rows_received": ("rows_received", "Token rows received from other ranks for this rank's experts"),
-    "rounds": ("rounds", "All-to-all rounds (one per MoE layer pass and split product, plus closing rounds)"),
+    "rounds": (
+        "rounds",
+        "All-to-all rounds (one per MoE layer pass, split product and embedding lookup, plus closing rounds)",
+    ),
     "split_compute_seconds": (
         "split_compute_seconds",
         "Seconds computing this rank's columns of split products (LM head, dense MLPs) for any rank",
@@ -28,6 +34,10 @@ RANK_COUNTERS = {
     "split_rounds": (
         "split_rounds",
         "Rounds in which this rank gathered a split product's columns from the group",
+    ),
+    "lookup_rounds": (
+        "lookup_rounds",
+        "Rounds in which this rank gathered embedding rows from the ranks holding its tokens' ids",
     ),
 }
 

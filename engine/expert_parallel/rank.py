@@ -34,8 +34,8 @@ class ExpertParallelRank:
         return lambda layer: share
 
     def vocab_slice(self, vocab_size: int) -> range | None:
-        """The vocabulary ids whose LM head rows this rank holds (a contiguous split, as the
-        experts'), or None when it holds them all."""
+        """The vocabulary ids whose LM head and embedding rows this rank holds (a contiguous
+        split, as the experts'), or None when it holds them all."""
         if self.config.size == 1 or not self.config.split_dense:
             return None
         return base_range(self.rank, self.config.size, vocab_size)
@@ -53,9 +53,10 @@ def split_mlps(model, config: ExpertParallelConfig) -> list:
 
 
 def keep_rank_slices(model, ep: ExpertParallelRank) -> None:
-    """Drops what other ranks compute for this one: all but the rank's slice of the LM head's
-    vocabulary and of the split MLPs' intermediate units. After loading, before packing (so no
-    whole copy is made); `join_group` then connects the slices to the group."""
+    """Drops what other ranks compute or look up for this one: all but the rank's slice of the
+    LM head's and the embedding's vocabulary and of the split MLPs' intermediate units. After
+    loading, before packing (so no whole copy is made); `join_group` then connects the slices to
+    the group."""
     vocab = ep.vocab_slice(model.config.vocab_size)
     if vocab is not None:
         model.keep_vocab_slice(vocab.start, vocab.stop)
@@ -65,8 +66,8 @@ def keep_rank_slices(model, ep: ExpertParallelRank) -> None:
 
 
 def join_group(model, ep: ExpertParallelRank, backend: str, device: str) -> ExpertDispatcher:
-    """Connects a loaded, packed model's MoE layers (and its slices of the LM head and batch
-    MLPs, `keep_rank_slices`) to the group and fills its spare slots.
+    """Connects a loaded, packed model's MoE layers (and its slices of the LM head, embedding and
+    batch MLPs, `keep_rank_slices`) to the group and fills its spare slots.
 
     Every rank calls this at the same time (it is a rendezvous and a collective copy).
     """
@@ -85,6 +86,8 @@ def join_group(model, ep: ExpertParallelRank, backend: str, device: str) -> Expe
     if ep.vocab_slice(model.config.vocab_size) is not None:
         head = dispatcher.register_columns(model.head_slice_logits, model.config.vocab_size)
         model.gather_logits = partial(dispatcher.gather_columns, head)
+        dispatcher.register_table(model.model.embed_tokens, model.config.vocab_size)
+        model.gather_embeddings = dispatcher.gather_rows
     for mlp in model.batch_mlps():
         if mlp.intermediate_slice is not None:
             product = dispatcher.register_columns(mlp.intermediate, mlp.intermediate_size)

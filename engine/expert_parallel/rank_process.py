@@ -153,6 +153,7 @@ class _RankCommands:
             "expert_compute_seconds": s.compute_seconds,
             "split_compute_seconds": s.split_seconds,
             "split_rounds": s.split_rounds,
+            "lookup_rounds": s.lookup_rounds,
             "rounds": s.rounds,
             "rows_sent": s.rows_sent,
             "rows_received": s.rows_received,

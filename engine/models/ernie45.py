@@ -155,10 +155,12 @@ class Ernie45ForCausalLM(nn.Module):
         self._tied_head_input_major: torch.Tensor | None = None
         self._gemm: CpuGemm | None = None
         self._head_packed: PrepackedWeight | None = None
-        # An expert-parallel rank's slice of the head (`keep_vocab_slice`) and how its
-        # `compute_logits` gathers the whole vocabulary's logits from the group (`gather_logits`).
+        # An expert-parallel rank's slice of the head and embedding (`keep_vocab_slice`), how its
+        # `compute_logits` gathers the whole vocabulary's logits from the group (`gather_logits`)
+        # and how `embed` gathers rows of other ranks' slices (`gather_embeddings`).
         self._vocab_slice: tuple[int, int] | None = None
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.gather_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def pack_for_cpu(self, gemm: CpuGemm) -> None:
         """Stores matmul weights input-major for the CPU's fast path; call once weights are loaded.
@@ -185,28 +187,27 @@ class Ernie45ForCausalLM(nn.Module):
             elif isinstance(module, GatedMLP) and id(module) not in routed_ids:
                 module.fuse(gemm, prepack)
         self._gemm = gemm
-        embed = self._head_rows()
+        embed = self.model.embed_tokens.weight
         if self.lm_head is None and embed.device.type == "cpu" and embed.dtype == torch.float32:
             self._tied_head_input_major = pack_input_major(embed)
         if prepack and (self.lm_head is None or self.lm_head.quant_format is None):
             self._head_packed = prepack_if_large(embed if self.lm_head is None else self.lm_head.weight)
 
     def keep_vocab_slice(self, start: int, end: int) -> None:
-        """Keeps only the LM head's rows for vocabulary ids [start, end) (an expert-parallel
-        rank's slice); call after loading, before `pack_for_cpu`, so no whole copy is ever made.
-        A tied head's embedding stays whole (lookups need every row); its matmul copies cover the
-        slice. `head_slice_logits` computes the slice; `compute_logits` needs `gather_logits`."""
+        """Keeps only the embedding's and the LM head's rows for vocabulary ids [start, end) (an
+        expert-parallel rank's slice; a tied head is that same slice of the embedding); call after
+        loading, before `pack_for_cpu`, so no whole copy is ever made. `head_slice_logits` computes
+        the slice's logits and `model.embed_tokens` looks up its rows by id - start; `compute_logits`
+        needs `gather_logits` and `embed` needs `gather_embeddings` for the whole vocabulary."""
         if self.lm_head is not None and self.lm_head.quant_format is not None:
             raise ValueError("a quantized LM head cannot be split over expert-parallel ranks")
         if self.lm_head is not None:
             self.lm_head.weight.data = self.lm_head.weight.data[start:end].clone()
             self.lm_head.out_features = end - start
+        embed = self.model.embed_tokens
+        embed.weight.data = embed.weight.data[start:end].clone()
+        embed.num_embeddings = end - start
         self._vocab_slice = (start, end)
-
-    def _head_rows(self) -> torch.Tensor:
-        """The tied head's rows this instance computes logits for (all, or its vocab slice)."""
-        embed = self.model.embed_tokens.weight
-        return embed if self._vocab_slice is None else embed[self._vocab_slice[0] : self._vocab_slice[1]]
 
     def batch_mlps(self) -> list[GatedMLP]:
         """The MLPs every token runs (dense layers', shared experts'), in layer order."""
@@ -234,7 +235,7 @@ class Ernie45ForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, H] before the final norm (what MTP reads) for the step's flattened tokens."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         rotation = self.rotary.rotation(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, rotation, kv_cache, meta)
@@ -255,9 +256,16 @@ class Ernie45ForCausalLM(nn.Module):
         Feeding an output row back in as `hidden` guesses one more token further on.
         """
         m = self.model
-        emb = m.embed_tokens(next_ids)
+        emb = self.embed(next_ids)
         x = m.mtp_linear_proj[0](torch.cat([m.mtp_emb_norm[0](emb), m.mtp_hidden_norm[0](hidden)], dim=-1))
         return m.mtp_block[0](x, self.rotary.rotation(positions), kv_cache, meta)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of token ids (the main pass's and the MTP layer's input)."""
+        if self._vocab_slice is not None:
+            assert self.gather_embeddings is not None, "a vocab slice needs its group's gather_embeddings"
+            return self.gather_embeddings(ids)
+        return self.model.embed_tokens(ids)
 
     @property
     def has_mtp(self) -> bool:
@@ -279,5 +287,5 @@ class Ernie45ForCausalLM(nn.Module):
         elif self._tied_head_input_major is not None:
             weight = self._tied_head_input_major
         else:
-            weight = self._head_rows()
+            weight = self.model.embed_tokens.weight  # a tied head: the embedding (or its slice)
         return linear(normed, weight, gemm=self._gemm, prepacked=self._head_packed).float()

@@ -7,11 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pdserve.bench.ep_bench import EPBenchArgs, run_ep_bench
-from pdserve.engine.engine import Engine
+from pdserve.engine.engine import Engine, _materialize, build_model_shell, model_config_of
 from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.expert_parallel.collective import StoreAddress
 from pdserve.engine.expert_parallel.memory import rank_weight_bytes, smallest_group_within
+from pdserve.engine.expert_parallel.placement import base_range
+from pdserve.engine.expert_parallel.rank import ExpertParallelRank, keep_rank_slices
+from pdserve.engine.layers.linear import CpuGemm
+from pdserve.engine.loader import init_dummy_weights
+from pdserve.engine.model_source import resolve_model
 from pdserve.engine.quantization.apply import model_weight_bytes
 
 DEMO_EXPERTS, DEMO_MOE_LAYERS = 8, 3  # engine/demo_models/demo/config.json (layers 1-3 are MoE)
@@ -24,17 +31,46 @@ def test_rank_weight_estimate_is_the_loaded_models():
     expert = engine.model.moe_layers()[1].experts[0]
     expert_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
     two = EngineConfig(model="demo", dtype="float32", expert_parallel={"size": 2, "num_redundant_experts": 2})
-    # Half the routed experts go; one spare slot per MoE layer comes back; of the tied head's
-    # input-major copy a rank keeps its half of the vocabulary (split_dense, the default).
+    # Half the routed experts go; one spare slot per MoE layer comes back; of the embedding and
+    # the tied head's input-major copy of it a rank keeps its half of the vocabulary (split_dense,
+    # the default).
     head_row_bytes = engine.model.config.hidden_size * 4
     gone = DEMO_MOE_LAYERS * (DEMO_EXPERTS // 2 - 1) * expert_bytes
     half_head = engine.model.config.vocab_size // 2 * head_row_bytes
-    assert rank_weight_bytes(one) - rank_weight_bytes(two) == gone + half_head
+    assert rank_weight_bytes(one) - rank_weight_bytes(two) == gone + 2 * half_head
     whole = EngineConfig(
         model="demo", dtype="float32",
         expert_parallel={"size": 2, "num_redundant_experts": 2, "split_dense": False},
     )  # fmt: skip
     assert rank_weight_bytes(one) - rank_weight_bytes(whole) == gone
+
+
+# Dense layer 0 and the shared experts over SPLIT_MIN_ELEMENTS (4096 shared units: 1366 on the
+# widest of 3 ranks), as tests/engine/expert_parallel/test_split_products.py has them.
+BIG_MLPS = {"intermediate_size": 6144, "moe_num_shared_experts": 16}
+
+
+@pytest.mark.parametrize(
+    "size, overrides",
+    [(2, {}), (3, {}), (3, {"tie_word_embeddings": False}), (3, BIG_MLPS)],
+    ids=["ep2", "ep3", "ep3-untied", "ep3-big-mlps"],
+)
+def test_rank_weight_estimate_is_the_widest_ranks_loaded_slices(size, overrides):
+    config = EngineConfig(
+        model="demo", dtype="float32", hf_overrides=overrides, expert_parallel={"size": size}
+    )
+    model_config = model_config_of(resolve_model("demo"), overrides)
+    # The last rank holds the widest slices (base_range gives the remainders to the last ranks).
+    rank = ExpertParallelRank(size - 1, config.expert_parallel, StoreAddress("127.0.0.1", 0, ""))
+    held = rank.held_experts(model_config.moe_num_experts)
+    model = build_model_shell(model_config, torch.float32, None, False, held)
+    _materialize(model, torch.device("cpu"))
+    init_dummy_weights(model, seed=0, dtype=torch.float32)
+    keep_rank_slices(model, rank)
+    model.pack_for_cpu(CpuGemm(1, "torch"))
+    vocab = base_range(size - 1, size, model_config.vocab_size)
+    assert model.model.embed_tokens.weight.shape[0] == len(vocab) < model_config.vocab_size
+    assert model_weight_bytes(model) == rank_weight_bytes(config)
 
 
 def test_a_memory_limit_refuses_ep1_and_serves_a_group(tmp_path):

@@ -1,7 +1,8 @@
 """Products split over an expert-parallel group's ranks (`split_dense`): the LM head by vocabulary
 row, large dense and shared-expert MLPs by intermediate unit; each rank holds a slice and the group
-gathers the columns in split-product rounds. Outputs must stay token-identical to one engine
-(greedy and seeded, with MTP), with slices of unequal width and products of different widths."""
+gathers the columns in split-product rounds. The embedding is split by the same vocabulary rows and
+its lookups gather rows in lookup rounds. Outputs must stay token-identical to one engine (greedy
+and seeded, with MTP, with idle ranks), with slices of unequal width and products of different widths."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import torch
 
 from pdserve.engine.engine import _materialize, build_model_shell, model_config_of
 from pdserve.engine.expert_parallel.config import ExpertParallelConfig
-from pdserve.engine.expert_parallel.placement import base_range
+from pdserve.engine.expert_parallel.dispatch import ExpertDispatcher
+from pdserve.engine.expert_parallel.placement import ExpertPlacement, base_range
 from pdserve.engine.layers.linear import CpuGemm, is_input_major
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import init_dummy_weights
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.sampling_params import SamplingParams
 
-from .test_group import ARGS, GREEDY, SEEDED, tokens
+from .test_group import ARGS, GREEDY, PROMPTS, SEEDED, tokens
+from .test_metrics import LoopbackCollective
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +53,17 @@ def test_a_slice_of_the_head_computes_those_logits(rows):
         sliced = _model(overrides, part)
         assert sliced._tied_head_input_major is not None and is_input_major(sliced._tied_head_input_major)
         assert sliced._tied_head_input_major.shape[0] == len(part)  # the copy holds the slice alone
-        assert sliced.model.embed_tokens.weight.shape[0] == 8199  # lookups still see every row
+        # The embedding keeps the same rows: a tied head's slice is the embedding's.
+        assert torch.equal(
+            sliced.model.embed_tokens.weight, whole.model.embed_tokens.weight[part.start : part.stop]
+        )
         got = sliced.head_slice_logits(normed)
         assert got.shape == (rows, len(part))
         torch.testing.assert_close(got, want[:, part.start : part.stop], rtol=1e-6, atol=1e-5)
     with pytest.raises(AssertionError, match="gather_logits"):
         sliced.compute_logits(normed)  # a slice alone cannot give the whole vocabulary's logits
+    with pytest.raises(AssertionError, match="gather_embeddings"):
+        sliced.embed(torch.tensor([0, 8198]))  # nor look up every id
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -66,10 +74,19 @@ def test_split_head_matches_one_engine(reference, size):
         assert tokens(group, GREEDY) == reference["greedy"]
         assert tokens(group, SEEDED) == reference["seeded"]
         stats = group.engine.rank_stats()
-        # Every rank asked the group for logits and computed its slice for the others' rows.
+        # Every rank asked the group for logits and computed its slice for the others' rows, and
+        # gathered its tokens' embedding rows once per forward pass at least.
         assert all(s["split_rounds"] > 0 and s["split_compute_seconds"] > 0 for s in stats)
+        assert all(s["lookup_rounds"] >= s["steps"] > 0 for s in stats)
+        # One prompt: the other ranks have no tokens, yet serve its lookups and head rounds.
+        [alone] = tokens_of(group, PROMPTS[:1], GREEDY)
+        assert alone == reference["greedy"][0]
     finally:
         group.close()
+
+
+def tokens_of(llm: LLM, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
 def test_whole_head_per_rank_still_matches(reference):
@@ -77,24 +94,42 @@ def test_whole_head_per_rank_still_matches(reference):
     try:
         assert tokens(group, GREEDY) == reference["greedy"]
         assert all(
-            s["split_rounds"] == 0 and s["split_compute_seconds"] == 0 for s in group.engine.rank_stats()
+            s["split_rounds"] == 0 and s["split_compute_seconds"] == 0 and s["lookup_rounds"] == 0
+            for s in group.engine.rank_stats()
         )
     finally:
         group.close()
 
 
-def test_ranks_at_different_passes_share_split_rounds():
+@pytest.mark.parametrize("size", [2, 3])
+def test_ranks_at_different_passes_share_split_rounds(size):
     # MTP with 3 guesses: ranks run proposal, verification and catch-up passes of their own, so
-    # one rank's head round meets another's MoE round; one rank decodes alone at the end.
+    # one rank's head or lookup round meets another's MoE round; one rank decodes alone at the end.
     spec = {"method": "mtp", "num_speculative_tokens": 3}
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (4, 16, 9, 12, 3)]
     prompts = ["def add(a, b):", "import os\nimport", "class Engine:", "The quick brown", "x = [1,"]
     plain = [o.outputs[0].token_ids for o in LLM("demo", **ARGS).generate(prompts, params)]
-    group = LLM("demo", **ARGS, speculative_config=spec, expert_parallel={"size": 2})
+    group = LLM("demo", **ARGS, speculative_config=spec, expert_parallel={"size": size})
     try:
         assert [o.outputs[0].token_ids for o in group.generate(prompts, params)] == plain
+        # The MTP layer looks up the embedding too: more lookups than main passes on some rank.
+        assert any(s["lookup_rounds"] > s["steps"] for s in group.engine.rank_stats())
     finally:
         group.close()
+
+
+def test_a_lookup_round_copies_the_rows_asked_for():
+    vocab, hidden = 11, 6
+    dispatcher = ExpertDispatcher(LoopbackCollective(), ExpertPlacement.initial([], 4, 1, 0), hidden)
+    table = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(4))
+    dispatcher.register_table(torch.nn.Embedding.from_pretrained(table), vocab)
+    ids = torch.tensor([[3, 10, 0], [3, 7, 1]])
+    assert torch.equal(dispatcher.gather_rows(ids), table[ids])  # bit for bit, in shape
+    assert dispatcher.stats.lookup_rounds == 1
+    assert dispatcher.gather_rows(torch.tensor([], dtype=torch.int64)).shape == (0, hidden)
+    assert dispatcher.stats.lookup_rounds == 1  # asking for nothing takes no round
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 11\)"):
+        dispatcher.gather_rows(torch.tensor([2, 11]))
 
 
 def test_split_dense_must_be_a_bool():
