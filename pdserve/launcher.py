@@ -400,7 +400,7 @@ async def _serve(
         if config.api_key:
             echo(f"auth: /v1 and `pdserve status` need the api_key: export {KEY_ENV}=<it> where you run them")
         echo(f"stop: Ctrl-C here, or `pdserve down --name {state.name}`")
-        await stop.wait()
+        await _until_stopped_or_controller_lost(stop, controller)
         echo(
             f"stopping: new requests are refused; requests in flight get up to {config.drain_timeout_s:g} s "
             "to finish (Ctrl-C again: stop now)"
@@ -411,6 +411,36 @@ async def _serve(
         await _drain(server, serving, router, config.drain_timeout_s, stop)
         with contextlib.suppress(Exception):
             await controller.shutdown.remote()
+
+
+# How often `up` checks that the controller lives, and how long a busy one may take to answer.
+CONTROLLER_CHECK_INTERVAL_S = 2.0
+CONTROLLER_CHECK_TIMEOUT_S = 30.0
+
+
+async def _until_stopped_or_controller_lost(stop: asyncio.Event, controller) -> None:
+    """Returns on Ctrl-C / SIGTERM; raises LaunchError when the controller actor dies (killed
+    by Ray's OOM killer, say): its workers die with it and nothing would start them again, so
+    serving on would only answer every request with an error. Exiting lets a supervisor restart it."""
+    import ray
+
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while not stopping.done():
+            await asyncio.wait({stopping}, timeout=CONTROLLER_CHECK_INTERVAL_S)
+            if stopping.done():
+                return
+            try:
+                await asyncio.wait_for(controller.served_model.remote(), CONTROLLER_CHECK_TIMEOUT_S)
+            except TimeoutError:
+                continue  # busy, not gone
+            except ray.exceptions.RayActorError as e:
+                raise LaunchError(
+                    f"the controller died ({str(e).splitlines()[0]}); its workers went with it, so this "
+                    "cluster has stopped: start it again with `pdserve up`"
+                ) from None
+    finally:
+        stopping.cancel()
 
 
 async def _drain(server, serving, router, drain_timeout_s: float, cut: asyncio.Event) -> None:

@@ -89,6 +89,9 @@ class ClusterView:
                 self._feeds.of(w.worker_id, w.handle)  # opened once; the worker sends a snapshot
 
     async def _run(self) -> None:
+        from ray.exceptions import RayActorError
+
+        controller_gone = False
         while True:
             try:
                 listing = await self.controller.workers_changed.remote(self._version, self.interval_s)
@@ -97,6 +100,13 @@ class ClusterView:
                 if not self.index_available:
                     await self._probe_index()
                 await self._send_signals()
+                controller_gone = False
+            except RayActorError as e:  # said once, not a stack a second until it is back
+                if not controller_gone:
+                    log.error("the controller is gone (%s); the workers listed last stay until it is back",
+                              str(e).splitlines()[0])  # fmt: skip
+                controller_gone = True
+                await asyncio.sleep(self.interval_s)
             except Exception:
                 log.exception("refreshing the cluster view failed; retrying")
                 await asyncio.sleep(self.interval_s)

@@ -23,6 +23,7 @@ import httpx
 from pdserve.cluster_state import running
 from pdserve.ray_leftovers import leftover_pids
 from tests.redis_server import spare_port
+from tests.thread_affinity import descendants
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 
@@ -144,3 +145,24 @@ def test_down_stops_what_a_killed_up_left(moe_checkpoint, tmp_path):
     assert f"pdserve {record['name']} (pid {up.pid}) had exited" in down.stdout
     assert leftover_pids(session) == []
     assert not list(state.glob("clusters/*.json"))
+
+
+def test_up_exits_with_the_reason_when_its_controller_dies(moe_checkpoint, tmp_path):
+    # Ray's OOM killer once took a cluster's controller (and with it every worker): `up` went on
+    # answering every request with "no live prefill+decode pair". It now stops, and says why.
+    up, _, state = _start(moe_checkpoint, tmp_path)
+    record = json.loads(next(state.glob("clusters/*.json")).read_text())
+    controllers = [
+        p for p in descendants(up.pid) if Path(f"/proc/{p}/comm").read_text().startswith("ray::Controlle")
+    ]
+    assert len(controllers) == 1
+    os.kill(controllers[0], signal.SIGKILL)
+    assert up.wait(90) == 1
+    printed = (tmp_path / "up.log").read_text()
+    assert (
+        "pdserve up: error: the controller died (" in printed
+        and "start it again with `pdserve up`" in printed
+    )
+    assert "Traceback" not in printed
+    assert not list(state.glob("clusters/*.json"))
+    assert leftover_pids(record["ray_session_dir"]) == []  # Ray and the workers went too
