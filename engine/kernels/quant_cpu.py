@@ -157,7 +157,9 @@ def ccq_encode(
     weight, scale, offset = weight.contiguous(), scale.contiguous(), offset.contiguous()
     if weight.dtype != torch.float32 or scale.shape != (n, k // group) or offset.shape != scale.shape:
         raise ValueError("ccq_encode: weight fp32 [N, K], scale and offset fp32 [N, K / group]")
-    if levels is not None and (levels.dtype != torch.uint8 or levels.shape != (n, k) or not levels.is_contiguous()):
+    if levels is not None and (
+        levels.dtype != torch.uint8 or levels.shape != (n, k) or not levels.is_contiguous()
+    ):
         raise ValueError("ccq_encode: levels must be a contiguous uint8 [N, K] tensor")
     out = torch.zeros(n, k // 4 + 2, dtype=torch.uint8)
     args = (
