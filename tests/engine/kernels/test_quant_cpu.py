@@ -167,8 +167,9 @@ def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
         pytest.skip(f"this CPU does not run the {path} build")
     g = torch.Generator().manual_seed(6)
     # 1024 x 1024 weights: large enough to split over the threads; groups of 16 and 32 are
-    # not whole 32-weight blocks for the AVX-512 q4 decoding (it hands them to the AVX2 build).
-    for group in (16, 32, 64):
+    # not whole blocks for the AVX-512 q4 (32 weights), q2 and ccq (64) decoding (it hands them
+    # to the AVX2 build); 128 is two of its q2/ccq blocks a group.
+    for group in (16, 32, 64, 128):
         q = formats.quantize(torch.randn(1026, 1024, generator=g), fmt, group)
         ref = _reference(q)
         for m in (1, 2, 3, 4, 5, 8):
@@ -190,7 +191,7 @@ def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
             assert torch.equal(quant_cpu.matmul_dequantized(q, x, gemm.parallel), best)
         if moe_cpu.available():
             with quant_cpu.use_kernel_path(path):
-                _check_routed_experts(fmt, group if group >= 32 else 32, gemm)
+                _check_routed_experts(fmt, min(max(group, 32), 64), gemm)  # its down projection has K = 64
     assert quant_cpu._quant_cpu.qdot_path() == len(quant_cpu.kernel_paths()) - 1  # restored
 
 
