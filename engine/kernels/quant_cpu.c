@@ -11,11 +11,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ccq_encode.h"
 #include "quant_dot.h"
 #include "quant_path.h"
 
@@ -301,68 +301,22 @@ static PyObject *dequantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-/* The convolutional code's encoder for one row: the bit string whose overlapping CCQ_BITS-bit
- * windows (2 new bits a weight) decode to the levels nearest `w` in squared error, given each
- * group's scale and offset. A Viterbi search over the 2^(CCQ_BITS - 2) states (the bits a window
- * shares with the next): exact, K * 2^CCQ_BITS steps. `back` holds K * STATES bytes. */
-#define CCQ_STATES (1 << (CCQ_BITS - 2))
-VECTOR_CLONES
-static void ccq_encode_row(
-    const float *w, int K, int group, const float *scale, const float *offset, uint8_t *out, uint8_t *back) {
-    float cost[CCQ_STATES], next[CCQ_STATES], value[1 << CCQ_BITS];
-    for (int k = 0; k < K; k++) {
-        const float s = scale[k / group], o = offset[k / group];
-        for (unsigned c = 0; c <= CCQ_MASK; c++) {
-            float d = s * (float)((c * CCQ_MUL) & CCQ_MASK) + o - w[k];
-            value[c] = d * d;
-        }
-        /* Code c = t * 4 + lo moves to state t = c >> 2; it follows state c & (STATES - 1). */
-        for (int t = 0; t < CCQ_STATES; t++) {
-            float best = FLT_MAX;
-            int arg = 0;
-            for (int lo = 0; lo < 4; lo++) {
-                int c = t * 4 + lo;
-                float total = value[c] + (k ? cost[c & (CCQ_STATES - 1)] : 0.0f);
-                if (total < best) best = total, arg = lo;
-            }
-            next[t] = best;
-            back[(size_t)k * CCQ_STATES + t] = (uint8_t)arg;
-        }
-        memcpy(cost, next, sizeof cost);
-    }
-    int t = 0;
-    for (int s = 1; s < CCQ_STATES; s++)
-        if (cost[s] < cost[t]) t = s;
-    const int row_bytes = qmat_row_bytes(FMT_CCQ, K);
-    memset(out, 0, (size_t)row_bytes);
-    for (int k = K - 1; k >= 0; k--) {
-        int c = t * 4 + back[(size_t)k * CCQ_STATES + t];
-        /* Window k covers bits [2k, 2k + CCQ_BITS): its low 2 bits are its own, the rest are
-         * written by the windows after it (and, for the last, by the row's padding bits). */
-        unsigned bits = k == K - 1 ? (unsigned)c : (unsigned)(c & 3);
-        for (int i = 0; i < (k == K - 1 ? CCQ_BITS : 2); i++)
-            if (bits >> i & 1) out[(2 * k + i) / 8] |= (uint8_t)(1u << ((2 * k + i) % 8));
-        t = c & (CCQ_STATES - 1);
-    }
-}
-
 static PyObject *ccq_encode(PyObject *self, PyObject *args) {
-    Py_ssize_t w, scale, offset, out;
+    Py_ssize_t w, scale, offset, out, levels;
     int N, K, group, part, parts;
-    if (!PyArg_ParseTuple(args, "nnnniiiii", &w, &scale, &offset, &out, &N, &K, &group, &part, &parts))
+    if (!PyArg_ParseTuple(args, "nnnnniiiii", &w, &scale, &offset, &out, &levels, &N, &K, &group, &part, &parts))
         return NULL;
     if (N <= 0 || K <= 0 || group <= 0 || group % 8 || K % group || parts < 1 || part < 0 || part >= parts) {
         PyErr_SetString(PyExc_ValueError, "ccq_encode: bad sizes or part");
         return NULL;
     }
-    uint8_t *back = malloc((size_t)K * CCQ_STATES);
+    uint8_t *back = malloc((size_t)CCQ_TILE * K * CCQ_STATES);
     if (!back) return PyErr_NoMemory();
     int j0, j1;
     row_share(N, part, parts, &j0, &j1);
-    const int groups = K / group, row_bytes = qmat_row_bytes(FMT_CCQ, K);
-    Py_BEGIN_ALLOW_THREADS for (int j = j0; j < j1; j++) ccq_encode_row(
-        (const float *)w + (size_t)j * K, K, group, (const float *)scale + (size_t)j * groups,
-        (const float *)offset + (size_t)j * groups, (uint8_t *)out + (size_t)j * row_bytes, back);
+    Py_BEGIN_ALLOW_THREADS ccq_encode_rows(
+        (const float *)w, (const float *)scale, (const float *)offset, (uint8_t *)out, (uint8_t *)levels, K, group, j0, j1,
+        back);
     Py_END_ALLOW_THREADS free(back);
     Py_RETURN_NONE;
 }
@@ -377,8 +331,9 @@ static PyMethodDef methods[] = {
     {"dequantize", dequantize, METH_VARARGS,
      "dequantize(q, scale, offset, out, N, K, group, fmt, j0, j1): rows j0..j1 of W as fp32 into out."},
     {"ccq_encode", ccq_encode, METH_VARARGS,
-     "ccq_encode(w, scale, offset, out, N, K, group, part, parts): the CCQ bit strings of this part's "
-     "rows of fp32 w [N, K], given fp32 scale and offset [N, K / group]."},
+     "ccq_encode(w, scale, offset, out, levels, N, K, group, part, parts): the CCQ bit strings of this "
+     "part's rows of fp32 w [N, K], given fp32 scale and offset [N, K / group], and their levels into "
+     "uint8 levels [N, K] unless its address is 0."},
     QDOT_PATH_METHODS,
     {NULL, NULL, 0, NULL},
 };

@@ -147,16 +147,31 @@ def ccq_encode(
     offset: torch.Tensor,
     group: int,
     parallel: CpuParallel | None = None,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The convolutional code's packed rows (uint8 [N, K/4 + 2]) for fp32 `weight` [N, K], given
-    fp32 `scale` and `offset` [N, K / group]: the Viterbi search of `quant_cpu.c`."""
+    fp32 `scale` and `offset` [N, K / group]: the Viterbi search of `ccq_encode.h`. The chosen
+    levels are written into `levels` (contiguous uint8 [N, K]) when given."""
     kernel = _kernel()
     n, k = weight.shape
     weight, scale, offset = weight.contiguous(), scale.contiguous(), offset.contiguous()
     if weight.dtype != torch.float32 or scale.shape != (n, k // group) or offset.shape != scale.shape:
         raise ValueError("ccq_encode: weight fp32 [N, K], scale and offset fp32 [N, K / group]")
+    if levels is not None and (
+        levels.dtype != torch.uint8 or levels.shape != (n, k) or not levels.is_contiguous()
+    ):
+        raise ValueError("ccq_encode: levels must be a contiguous uint8 [N, K] tensor")
     out = torch.zeros(n, k // 4 + 2, dtype=torch.uint8)
-    args = (weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(), n, k, group)
+    args = (
+        weight.data_ptr(),
+        scale.data_ptr(),
+        offset.data_ptr(),
+        out.data_ptr(),
+        levels.data_ptr() if levels is not None else 0,
+        n,
+        k,
+        group,
+    )
     if parallel is None:
         kernel.ccq_encode(*args, 0, 1)
     else:

@@ -1,7 +1,7 @@
 /* Which build of the decode-sized packed product runs: chosen once at first use from the CPU's
  * features (the fastest it can run), or set by `qdot_path(code)` from Python so that tests run
  * every path this CPU has against the reference. One build of the extension runs on every x86-64
- * CPU: AVX-512 (Q4/Q8 only; other formats take the AVX2 build), AVX2 + FMA, plain x86-64.
+ * CPU: AVX-512 (Q4/Q8, and Q2/CCQ with groups of 64 or more; others take the AVX2 build), AVX2 + FMA, plain x86-64.
  *
  * Each extension that includes this header has its own setting: `quant_cpu.use_kernel_path`
  * sets both. Include after Python.h.

@@ -15,7 +15,7 @@ layouts are the ones `kernels/quant_dot.h` decodes (see there):
   the whole range (with the identity, a high weight would force its neighbour's fine bits, and
   the code gained nothing over plain 2-bit: measured MSE on Gaussian groups of 64, plain 2-bit
   with the best clipping 0.112, the code with the identity 0.111, with this bijection 0.084).
-  The encoder (`kernels/quant_cpu.c: ccq_encode`) finds the best bit string by a Viterbi search
+  The encoder (`kernels/ccq_encode.h`) finds the best bit string by a Viterbi search
   given each group's scale and offset; the scale and offset are then refitted to the chosen
   levels by least squares (the "code cluster" step: the linear map moves to the levels' centroid)
   and the string searched once more. Rows carry 2 bytes of padding (the last codes' bits).
@@ -41,6 +41,8 @@ _CLIP_RATIOS = {"q8": (1.0,), "q4": (1.0, 0.95, 0.9, 0.85, 0.8), "q2": (1.0, 0.9
 # The code's first scale spans this much of the group's range over its 64 levels, then is refitted
 # (MSE on Gaussian groups of 64 by span: 0.7: 0.090, 0.8: 0.086, 1.0: 0.092, 1.2: 0.110).
 _CCQ_INITIAL_SPAN = 0.8
+# Weights the code's least-squares refit handles at once (its temporaries: ~5 fp32 copies).
+_REFIT_CHUNK_WEIGHTS = 1 << 22
 
 
 def row_bytes(fmt: str, k: int) -> int:
@@ -186,14 +188,19 @@ def _quantize_ccq(w: torch.Tensor, group: int, parallel: Parallel | None) -> Qua
     top = (1 << CCQ_BITS) - 1
     scale = ((hi - lo) * _CCQ_INITIAL_SPAN / top).clamp(min=1e-8)
     offset = (lo + hi) / 2 - scale * top / 2
-    for final in (False, True):
-        scale, offset = scale.half().float(), offset.half().float()
-        packed = quant_cpu.ccq_encode(w, scale, offset, group, parallel)
-        if final:
-            break
-        levels = QuantizedWeight(packed, scale.half(), offset.half(), "ccq", k, group).levels()
-        scale, offset = _least_squares(groups, levels.view(n, k // group, group).float(), scale, offset)
-    return QuantizedWeight(packed, scale.half(), offset.half(), "ccq", k, group)
+    levels = torch.empty(n, k, dtype=torch.uint8)
+    scale, offset = scale.half().float(), offset.half().float()
+    quant_cpu.ccq_encode(w, scale, offset, group, parallel, levels)
+    # The refit's fp32 temporaries are a few times the rows they cover: a chunk of rows at a time
+    # (the 103424-row LM head of 21B-A3B would otherwise hold ~4 GB of them).
+    step = max(1, _REFIT_CHUNK_WEIGHTS // k)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        levels_f = levels[rows].view(-1, k // group, group).float()
+        scale[rows], offset[rows] = _least_squares(groups[rows], levels_f, scale[rows], offset[rows])
+    scale, offset = scale.half(), offset.half()
+    packed = quant_cpu.ccq_encode(w, scale.float(), offset.float(), group, parallel)
+    return QuantizedWeight(packed, scale, offset, "ccq", k, group)
 
 
 def _least_squares(

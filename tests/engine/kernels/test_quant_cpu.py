@@ -81,6 +81,51 @@ def test_ccq_encoder_finds_the_best_bit_string():
     assert got_cost == pytest.approx(best, rel=1e-5)
 
 
+def _tie_heavy_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows whose codes tie: constant groups halfway between two levels or on one, zero scales
+    (all 64 codes decode alike), a NaN weight (every total unordered), and random rows beside."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(11, 128, generator=g)
+    scale = torch.full((11, 2), 0.125)
+    offset = torch.full((11, 2), -4.0)
+    w[0], w[1], w[2] = 0.5, -4.0 + 0.125 * 7.5, -4.0 + 0.125 * 20  # between levels, on a level
+    w[3, :64] = 1.0
+    scale[4:6] = 0.0  # every code decodes to the offset
+    w[6, 70] = float("nan")
+    return w, scale, offset
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", quant_cpu.KERNEL_PATHS)
+def test_every_ccq_encoder_build_gives_the_scalar_encoders_bits(path, gemm):
+    """The encoder's builds (AVX-512: the 16 states in one vector, 4 rows at once; scalar) pick
+    the same bit strings, ties included, whole rows or split over the threads; and the whole
+    quantization (search, refit, search) gives the same bytes."""
+    if path not in quant_cpu.kernel_paths():
+        pytest.skip(f"this CPU does not run the {path} build")
+    g = torch.Generator().manual_seed(8)
+    cases = [_tie_heavy_rows()]
+    for n, k, group in ((37, 320, 64), (4, 64, 8), (1, 96, 32), (515, 1024, 128)):  # odd counts: tile tails
+        w = torch.randn(n, k, generator=g) * 0.02
+        scale = (torch.rand(n, k // group, generator=g) * 0.002 + 1e-4).half().float()
+        offset = (-scale * 31.5 + torch.randn(n, k // group, generator=g) * 1e-3).half().float()
+        cases.append((w, scale, offset))
+    for w, scale, offset in cases:
+        group = w.shape[1] // scale.shape[1]
+        with quant_cpu.use_kernel_path("default"):
+            want = quant_cpu.ccq_encode(w, scale, offset, group)
+        with quant_cpu.use_kernel_path(path):
+            assert torch.equal(quant_cpu.ccq_encode(w, scale, offset, group), want)
+            assert torch.equal(quant_cpu.ccq_encode(w, scale, offset, group, gemm.parallel), want)
+    w = torch.randn(203, 256, generator=g)
+    with quant_cpu.use_kernel_path("default"):
+        want_q = formats.quantize(w, "ccq", 64)
+    with quant_cpu.use_kernel_path(path):
+        got_q = formats.quantize(w, "ccq", 64, gemm.parallel)
+    for name in ("packed", "scale", "offset"):
+        assert torch.equal(getattr(got_q, name), getattr(want_q, name)), name
+
+
 def _check_routed_experts(fmt: str, group: int, gemm) -> None:
     g = torch.Generator().manual_seed(4)
     hidden, inter, experts, k = 128, 64, 6, 2
@@ -122,8 +167,9 @@ def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
         pytest.skip(f"this CPU does not run the {path} build")
     g = torch.Generator().manual_seed(6)
     # 1024 x 1024 weights: large enough to split over the threads; groups of 16 and 32 are
-    # not whole 32-weight blocks for the AVX-512 q4 decoding (it hands them to the AVX2 build).
-    for group in (16, 32, 64):
+    # not whole blocks for the AVX-512 q4 (32 weights), q2 and ccq (64) decoding (it hands them
+    # to the AVX2 build); 128 is two of its q2/ccq blocks a group.
+    for group in (16, 32, 64, 128):
         q = formats.quantize(torch.randn(1026, 1024, generator=g), fmt, group)
         ref = _reference(q)
         for m in (1, 2, 3, 4, 5, 8):
@@ -145,7 +191,7 @@ def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
             assert torch.equal(quant_cpu.matmul_dequantized(q, x, gemm.parallel), best)
         if moe_cpu.available():
             with quant_cpu.use_kernel_path(path):
-                _check_routed_experts(fmt, group if group >= 32 else 32, gemm)
+                _check_routed_experts(fmt, min(max(group, 32), 64), gemm)  # its down projection has K = 64
     assert quant_cpu._quant_cpu.qdot_path() == len(quant_cpu.kernel_paths()) - 1  # restored
 
 
