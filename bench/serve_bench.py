@@ -569,10 +569,26 @@ def overhead(http_s: list[float], engine_s: list[float]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- layouts
 
 
+# The ports the benches' own clusters listen on: below the kernel's ephemeral range (32768-60999),
+# which any outgoing connection (Ray's, gRPC's) may take between the check and the cluster's bind,
+# and above Ray's worker ports (10002-19999); the tests pick theirs the same way.
+BENCH_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()  # a port given once is not given again before its cluster binds it
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 nothing listens on now, from `BENCH_PORTS`."""
+    for port in random.sample(BENCH_PORTS, 64):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {BENCH_PORTS.start}-{BENCH_PORTS.stop - 1} after 64 tries")
 
 
 def _serving(url: str) -> bool:
