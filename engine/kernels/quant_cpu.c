@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "quant_dot.h"
+#include "quant_gemm_avx512.h"
 #include "quant_path.h"
 
 static int parse_qmat(
@@ -258,6 +259,18 @@ static void z_gemm_block(const float *const *a, int M, const float *buf, int K, 
  * every weight once per QA_ROWS token rows): each DQ_ROWS weight rows are decoded once, input-
  * major, into a buffer that stays in cache while all M token rows multiply it. */
 static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out, int part, int parts) {
+    int j0, j1;
+    row_share(w->N, part, parts, &j0, &j1);
+#if defined(__x86_64__)
+    if (qdot_path() == QPATH_AVX512 && qdot_avx512_handles(w)) {
+        const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
+        if (!rows) return -1;
+        for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
+        int rc = j0 < j1 && M ? qgemm_rows_avx512(rows, M, w, j0, j1, out, w->N) : 0;
+        free(rows);
+        return rc;
+    }
+#endif
     const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
     float *buf = malloc((size_t)DQ_ROWS * w->K * sizeof(float));
     if (!rows || !buf) {
@@ -265,8 +278,6 @@ static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out,
         return -1;
     }
     for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
-    int j0, j1;
-    row_share(w->N, part, parts, &j0, &j1);
     for (int j = j0; j < j1; j += DQ_ROWS) {
         int n = j1 - j < DQ_ROWS ? j1 - j : DQ_ROWS;
         dequantize_input_major(w, j, n, buf);
