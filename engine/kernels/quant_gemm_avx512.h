@@ -34,7 +34,9 @@
 #define ZG_ROWS 12    /* weight rows of a tile */
 #define ZG_TOKENS 32  /* token rows of a full chunk: two vectors */
 #define ZG_BLOCK 96   /* weight rows decoded at once: eight tiles */
-#define ZG_COLUMNS 256 /* columns decoded at once, at least (whole groups) */
+#ifndef ZG_COLUMNS
+#define ZG_COLUMNS 256 /* columns decoded at once (a multiple of 32): the block's row stride */
+#endif
 
 /* The 16 x 16 transpose of r[0..15] (r[i][l] -> r[l][i]). */
 INLINE_AVX512 void zg_transpose16(__m512 r[16]) {
@@ -86,35 +88,37 @@ static void zg_pack_tokens(const float *const *a, int M, int K, int mp, float *x
     }
 }
 
-/* buf[r * kc + p] = the weights of rows j0 + r (r < n; rows n .. rows - 1 zero) at columns
- * [k0, k0 + kc), kc whole groups: Q8 in column order, Q4 each 32 columns [even | odd]. */
+/* buf[r * ZG_COLUMNS + p] = the weights of rows j0 + r (r < n; rows n .. rows - 1 zero) at
+ * columns [k0, k0 + kc): Q8 in column order, Q4 each 32 columns [even | odd]. The row stride is
+ * a constant so that the tiles address all 12 rows from one pointer. */
 INLINE_AVX512 void zg_decode(int fmt, const QMat *w, int j0, int n, int rows, int k0, int kc, float *buf) {
-    const int groups = w->K / w->group;
+    const int groups = w->K / w->group, step = fmt == FMT_Q4 ? 32 : 16;
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int r = 0; r < rows; r++) {
-        float *dst = buf + (size_t)r * kc;
+        float *dst = buf + (size_t)r * ZG_COLUMNS;
         if (r >= n) {
             memset(dst, 0, (size_t)kc * sizeof(float));
             continue;
         }
         const uint8_t *row = w->q + (size_t)(j0 + r) * w->row_bytes;
-        for (int g = k0 / w->group; g < (k0 + kc) / w->group; g++) {
-            const size_t at = (size_t)(j0 + r) * groups + g;
-            const __m512 s = _mm512_set1_ps(half_to_float(w->scale[at]));
-            const __m512 o = _mm512_set1_ps(half_to_float(w->offset[at]));
+        const size_t at = (size_t)(j0 + r) * groups;
+        int g = -1;
+        __m512 s = _mm512_setzero_ps(), o = s, table = s;
+        for (int k = k0; k < k0 + kc; k += step) {
+            if (k / w->group != g) {
+                g = k / w->group;
+                s = _mm512_set1_ps(half_to_float(w->scale[at + g]));
+                o = _mm512_set1_ps(half_to_float(w->offset[at + g]));
+                table = _mm512_fmadd_ps(iota, s, o);
+            }
             if (fmt == FMT_Q4) {
-                const __m512 table = _mm512_fmadd_ps(iota, s, o);
-                for (int k = g * w->group; k < (g + 1) * w->group; k += 32) {
-                    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
-                    _mm512_storeu_ps(dst + (k - k0), _mm512_permutexvar_ps(d, table));
-                    _mm512_storeu_ps(dst + (k - k0) + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table));
-                }
+                const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
+                _mm512_storeu_ps(dst + (k - k0), _mm512_permutexvar_ps(d, table));
+                _mm512_storeu_ps(dst + (k - k0) + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table));
             } else {
-                for (int k = g * w->group; k < (g + 1) * w->group; k += 16) {
-                    const __m512 level =
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-                    _mm512_storeu_ps(dst + (k - k0), _mm512_fmadd_ps(level, s, o));
-                }
+                const __m512 level =
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+                _mm512_storeu_ps(dst + (k - k0), _mm512_fmadd_ps(level, s, o));
             }
         }
     }
@@ -126,21 +130,21 @@ INLINE_AVX512 void zg_decode(int fmt, const QMat *w, int j0, int n, int rows, in
         const __m512 x0 = _mm512_loadu_ps(x + (size_t)(k) * width);                      \
         const __m512 x1 = T == 2 ? _mm512_loadu_ps(x + (size_t)(k) * width + 16) : x0;    \
         for (int r = 0; r < ZG_ROWS; r++) {                                               \
-            const __m512 wv = _mm512_set1_ps(buf[(size_t)r * kc + (p)]);                  \
+            const __m512 wv = _mm512_set1_ps(buf[r * ZG_COLUMNS + (p)]);                    \
             acc[0][r] = _mm512_fmadd_ps(x0, wv, acc[0][r]);                               \
             if (T == 2) acc[1][r] = _mm512_fmadd_ps(x1, wv, acc[1][r]);                   \
         }                                                                                 \
     } while (0)
 
-/* part[r * mp + t] (+)= sum over the block's columns of x(k, t) * buf(r, k) for the tile's 12
- * rows and 16 * T tokens: from zero when `first`, else from part. x: the chunk at the block's
- * first column; `fmt` and T are constants where inlined. */
+/* part[r * width + t] (+)= sum over the block's columns of x(k, t) * buf(r, k) for the tile's 12
+ * rows and width = 16 * T tokens: from zero when `first`, else from part. x: the chunk at the
+ * block's first column; `fmt` and T are constants where inlined. */
 INLINE_AVX512 void zg_tile(
-    int fmt, int T, const float *x, int width, const float *buf, int kc, float *part, int mp, int first) {
+    int fmt, int T, const float *x, int width, const float *buf, int kc, float *part, int first) {
     __m512 acc[2][ZG_ROWS];
     for (int t = 0; t < T; t++)
         for (int r = 0; r < ZG_ROWS; r++)
-            acc[t][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (size_t)r * mp + 16 * t);
+            acc[t][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (size_t)r * width + 16 * t);
     if (fmt == FMT_Q4) {
         for (int b = 0; b < kc; b += 32)
             for (int l = 0; l < 16; l++) {
@@ -151,23 +155,25 @@ INLINE_AVX512 void zg_tile(
         for (int k = 0; k < kc; k++) ZG_STEP(k, k);
     }
     for (int t = 0; t < T; t++)
-        for (int r = 0; r < ZG_ROWS; r++) _mm512_storeu_ps(part + (size_t)r * mp + 16 * t, acc[t][r]);
+        for (int r = 0; r < ZG_ROWS; r++) _mm512_storeu_ps(part + (size_t)r * width + 16 * t, acc[t][r]);
 }
 #undef ZG_STEP
 
-/* Every tile of a decoded block (`rows` weight rows, a multiple of ZG_ROWS) by every chunk. */
+/* Every tile of a decoded block (`rows` weight rows, a multiple of ZG_ROWS) by every chunk. The
+ * sums of the chunk at token t0 are part[t0 * ZG_BLOCK + r * width + t - t0]: a tile's are
+ * contiguous (rows of all tokens, mp apart, put every row in the same L1 set). */
 INLINE_AVX512 void zg_block_fmt(
     int fmt, const float *xt, int K, int mp, const float *buf, int rows, int k0, int kc, float *part, int first) {
     for (int t0 = 0; t0 < mp; t0 += ZG_TOKENS) {
         const int width = zg_chunk_width(t0, mp);
         const float *x = xt + (size_t)t0 * K + (size_t)k0 * width;
         for (int r0 = 0; r0 < rows; r0 += ZG_ROWS) {
-            const float *b = buf + (size_t)r0 * kc;
-            float *p = part + (size_t)r0 * mp + t0;
+            const float *b = buf + (size_t)r0 * ZG_COLUMNS;
+            float *p = part + (size_t)t0 * ZG_BLOCK + (size_t)r0 * width;
             if (width == ZG_TOKENS)
-                zg_tile(fmt, 2, x, width, b, kc, p, mp, first);
+                zg_tile(fmt, 2, x, width, b, kc, p, first);
             else
-                zg_tile(fmt, 1, x, width, b, kc, p, mp, first);
+                zg_tile(fmt, 1, x, width, b, kc, p, first);
         }
     }
 }
@@ -190,18 +196,20 @@ static void zg_block(const QMat *w, int j, int n, int rows, int k0, int kc, cons
 AVX512_TARGET
 static int qgemm_rows_avx512(const float *const *a, int M, const QMat *w, int j0, int j1, float *c, int ldc) {
     const int K = w->K, mp = (M + 15) / 16 * 16;
-    const int kc = w->group >= ZG_COLUMNS ? w->group : ZG_COLUMNS / w->group * w->group;
-    float *xt = malloc(((size_t)mp * K + (size_t)ZG_BLOCK * kc + (size_t)ZG_BLOCK * mp) * sizeof(float));
+    float *xt = malloc(((size_t)mp * K + (size_t)ZG_BLOCK * ZG_COLUMNS + (size_t)ZG_BLOCK * mp) * sizeof(float));
     if (!xt) return -1;
-    float *buf = xt + (size_t)mp * K, *part = buf + (size_t)ZG_BLOCK * kc;
+    float *buf = xt + (size_t)mp * K, *part = buf + (size_t)ZG_BLOCK * ZG_COLUMNS;
     zg_pack_tokens(a, M, K, mp, xt);
     for (int j = j0; j < j1; j += ZG_BLOCK) {
         const int n = j1 - j < ZG_BLOCK ? j1 - j : ZG_BLOCK;
         const int rows = (n + ZG_ROWS - 1) / ZG_ROWS * ZG_ROWS;
-        for (int k0 = 0; k0 < K; k0 += kc)
-            zg_block(w, j, n, rows, k0, K - k0 < kc ? K - k0 : kc, xt, mp, buf, part);
-        for (int r = 0; r < n; r++)
-            for (int i = 0; i < M; i++) c[(size_t)i * ldc + j + r] = part[(size_t)r * mp + i];
+        for (int k0 = 0; k0 < K; k0 += ZG_COLUMNS)
+            zg_block(w, j, n, rows, k0, K - k0 < ZG_COLUMNS ? K - k0 : ZG_COLUMNS, xt, mp, buf, part);
+        for (int i = 0; i < M; i++) {
+            const int t0 = i / ZG_TOKENS * ZG_TOKENS, width = zg_chunk_width(t0, mp);
+            const float *p = part + (size_t)t0 * ZG_BLOCK + (i - t0);
+            for (int r = 0; r < n; r++) c[(size_t)i * ldc + j + r] = p[(size_t)r * width];
+        }
     }
     free(xt);
     return 0;
