@@ -1,6 +1,7 @@
 /* Weight-only quantized matrices on the CPU: decode-sized products read the packed weights
- * directly (quant_dot.h, `matmul`), larger ones decode 16 weight rows at a time into a cached
- * input-major block that a GEMM microkernel multiplies by every token row (`matmul_dequant`),
+ * directly (quant_dot.h, `matmul`), larger ones decode each weight once into a cached block that
+ * a GEMM microkernel multiplies by every token row (`matmul_dequant`: quant_gemm_avx512.h for
+ * Q4/Q8 on AVX-512, else 16-row input-major blocks here),
  * `dequantize` writes fp32 rows, and the convolutional code's encoder (`ccq_encode`, Viterbi).
  *
  * A decode step streams every weight once for a few token rows, so the step's time is the
@@ -256,8 +257,9 @@ static void z_gemm_block(const float *const *a, int M, const float *buf, int K, 
 #endif
 
 /* This part's rows of out[M, N] = x @ W.T for batches too large for `qdot_rows` (which decodes
- * every weight once per QA_ROWS token rows): each DQ_ROWS weight rows are decoded once, input-
- * major, into a buffer that stays in cache while all M token rows multiply it. */
+ * every weight once per QA_ROWS token rows): Q4/Q8 on the AVX-512 path by quant_gemm_avx512.h
+ * (token rows in the lanes); otherwise each DQ_ROWS weight rows are decoded once, input-major,
+ * into a buffer that stays in cache while all M token rows multiply it. Same bits either way. */
 static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out, int part, int parts) {
     int j0, j1;
     row_share(w->N, part, parts, &j0, &j1);
