@@ -1,6 +1,7 @@
 /* Weight-only quantized matrices on the CPU: decode-sized products read the packed weights
- * directly (quant_dot.h, `matmul`), larger ones decode 16 weight rows at a time into a cached
- * input-major block that a GEMM microkernel multiplies by every token row (`matmul_dequant`),
+ * directly (quant_dot.h, `matmul`), larger ones decode each weight once into a cached block that
+ * a GEMM microkernel multiplies by every token row (`matmul_dequant`: quant_gemm_avx512.h for
+ * Q4/Q8 on AVX-512, else 16-row input-major blocks here),
  * `dequantize` writes fp32 rows, and the convolutional code's encoder (`ccq_encode`, Viterbi).
  *
  * A decode step streams every weight once for a few token rows, so the step's time is the
@@ -17,6 +18,7 @@
 
 #include "ccq_encode.h"
 #include "quant_dot.h"
+#include "quant_gemm_avx512.h"
 #include "quant_path.h"
 
 static int parse_qmat(
@@ -255,9 +257,22 @@ static void z_gemm_block(const float *const *a, int M, const float *buf, int K, 
 #endif
 
 /* This part's rows of out[M, N] = x @ W.T for batches too large for `qdot_rows` (which decodes
- * every weight once per QA_ROWS token rows): each DQ_ROWS weight rows are decoded once, input-
- * major, into a buffer that stays in cache while all M token rows multiply it. */
+ * every weight once per QA_ROWS token rows): Q4/Q8 on the AVX-512 path by quant_gemm_avx512.h
+ * (token rows in the lanes); otherwise each DQ_ROWS weight rows are decoded once, input-major,
+ * into a buffer that stays in cache while all M token rows multiply it. Same bits either way. */
 static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out, int part, int parts) {
+    int j0, j1;
+    row_share(w->N, part, parts, &j0, &j1);
+#if defined(__x86_64__)
+    if (qdot_path() == QPATH_AVX512 && qgemm_avx512_handles(w)) {
+        const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
+        if (!rows) return -1;
+        for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
+        int rc = j0 < j1 && M ? qgemm_rows_avx512(rows, M, w, j0, j1, out, w->N) : 0;
+        free(rows);
+        return rc;
+    }
+#endif
     const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
     float *buf = malloc((size_t)DQ_ROWS * w->K * sizeof(float));
     if (!rows || !buf) {
@@ -265,8 +280,6 @@ static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out,
         return -1;
     }
     for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
-    int j0, j1;
-    row_share(w->N, part, parts, &j0, &j1);
     for (int j = j0; j < j1; j += DQ_ROWS) {
         int n = j1 - j < DQ_ROWS ? j1 - j : DQ_ROWS;
         dequantize_input_major(w, j, n, buf);

@@ -2,9 +2,10 @@
 
 - CPU, decode-sized (at most `KERNEL_MAX_ROWS` rows): the C kernel reads the packed bytes and
   multiplies in registers; no fp32 copy of W exists at any time.
-- CPU, more rows: the C kernel decodes 16 weight rows at a time into a small input-major fp32
-  block that stays in cache while every token row multiplies it (a GEMM microkernel), the rows
-  split over the engine's threads. Each weight is decoded once per call, not once per 4 rows.
+- CPU, more rows: the C kernel decodes a block of weight rows at a time into a small fp32
+  block that stays in cache while every token row multiplies it (a GEMM microkernel; on
+  AVX-512 q4/q8 with the token rows in the vector lanes), the rows split over the engine's
+  threads. Each weight is decoded once per call, not once per 4 rows.
 - Elsewhere (a GPU, or a CPU without the C kernels): dequantized in torch, then `F.linear`.
 """
 

@@ -196,6 +196,29 @@ def test_every_kernel_path_matches_the_reference(path, fmt, gemm):
 
 
 @needs_kernel
+@pytest.mark.skipif(
+    "avx512" not in quant_cpu.kernel_paths(), reason="this CPU does not run the AVX-512 build"
+)
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_avx512_prefill_products_give_the_avx2_builds_bits(fmt, gemm):
+    """quant_gemm_avx512.h (token rows in the lanes): column blocks with a partial last one
+    (800 = 3 x 256 + 32), token chunks of 32 and 16 with padding, 96-row blocks with tails; against
+    the float64 reference, bit for bit the AVX2 build's, and a row the same in any batch or split."""
+    g = torch.Generator().manual_seed(7)
+    q = formats.quantize(torch.randn(1411, 800, generator=g), fmt, 32)  # over 1M weights: split
+    ref = _reference(q)
+    for m in (9, 16, 17, 40, 70):
+        x = torch.randn(m, 800, generator=g)
+        got = quant_cpu.matmul_dequantized(q, x)
+        torch.testing.assert_close(got.double(), x.double() @ ref.t(), rtol=1e-5, atol=1e-4)
+        with quant_cpu.use_kernel_path("avx2"):
+            assert torch.equal(quant_cpu.matmul_dequantized(q, x), got)
+        assert torch.equal(quant_cpu.matmul_dequantized(q, x, gemm.parallel), got)
+        assert torch.equal(quant_cpu.matmul_dequantized(q, x[1:]), got[1:])
+        assert torch.equal(quant_cpu.matmul_dequantized(q, x[-1:]), got[-1:])
+
+
+@needs_kernel
 def test_a_path_the_cpu_lacks_is_refused():
     with (
         pytest.raises(ValueError, match="kernel path 'sse9' is not one this CPU runs"),
