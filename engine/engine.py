@@ -44,6 +44,7 @@ from pdserve.engine.models.ernie45 import Ernie45ForCausalLM, HeldExpertsOf
 from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.quantization.apply import (
     check_groups,
+    layer_formats,
     prepare_quantized,
     quantize_model,
     resolve_quantization,
@@ -232,8 +233,18 @@ class Engine:
                 f"expert_parallel.size ({ep.config.size}) exceeds the model's "
                 f"{self.model_config.moe_num_experts} routed experts; use a smaller group"
             )
-        if ep is not None and self.quantization is not None:
-            raise ValueError("expert_parallel with quantization is not supported yet; drop one of the two")
+        if (
+            ep is not None
+            and self.quantization is not None
+            and (self.prequantized or ep.config.num_redundant_experts or ep.config.rebalance_interval_s)
+        ):
+            # Spare copies move full-precision expert rows between ranks; a prequantized
+            # checkpoint's packed head cannot be cut into vocabulary slices.
+            raise ValueError(
+                "expert_parallel with quantization takes neither num_redundant_experts, "
+                "rebalance_interval_s nor a prequantized checkpoint yet; drop those, or quantize "
+                "at load from the full-precision checkpoint"
+            )
         held = ep.held_experts(self.model_config.moe_num_experts) if ep else None
         model = build_model_shell(self.model_config, self.dtype, self.quantization, self.prequantized, held)
         _materialize(model, self.device)
@@ -249,15 +260,22 @@ class Engine:
                 allow_ignored=(ROUTED_EXPERT_TENSORS,) if ep is not None else (),
                 on_tensor=lambda done, total: self._on_phase(f"loading weights {done}/{total}"),
             )
+        formats = None
+        if ep is not None and self.quantization is not None:
+            # The whole model's formats (wint2's hybrid plan weighs every layer): each rank then
+            # quantizes its share exactly as one engine alone would.
+            whole = build_model_shell(self.model_config, self.dtype, None, False)
+            formats = layer_formats(whole, self.quantization)
+        if ep is not None:  # before quantizing and packing: only the rank's slices are converted
+            keep_rank_slices(model, ep)
         if self.quantization is not None and not self.prequantized:
             quantize_model(
                 model,
                 self.quantization,
                 self.gemm.parallel,
                 lambda done, total: self._on_phase(f"quantizing weights {done}/{total}"),
+                formats,
             )
-        if ep is not None:  # before packing: the packed copies are made of the rank's slices alone
-            keep_rank_slices(model, ep)
         model.pack_for_cpu(self.gemm)
         if ep is not None:
             self._on_phase(f"joining expert-parallel group as rank {ep.rank}/{ep.config.size}")

@@ -67,10 +67,12 @@ def layer_formats(model: Ernie45ForCausalLM, config: QuantizationConfig) -> dict
     return plan_formats(shapes, config)
 
 
-def check_groups(model: Ernie45ForCausalLM, config: QuantizationConfig) -> dict[str, LayerFormat]:
-    """Each target layer's format; raises ValueError naming the first layer whose input size the
-    group size does not divide."""
-    plan = layer_formats(model, config)
+def check_groups(
+    model: Ernie45ForCausalLM, config: QuantizationConfig, formats: dict[str, LayerFormat] | None = None
+) -> dict[str, LayerFormat]:
+    """Each target layer's format (`formats`, else this model's `layer_formats`); raises
+    ValueError naming the first layer whose input size the group size does not divide."""
+    plan = layer_formats(model, config) if formats is None else formats
     for name, layer in _targets(model, config):
         check_shape(plan[name].fmt, layer.out_features, layer.in_features, plan[name].group, name)
     return plan
@@ -94,10 +96,13 @@ def quantize_model(
     config: QuantizationConfig,
     parallel: Parallel | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    formats: dict[str, LayerFormat] | None = None,
 ) -> None:
     """Quantizes the target layers in place from their loaded full-precision weights, freeing
-    each fp32 weight as its packed form replaces it. `on_layer(done, total)` hears progress."""
-    plan = check_groups(model, config)
+    each fp32 weight as its packed form replaces it. `on_layer(done, total)` hears progress.
+    `formats`: the layers' formats when they are not this model's own `layer_formats` (an
+    expert-parallel rank holds a share of the layers but quantizes them as the whole model would)."""
+    plan = check_groups(model, config, formats)
     targets = _targets(model, config)
     for done, (name, layer) in enumerate(targets, start=1):
         source = model.model.embed_tokens.weight if layer.weight.device.type == "meta" else layer.weight
