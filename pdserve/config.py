@@ -99,11 +99,10 @@ def expert_parallel_setting(value: Any) -> ExpertParallelWorkers:
     group's own (`ExpertParallelConfig`). Raises ValueError naming the key."""
     if isinstance(value, ExpertParallelWorkers):
         return value
-    if isinstance(value, dict) and "roles" in value:
-        rest = {key: v for key, v in value.items() if key != "roles"}
-        group = settings_group(ExpertParallelConfig, rest, extra_keys=("roles",))
-        return ExpertParallelWorkers(group, value["roles"])
-    return ExpertParallelWorkers(settings_group(ExpertParallelConfig, value, extra_keys=("roles",)))
+    has_roles = isinstance(value, dict) and "roles" in value
+    rest = {key: v for key, v in value.items() if key != "roles"} if has_roles else value
+    group = settings_group(ExpertParallelConfig, rest, extra_keys=("roles",))
+    return ExpertParallelWorkers(group, value["roles"]) if has_roles else ExpertParallelWorkers(group)
 
 
 def _settings_group(cls: type) -> Any:
