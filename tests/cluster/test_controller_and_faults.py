@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.cluster.controller import ControllerConfig
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.router.request_runner import RequestFailed, RequestRunner, RunnerConfig
 from tests.cluster.controller_placement import ControllerPlacement
+from tests.cluster.running_controller import running_controller
 from tests.prompts import prompts_of
 
 BLOCKS = 96
@@ -33,11 +34,7 @@ def controller(ray_session, moe_checkpoint):
         kv_cache_blocks=BLOCKS,
     )
     config = ControllerConfig(engine, prefill=2, decode=2, heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0)
-    handle = start_controller(config, name="pdserve-controller-test")
-    ray_session.get(handle.start.remote())
-    yield handle
-    ray_session.get(handle.shutdown.remote())
-    ray_session.kill(handle)
+    yield from running_controller(ray_session, config, "pdserve-controller-test")
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.cluster.controller import ControllerConfig
 from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.cluster_state import process_alive
 from pdserve.engine import LLM, EngineConfig, SamplingParams
+from tests.cluster.running_controller import running_controller
 from tests.cluster.test_controller_and_faults import (
     expected,
     find,
@@ -44,11 +45,7 @@ def controller(ray_session, moe_checkpoint):
         engine, prefill=1, decode=2, heartbeat_interval_s=0.2, heartbeat_timeout_s=10.0,
         role_planner=RolePlannerConfig(enabled=False),
     )  # fmt: skip
-    handle = start_controller(config, name="pdserve-controller-ep-test")
-    ray_session.get(handle.start.remote())
-    yield handle
-    ray_session.get(handle.shutdown.remote())
-    ray_session.kill(handle)
+    yield from running_controller(ray_session, config, "pdserve-controller-ep-test")
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.cluster.controller import ControllerConfig
 from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.router.config import RouterConfig
 from pdserve.router.request_runner import RunnerConfig
+from tests.cluster.running_controller import running_controller
 from tests.cluster.test_controller_and_faults import (
     expected,
     run_one,
@@ -43,11 +44,7 @@ def controller(ray_session, moe_checkpoint):
         engine, prefill=2, decode=1, heartbeat_interval_s=0.2, heartbeat_timeout_s=10.0,
         role_planner=RolePlannerConfig(enabled=False), expert_parallel_roles=("decode",),
     )  # fmt: skip
-    handle = start_controller(config, name="pdserve-controller-mixed-ep-test")
-    ray_session.get(handle.start.remote())
-    yield handle
-    ray_session.get(handle.shutdown.remote())
-    ray_session.kill(handle)
+    yield from running_controller(ray_session, config, "pdserve-controller-mixed-ep-test")
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ import asyncio
 
 import pytest
 
-from pdserve.cluster.controller import ControllerConfig, start_controller
+from pdserve.cluster.controller import ControllerConfig
 from pdserve.cluster.planner import RolePlannerConfig
 from pdserve.engine import LLM, EngineConfig, SamplingParams
 from pdserve.router.request_runner import RequestRunner, RunnerConfig
 from tests.cluster.controller_placement import ControllerPlacement
+from tests.cluster.running_controller import running_controller
 from tests.cluster.test_controller_and_faults import wait_until_all_released
 from tests.prompts import prompts_of
 
@@ -30,11 +31,7 @@ def switch_controller(ray, checkpoint, name: str, decode: int, speculative_confi
         engine, prefill=1, decode=decode, heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0,
         role_planner=RolePlannerConfig(enabled=False),
     )  # fmt: skip
-    handle = start_controller(config, name=name)
-    ray.get(handle.start.remote())
-    yield handle
-    ray.get(handle.shutdown.remote())
-    ray.kill(handle)
+    yield from running_controller(ray, config, name)
 
 
 @pytest.fixture(scope="module")
