@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pdserve.bench.report_file import write_report
-from pdserve.bench.serve_bench import PROMPT_WORDS, _free_port, launched, state_dir
+from pdserve.bench.serve_bench import PROMPT_WORDS, launched, spare_port, state_dir
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class PrivateRedis:
     """A `redis-server` of the bench's own on a free port, stopped and started at will."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = spare_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
 

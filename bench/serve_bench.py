@@ -569,16 +569,16 @@ def overhead(http_s: list[float], engine_s: list[float]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- layouts
 
 
-# The ports the benches' own clusters listen on: below the kernel's ephemeral range (32768-60999),
-# which any outgoing connection (Ray's, gRPC's) may take between the check and the cluster's bind,
-# and above Ray's worker ports (10002-19999); the tests pick theirs the same way.
-BENCH_PORTS = range(20000, 32768)
-_handed_out: set[int] = set()  # a port given once is not given again before its cluster binds it
+# Ports for servers started after they are chosen (a cluster binds its router port seconds later):
+# below the kernel's ephemeral range (32768-60999), which any outgoing connection (Ray's, gRPC's)
+# may take meanwhile, and above Ray's worker ports (10002-19999). The tests pick theirs here too.
+SPARE_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()  # a port given once is not given again in this process (none is bound yet)
 
 
-def _free_port() -> int:
-    """A port on 127.0.0.1 nothing listens on now, from `BENCH_PORTS`."""
-    for port in random.sample(BENCH_PORTS, 64):
+def spare_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now, from `SPARE_PORTS`."""
+    for port in random.sample(SPARE_PORTS, 64):
         if port in _handed_out:
             continue
         with socket.socket() as s:
@@ -588,7 +588,7 @@ def _free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free port in {BENCH_PORTS.start}-{BENCH_PORTS.stop - 1} after 64 tries")
+    raise RuntimeError(f"no free port in {SPARE_PORTS.start}-{SPARE_PORTS.stop - 1} after 64 tries")
 
 
 def _serving(url: str) -> bool:
@@ -612,7 +612,7 @@ def launched(
     flags: list[str] | None = None,
 ) -> Iterator[str]:  # fmt: skip
     """`pdserve up` with `layout`'s workers (or `flags`) in a subprocess; yields its URL, stops it after."""
-    port, router_port = _free_port(), _free_port()
+    port, router_port = spare_port(), spare_port()
     state = state_dir(workdir, layout)
     flags = LAYOUTS[layout] if flags is None else flags
     cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", model, *flags, "--port", str(port),

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import random
 import socket
 import subprocess
 import time
 
-# Ports for servers a test starts later (a cluster binds its router port seconds after it is
-# chosen). Below the kernel's ephemeral range (32768-60999 here), whose ports any outgoing
-# connection may take meanwhile (the two-cluster launcher test lost its router port that way), and
-# above Ray's worker ports (10002-19999).
-SPARE_PORTS = range(20000, 32768)
-_given: set[int] = set()  # never the same port twice in one test session (none is bound yet)
-
-
-def spare_port() -> int:
-    """A port on 127.0.0.1 nothing listens on now, from `SPARE_PORTS`."""
-    for port in random.sample(SPARE_PORTS, 64):
-        if port in _given:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _given.add(port)
-        return port
-    raise RuntimeError(f"no free port in {SPARE_PORTS.start}-{SPARE_PORTS.stop - 1} after 64 tries")
+# The tests' ports come from the benches' one picker (below the ephemeral range).
+from pdserve.bench.serve_bench import spare_port as spare_port
 
 
 def start_redis(port: int) -> subprocess.Popen[bytes]:
