@@ -119,11 +119,11 @@ def core_plan(c: ClusterConfig, controllers: ControllerConfig) -> tuple[CorePlan
     if others := [r.name for r in running(c.state_dir) if r.name != c.name]:
         # Their workers hold cores this process cannot see; binding ours to the same ones would be worse.
         return None, f"cores: not bound, another cluster runs on this machine ({', '.join(others)})"
-    threads = controllers.engine.num_threads or 1
-    plan = plan_cores(sorted(os.sched_getaffinity(0)), controllers.slots(), threads)
+    threads, cores = controllers.engine.num_threads or 1, sorted(os.sched_getaffinity(0))
+    plan = plan_cores(cores, controllers.slots(), threads)
     if plan is None:
         return None, (
-            f"cores: not bound, {len(os.sched_getaffinity(0))} cores do not give each decode and colocated "
+            f"cores: not bound, {len(cores)} cores do not give each decode and colocated "
             f"worker {threads} of its own and one for the rest (cpu_binding: off silences this)"
         )
     return plan, plan.describe()

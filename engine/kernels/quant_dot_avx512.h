@@ -68,6 +68,15 @@ INLINE_AVX512 void z_prefetch_next(const uint8_t *const *rows, int n, int row_by
     for (int j = 0; j < n; j++) _mm_prefetch((const char *)(rows[j] + (size_t)n * row_bytes + at), _MM_HINT_T0);
 }
 
+/* table[j] = scale * levels + offset of group g of weight row j (j < n): the 16 weights a lane's
+ * level index stands for, which `vpermps` then picks (Q4's 16 levels, Q2's 4 repeated). */
+INLINE_AVX512 void z_group_tables(
+    int n, __m512 levels, const float *sc, const float *of, int groups, int g, __m512 *table) {
+    for (int j = 0; j < n; j++)
+        table[j] = _mm512_fmadd_ps(levels, _mm512_set1_ps(sc[(size_t)j * groups + g]),
+                                   _mm512_set1_ps(of[(size_t)j * groups + g]));
+}
+
 /* Q4, token rows a[i] (i < m, in the block order above) by weight rows [j0, j0 + n). Per group
  * and row a 16-entry table, scale * level + offset for the 16 levels, and `vpermps` (which reads
  * the low 4 bits of each index) turns the nibbles into weights: per 32 weights one widening
@@ -86,9 +95,7 @@ INLINE_AVX512 void z4_tile(
         for (int j = 0; j < n; j++) even[i][j] = odd[i][j] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
         __m512 table[Z_WIDE];
-        for (int j = 0; j < n; j++)
-            table[j] = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[(size_t)j * groups + g]),
-                                       _mm512_set1_ps(of[(size_t)j * groups + g]));
+        z_group_tables(n, iota, sc, of, groups, g, table);
         for (int b = g * blocks; b < (g + 1) * blocks; b++) {
             __m512 lo[Z_WIDE], hi[Z_WIDE];
             if ((b & 3) == 0) z_prefetch_next(row, n, w->row_bytes, (size_t)16 * b);
@@ -170,9 +177,7 @@ INLINE_AVX512 void z2_tile(
         for (int j = 0; j < n; j++) even[i][j] = odd[i][j] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
         __m512 table[Z_WIDE];
-        for (int j = 0; j < n; j++)
-            table[j] = _mm512_fmadd_ps(level, _mm512_set1_ps(sc[(size_t)j * groups + g]),
-                                       _mm512_set1_ps(of[(size_t)j * groups + g]));
+        z_group_tables(n, level, sc, of, groups, g, table);
         for (int b = g * blocks; b < (g + 1) * blocks; b++) {
             __m512i bits[Z_WIDE];
             if ((b & 3) == 0) z_prefetch_next(row, n, w->row_bytes, (size_t)16 * b);
