@@ -256,8 +256,7 @@ class RankProcesses:
                     elif self._on_phase is not None:
                         self._on_phase(rank, message[1])
             for rank in range(self.size):  # any rank's death stops the others' collectives too
-                if not self._procs[rank].is_alive():
-                    self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode})")
+                self._check_alive(rank, answers.get(rank))
             if time.monotonic() > deadline:
                 late = [r for r in ranks if r not in answers]
                 self._fail(f"rank {late[0]} did not answer within {timeout_s:.0f} s")
@@ -270,12 +269,28 @@ class RankProcesses:
             raise errors[0]
         return [answers[r][1] for r in ranks]
 
-    def _fail(self, why: str) -> None:
-        self.failure = f"expert-parallel group failed: {why}; the group was closed"
+    def _check_alive(self, rank: int, answer: tuple | None) -> None:
+        """Fails the group when `rank` has exited, once its last words are read: a rank that
+        exits right after answering (a refused config) may be seen dead before its answer is."""
+        if self._procs[rank].is_alive() or (answer is None and self._conns[rank].poll()):
+            return  # alive, or its answer (or EOF) is still in the pipe: the next round reads it
+        if answer is not None and answer[0] == "err":
+            self.failure = (
+                f"expert-parallel group failed: rank {rank} stopped on an error; the group was closed"
+            )
+            self._kill_and_close()
+            raise answer[1]  # its own error says why (a config it refused names the field)
+        self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode})")
+
+    def _kill_and_close(self) -> None:
         for proc in self._procs:  # not politely: a rank may be stuck in a collective
             if proc.is_alive():
                 proc.kill()
         self.close()
+
+    def _fail(self, why: str) -> None:
+        self.failure = f"expert-parallel group failed: {why}; the group was closed"
+        self._kill_and_close()
         raise GroupFailed(self.failure)
 
 
