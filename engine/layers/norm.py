@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine.kernels import rms_norm_cpu
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm; the `weight` name matches the hub's checkpoints."""
@@ -17,6 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if rms_norm_cpu.supports(x, self.weight):  # fp32 on the CPU: ~4x faster than F.rms_norm
+            return rms_norm_cpu.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             # The same arithmetic as below in one fused op (the statistics are fp32 already).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

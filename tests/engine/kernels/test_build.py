@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
-from pdserve.engine.kernels import moe_cpu, paged_attention_cpu, quant_cpu
+from pdserve.engine.kernels import moe_cpu, paged_attention_cpu, quant_cpu, rms_norm_cpu
 
 
 @pytest.mark.parametrize(
-    "kernel", [moe_cpu, paged_attention_cpu, quant_cpu], ids=lambda m: m.__name__.rsplit(".", 1)[-1]
+    "kernel",
+    [moe_cpu, paged_attention_cpu, quant_cpu, rms_norm_cpu],
+    ids=lambda m: m.__name__.rsplit(".", 1)[-1],
 )
 def test_kernel_is_built_on_linux(kernel):
     # The extensions are optional at install so that a machine without a compiler still
