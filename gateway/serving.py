@@ -36,6 +36,16 @@ from pdserve.proto import pdserve_pb2
 log = logging.getLogger("pdserve.gateway")
 
 
+# A token a grammar (or a stop) masked out has logprob -inf, which JSON cannot carry: it is sent as
+# this floor instead, as OpenAI-compatible servers do (vLLM's serving layer uses the same value).
+LOGPROB_FLOOR = -9999.0
+
+
+def finite_logprob(logprob: float) -> float:
+    """`logprob` as JSON can carry it: -inf (and NaN, never expected) become `LOGPROB_FLOOR`."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 @dataclass
 class Generation:
     """One request's work: a prompt and sampling per choice, and what its answer needs to know."""
@@ -268,10 +278,11 @@ class OpenAIServing:
         items = []
         for lp in chunk.logprobs:
             text = decode([lp.token_id])
-            top = [{"token": decode([t.token_id]), "logprob": t.logprob} for t in lp.top]
+            top = [{"token": decode([t.token_id]), "logprob": finite_logprob(t.logprob)} for t in lp.top]
             items.append(
-                {"token": text, "logprob": lp.logprob, "top_logprobs": top, "bytes": list(text.encode())}
-            )
+                {"token": text, "logprob": finite_logprob(lp.logprob), "top_logprobs": top,
+                 "bytes": list(text.encode())}
+            )  # fmt: skip
         return self.format_logprobs(items)
 
     def format_logprobs(self, items: list[dict[str, Any]]) -> Any:

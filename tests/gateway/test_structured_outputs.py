@@ -274,3 +274,23 @@ def test_logit_bias_and_echo(client, stack):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="Answer:", max_tokens=1, echo=True, logprobs=1)
     assert e.value.body["param"] == "echo"
+
+
+def test_logprobs_of_tokens_a_grammar_masks_are_a_finite_floor_streamed_or_not(client):
+    # The grammar allows one token at each step, so every other top token has logprob -inf,
+    # which JSON cannot carry (the full response failed with a 500): sent as -9999.0 instead.
+    extra = {"guided_choice": ["0"]}
+    args = dict(model="tiny", messages=ASK, max_tokens=4, logprobs=True, top_logprobs=2, extra_body=extra)
+    full = client.chat.completions.create(**args)
+    assert full.choices[0].message.content == "0"
+    tops = [t.logprob for item in full.choices[0].logprobs.content for t in item.top_logprobs]
+    assert -9999.0 in tops and all(lp >= -9999.0 for lp in tops)
+    streamed = [
+        t.logprob
+        for chunk in client.chat.completions.create(**args, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for item in chunk.choices[0].logprobs.content
+        for t in item.top_logprobs
+    ]
+    # The second request finds the prompt in the prefix cache: the same values up to rounding.
+    assert streamed == pytest.approx(tops, rel=1e-5)
