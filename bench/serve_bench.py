@@ -59,6 +59,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pdserve.bench.quiet_cpu import wait_until_quiet
 from pdserve.bench.report_file import write_report
 
 # Words for prompts the demo models never saw (they trained on CPython's standard library): the
@@ -459,7 +460,11 @@ async def _run_side_by_side(
         for i, concurrency in enumerate(args.concurrency):
             prompts = level_prompts(args, i)
             for k, ((label, url), client, model) in enumerate(zip(targets, clients, models)):
-                rows[k].append(await _run_level(client, url, model, concurrency, prompts, args, label, extra))
+                # The previous target's leftovers (vLLM spins a core ~1 s after a burst) must not
+                # land on this one's level.
+                settled_s = await wait_until_quiet()
+                row = await _run_level(client, url, model, concurrency, prompts, args, label, extra)
+                rows[k].append({**row, "settled_s": settled_s})
     return list(zip(models, rows))
 
 
@@ -711,7 +716,7 @@ def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
 
     def number(key: str, q: str | None = None):
         def cell(level: dict[str, Any]) -> str:
-            value = level[key][q] if q and level[key] is not None else level[key]
+            value = level[key][q] if q and level.get(key) is not None else level.get(key)
             return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.2f}"
 
         return cell
@@ -725,7 +730,7 @@ def _print_side_by_side(runs: list[dict[str, Any]]) -> None:
         ("TTFT p99", number("ttft_ms", "p99")), ("TPOT p50", number("tpot_ms", "p50")),
         ("TPOT p99", number("tpot_ms", "p99")), ("ITL p50", number("itl_ms", "p50")),
         ("ITL p99", number("itl_ms", "p99")), ("E2E p50", number("e2e_ms", "p50")),
-        ("E2E p99", number("e2e_ms", "p99")),
+        ("E2E p99", number("e2e_ms", "p99")), ("waited quiet s", number("settled_s")),
     ]  # fmt: skip
     for i, level in enumerate(runs[0]["levels"]):
         for label, cell in rows:
