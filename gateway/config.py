@@ -24,8 +24,8 @@ class GatewayConfig:
     # How long the workers' merged metrics are reused: scrapes within it (and concurrent ones) share
     # one fan-out to every worker.
     metrics_cache_s: float = 1.0
-    # Threads that render chat templates and tokenize, so the event loop (shared with the router
-    # under `pdserve up`) never waits on either.
+    # Threads that render chat templates and tokenize long prompts, so the event loop (shared with
+    # the router under `pdserve up`) never waits on them (short ones: `prompt_tokenizer.INLINE_CHARS`).
     tokenizer_threads: int = 2
     # A bound on the characters one token covers: a prompt longer than max_model_len times this
     # cannot fit the context window, and is refused before it is tokenized.
