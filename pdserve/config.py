@@ -46,6 +46,7 @@ from pdserve.engine.expert_parallel.config import ExpertParallelConfig
 from pdserve.engine.quantization.config import METHODS as QUANTIZATION_METHODS
 from pdserve.engine.quantization.config import QuantizationConfig
 from pdserve.gateway.config import GatewayConfig
+from pdserve.gateway.prompt_tokenizer import INLINE_CHARS
 from pdserve.router.config import RouterConfig
 from pdserve.router.policies import POLICIES
 
@@ -204,7 +205,7 @@ class ClusterConfig(BaseModel):
     tokenizer_threads: Int = Field(
         GatewayConfig.tokenizer_threads,
         ge=1,
-        description="gateway threads that render chat templates and tokenize",
+        description=f"gateway threads that render chat templates and tokenize prompts over {INLINE_CHARS} characters",
     )
     max_chars_per_token: Int = Field(
         GatewayConfig.max_chars_per_token,
