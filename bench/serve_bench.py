@@ -552,6 +552,7 @@ async def http_ttft(url: str, args: ServeBenchArgs, probes: list[list[dict[str, 
     headers = _headers(args.api_key)
     async with httpx.AsyncClient(timeout=args.request_timeout_s) as client:
         model = await _served_model(client, url, headers)
+        await wait_until_quiet()  # the probes follow the last level, the baseline's when there is one
         times = []
         for messages in probes:
             r = await send_chat(client, url, model, messages, 1, headers)
