@@ -274,24 +274,18 @@ class RankProcesses:
         exits right after answering (a refused config) may be seen dead before its answer is."""
         if self._procs[rank].is_alive() or (answer is None and self._conns[rank].poll()):
             return  # alive, or its answer (or EOF) is still in the pipe: the next round reads it
-        if answer is not None and answer[0] == "err":
-            self.failure = (
-                f"expert-parallel group failed: rank {rank} stopped on an error; the group was closed"
-            )
-            self._kill_and_close()
-            raise answer[1]  # its own error says why (a config it refused names the field)
+        if answer is not None and answer[0] == "err":  # its own error says why (a refused config)
+            self._fail(f"rank {rank} stopped on an error", error=answer[1])
         self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode})")
 
-    def _kill_and_close(self) -> None:
+    def _fail(self, why: str, error: BaseException | None = None) -> None:
+        """Closes the group for good and raises `error`, or GroupFailed saying `why`."""
+        self.failure = f"expert-parallel group failed: {why}; the group was closed"
         for proc in self._procs:  # not politely: a rank may be stuck in a collective
             if proc.is_alive():
                 proc.kill()
         self.close()
-
-    def _fail(self, why: str) -> None:
-        self.failure = f"expert-parallel group failed: {why}; the group was closed"
-        self._kill_and_close()
-        raise GroupFailed(self.failure)
+        raise error if error is not None else GroupFailed(self.failure)
 
 
 def _stop(conns, procs, store: RendezvousStore) -> None:
