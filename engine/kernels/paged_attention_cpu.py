@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.kernels import CpuParallel
+from pdserve.engine.kernels import CpuParallel, fp32_on_cpu
 
 try:
     from pdserve.engine.kernels import _paged_attention_cpu
@@ -30,14 +30,7 @@ def available() -> bool:
 
 def supports(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """True when the kernel is built and takes these: fp32 CPU tensors, head_dim a multiple of 8."""
-    return (
-        _paged_attention_cpu is not None
-        and q.dtype == torch.float32
-        and kv_cache.dtype == torch.float32
-        and q.device.type == "cpu"
-        and kv_cache.device.type == "cpu"
-        and q.shape[-1] % 8 == 0
-    )
+    return _paged_attention_cpu is not None and fp32_on_cpu(q, kv_cache) and q.shape[-1] % 8 == 0
 
 
 def paged_decode_attention(

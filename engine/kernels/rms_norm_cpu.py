@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.engine.kernels import fp32_on_cpu
+
 try:
     from pdserve.engine.kernels import _rms_norm_cpu
 except ImportError:  # built as an optional extension: no compiler at install time
@@ -24,10 +26,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     last dimension is `weight`'s length."""
     return (
         _rms_norm_cpu is not None
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
+        and fp32_on_cpu(x, weight)
         and x.dim() >= 1
         and weight.dim() == 1
         and x.shape[-1] == weight.shape[0]
@@ -36,13 +35,22 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`x / sqrt(mean(x^2, -1) + eps) * weight`, a new tensor of x's shape (see `supports`)."""
+def try_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`x / sqrt(mean(x^2, -1) + eps) * weight`, a new tensor of x's shape; None when the kernel
+    does not take these (see `supports`), checked once: the layer's path, two calls per layer."""
     if not supports(x, weight):
-        raise ValueError(
-            "rms_norm kernel: needs the built kernel, contiguous fp32 CPU x [..., N] and weight [N]"
-        )
+        return None
     out = torch.empty_like(x)
     n = weight.shape[0]
     _rms_norm_cpu.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same as `try_rms_norm`, raising ValueError where the kernel does not take these."""
+    out = try_rms_norm(x, weight, eps)
+    if out is None:
+        raise ValueError(
+            "rms_norm kernel: needs the built kernel, contiguous fp32 CPU x [..., N] and weight [N]"
+        )
     return out
