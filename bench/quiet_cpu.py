@@ -25,7 +25,9 @@ MAX_WAIT_S = 5.0
 def _cpu_times() -> tuple[int, int] | None:
     """(busy, total) jiffies of all cores since boot; None where /proc/stat cannot be read."""
     try:
-        fields = [int(v) for v in _STAT.read_text().split("\n", 1)[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal; guest time is counted in user and nice
+        # already, so the fields after steal are left out.
+        fields = [int(v) for v in _STAT.read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
