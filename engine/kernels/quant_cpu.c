@@ -256,30 +256,11 @@ static void z_gemm_block(const float *const *a, int M, const float *buf, int K, 
 }
 #endif
 
-/* This part's rows of out[M, N] = x @ W.T for batches too large for `qdot_rows` (which decodes
- * every weight once per QA_ROWS token rows): Q4/Q8 on the AVX-512 path by quant_gemm_avx512.h
- * (token rows in the lanes); otherwise each DQ_ROWS weight rows are decoded once, input-major,
- * into a buffer that stays in cache while all M token rows multiply it. Same bits either way. */
-static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out, int part, int parts) {
-    int j0, j1;
-    row_share(w->N, part, parts, &j0, &j1);
-#if defined(__x86_64__)
-    if (qdot_path() == QPATH_AVX512 && qgemm_avx512_handles(w)) {
-        const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
-        if (!rows) return -1;
-        for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
-        int rc = j0 < j1 && M ? qgemm_rows_avx512(rows, M, w, j0, j1, out, w->N) : 0;
-        free(rows);
-        return rc;
-    }
-#endif
-    const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
+/* Weight rows j0..j1 of out = rows @ W.T, DQ_ROWS of them at a time decoded once, input-major,
+ * into a buffer that stays in cache while all M token rows multiply it. */
+static int dequant_blocks(const float *const *rows, int M, const QMat *w, float *out, int j0, int j1) {
     float *buf = malloc((size_t)DQ_ROWS * w->K * sizeof(float));
-    if (!rows || !buf) {
-        free(rows), free(buf);
-        return -1;
-    }
-    for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
+    if (!buf) return -1;
     for (int j = j0; j < j1; j += DQ_ROWS) {
         int n = j1 - j < DQ_ROWS ? j1 - j : DQ_ROWS;
         dequantize_input_major(w, j, n, buf);
@@ -291,8 +272,29 @@ static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out,
 #endif
         gemm_block(rows, M, buf, w->K, out + j, w->N, n);
     }
-    free(rows), free(buf);
+    free(buf);
     return 0;
+}
+
+/* This part's rows of out[M, N] = x @ W.T for batches too large for `qdot_rows` (which decodes
+ * every weight once per QA_ROWS token rows): Q4/Q8 on the AVX-512 path by quant_gemm_avx512.h
+ * (token rows in the lanes); otherwise each DQ_ROWS weight rows are decoded once, input-major,
+ * into a buffer that stays in cache while all M token rows multiply it. Same bits either way. */
+static int matmul_dequant_part(const float *x, int M, const QMat *w, float *out, int part, int parts) {
+    int j0, j1;
+    row_share(w->N, part, parts, &j0, &j1);
+    const float **rows = malloc((size_t)(M ? M : 1) * sizeof(float *));
+    if (!rows) return -1;
+    for (int i = 0; i < M; i++) rows[i] = x + (size_t)i * w->K;
+    int rc;
+#if defined(__x86_64__)
+    if (qdot_path() == QPATH_AVX512 && qgemm_avx512_handles(w))
+        rc = j0 < j1 && M ? qgemm_rows_avx512(rows, M, w, j0, j1, out, w->N) : 0;
+    else
+#endif
+        rc = dequant_blocks(rows, M, w, out, j0, j1);
+    free(rows);
+    return rc;
 }
 
 static PyObject *matmul_dequant(PyObject *self, PyObject *args) {
