@@ -7,6 +7,7 @@ full snapshot of the cached block hashes instead, so the index converges either 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,9 +54,11 @@ class CacheEventLog:
                 return None
             stored: dict[int, None] = {}
             removed: dict[int, None] = {}
-            for seq, event in self._events:
-                if seq <= after:
-                    continue
+            # The log's sequence numbers are consecutive, so the changes after `after` are its
+            # newest `seq - after`: read from the right end (a full log holds 4096, and a worker
+            # asks after every engine step).
+            newer = list(itertools.islice(reversed(self._events), self._seq - after))
+            for _, event in reversed(newer):
                 # Later changes win: a block stored then evicted ends up removed, and back again.
                 for h in event.stored:
                     removed.pop(h, None)

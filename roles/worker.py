@@ -306,22 +306,21 @@ class Worker:
 
     async def _send_batches(self, outbox: ChunkOutbox, link: WorkerLink, cursor: _CacheCursor) -> None:
         """The link's outgoing side: each step's chunks as one batch, and the cache changes since
-        the last ones sent (checked after each batch, and every CACHE_EVENTS_EVERY_S)."""
+        the last ones sent (checked after each batch, and every CACHE_EVENTS_EVERY_S), in one write."""
         with contextlib.suppress(ConnectionError):
             while True:
                 chunks = await outbox.take(CACHE_EVENTS_EVERY_S)
-                if chunks:
-                    await link.send(Batch(chunks))
-                events = await self._cache_events_after(cursor.seq)
-                if events is not None:
-                    cursor.seq = events.seq
-                    await link.send(CacheEvents(events))
-
-    async def _cache_events_after(self, seq: int | None) -> CacheEventBatch | None:
-        """The prefix-cache changes after `seq` (None: a snapshot); None when there are none."""
-        if seq is not None and seq == self._cache_events.seq:
-            return None
-        return await self.cache_events(-1 if seq is None else seq)
+                frames: list[Batch | CacheEvents] = [Batch(chunks)] if chunks else []
+                changes = None if cursor.seq is None else self._cache_events.since(cursor.seq)
+                if changes is not None and changes.seq != cursor.seq:
+                    cursor.seq = changes.seq
+                    frames.append(CacheEvents(changes))
+                if frames:
+                    await link.send(*frames)
+                if changes is None:  # a snapshot waits for the engine thread: the tokens went first
+                    snapshot = await self.cache_events(-1 if cursor.seq is None else cursor.seq)
+                    cursor.seq = snapshot.seq
+                    await link.send(CacheEvents(snapshot))
 
     async def _answer(self, call: StartCall, subscriber: str, link: WorkerLink) -> None:
         try:
