@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -409,6 +410,20 @@ def warmup_prompt(args: ServeBenchArgs) -> list[dict[str, str]]:
     return make_prompts(args.workload, 1, args.seed, args.prefix_words, WARMUP_BATCH, args.num_prefixes)[0]
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No garbage collection in this process inside a timed section (one full collection first,
+    outside it). The client's own full collections took 180-190 ms with the engine alone loaded
+    in-process, and one fell inside a level in most side-by-side runs: every request that level
+    sent meanwhile waited (TTFT p99 at c=16 220-290 ms against ~70, docs/DECISIONS.md 2026-12-06)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def _run_level(
     client, url: str, model: str, concurrency: int, prompts: list[list[dict[str, str]]], args: ServeBenchArgs,
     label: str, extra: dict[str, Any] | None = None,
@@ -424,9 +439,10 @@ async def _run_level(
             bar.update()
             return result
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        duration = time.perf_counter() - start
+        with collector_paused():
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(p) for p in prompts))
+            duration = time.perf_counter() - start
     return summarize(list(results), duration, concurrency, args)
 
 
@@ -496,11 +512,12 @@ def engine_throughput(model: str, args: ServeBenchArgs) -> dict[int, float]:
     for i, concurrency in enumerate(tqdm(args.concurrency, desc="bench serve: engine alone", leave=False)):
         prompts = level_prompts(args, i)
         ids = [_chat_ids(tok, p) for p in prompts]
-        start, tokens = time.perf_counter(), 0
-        for b in range(0, len(ids), concurrency):
-            outs = llm.generate(ids[b : b + concurrency], params)
-            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
-        rates[concurrency] = round(tokens / (time.perf_counter() - start), 2)
+        with collector_paused():
+            start, tokens = time.perf_counter(), 0
+            for b in range(0, len(ids), concurrency):
+                outs = llm.generate(ids[b : b + concurrency], params)
+                tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+            rates[concurrency] = round(tokens / (time.perf_counter() - start), 2)
     return rates
 
 
@@ -536,12 +553,13 @@ def engine_ttft(model: str, probes: list[list[dict[str, str]]], warmup: list[dic
     one = SamplingParams(temperature=0, max_tokens=1)
     llm.generate([_chat_ids(tok, warmup)], one)
     times = []
-    for prompt in tqdm(
-        [_chat_ids(tok, p) for p in probes], desc="bench serve: engine-only TTFT", leave=False
-    ):
-        start = time.perf_counter()
-        llm.generate([prompt], one)
-        times.append(time.perf_counter() - start)
+    with collector_paused():
+        for prompt in tqdm(
+            [_chat_ids(tok, p) for p in probes], desc="bench serve: engine-only TTFT", leave=False
+        ):
+            start = time.perf_counter()
+            llm.generate([prompt], one)
+            times.append(time.perf_counter() - start)
     return times
 
 
@@ -554,11 +572,12 @@ async def http_ttft(url: str, args: ServeBenchArgs, probes: list[list[dict[str, 
         model = await _served_model(client, url, headers)
         await wait_until_quiet()  # the probes follow the last level, the baseline's when there is one
         times = []
-        for messages in probes:
-            r = await send_chat(client, url, model, messages, 1, headers)
-            if not r.ok or r.ttft_s is None:
-                raise RuntimeError(f"an overhead probe failed: {r.error}")
-            times.append(r.ttft_s)
+        with collector_paused():
+            for messages in probes:
+                r = await send_chat(client, url, model, messages, 1, headers)
+                if not r.ok or r.ttft_s is None:
+                    raise RuntimeError(f"an overhead probe failed: {r.error}")
+                times.append(r.ttft_s)
     return times
 
 

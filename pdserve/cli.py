@@ -343,6 +343,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
     settings = load_config(flags_given(args), os.environ, args.config)
 
     import asyncio
+    import gc
     import logging
 
     import ray
@@ -369,6 +370,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         router = await start_router(controller, config)
+        gc.freeze()  # start-up objects out of the collector's reach, as in `pdserve up` (launcher.py)
         if args.metrics_port:
             from prometheus_client import start_http_server
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from pdserve.bench.serve_bench import (
     ServeBenchArgs,
+    collector_paused,
     distribution,
     engine_throughput,
     make_prompts,
@@ -151,6 +153,16 @@ def test_several_prefixes_and_long_documents_are_shared_across_levels():
     assert make_prompts("shared-prefix", 5, seed=3, prefix_words=50) == make_prompts(
         "shared-prefix", 5, seed=3, prefix_words=50, num_prefixes=1
     )
+
+
+def test_timed_sections_run_without_the_collector_and_give_it_back():
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a level failed")
+    assert gc.isenabled()
 
 
 def test_distribution_percentiles_in_ms():
