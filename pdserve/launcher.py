@@ -20,6 +20,7 @@ import gc
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -84,6 +85,9 @@ def controller_config(c: ClusterConfig) -> ControllerConfig:
 MIN_WORKER_CPUS = 0.25
 # How long `up` waits for every worker to load before it gives up with the reason.
 WORKER_READY_TIMEOUT_S = 300.0
+# A joined Ray cluster's resources are asked this often while its nodes join, and said this often.
+NODES_POLL_S = 1.0
+NODES_WAIT_SAY_S = 15.0
 # How often the start-up line asks the workers what they are doing.
 PROGRESS_INTERVAL_S = 0.5
 
@@ -108,6 +112,27 @@ def worker_cpus(c: ClusterConfig, resources: dict[str, float], on_gpu: bool) -> 
             f"Ray cluster has {cpus:g}; lower --prefill/--decode/--both"
         )
     return min(1.0, cpus / n)
+
+
+def joined_worker_cpus(
+    c: ClusterConfig, on_gpu: bool, cluster_resources: Callable[[], dict[str, float]], echo,
+    timeout_s: float = WORKER_READY_TIMEOUT_S, sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:  # fmt: skip
+    """`worker_cpus` for a Ray cluster this process joined, whose nodes may still be joining: a
+    Kubernetes head starts beside its worker pods, not after them. It waits (saying so every
+    NODES_WAIT_SAY_S) until the workers fit, and raises the LaunchError after `timeout_s`."""
+    deadline, said = clock() + timeout_s, None
+    while True:
+        try:
+            return worker_cpus(c, cluster_resources(), on_gpu)
+        except LaunchError as e:
+            if clock() >= deadline:
+                raise LaunchError(f"{e}, after waiting {timeout_s:g} s for Ray nodes to join") from None
+            if said is None or clock() - said >= NODES_WAIT_SAY_S:
+                echo(f"waiting for Ray nodes to join: {e}")
+                said = clock()
+        sleep(NODES_POLL_S)
 
 
 def core_plan(c: ClusterConfig, controllers: ControllerConfig) -> tuple[CorePlan | None, str]:
@@ -294,7 +319,11 @@ def _start(config: ClusterConfig, controllers: ControllerConfig, echo) -> int:
             signal.signal(sig, _stop_on_signal)
         record = ClusterRecord(config.name, os.getpid(), "", "", "", ray_session_dir=_own_ray_session(config))
         write_record(config.state_dir, record)  # from here a kill -9 leaves something to clean up
-        cpus = worker_cpus(config, ray.cluster_resources(), controllers.engine.on_gpu)
+        on_gpu = controllers.engine.on_gpu
+        if config.address:
+            cpus = joined_worker_cpus(config, on_gpu, ray.cluster_resources, echo)
+        else:
+            cpus = worker_cpus(config, ray.cluster_resources(), on_gpu)
         # uvloop: the gateway's and router's loop does per-token work for every stream (about 9%
         # less CPU in this process under `bench serve`, docs/DECISIONS.md 2026-12-05).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

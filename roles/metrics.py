@@ -131,7 +131,16 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
-        self._spec_seen = (0, 0, 0)
+        self.engine_steps = Counter(
+            "pdserve_engine_steps", "Engine steps (forward passes) run", ["worker"], registry=r
+        )
+        self.engine_busy_seconds = Counter(
+            "pdserve_engine_busy_seconds",
+            "Seconds the engine spent in steps (its rate: the share of time the engine computes)",
+            ["worker"],
+            registry=r,
+        )
+        self._totals_seen: tuple[float, ...] = (0, 0, 0, 0, 0.0)
         self.resident_memory = Gauge(
             "pdserve_worker_resident_memory_bytes",
             "The worker process's resident memory",
@@ -202,12 +211,13 @@ class WorkerMetrics:
         self.grammars_compiling.labels(w).set(stats.num_compiling_grammar)
         self.grammar_cache_size.labels(w).set(stats.grammar_cache_size)
         # The engine counts since start; the counters advance by what is new since the last look.
-        now = (stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_emitted_tokens)
-        for counter, new, old in zip(
-            (self.spec_proposed, self.spec_accepted, self.spec_emitted), now, self._spec_seen
-        ):
+        now = (stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_emitted_tokens,
+               stats.num_steps, stats.step_seconds_total)  # fmt: skip
+        counters = (self.spec_proposed, self.spec_accepted, self.spec_emitted, self.engine_steps,
+                    self.engine_busy_seconds)  # fmt: skip
+        for counter, new, old in zip(counters, now, self._totals_seen):
             counter.labels(w).inc(max(0, new - old))
-        self._spec_seen = now
+        self._totals_seen = now
         self.spec_acceptance_rate.labels(w).set(stats.spec_acceptance_rate)
         self.spec_mean_accepted_length.labels(w).set(stats.spec_mean_accepted_length)
         if stats.context_cache is not None:

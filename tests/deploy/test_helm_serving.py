@@ -83,6 +83,10 @@ def test_rendered_head_and_worker_pods_serve_a_chat_completion(tmp_path):
                 # One Ray node at a time: three booting at once on two loaded cores can outlast
                 # Ray's start-up timeout (a pod would restart; a process here would just be gone).
                 wait_for_log(log, "Ray runtime started", pods[-1][1])
+            if deployment == f"{RELEASE}-head":
+                # Pods start in any order: the head's `pdserve up` waits for the workers' Ray
+                # nodes (its own has no CPUs) rather than refusing to start.
+                wait_for_log(log, "waiting for Ray nodes to join", pods[-1][1])
         head = pods[0][1]
 
         def logs() -> str:

@@ -1,4 +1,5 @@
-"""Workers fit the machine they are given: `pdserve up` starts, or refuses at once, never waits."""
+"""Workers fit the machine they are given: `pdserve up` starts, or refuses at once, never waits
+(except for the nodes of a Ray cluster it joins, which may still be joining)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from pdserve.config import ClusterConfig
-from pdserve.launcher import LaunchError, worker_cpus
+from pdserve.launcher import LaunchError, joined_worker_cpus, worker_cpus
 from tests.pdserve.test_launcher import PDSERVE, run
 from tests.redis_server import spare_port
 
@@ -31,6 +32,40 @@ def test_too_many_workers_are_refused_with_the_numbers_and_the_flag():
     with pytest.raises(LaunchError) as err:
         worker_cpus(ClusterConfig(prefill=2, decode=1), {"CPU": 32.0, "GPU": 2.0}, on_gpu=True)
     assert "3 GPU workers need 3 GPUs" in str(err.value) and "has 2" in str(err.value)
+
+
+class _Clock:
+    """A clock that only `sleep` moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_joined_cluster_is_waited_for_until_its_nodes_bring_the_cpus():
+    # A Kubernetes head's `pdserve up` starts beside its worker pods: their Ray nodes join later.
+    joins = iter([{}, {"CPU": 0.0}, {"CPU": 0.0, "memory": 1.0}, {"CPU": 2.0}])
+    clock, said = _Clock(), []
+    config = ClusterConfig(prefill=1, decode=1, address="pdserve-ray-head:6379")
+    cpus = joined_worker_cpus(config, False, lambda: next(joins), said.append, sleep=clock.sleep,
+                              clock=lambda: clock.now)  # fmt: skip
+    assert cpus == 1.0 and clock.now == 3.0
+    assert said == ["waiting for Ray nodes to join: 2 workers need at least 0.5 CPUs (0.25 each) and the "
+                    "Ray cluster has 0; lower --prefill/--decode/--both"]  # fmt: skip
+
+
+def test_a_joined_cluster_that_never_brings_the_cpus_is_refused_after_the_timeout():
+    clock, said = _Clock(), []
+    config = ClusterConfig(prefill=1, decode=1, address="pdserve-ray-head:6379")
+    with pytest.raises(LaunchError) as err:
+        joined_worker_cpus(config, False, lambda: {"CPU": 0.25}, said.append, timeout_s=40,
+                           sleep=clock.sleep, clock=lambda: clock.now)  # fmt: skip
+    assert "the Ray cluster has 0.25" in str(err.value) and "after waiting 40 s for Ray nodes" in str(
+        err.value
+    )
+    assert clock.now == 40 and len(said) == 3  # at 0, 15 and 30 s
 
 
 def test_four_workers_start_on_a_two_core_machine(moe_checkpoint, tmp_path):

@@ -356,6 +356,10 @@ def test_transfers_and_failures_show_in_metrics(ray_session, workers):
     assert metric(sent_text, "pdserve_kv_transfer_failures_total", direction="send") == before_failed
     assert metric(recv_text, "pdserve_worker_role", role="decode") == 1
     assert metric(recv_text, "pdserve_kv_blocks_total") == BLOCKS
+    # Steps and the time in them: the prefill worker computed the prompt, the decode worker the rest.
+    for text in (sent_text, recv_text):
+        assert metric(text, "pdserve_engine_steps_total") >= 1
+        assert metric(text, "pdserve_engine_busy_seconds_total") > 0
 
 
 def test_a_worker_of_a_multi_node_cluster_listens_on_its_nodes_address(ray_session, moe_checkpoint):
