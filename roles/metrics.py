@@ -140,7 +140,13 @@ class WorkerMetrics:
             ["worker"],
             registry=r,
         )
-        self._totals_seen: tuple[float, ...] = (0, 0, 0, 0, 0.0)
+        # Counters that follow an engine total (an EngineStats field), and the totals last seen.
+        self._totals = (
+            (self.spec_proposed, "spec_proposed_tokens"), (self.spec_accepted, "spec_accepted_tokens"),
+            (self.spec_emitted, "spec_emitted_tokens"), (self.engine_steps, "num_steps"),
+            (self.engine_busy_seconds, "step_seconds_total"),
+        )  # fmt: skip
+        self._totals_seen = [0.0] * len(self._totals)
         self.resident_memory = Gauge(
             "pdserve_worker_resident_memory_bytes",
             "The worker process's resident memory",
@@ -211,13 +217,10 @@ class WorkerMetrics:
         self.grammars_compiling.labels(w).set(stats.num_compiling_grammar)
         self.grammar_cache_size.labels(w).set(stats.grammar_cache_size)
         # The engine counts since start; the counters advance by what is new since the last look.
-        now = (stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_emitted_tokens,
-               stats.num_steps, stats.step_seconds_total)  # fmt: skip
-        counters = (self.spec_proposed, self.spec_accepted, self.spec_emitted, self.engine_steps,
-                    self.engine_busy_seconds)  # fmt: skip
-        for counter, new, old in zip(counters, now, self._totals_seen):
-            counter.labels(w).inc(max(0, new - old))
-        self._totals_seen = now
+        for i, (counter, field) in enumerate(self._totals):
+            total = getattr(stats, field)
+            counter.labels(w).inc(max(0, total - self._totals_seen[i]))
+            self._totals_seen[i] = total
         self.spec_acceptance_rate.labels(w).set(stats.spec_acceptance_rate)
         self.spec_mean_accepted_length.labels(w).set(stats.spec_mean_accepted_length)
         if stats.context_cache is not None:
