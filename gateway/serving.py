@@ -13,13 +13,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import orjson
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from pdserve.engine.guided_grammar import GuidedDecodingError, check_guided
 from pdserve.engine.sampling_params import GuidedDecoding, SamplingParamsError
@@ -114,6 +115,51 @@ def choice_samplings(base: pdserve_pb2.SamplingParams, n: int) -> list[pdserve_p
             p.seed = (base.seed + i + 2**63) % 2**64 - 2**63
         out.append(p)
     return out
+
+
+class StartedChunks:
+    """A stream's `(choice, chunk)` iterator whose first chunk is already being fetched, so the
+    request is with the router (placed, and on its way to a worker) before the response sends
+    its status line and opening events; the engine starts meanwhile, on its own core.
+
+    Iterate it once. `aclose` ends it, fetched or not (a client gone before the stream began).
+    """
+
+    def __init__(self, chunks: AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]) -> None:
+        self._chunks = chunks
+        self._first: asyncio.Future | None = asyncio.ensure_future(self._next())
+
+    @classmethod
+    async def start(cls, chunks: AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]) -> StartedChunks:
+        """Starts fetching the first chunk and lets it run until it waits (the request has left)."""
+        started = cls(chunks)
+        await asyncio.sleep(0)
+        return started
+
+    async def _next(self) -> tuple[int, pdserve_pb2.GenerateChunk] | None:
+        return await anext(self._chunks, None)  # None at the end: a task cannot raise StopAsyncIteration
+
+    def __aiter__(self) -> StartedChunks:
+        return self
+
+    async def __anext__(self) -> tuple[int, pdserve_pb2.GenerateChunk]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            item = await first
+        else:
+            item = await self._next()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        if self._first is not None:  # never read: stop the fetch before closing what it runs
+            first, self._first = self._first, None
+            first.cancel()
+            await asyncio.wait([first])
+            with suppress(BaseException):
+                first.exception()  # retrieved, whatever it was: nobody else will read it
+        await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
 def usage(prompt_tokens: int, completion: int, cached: int, from_redis: int = 0) -> dict[str, Any]:
@@ -313,13 +359,22 @@ class OpenAIServing:
     async def respond(self, gen: Generation) -> StreamingResponse | JSONResponse:
         """The answer to `gen`: server-sent events if the body asked to stream, else one JSON body."""
         if gen.body.stream:
-            return StreamingResponse(self.stream_generator(gen), media_type="text/event-stream",
-                                     headers={"X-Request-Id": gen.request_id})  # fmt: skip
+            chunks = await StartedChunks.start(self.timed_chunks(gen))
+            return self.event_stream(gen, self.stream_generator(gen, chunks), chunks)
         return await self.full_generator(gen)
 
-    async def stream_generator(self, gen: Generation) -> AsyncIterator[bytes]:
-        """Server-sent events: every choice's opening, then the choices' increments as they come
-        (the choices run at once), usage if asked for, `[DONE]`.
+    @staticmethod
+    def event_stream(
+        gen: Generation, events: AsyncIterator[bytes], chunks: StartedChunks
+    ) -> StreamingResponse:
+        """`events` as server-sent events; `chunks` (what they are made of) is closed when the
+        response ends, even one that never began (its client left first)."""
+        return StreamingResponse(events, media_type="text/event-stream", headers={"X-Request-Id": gen.request_id},
+                                 background=BackgroundTask(chunks.aclose))  # fmt: skip
+
+    async def stream_generator(self, gen: Generation, chunks: StartedChunks) -> AsyncIterator[bytes]:
+        """Server-sent events of `chunks` (`timed_chunks` of `gen`, started): every choice's opening,
+        then the choices' increments as they come (the choices run at once), usage if asked for, `[DONE]`.
 
         The status line is already sent, so an error is the stream's last event (and the stream
         counts its own outcome: the middleware only sees the 200).
@@ -332,7 +387,7 @@ class OpenAIServing:
                 opening = self.choice_start(gen, i)
                 if opening is not None:
                     yield sse(opening)
-            async with aclosing(self.timed_chunks(gen)) as chunks:
+            async with aclosing(chunks):
                 async for i, chunk in chunks:
                     totals[i] += len(chunk.token_ids)
                     if chunk.finished:

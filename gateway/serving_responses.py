@@ -15,12 +15,12 @@ from contextlib import aclosing
 from typing import Any
 
 import orjson
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.protocol import BodyFieldError, ResponsesRequest
 from pdserve.gateway.reasoning import ReasoningSplitter
-from pdserve.gateway.serving import Generation, OpenAIServingChat
+from pdserve.gateway.serving import Generation, OpenAIServingChat, StartedChunks
 
 
 def response_usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict[str, Any]:
@@ -199,8 +199,8 @@ class OpenAIServingResponses(OpenAIServingChat):
             raise in_responses_terms(e) from e
         shape = ResponseObject(body, gen, self.config.model_name)
         if body.stream:
-            return StreamingResponse(self.response_stream(gen, shape), media_type="text/event-stream",
-                                     headers={"X-Request-Id": gen.request_id})  # fmt: skip
+            chunks = await StartedChunks.start(self.timed_chunks(gen))
+            return self.event_stream(gen, self.response_stream(gen, shape, chunks), chunks)
         got = await self.collect(gen)
         reasoning, text = gen.split(got.text(0), ReasoningSplitter(bool(gen.in_reasoning)), True)
         status = status_of(got.finish[0])
@@ -209,14 +209,17 @@ class OpenAIServingResponses(OpenAIServingChat):
         return JSONResponse(shape.response(status, shape.output(reasoning, text, status), usage),
                             headers={"X-Request-Id": gen.request_id})  # fmt: skip
 
-    async def response_stream(self, gen: Generation, shape: ResponseObject) -> AsyncIterator[bytes]:
-        """The response's events as its tokens come; an error is the stream's last event."""
+    async def response_stream(
+        self, gen: Generation, shape: ResponseObject, chunks: StartedChunks
+    ) -> AsyncIterator[bytes]:
+        """The response's events as `chunks` (`timed_chunks` of `gen`, started) come; an error is
+        the stream's last event."""
         events, splitter = ResponseEvents(shape), ReasoningSplitter(bool(gen.in_reasoning))
         tokens, cached, finish = 0, 0, None
         try:
             for event in events.start():
                 yield sse_event(event)
-            async with aclosing(self.timed_chunks(gen)) as chunks:
+            async with aclosing(chunks):
                 async for _, chunk in chunks:
                     tokens += len(chunk.token_ids)
                     if chunk.finished:
