@@ -131,7 +131,7 @@ class StartedChunks:
 
     @classmethod
     async def start(cls, chunks: AsyncIterator[tuple[int, pdserve_pb2.GenerateChunk]]) -> StartedChunks:
-        """Starts fetching the first chunk and lets it run until it waits (the request has left)."""
+        """Starts fetching the first chunk and lets it run until it waits: the router has the request."""
         started = cls(chunks)
         await asyncio.sleep(0)
         return started
