@@ -105,3 +105,25 @@ def test_a_client_gone_before_the_stream_began_ends_its_request():
 
     iterated, closed = asyncio.run(run())
     assert not iterated and closed
+
+
+def test_a_reader_cancelled_while_the_first_chunk_is_on_its_way_can_close_at_once():
+    """A client gone after its stream began but before the first token: the reader is cancelled
+    while it waits for the first chunk, and the response's background closes right after."""
+
+    async def run():
+        source = Source(["a", "b"], first_waits=asyncio.Event())
+        started = await StartedChunks.start(source.chunks())
+
+        async def read():
+            async for _ in started:
+                pass
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.01)  # the reader waits for the first chunk
+        reader.cancel()
+        await asyncio.wait([reader])
+        await started.aclose()  # at once: the fetch it waited on may not have finished unwinding
+        return source.closed
+
+    assert asyncio.run(run())
