@@ -318,7 +318,7 @@ class Worker:
                 if frames:
                     await link.send(*frames)
                 if changes is None:  # a snapshot waits for the engine thread: the tokens went first
-                    snapshot = await self.cache_events(-1 if cursor.seq is None else cursor.seq)
+                    snapshot = await self._cache_snapshot()
                     cursor.seq = snapshot.seq
                     await link.send(CacheEvents(snapshot))
 
@@ -486,8 +486,10 @@ class Worker:
     async def cache_events(self, after: int) -> CacheEventBatch:
         """Prefix-cache changes after sequence number `after`, or a full snapshot when those are gone."""
         batch = self._cache_events.since(after)
-        if batch is not None:
-            return batch
+        return batch if batch is not None else await self._cache_snapshot()
+
+    async def _cache_snapshot(self) -> CacheEventBatch:
+        """Every block hash this worker's prefix cache holds now."""
         loop = await self._engine()
         # Read the sequence number first: changes racing the snapshot are re-sent next time.
         seq = self._cache_events.seq
